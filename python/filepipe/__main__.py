@@ -1,0 +1,3 @@
+from filepipe.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""The Rust hot path. Every function takes and returns a whole batch."""
+
+from collections.abc import Iterable, Mapping, Sequence
+
+__version__: str
+COPY_COLUMNS: list[str]
+"""The staging table's columns, in the order every COPY buffer carries them."""
+SNIFF_BYTES: int
+"""How many leading bytes content sniffing looks at."""
+
+_Fields = Mapping[bytes, bytes] | Mapping[str, str] | list[bytes] | None
+_Measurement = tuple[int, bytes, str | None] | None
+
+class EntryBatch:
+    """The validated entries of one XREADGROUP reply, kept on the Rust side."""
+
+    def __len__(self) -> int:
+        """How many entries were accepted."""
+    @property
+    def rejects(self) -> list[tuple[int, str, str, str]]:
+        """(input position, entry id, reason code, message) of every rejected entry."""
+    @property
+    def positions(self) -> list[int]:
+        """Input position of each accepted record."""
+    def locations(self) -> list[tuple[str, str]]:
+        """(storage, key) of each accepted record."""
+    def records(self) -> list[dict[str, object]]:
+        """The accepted records as dicts (for inspection and tests)."""
+
+class Measurements:
+    """What was measured of each accepted record's file, by record index."""
+
+    def __init__(self, count: int) -> None:
+        """`count` records, none measured yet."""
+    def __len__(self) -> int: ...
+    def set(self, index: int, size: int, sha256: bytes, content_type: str | None = None) -> None:
+        """Records a measurement (sha256 is the 32-byte digest)."""
+    def fail(self, index: int, reason: str, message: str, transient: bool = False) -> None:
+        """Marks a record as failed with a reason code; it is not encoded."""
+    def failures(self) -> list[tuple[int, str, str, bool]]:
+        """(record index, reason, message, transient) of every failed record."""
+    def measured(self) -> list[int]:
+        """Indices of the records measured successfully."""
+    def get(self, index: int) -> tuple[int, bytes, str | None] | None:
+        """(size, sha256 digest, content type) of a record, or None."""
+
+def parse_entries(
+    entries: Iterable[tuple[bytes | str, _Fields] | list[object]],
+    default_storage: str = "local",
+    id_prefix: str = "",
+) -> EntryBatch:
+    """Validates a batch of stream entries against the event contract.
+
+    Raises EntryError if the batch itself is malformed (not (id, fields) pairs);
+    a bad entry is a reject, never an exception."""
+
+def measure_local(
+    batch: EntryBatch, root: str, max_bytes: int, threads: int = 4, into: Measurements | None = None
+) -> Measurements:
+    """Measures every local-storage record's file (size, SHA-256, sniffed content type)
+    beneath `root`, on up to `threads` threads with the GIL released.
+
+    Raises StorageError if `root` cannot be opened."""
+
+def encode_copy(
+    batch: EntryBatch,
+    measurements: Measurements | Sequence[_Measurement],
+    consumer: str,
+    binary: bool = True,
+    only: Sequence[int] | None = None,
+) -> bytes:
+    """Encodes the measured records into one COPY buffer (binary or text format),
+    with the GIL released. `only` restricts it to the given record indices."""
+
+def sniff_content_type(head: bytes) -> str:
+    """The content type of a file from its first bytes."""
+
+def format_timestamp(us: int) -> str:
+    """Microseconds since the epoch as PostgreSQL prints a UTC timestamptz."""
+
+def reason_codes() -> list[str]:
+    """Every reason code the extension can produce."""

@@ -1,0 +1,229 @@
+"""The `filepipe` command line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import __version__
+from .config import Settings, load_settings, mask_url
+from .errors import ConfigError, FilepipeError
+
+app = typer.Typer(
+    name="filepipe",
+    help="Move 'file uploaded' events from a Redis stream into PostgreSQL/TimescaleDB.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# -- options shared by commands (each also an environment variable; see `config.ENV_NAMES`) --
+RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL [env: REDIS_URL]", show_default=False)]
+PgUri = Annotated[str | None, typer.Option("--pg-uri", help="PostgreSQL URI [env: PG_URI, DATABASE_URL]", show_default=False)]
+Stream = Annotated[str | None, typer.Option("--stream", help="Stream name [env: STREAM_NAME; default file_uploads]", show_default=False)]
+Group = Annotated[str | None, typer.Option("--group", help="Consumer group [env: CONSUMER_GROUP; default file_processors]", show_default=False)]
+Table = Annotated[str | None, typer.Option("--table", help="Events table [env: FILEPIPE_TABLE; default file_events]", show_default=False)]
+StorageMode = Annotated[str | None, typer.Option("--storage-mode", help="local or s3 [env: STORAGE_MODE]", show_default=False)]
+LocalDir = Annotated[str | None, typer.Option("--local-storage-dir", help="Local storage root [env: LOCAL_STORAGE_DIR]", show_default=False)]
+S3Bucket = Annotated[str | None, typer.Option("--s3-bucket", help="S3 bucket [env: S3_BUCKET]", show_default=False)]
+S3Prefix = Annotated[str | None, typer.Option("--s3-prefix", help="S3 key prefix [env: S3_PREFIX]", show_default=False)]
+S3Endpoint = Annotated[str | None, typer.Option("--s3-endpoint-url", help="S3-compatible endpoint [env: S3_ENDPOINT_URL]", show_default=False)]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
+
+
+def handle_errors(fn: F) -> F:
+    """Turns a FilepipeError into one clear line on stderr and an exit code
+    (2 for configuration, 1 otherwise); `--debug` shows the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        _setup_logging(debug)
+        try:
+            return fn(*args, **kwargs)
+        except FilepipeError as e:
+            if debug:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2 if isinstance(e, ConfigError) else 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    root = logging.getLogger("filepipe")
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.propagate = False
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Settings from the given options over the environment and `.env`."""
+    return load_settings({k: v for k, v in overrides.items() if k != "debug"})
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import _native
+
+        typer.echo(f"filepipe {__version__} (extension {_native.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Move 'file uploaded' events from a Redis stream into PostgreSQL/TimescaleDB."""
+
+
+@app.command("init-db")
+@handle_errors
+def init_db_cmd(pg_uri: PgUri = None, table: Table = None, debug: Debug = False) -> None:
+    """Create the events table (a hypertable when TimescaleDB is installed). Idempotent."""
+    from .db import init_db
+
+    s = settings_from(pg_uri=pg_uri, table=table)
+    info = init_db(s)
+    kind = "TimescaleDB hypertable" if info.hypertable else "plain table (timescaledb not available)"
+    typer.echo(f"✓ Table {info.table} ready: {kind} on {mask_url(s.pg_uri)}")
+
+
+@app.command()
+@handle_errors
+def produce(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories (walked recursively).", show_default=False)],
+    link: Annotated[bool, typer.Option("--link", help="Hard-link into local storage instead of copying.")] = False,
+    redis_url: RedisUrl = None,
+    stream: Stream = None,
+    storage_mode: StorageMode = None,
+    local_storage_dir: LocalDir = None,
+    s3_bucket: S3Bucket = None,
+    s3_prefix: S3Prefix = None,
+    s3_endpoint_url: S3Endpoint = None,
+    debug: Debug = False,
+) -> None:
+    """Store files and enqueue one 'file uploaded' event per file."""
+    from .producer import Producer
+
+    s = settings_from(redis_url=redis_url, stream=stream, storage_mode=storage_mode,
+                      local_storage_dir=local_storage_dir, s3_bucket=s3_bucket, s3_prefix=s3_prefix,
+                      s3_endpoint_url=s3_endpoint_url)
+    producer = Producer(s)
+    try:
+        n = _with_redis_errors(s, lambda: producer.produce(paths, link=link))
+    finally:
+        producer.close()
+    typer.echo(f"✓ Enqueued {n} events to {s.stream} ({producer.storage.describe()})")
+
+
+def _with_redis_errors(s: Settings, fn: Callable[[], int]) -> int:
+    import redis
+
+    from .errors import TransientError
+
+    try:
+        return fn()
+    except redis.ConnectionError as e:
+        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {e}") from e
+
+
+@app.command()
+@handle_errors
+def consume(
+    drain: Annotated[bool, typer.Option("--drain", help="Exit 0 once no new or pending entries are left.")] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Entries per batch [env: CONSUMER_BATCH_SIZE; default 1000]", show_default=False)] = None,
+    block_ms: Annotated[int | None, typer.Option("--block-ms", help="XREADGROUP BLOCK [env: CONSUMER_BLOCK_MS; default 1000]", show_default=False)] = None,
+    consumer_name: Annotated[str | None, typer.Option("--consumer-name", help="Consumer name [env: CONSUMER_NAME; default host-pid]", show_default=False)] = None,
+    claim_idle_ms: Annotated[int | None, typer.Option("--claim-idle-ms", help="Reclaim entries idle this long [env: CLAIM_IDLE_MS; default 60000]", show_default=False)] = None,
+    max_deliveries: Annotated[int | None, typer.Option("--max-deliveries", help="Dead-letter after this many deliveries [env: MAX_DELIVERIES; default 5]", show_default=False)] = None,
+    max_file_bytes: Annotated[int | None, typer.Option("--max-file-bytes", help="Largest file accepted [env: MAX_FILE_BYTES]", show_default=False)] = None,
+    copy_format: Annotated[str | None, typer.Option("--copy-format", help="binary or text [env: FILEPIPE_COPY_FORMAT]", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    redis_url: RedisUrl = None,
+    pg_uri: PgUri = None,
+    stream: Stream = None,
+    group: Group = None,
+    table: Table = None,
+    storage_mode: StorageMode = None,
+    local_storage_dir: LocalDir = None,
+    s3_bucket: S3Bucket = None,
+    s3_prefix: S3Prefix = None,
+    s3_endpoint_url: S3Endpoint = None,
+    debug: Debug = False,
+) -> None:
+    """Consume the stream into PostgreSQL until stopped (SIGTERM/SIGINT finish the batch in hand)."""
+    from .consumer import Consumer
+
+    s = settings_from(
+        batch_size=batch_size, block_ms=block_ms, consumer_name=consumer_name, claim_idle_ms=claim_idle_ms,
+        max_deliveries=max_deliveries, max_file_bytes=max_file_bytes, copy_format=copy_format,
+        redis_url=redis_url, pg_uri=pg_uri, stream=stream, group=group, table=table, storage_mode=storage_mode,
+        local_storage_dir=local_storage_dir, s3_bucket=s3_bucket, s3_prefix=s3_prefix, s3_endpoint_url=s3_endpoint_url,
+    )
+    logging.getLogger("filepipe").info(
+        "consumer %s: %s group %s on %s -> %s on %s (batch %d)", s.consumer_name, s.stream, s.group,
+        mask_url(s.redis_url), s.table, mask_url(s.pg_uri), s.batch_size,
+    )
+    write = None if quiet else functools.partial(typer.echo)
+    consumer = Consumer(s, drain=drain, write=write, install_signals=True)
+    stats = consumer.run()
+    if not quiet:
+        typer.echo(
+            f"Stopped: {stats.inserted} inserted, {stats.duplicates} already present, "
+            f"{stats.dead_lettered} dead-lettered, {stats.acked} acknowledged"
+        )
+
+
+@app.command()
+@handle_errors
+def demo(
+    files: Annotated[int, typer.Option("--files", min=1, max=1_000_000, help="How many sample files.")] = 2000,
+    debug: Debug = False,
+) -> None:
+    """Run the whole pipeline once on sample files, with throwaway Redis and PostgreSQL
+    unless REDIS_URL / PG_URI are set."""
+    from .demo import run_demo
+
+    run_demo(files, echo=typer.echo)
+
+
+def main() -> None:
+    """Entry point of the `filepipe` script."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules register themselves here."""
+    import importlib
+
+    for module in ("status", "diagnose", "dlq", "dashboard"):
+        try:
+            mod = importlib.import_module(f"filepipe.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"filepipe.{module}":
+                raise
+            continue
+        register = getattr(mod, "register_cli", None)
+        if register is not None:
+            register(app, handle_errors)
+
+
+_register_optional()

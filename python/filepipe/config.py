@@ -1,0 +1,210 @@
+"""Configuration: command-line options over environment variables over `.env` over defaults.
+
+The environment names are the ones the seed's users already have in their `.env`
+(`REDIS_URL`, `PG_URI`, `CONSUMER_BATCH_SIZE`, ...). Secrets are never printed:
+use `mask_url` for anything shown to a person.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from . import constants as c
+from .errors import ConfigError
+
+# (setting, environment names in order of precedence)
+ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "redis_url": ("REDIS_URL",),
+    "pg_uri": ("PG_URI", "DATABASE_URL"),
+    "consumer_name": ("CONSUMER_NAME",),
+    "batch_size": ("CONSUMER_BATCH_SIZE",),
+    "block_ms": ("CONSUMER_BLOCK_MS",),
+    "storage_mode": ("STORAGE_MODE",),
+    "local_storage_dir": ("LOCAL_STORAGE_DIR",),
+    "s3_bucket": ("S3_BUCKET",),
+    "s3_prefix": ("S3_PREFIX",),
+    "s3_endpoint_url": ("S3_ENDPOINT_URL",),
+    "stream": ("STREAM_NAME", "FILEPIPE_STREAM"),
+    "group": ("CONSUMER_GROUP", "FILEPIPE_GROUP"),
+    "dead_letter_stream": ("DEAD_LETTER_STREAM", "FILEPIPE_DEAD_LETTER_STREAM"),
+    "table": ("FILEPIPE_TABLE",),
+    "max_file_bytes": ("MAX_FILE_BYTES",),
+    "claim_idle_ms": ("CLAIM_IDLE_MS",),
+    "max_deliveries": ("MAX_DELIVERIES",),
+    "hash_threads": ("FILEPIPE_HASH_THREADS",),
+    "copy_format": ("FILEPIPE_COPY_FORMAT",),
+    "pool_size": ("FILEPIPE_POOL_SIZE",),
+    "in_flight": ("FILEPIPE_IN_FLIGHT",),
+    "connect_timeout_s": ("FILEPIPE_CONNECT_TIMEOUT",),
+    "statement_timeout_ms": ("FILEPIPE_STATEMENT_TIMEOUT_MS",),
+}
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+
+
+def default_consumer_name() -> str:
+    """`<host>-<pid>`: unique per process, stable for the life of one."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a filepipe command needs to know. Build it with `load_settings`."""
+
+    redis_url: str = c.DEFAULT_REDIS_URL
+    pg_uri: str = c.DEFAULT_PG_URI
+    consumer_name: str = field(default_factory=default_consumer_name)
+    batch_size: int = c.DEFAULT_BATCH_SIZE
+    block_ms: int = c.DEFAULT_BLOCK_MS
+    storage_mode: str = "local"
+    local_storage_dir: str = c.DEFAULT_LOCAL_STORAGE_DIR
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str = ""
+    stream: str = c.DEFAULT_STREAM
+    group: str = c.DEFAULT_GROUP
+    dead_letter_stream: str = ""
+    table: str = c.DEFAULT_TABLE
+    max_file_bytes: int = c.DEFAULT_MAX_FILE_BYTES
+    claim_idle_ms: int = c.DEFAULT_CLAIM_IDLE_MS
+    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
+    hash_threads: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
+    copy_format: str = "binary"
+    pool_size: int = 2
+    in_flight: int = 2
+    connect_timeout_s: float = 5.0
+    statement_timeout_ms: int = 60_000
+
+    @property
+    def dead_stream(self) -> str:
+        """The dead-letter stream, `<stream>:dead` unless set explicitly."""
+        return self.dead_letter_stream or c.dead_letter_stream(self.stream)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as a dict that is safe to print: URLs have their passwords masked."""
+        d = asdict(self)
+        for key in ("redis_url", "pg_uri", "s3_endpoint_url"):
+            d[key] = mask_url(d[key])
+        d["dead_letter_stream"] = self.dead_stream
+        return d
+
+
+def mask_url(url: str) -> str:
+    """`redis://user:secret@host/0` -> `redis://user:***@host/0`; libpq key/value DSNs too."""
+    if not url:
+        return url
+    if "://" not in url:
+        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _convert(name: str, raw: Any, target: type | str) -> Any:
+    kind = target if isinstance(target, str) else target.__name__
+    if kind == "int":
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise ConfigError(f"{_label(name)} must be a whole number, not {raw!r}") from None
+    if kind == "float":
+        try:
+            return float(str(raw).strip())
+        except ValueError:
+            raise ConfigError(f"{_label(name)} must be a number, not {raw!r}") from None
+    return str(raw).strip()
+
+
+def _label(name: str) -> str:
+    env = ENV_NAMES.get(name)
+    return f"{env[0]} (--{name.replace('_', '-')})" if env else f"--{name.replace('_', '-')}"
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | Path | None = ".env",
+) -> Settings:
+    """Resolves settings: `overrides` (CLI options; None means unset), then the
+    environment, then the `.env` file, then defaults. Raises ConfigError on any
+    invalid value, naming the variable."""
+    env: dict[str, str] = {}
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        from dotenv import dotenv_values
+
+        env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    env.update(os.environ if environ is None else environ)
+
+    values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(Settings)}
+    for name, names in ENV_NAMES.items():
+        for env_name in names:
+            if env.get(env_name, "").strip() != "":
+                values[name] = _convert(name, env[env_name], types[name])
+                break
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in types:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(name, value, types[name])
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Raises ConfigError with one clear line for the first invalid setting."""
+    if not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"REDIS_URL must start with redis://, rediss:// or unix://, not {mask_url(s.redis_url)!r}"
+        )
+    if not (s.pg_uri.startswith(("postgresql://", "postgres://")) or "=" in s.pg_uri):
+        raise ConfigError(
+            "PG_URI must be a postgresql:// URL or a libpq key=value string, "
+            f"not {mask_url(s.pg_uri)!r}"
+        )
+    positive = {
+        "batch_size": (1, 100_000),
+        "max_file_bytes": (1, 1 << 62),
+        "max_deliveries": (1, 1_000_000),
+        "hash_threads": (1, 64),
+        "pool_size": (1, 100),
+        "in_flight": (1, 16),
+        "statement_timeout_ms": (1, 86_400_000),
+    }
+    for name, (low, high) in positive.items():
+        value = getattr(s, name)
+        if not low <= value <= high:
+            raise ConfigError(f"{_label(name)} must be between {low} and {high}, not {value}")
+    if not 0 <= s.block_ms <= 3_600_000:
+        raise ConfigError(f"{_label('block_ms')} must be between 0 and 3600000, not {s.block_ms}")
+    if s.claim_idle_ms < 1000:
+        raise ConfigError(f"{_label('claim_idle_ms')} must be at least 1000, not {s.claim_idle_ms}")
+    if not 0 < s.connect_timeout_s <= 600:
+        raise ConfigError(f"{_label('connect_timeout_s')} must be between 0 and 600 seconds")
+    if s.storage_mode not in ("local", "s3"):
+        raise ConfigError(f"STORAGE_MODE must be 'local' or 's3', not {s.storage_mode!r}")
+    if s.storage_mode == "s3" and not s.s3_bucket:
+        raise ConfigError("STORAGE_MODE=s3 needs S3_BUCKET")
+    if s.copy_format not in ("binary", "text"):
+        raise ConfigError(f"FILEPIPE_COPY_FORMAT must be 'binary' or 'text', not {s.copy_format!r}")
+    if not _IDENT.match(s.table):
+        raise ConfigError(f"FILEPIPE_TABLE must be a plain [schema.]table name, not {s.table!r}")
+    for name in ("stream", "group", "consumer_name"):
+        value = getattr(s, name)
+        if not value or len(value) > 200 or any(ch.isspace() for ch in value):
+            raise ConfigError(f"{_label(name)} must be 1-200 characters without spaces, not {value!r}")

@@ -1,0 +1,33 @@
+"""Every Redis key, stream and group name, and every default, in one place."""
+
+from __future__ import annotations
+
+DEFAULT_STREAM = "file_uploads"
+DEFAULT_GROUP = "file_processors"
+DEAD_LETTER_SUFFIX = ":dead"
+DEFAULT_TABLE = "file_events"
+STAGING_TABLE = "filepipe_staging"
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_PG_URI = "postgresql://localhost:5432/postgres"
+
+# The seed's consumer used 10 and then 50; larger batches amortise every round trip.
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_BLOCK_MS = 1000
+DEFAULT_MAX_FILE_BYTES = 100 * 1024 * 1024
+DEFAULT_CLAIM_IDLE_MS = 60_000
+DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_LOCAL_STORAGE_DIR = "./uploads"
+
+HEARTBEAT_PREFIX = "filepipe:consumer:"
+HEARTBEAT_TTL_S = 30
+
+
+def dead_letter_stream(stream: str) -> str:
+    """The dead-letter stream of `stream`: `file_uploads` -> `file_uploads:dead`."""
+    return stream + DEAD_LETTER_SUFFIX
+
+
+def heartbeat_key(stream: str, consumer: str) -> str:
+    """The Redis key where a consumer of `stream` publishes its liveness."""
+    return f"{HEARTBEAT_PREFIX}{stream}:{consumer}"

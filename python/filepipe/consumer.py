@@ -1,0 +1,511 @@
+"""The consumer: Redis stream -> validated records -> measured files -> COPY -> ack.
+
+Two threads share the work so that Redis, the files and PostgreSQL overlap:
+
+* the reader (the caller's thread) reads a batch, parses and validates it in the
+  extension, measures its files and encodes the COPY buffer;
+* the loader commits each prepared batch and then acknowledges it (and writes
+  its dead letters) in one MULTI/EXEC round trip, strictly in the order read.
+
+At most `in_flight` prepared batches wait between them, so memory is bounded by
+batch size x in-flight batches, never by the backlog. An entry is acknowledged
+only after the row that records it is committed, or after its dead letter is
+written: a crash anywhere loses nothing, and redelivery duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import psycopg
+import redis
+
+from . import _native, db, stream
+from ._faults import crash_point
+from .config import Settings
+from .constants import HEARTBEAT_TTL_S, heartbeat_key
+from .errors import DatabaseError, FilepipeError, StorageError, TransientError
+from .retry import Backoff, is_transient_pg, is_transient_redis
+from .storage import Storage, open_storage
+from .stream import DeadLetter, Entry
+
+log = logging.getLogger("filepipe")
+
+# SQLSTATE classes caused by one row's value: isolate the row, load the rest.
+_ROW_ERROR_CLASSES = ("22", "23", "54")
+
+
+@dataclass
+class Prepared:
+    """A batch ready to load: its COPY buffer and everything needed to ack it."""
+
+    ids: list[bytes]
+    batch: _native.EntryBatch
+    measurements: _native.Measurements
+    entries: list[Entry]
+    buf: bytes
+    rows: int
+    dead: list[DeadLetter]
+    read_at: float
+
+
+@dataclass
+class Stats:
+    """What a consumer has done since it started."""
+
+    started: float = field(default_factory=time.time)
+    batches: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    acked: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    last_error: str = ""
+
+    def rate(self) -> float:
+        elapsed = time.time() - self.started
+        return self.inserted / elapsed if elapsed > 0 else 0.0
+
+
+class Progress:
+    """The seed's progress lines, at most one pair per `interval` seconds:
+
+        ✓ Batch complete: 50 records inserted
+        📊 Total: 150 | Rate: 35.23 files/sec
+    """
+
+    def __init__(self, write: Callable[[str], None] | None, interval: float = 1.0) -> None:
+        self.write = write
+        self.interval = interval
+        self.pending = 0
+        self.pending_dead: Counter[str] = Counter()
+        self.last = 0.0
+        self.first_at: float | None = None
+
+    def batch(self, inserted: int, dead: list[DeadLetter], stats: Stats, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+        self.pending += inserted
+        self.pending_dead.update(d.reason for d in dead)
+        if self.write is None or (not force and now - self.last < self.interval):
+            return
+        self.flush(stats)
+
+    def flush(self, stats: Stats) -> None:
+        if self.write is None or (self.pending == 0 and not self.pending_dead):
+            return
+        self.write(f"✓ Batch complete: {self.pending} records inserted")
+        if self.pending_dead:
+            detail = ", ".join(f"{r}: {n}" for r, n in sorted(self.pending_dead.items()))
+            self.write(f"⚠ Dead-lettered {sum(self.pending_dead.values())} entries ({detail})")
+        self.write(f"📊 Total: {stats.inserted} | Rate: {stats.rate():.2f} files/sec")
+        self.pending = 0
+        self.pending_dead.clear()
+        self.last = time.monotonic()
+
+
+class Consumer:
+    """One member of the consumer group. `run()` until `stop()` (or, with
+    `drain=True`, until nothing new or pending is left)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        drain: bool = False,
+        write: Callable[[str], None] | None = print,
+        progress_interval: float = 1.0,
+        storage: Storage | None = None,
+        install_signals: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.drain = drain
+        self.name = settings.consumer_name
+        self.stats = Stats()
+        self.progress = Progress(write, progress_interval)
+        self.stopping = threading.Event()
+        self.failed: BaseException | None = None
+        self.install_signals = install_signals
+        self._signals = 0
+        self._storages: dict[str, Storage] = {}
+        if storage is not None:
+            self._storages[storage.name] = storage
+        self.redis = stream.connect(settings)
+        self.pool = db.create_pool(settings)
+        self.loader = db.Loader(self.pool, settings)
+        self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
+        self.binary = settings.copy_format == "binary"
+        self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._note_error)
+        self.ack_backoff = Backoff("Redis", stop=None, on_error=self._note_error)
+        self.pg_backoff = Backoff("PostgreSQL", stop=None, on_error=self._note_error)
+        self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._note_error)
+        self._last_claim = 0.0
+        self._claim_cursor = b"0-0"
+        self._last_heartbeat = 0.0
+        self.host = socket.gethostname()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Asks the consumer to finish the batches in hand and return."""
+        self.stopping.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # A second signal: leave now. Unacknowledged entries stay pending and are
+            # redelivered, so nothing is lost.
+            os._exit(128 + signum)
+        log.warning("%s received: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        self.stop()
+
+    def _note_error(self, message: str) -> None:
+        self.stats.last_error = message
+
+    def storage(self, mode: str) -> Storage:
+        if mode not in self._storages:
+            self._storages[mode] = open_storage(self.settings, mode)
+        return self._storages[mode]
+
+    def run(self) -> Stats:
+        """Consumes until stopped (or drained). Returns the totals."""
+        previous: dict[int, Any] = {}
+        if self.install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        loader = threading.Thread(target=self._load_loop, name="filepipe-loader", daemon=True)
+        try:
+            self.redis_backoff.call(
+                lambda: stream.ensure_group(self.redis, self.settings.stream, self.settings.group),
+                is_transient_redis,
+            )
+            loader.start()
+            self._read_loop()
+        finally:
+            self.queue.put(None)
+            if loader.is_alive():
+                loader.join()
+            self.progress.flush(self.stats)
+            self._remove_heartbeat()
+            self.pool.close()
+            self.redis.close()
+            for st in self._storages.values():
+                st.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.failed is not None:
+            raise self.failed
+        return self.stats
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        s = self.settings
+        history: bytes | None = b"0"  # first, this consumer's own pending entries
+        while not self.stopping.is_set() and self.failed is None:
+            self._heartbeat()
+            if history is not None:
+                entries = self._redis(
+                    lambda h=history: stream.read_own_pending(self.redis, s.stream, s.group, self.name, s.batch_size, h)
+                )
+                if entries is None:
+                    continue
+                if not entries:
+                    history = None
+                    continue
+                history = entries[-1][0]
+                self._submit(entries, redelivered=True)
+                continue
+            if self._claim_due():
+                claimed = self._reclaim()
+                if claimed:
+                    self._submit(claimed, redelivered=True)
+                    continue
+            block = min(s.block_ms, 200) if self.drain else s.block_ms
+            entries = self._redis(
+                lambda b=block: stream.read_new(self.redis, s.stream, s.group, self.name, s.batch_size, b)
+            )
+            if entries is None:
+                continue
+            if entries:
+                self._submit(entries, redelivered=False)
+                continue
+            if self.drain:
+                # Nothing new: wait for the loader, then leave if nothing of ours is pending
+                # and no dead consumer's entries are waiting to be reclaimed.
+                self._wait_idle()
+                if self.failed is not None:
+                    return
+                pending = self._redis(lambda: stream.pending_count(self.redis, s.stream, s.group, self.name))
+                if pending:
+                    history = b"0"
+                    continue
+                claimed = self._reclaim()
+                if claimed:
+                    self._submit(claimed, redelivered=True)
+                    continue
+                if pending == 0:
+                    return
+
+    def _redis(self, fn: Callable[[], Any]) -> Any:
+        """Runs one Redis read; on a passing fault backs off and returns None."""
+        try:
+            result = fn()
+        except Exception as e:
+            if not is_transient_redis(e):
+                raise
+            self.redis_backoff.failed(e)
+            return None
+        self.redis_backoff.succeeded()
+        return result
+
+    def _claim_due(self) -> bool:
+        return time.monotonic() - self._last_claim >= self.settings.claim_idle_ms / 2000
+
+    def _reclaim(self) -> list[Entry]:
+        """XAUTOCLAIM: takes over entries idle longer than `claim_idle_ms` (their
+        consumer died or stalled). Returns them; the next call continues the scan."""
+        s = self.settings
+        self._last_claim = time.monotonic()
+        reply = self._redis(
+            lambda: self.redis.xautoclaim(
+                s.stream, s.group, self.name, min_idle_time=s.claim_idle_ms, start_id=self._claim_cursor, count=s.batch_size
+            )
+        )
+        if reply is None:
+            return []
+        cursor, claimed = reply[0], reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        self._claim_cursor = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
+        entries: list[Entry] = list(claimed)
+        if deleted:
+            # Entries deleted from the stream while pending can never be processed.
+            self._redis(lambda: self.redis.xack(s.stream, s.group, *deleted))
+        if entries:
+            log.info("reclaimed %d entries idle for more than %d ms", len(entries), s.claim_idle_ms)
+        return entries
+
+    def _submit(self, entries: list[Entry], *, redelivered: bool) -> None:
+        prepared = self._prepare(entries, redelivered=redelivered)
+        while not self._put(prepared):
+            if self.failed is not None:
+                return
+
+    def _put(self, prepared: Prepared) -> bool:
+        try:
+            self.queue.put(prepared, timeout=0.5)
+            return True
+        except queue.Full:
+            return False
+
+    def _wait_idle(self) -> None:
+        while self.queue.unfinished_tasks and self.failed is None:
+            time.sleep(0.005)
+
+    # -- preparing a batch -------------------------------------------------------------
+
+    def _deliveries(self, entries: list[Entry]) -> dict[bytes, int]:
+        s = self.settings
+        ids = [e[0] for e in entries]
+        rows = self._redis(
+            lambda: self.redis.xpending_range(
+                s.stream, s.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key), count=len(ids) * 2,
+                consumername=self.name,
+            )
+        )
+        return {r["message_id"]: int(r["times_delivered"]) for r in rows or []}
+
+    def _prepare(self, entries: list[Entry], *, redelivered: bool) -> Prepared:
+        s = self.settings
+        read_at = time.monotonic()
+        dead: list[DeadLetter] = []
+        deliveries: dict[bytes, int] = self._deliveries(entries) if redelivered else {}
+        if deliveries:
+            over = [e for e in entries if deliveries.get(e[0], 0) > s.max_deliveries]
+            if over:
+                over_ids = {e[0] for e in over}
+                for entry_id, fields in over:
+                    n = deliveries[entry_id]
+                    dead.append(
+                        DeadLetter(entry_id, fields or {}, "max_deliveries",
+                                   f"entry {entry_id.decode()}: delivered {n} times (MAX_DELIVERIES={s.max_deliveries})", n)
+                    )
+                entries_ok = [e for e in entries if e[0] not in over_ids]
+            else:
+                entries_ok = entries
+        else:
+            entries_ok = entries
+        batch = _native.parse_entries(entries_ok, s.storage_mode)
+        for pos, entry_id, reason, message in batch.rejects:
+            fields = entries_ok[pos][1] or {}
+            dead.append(DeadLetter(entries_ok[pos][0], fields, reason, message, deliveries.get(entries_ok[pos][0], 1)))
+        measurements = self._measure(batch)
+        positions = batch.positions
+        for index, reason, message, _transient in measurements.failures():
+            entry_id, fields = entries_ok[positions[index]]
+            dead.append(DeadLetter(entry_id, fields, reason, f"entry {entry_id.decode()}: {message}",
+                                   deliveries.get(entry_id, 1)))
+        buf = _native.encode_copy(batch, measurements, self.name, self.binary)
+        rows = len(measurements.measured())
+        return Prepared(
+            ids=[e[0] for e in entries],
+            batch=batch,
+            measurements=measurements,
+            entries=entries_ok,
+            buf=buf,
+            rows=rows,
+            dead=dead,
+            read_at=read_at,
+        )
+
+    def _measure(self, batch: _native.EntryBatch) -> _native.Measurements:
+        """Measures every record's file; retries the whole measurement while a
+        failure is transient (out of file descriptors, S3 throttling)."""
+        by_storage: dict[str, list[int]] = {}
+        for i, (mode, _key) in enumerate(batch.locations()):
+            by_storage.setdefault(mode, []).append(i)
+        while True:
+            m = _native.Measurements(len(batch))
+            try:
+                for mode, indices in by_storage.items():
+                    self.storage(mode).measure(batch, indices, m, self.settings.max_file_bytes)
+            except StorageError as e:
+                if self.stopping.is_set():
+                    raise
+                self.storage_backoff.failed(e)
+                continue
+            transient = [f for f in m.failures() if f[3]]
+            if not transient:
+                self.storage_backoff.succeeded()
+                return m
+            self.storage_backoff.failed(TransientError(transient[0][2]))
+
+    # -- loading and acknowledging ------------------------------------------------------
+
+    def _load_loop(self) -> None:
+        while True:
+            prepared = self.queue.get()
+            try:
+                if prepared is None:
+                    return
+                if self.failed is None:
+                    self._load_and_ack(prepared)
+            except BaseException as e:  # surfaced by run() in the reader's thread
+                self.failed = e
+                self.stopping.set()
+            finally:
+                self.queue.task_done()
+
+    def _load_and_ack(self, p: Prepared) -> None:
+        inserted, row_dead = self._load(p)
+        crash_point("after_commit")
+        dead = p.dead + row_dead
+        s = self.settings
+        self.ack_backoff.call(
+            lambda: stream.ack(self.redis, s.stream, s.group, p.ids, dead, dead_stream=s.dead_stream, consumer=self.name),
+            is_transient_redis,
+        )
+        crash_point("after_ack")
+        st = self.stats
+        st.batches += 1
+        st.inserted += inserted
+        st.duplicates += p.rows - len(row_dead) - inserted
+        st.dead_lettered += len(dead)
+        st.acked += len(p.ids)
+        st.reasons.update(d.reason for d in dead)
+        self.progress.batch(inserted, dead, st)
+        self._heartbeat()
+
+    def _load(self, p: Prepared) -> tuple[int, list[DeadLetter]]:
+        """Loads the batch, waiting out outages. A value PostgreSQL refuses is isolated
+        by bisection: the rest of the batch loads, that entry is dead-lettered."""
+        if p.rows == 0:
+            return 0, []
+        try:
+            return self._load_buffer(p.buf), []
+        except psycopg.Error as e:
+            if not _is_row_error(e):
+                raise _fatal_db_error(e, self.settings) from e
+        return self._bisect(p, p.measurements.measured())
+
+    def _load_buffer(self, buf: bytes) -> int:
+        return self.pg_backoff.call(lambda: self.loader.load(buf), is_transient_pg)
+
+    def _bisect(self, p: Prepared, indices: list[int]) -> tuple[int, list[DeadLetter]]:
+        buf = _native.encode_copy(p.batch, p.measurements, self.name, self.binary, only=indices)
+        try:
+            return self._load_buffer(buf), []
+        except psycopg.Error as e:
+            if not _is_row_error(e):
+                raise _fatal_db_error(e, self.settings) from e
+            if len(indices) == 1:
+                entry_id, fields = p.entries[p.batch.positions[indices[0]]]
+                message = f"entry {entry_id.decode()}: PostgreSQL refused the row: {db.first_line(e)}"
+                log.warning("%s", message)
+                return 0, [DeadLetter(entry_id, fields, "db_rejected", message)]
+        mid = len(indices) // 2
+        a_rows, a_dead = self._bisect(p, indices[:mid])
+        b_rows, b_dead = self._bisect(p, indices[mid:])
+        return a_rows + b_rows, a_dead + b_dead
+
+    # -- liveness ---------------------------------------------------------------------
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < 2.0:
+            return
+        self._last_heartbeat = now
+        st = self.stats
+        beat = {
+            "name": self.name,
+            "host": self.host,
+            "pid": os.getpid(),
+            "stream": self.settings.stream,
+            "group": self.settings.group,
+            "started": st.started,
+            "updated": time.time(),
+            "inserted": st.inserted,
+            "dead_lettered": st.dead_lettered,
+            "batches": st.batches,
+            "rate": round(st.rate(), 2),
+            "last_error": st.last_error,
+        }
+        try:
+            self.redis.set(heartbeat_key(self.settings.stream, self.name), json.dumps(beat), ex=HEARTBEAT_TTL_S)
+        except redis.RedisError:
+            pass  # liveness is best effort; the read loop reports Redis outages
+
+    def _remove_heartbeat(self) -> None:
+        try:
+            self.redis.delete(heartbeat_key(self.settings.stream, self.name))
+        except redis.RedisError:
+            pass
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def _is_row_error(e: psycopg.Error) -> bool:
+    return (e.sqlstate or "")[:2] in _ROW_ERROR_CLASSES
+
+
+def _fatal_db_error(e: psycopg.Error, settings: Settings) -> FilepipeError:
+    state = e.sqlstate or ""
+    if state == "42P01":
+        return DatabaseError(f"table {settings.table} does not exist: run `filepipe init-db` first")
+    return DatabaseError(f"PostgreSQL refused the batch ({state}): {db.first_line(e)}")

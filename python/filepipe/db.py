@@ -1,0 +1,205 @@
+"""PostgreSQL: the connection pool, the schema, and the per-batch load.
+
+A batch is loaded in one transaction: COPY into a per-connection temporary
+staging table, `INSERT … SELECT … ON CONFLICT DO NOTHING` into the events table,
+COMMIT. The primary key `(stream_id, event_time)` makes a redelivered entry a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from . import _native
+from ._faults import crash_point
+from . import constants as c
+from .config import Settings, mask_url
+from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+COLUMNS: tuple[str, ...] = tuple(_native.COPY_COLUMNS)
+
+_COLUMN_TYPES = {
+    "event_time": "timestamptz NOT NULL",
+    "stream_id": "text NOT NULL",
+    "file_id": "uuid NOT NULL",
+    "filename": "text NOT NULL",
+    "storage": "text NOT NULL",
+    "storage_key": "text NOT NULL",
+    "size_bytes": "bigint NOT NULL",
+    "checksum_sha256": "text NOT NULL",
+    "content_type": "text",
+    "uploaded_at": "timestamptz NOT NULL",
+    "consumer": "text NOT NULL",
+    "attributes": "jsonb NOT NULL DEFAULT '{}'::jsonb",
+}
+
+
+def table_ident(table: str) -> sql.Identifier:
+    """`schema.table` or `table` as a quoted identifier."""
+    return sql.Identifier(*table.split("."))
+
+
+def _index_name(table: str, suffix: str) -> sql.Identifier:
+    return sql.Identifier(table.split(".")[-1] + suffix)
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """libpq parameters every filepipe connection gets: timeouts and keepalives, so a
+    dead or stalled server is noticed instead of waited on forever."""
+    return {
+        "connect_timeout": max(1, round(settings.connect_timeout_s)),
+        "application_name": "filepipe",
+        "options": f"-c statement_timeout={settings.statement_timeout_ms}",
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": settings.statement_timeout_ms + 10_000,
+    }
+
+
+def connect(settings: Settings, **extra: Any) -> psycopg.Connection[Any]:
+    """One connection (for commands that need no pool)."""
+    return psycopg.connect(settings.pg_uri, **{**connection_kwargs(settings), **extra})
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
+    # empties it at every commit, so no DDL runs per batch.
+    cols = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(_COLUMN_TYPES[name].split(" NOT NULL")[0]))
+        for name in COLUMNS
+    )
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+            sql.Identifier(c.STAGING_TABLE), cols
+        )
+    )
+    conn.commit()
+
+
+def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> ConnectionPool:
+    """A psycopg pool whose connections are checked before use, so it recovers after
+    a database restart, and which gives up waiting for a connection after the
+    connect timeout rather than hanging."""
+    pool = ConnectionPool(
+        settings.pg_uri,
+        min_size=min(min_size, settings.pool_size),
+        max_size=settings.pool_size,
+        kwargs=connection_kwargs(settings),
+        configure=_configure,
+        check=ConnectionPool.check_connection,
+        timeout=max(settings.connect_timeout_s * 2, 5.0),
+        reconnect_timeout=0,  # keep trying forever: outages are waited out
+        name="filepipe",
+        open=False,
+    )
+    if open:
+        pool.open(wait=False)
+    return pool
+
+
+@dataclass(frozen=True)
+class SchemaInfo:
+    table: str
+    hypertable: bool
+    timescaledb: bool
+
+
+def init_db(settings: Settings) -> SchemaInfo:
+    """Creates the events table (a TimescaleDB hypertable on `event_time` when the
+    extension is available, a plain table with a time index otherwise). Idempotent."""
+    table = settings.table
+    ident = table_ident(table)
+    cols = sql.SQL(",\n  ").join(
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(_COLUMN_TYPES[name])) for name in COLUMNS
+    )
+    create = sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {table} (\n  {cols},\n"
+        "  processed_at timestamptz NOT NULL DEFAULT now(),\n"
+        "  PRIMARY KEY (stream_id, event_time)\n)"
+    ).format(table=ident, cols=cols)
+    try:
+        with connect(settings, autocommit=True) as conn:
+            if "." in table:
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.split(".")[0])))
+            available = conn.execute(
+                "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
+            ).fetchone() is not None
+            if available:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            conn.execute(create)
+            hypertable = False
+            if available:
+                conn.execute(
+                    "SELECT create_hypertable(%s::regclass, 'event_time', if_not_exists => TRUE, migrate_data => TRUE)",
+                    (table,),
+                )
+                hypertable = True
+            else:
+                conn.execute(
+                    sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (event_time DESC)").format(
+                        _index_name(table, "_event_time_idx"), ident
+                    )
+                )
+            return SchemaInfo(table=table, hypertable=hypertable, timescaledb=available)
+    except psycopg.OperationalError as e:
+        raise DatabaseError(f"cannot reach PostgreSQL at {mask_url(settings.pg_uri)}: {first_line(e)}") from e
+    except psycopg.Error as e:
+        raise DatabaseError(f"cannot create table {table}: {first_line(e)}") from e
+
+
+def is_hypertable(conn: psycopg.Connection[Any], table: str) -> bool:
+    """Whether `table` is a TimescaleDB hypertable."""
+    try:
+        row = conn.execute(
+            "SELECT 1 FROM timescaledb_information.hypertables "
+            "WHERE format('%%I.%%I', hypertable_schema, hypertable_name)::regclass = %s::regclass",
+            (table,),
+        ).fetchone()
+    except psycopg.Error:
+        conn.rollback()
+        return False
+    return row is not None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class Loader:
+    """Loads encoded COPY buffers into the events table through a pool."""
+
+    def __init__(self, pool: ConnectionPool, settings: Settings) -> None:
+        self.pool = pool
+        self.binary = settings.copy_format == "binary"
+        ident = table_ident(settings.table)
+        staging = sql.Identifier(c.STAGING_TABLE)
+        col_list = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        fmt = sql.SQL("BINARY") if self.binary else sql.SQL("TEXT")
+        self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(staging, col_list, fmt)
+        self.insert_sql = sql.SQL(
+            "INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING"
+        ).format(ident, staging, cols=col_list)
+
+    def load(self, buf: bytes) -> int:
+        """COPY + merge + COMMIT one buffer; returns the rows newly inserted
+        (a redelivered entry's row already exists and counts 0)."""
+        with self.pool.connection() as conn:
+            with conn.cursor() as cur:
+                with cur.copy(self.copy_sql) as copy:
+                    copy.write(buf)
+                crash_point("after_copy")
+                cur.execute(self.insert_sql)
+                inserted = cur.rowcount
+            conn.commit()
+        return max(inserted, 0)

@@ -1,0 +1,127 @@
+"""The producer: stores files and XADDs one "file uploaded" event per file."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import redis
+
+from . import stream
+from .config import Settings
+from .errors import StorageError
+from .storage import Storage, open_storage, safe_key_name
+from .storage.local import LocalStorage
+
+PIPELINE_CHUNK = 1000
+
+
+def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Every regular file named or found below a named directory, in a stable order.
+    Symlinks to files are followed; symlinked directories are not descended into."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    f = Path(dirpath) / name
+                    if f.is_file():
+                        yield f
+        elif p.is_file():
+            yield p
+        else:
+            raise StorageError(f"{p} is not a file or directory")
+
+
+def make_key(file_id: str, filename: str, now: datetime) -> str:
+    """`YYYY/MM/DD/<file_id>/<safe name>`: unique, sortable by day, safe anywhere."""
+    return f"{now:%Y/%m/%d}/{file_id}/{safe_key_name(filename)}"
+
+
+@dataclass
+class Event:
+    """One "file uploaded" event, as XADDed."""
+
+    fields: dict[str, str]
+
+
+def event_for(file_id: str, filename: str, key: str, size: int, storage: str, now: datetime,
+              content_type: str | None = None, extra: dict[str, str] | None = None) -> Event:
+    """The stream fields of the event contract (DESIGN.md)."""
+    fields = {
+        "file_id": file_id,
+        "filename": filename,
+        "key": key,
+        "size": str(size),
+        "storage": storage,
+        "uploaded_at": now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+    }
+    if content_type:
+        fields["content_type"] = content_type
+    if extra:
+        for k, v in extra.items():
+            fields.setdefault(k, v)
+    return Event(fields)
+
+
+class Producer:
+    """Stores files in the configured storage and enqueues their events, pipelined."""
+
+    def __init__(self, settings: Settings, storage: Storage | None = None, r: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.storage = storage or open_storage(settings)
+        self.redis = r or stream.connect(settings)
+        self._pipe = self.redis.pipeline(transaction=False)
+        self._queued = 0
+        self.enqueued = 0
+
+    def add(self, src: Path, *, filename: str | None = None, key: str | None = None,
+            link: bool = False, extra: dict[str, str] | None = None) -> str:
+        """Stores `src` (unless `key` names where it already is) and queues its event.
+        Returns the file id."""
+        file_id = str(uuid.uuid4())
+        now = datetime.now(timezone.utc)
+        name = filename or src.name
+        if key is None:
+            key = make_key(file_id, name, now)
+            if isinstance(self.storage, LocalStorage):
+                self.storage.put_file(src, key, link=link)
+            else:
+                self.storage.put_file(src, key)
+        size = src.stat().st_size
+        self.enqueue(event_for(file_id, name, key, size, self.storage.name, now, extra=extra))
+        return file_id
+
+    def enqueue(self, event: Event) -> None:
+        """Queues one event; sent with the next chunk."""
+        self._pipe.xadd(self.settings.stream, event.fields)  # type: ignore[arg-type]
+        self._queued += 1
+        if self._queued >= PIPELINE_CHUNK:
+            self.flush()
+
+    def flush(self) -> int:
+        """Sends the queued events in one round trip."""
+        if self._queued:
+            self._pipe.execute()
+            self.enqueued += self._queued
+            self._queued = 0
+        return self.enqueued
+
+    def produce(self, paths: Iterable[str | Path], *, link: bool = False,
+                on_file: Callable[[Path], None] | None = None) -> int:
+        """Stores and enqueues every file under `paths`. Returns how many were enqueued."""
+        if isinstance(self.storage, LocalStorage):
+            self.storage.ensure_root()
+        for f in iter_files(paths):
+            self.add(f, link=link)
+            if on_file is not None:
+                on_file(f)
+        return self.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.redis.close()

@@ -1,0 +1,150 @@
+"""Redis stream and consumer-group operations, one function per round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from .config import Settings
+
+Fields = dict[bytes, bytes]
+Entry = tuple[bytes, Fields]
+
+
+def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis.Redis:
+    """A client for `settings.redis_url` whose socket timeout outlasts a blocking read.
+
+    Replies stay bytes: the extension parses them without decoding twice."""
+    timeout = socket_timeout if socket_timeout is not None else settings.block_ms / 1000 + 10.0
+    return redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=False,
+        socket_timeout=timeout,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=30,
+        # One quick reconnect inside redis-py; longer outages are the caller's backoff.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+        client_name="filepipe",
+    )
+
+
+def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
+    """Creates the consumer group (and the stream) if missing. True if it was created.
+
+    A new group starts at the beginning of the stream, so events produced before any
+    consumer existed are processed too."""
+    try:
+        r.xgroup_create(stream, group, id="0", mkstream=True)
+        return True
+    except redis.ResponseError as e:
+        if "BUSYGROUP" in str(e):
+            return False
+        raise
+
+
+def read_new(r: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+    """XREADGROUP `>`: up to `count` never-delivered entries, blocking up to `block_ms`."""
+    reply = r.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms or None)
+    return _entries(reply)
+
+
+def read_own_pending(r: redis.Redis, stream: str, group: str, consumer: str, count: int, after: bytes = b"0") -> list[Entry]:
+    """XREADGROUP from `after`: this consumer's own delivered-but-unacked entries."""
+    reply = r.xreadgroup(group, consumer, {stream: after}, count=count)
+    return _entries(reply)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3
+        for _, value in reply.items():
+            return list(value[0]) if value and isinstance(value[0], list) else list(value)
+        return []
+    return list(reply[0][1])
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A rejected entry on its way to the dead-letter stream."""
+
+    source_id: bytes
+    fields: Fields
+    reason: str
+    error: str
+    deliveries: int = 1
+
+
+def dead_letter_fields(d: DeadLetter, consumer: str) -> dict[bytes, bytes]:
+    """The original fields plus error, reason, consumer, deliveries, source_id.
+
+    An original field with one of those names is kept under `orig_<name>`."""
+    extra = {
+        b"error": d.error.encode(),
+        b"reason": d.reason.encode(),
+        b"consumer": consumer.encode(),
+        b"deliveries": str(d.deliveries).encode(),
+        b"source_id": d.source_id,
+    }
+    out: dict[bytes, bytes] = {}
+    for k, v in d.fields.items():
+        out[b"orig_" + k if k in extra else k] = v
+    out.update(extra)
+    return out
+
+
+def ack(
+    r: redis.Redis,
+    stream: str,
+    group: str,
+    ids: Sequence[bytes],
+    dead: Iterable[DeadLetter] = (),
+    *,
+    dead_stream: str,
+    consumer: str,
+) -> int:
+    """Writes the dead letters and acknowledges `ids` (which include theirs) in one
+    MULTI/EXEC round trip: either all of it happens or none of it, so a crash can
+    neither lose a dead letter nor write one twice. Returns how many were acked."""
+    dead = list(dead)
+    if not ids and not dead:
+        return 0
+    pipe = r.pipeline(transaction=True)
+    for d in dead:
+        pipe.xadd(dead_stream, dead_letter_fields(d, consumer))  # type: ignore[arg-type]
+    if ids:
+        pipe.xack(stream, group, *ids)
+    result = pipe.execute()
+    return int(result[-1]) if ids else 0
+
+
+def pending_count(r: redis.Redis, stream: str, group: str, consumer: str | None = None) -> int:
+    """Entries delivered and not acknowledged: the group's, or one consumer's."""
+    if consumer is None:
+        info = r.xpending(stream, group)
+        return int(info["pending"])
+    rows = r.xpending_range(stream, group, min="-", max="+", count=1, consumername=consumer)
+    if not rows:
+        return 0
+    summary = r.xpending(stream, group)
+    for row in summary.get("consumers", []):
+        name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
+        if name == consumer:
+            return int(row["pending"])
+    return 0
+
+
+def group_lag(r: redis.Redis, stream: str, group: str) -> int | None:
+    """Entries in the stream not yet delivered to the group (Redis 7 `lag`)."""
+    for g in r.xinfo_groups(stream):
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == group:
+            lag = g.get("lag")
+            return None if lag is None else int(lag)
+    return None

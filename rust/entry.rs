@@ -1,0 +1,550 @@
+//! Validation of one stream entry against the event contract (DESIGN.md).
+//!
+//! Pure Rust: no Python types. An entry is either a [`Record`] ready to be
+//! measured and loaded, or a [`Reject`] with a stable reason code and a message
+//! naming the entry id and the field.
+
+use crate::error::Reason;
+use crate::time::{parse_rfc3339, MAX_US};
+
+/// Where a record's file lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    Local,
+    S3,
+}
+
+impl Storage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Storage::Local => "local",
+            Storage::S3 => "s3",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Storage> {
+        match s {
+            "local" => Some(Storage::Local),
+            "s3" => Some(Storage::S3),
+            _ => None,
+        }
+    }
+}
+
+/// A validated entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The value of the `stream_id` column: the entry id, behind the batch's prefix.
+    pub stream_id: String,
+    /// Microseconds since the epoch, from the entry id's milliseconds.
+    pub event_time_us: i64,
+    pub file_id: [u8; 16],
+    pub filename: String,
+    pub storage: Storage,
+    pub key: String,
+    pub declared_size: Option<i64>,
+    pub content_type: Option<String>,
+    /// Declared upload time, or the event time when absent.
+    pub uploaded_at_us: i64,
+    /// Every field outside the contract, in entry order.
+    pub attributes: Vec<(String, String)>,
+}
+
+/// An entry that cannot become a row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reject {
+    pub entry_id: String,
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// Longest accepted `filename` or `key`, in bytes.
+pub const MAX_NAME_BYTES: usize = 4096;
+/// Longest accepted `content_type`, in bytes.
+pub const MAX_CONTENT_TYPE_BYTES: usize = 255;
+/// Longest value quoted back in a message, in characters.
+const QUOTE_CHARS: usize = 60;
+
+/// Quotes a (possibly invalid UTF-8) value for a message, shortened and escaped.
+pub fn quote(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    let mut out = String::with_capacity(QUOTE_CHARS + 8);
+    out.push('\'');
+    for (i, c) in text.chars().enumerate() {
+        if i == QUOTE_CHARS {
+            out.push('…');
+            break;
+        }
+        out.extend(c.escape_debug());
+    }
+    out.push('\'');
+    out
+}
+
+/// Splits an entry id `<ms>-<seq>` into its milliseconds.
+pub fn entry_millis(id: &[u8]) -> Option<u64> {
+    let dash = id.iter().position(|&c| c == b'-')?;
+    let (ms, seq) = (&id[..dash], &id[dash + 1..]);
+    let number = |b: &[u8]| -> Option<u64> {
+        if b.is_empty() || b.len() > 20 || !b.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(b).ok()?.parse().ok()
+    };
+    number(seq)?;
+    number(ms)
+}
+
+/// Parses a UUID in its hyphenated (any case, optionally braced) or 32-digit form.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    let b = if b.len() == 38 && b[0] == b'{' && b[37] == b'}' {
+        &b[1..37]
+    } else {
+        b
+    };
+    let hex: Vec<u8> = match b.len() {
+        32 => b.to_vec(),
+        36 => {
+            if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+                return None;
+            }
+            b.iter().copied().filter(|&c| c != b'-').collect()
+        }
+        _ => return None,
+    };
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Formats 16 bytes as a lower-case hyphenated UUID.
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, byte) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{byte:02x}"));
+    }
+    s
+}
+
+/// Whether a storage key is safe: relative, no `..` component, no empty key.
+/// Confinement of what the key resolves to is the storage backend's job.
+pub fn unsafe_key_problem(key: &str) -> Option<&'static str> {
+    if key.is_empty() {
+        return Some("is empty");
+    }
+    if key.starts_with('/') || key.starts_with('\\') {
+        return Some("is absolute");
+    }
+    if key.split(['/', '\\']).any(|part| part == "..") {
+        return Some("climbs out of the storage root with '..'");
+    }
+    None
+}
+
+fn is_valid_content_type(s: &str) -> bool {
+    let Some((kind, rest)) = s.split_once('/') else {
+        return false;
+    };
+    let token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&c))
+    };
+    let subtype = rest.split(';').next().unwrap_or("").trim_end();
+    token(kind) && token(subtype) && s.bytes().all(|c| (0x20..0x7f).contains(&c))
+}
+
+/// Validates one entry. `fields` are in entry order; for a repeated field the last wins.
+pub fn parse_entry(
+    id: &[u8],
+    fields: &[(&[u8], &[u8])],
+    default_storage: Storage,
+    id_prefix: &str,
+) -> Result<Record, Reject> {
+    let entry_id = String::from_utf8_lossy(id).into_owned();
+    let reject = |reason: Reason, message: String| Reject {
+        entry_id: entry_id.clone(),
+        reason,
+        message: format!("entry {entry_id}: {message}"),
+    };
+    let millis = match entry_millis(id) {
+        Some(ms) if (ms as i128) * 1000 <= MAX_US as i128 => ms as i64,
+        _ => {
+            return Err(reject(
+                Reason::BadEntryId,
+                format!("id {} is not a stream entry id", quote(id)),
+            ))
+        }
+    };
+
+    let mut file_id = None;
+    let mut filename = None;
+    let mut key = None;
+    let mut path = None;
+    let mut size = None;
+    let mut content_type = None;
+    let mut uploaded_at = None;
+    let mut storage = None;
+    let mut attributes: Vec<(String, String)> = Vec::new();
+
+    for &(name, value) in fields {
+        let Ok(name_str) = std::str::from_utf8(name) else {
+            return Err(reject(
+                Reason::NotUtf8,
+                format!("field name {} is not UTF-8", quote(name)),
+            ));
+        };
+        if name_str.contains('\0') {
+            return Err(reject(
+                Reason::NulByte,
+                format!("field name {} contains a NUL byte", quote(name)),
+            ));
+        }
+        let Ok(text) = std::str::from_utf8(value) else {
+            return Err(reject(
+                Reason::NotUtf8,
+                format!("field '{name_str}' is not UTF-8: {}", quote(value)),
+            ));
+        };
+        if text.contains('\0') {
+            return Err(reject(
+                Reason::NulByte,
+                format!("field '{name_str}' contains a NUL byte, which PostgreSQL cannot store"),
+            ));
+        }
+        let slot = match name_str {
+            "file_id" => &mut file_id,
+            "filename" => &mut filename,
+            "key" => &mut key,
+            "path" => &mut path,
+            "size" => &mut size,
+            "content_type" => &mut content_type,
+            "uploaded_at" => &mut uploaded_at,
+            "storage" => &mut storage,
+            _ => {
+                if let Some(existing) = attributes.iter_mut().find(|(k, _)| k == name_str) {
+                    existing.1 = text.to_owned();
+                } else {
+                    attributes.push((name_str.to_owned(), text.to_owned()));
+                }
+                continue;
+            }
+        };
+        *slot = Some(text);
+    }
+
+    // `path` is the seed's name for `key`; when both are given, `key` wins and
+    // `path` is kept as an attribute.
+    let key = match (key, path) {
+        (Some(k), Some(p)) => {
+            attributes.push(("path".to_owned(), p.to_owned()));
+            k
+        }
+        (Some(k), None) | (None, Some(k)) => k,
+        (None, None) => {
+            return Err(reject(
+                Reason::MissingField,
+                "required field 'key' (or 'path') is missing".into(),
+            ))
+        }
+    };
+    let Some(file_id) = file_id else {
+        return Err(reject(
+            Reason::MissingField,
+            "required field 'file_id' is missing".into(),
+        ));
+    };
+    let Some(filename) = filename else {
+        return Err(reject(
+            Reason::MissingField,
+            "required field 'filename' is missing".into(),
+        ));
+    };
+
+    let Some(file_uuid) = parse_uuid(file_id) else {
+        return Err(reject(
+            Reason::BadUuid,
+            format!(
+                "field 'file_id' is not a UUID: {}",
+                quote(file_id.as_bytes())
+            ),
+        ));
+    };
+    if filename.is_empty() {
+        return Err(reject(
+            Reason::MissingField,
+            "field 'filename' is empty".into(),
+        ));
+    }
+    if filename.len() > MAX_NAME_BYTES {
+        return Err(reject(
+            Reason::TooLong,
+            format!(
+                "field 'filename' is {} bytes, more than {MAX_NAME_BYTES}",
+                filename.len()
+            ),
+        ));
+    }
+    if key.len() > MAX_NAME_BYTES {
+        return Err(reject(
+            Reason::TooLong,
+            format!(
+                "field 'key' is {} bytes, more than {MAX_NAME_BYTES}",
+                key.len()
+            ),
+        ));
+    }
+    if let Some(problem) = unsafe_key_problem(key) {
+        return Err(reject(
+            Reason::UnsafeKey,
+            format!("field 'key' {} {problem}", quote(key.as_bytes())),
+        ));
+    }
+    let declared_size = match size {
+        None => None,
+        Some(s) => match s.trim().parse::<i64>() {
+            Ok(n) if n >= 0 && !s.trim().starts_with('+') => Some(n),
+            _ => {
+                return Err(reject(
+                    Reason::BadSize,
+                    format!(
+                        "field 'size' is not a non-negative integer: {}",
+                        quote(s.as_bytes())
+                    ),
+                ))
+            }
+        },
+    };
+    let content_type = match content_type {
+        None | Some("") => None,
+        Some(ct) if ct.len() <= MAX_CONTENT_TYPE_BYTES && is_valid_content_type(ct) => {
+            Some(ct.to_owned())
+        }
+        Some(ct) => {
+            return Err(reject(
+                Reason::BadContentType,
+                format!(
+                    "field 'content_type' is not a media type: {}",
+                    quote(ct.as_bytes())
+                ),
+            ))
+        }
+    };
+    let event_time_us = millis * 1000;
+    let uploaded_at_us = match uploaded_at {
+        None | Some("") => event_time_us,
+        Some(t) => match parse_rfc3339(t) {
+            Some(us) => us,
+            None => {
+                return Err(reject(
+                    Reason::BadTimestamp,
+                    format!(
+                        "field 'uploaded_at' is not an RFC 3339 timestamp: {}",
+                        quote(t.as_bytes())
+                    ),
+                ))
+            }
+        },
+    };
+    let storage = match storage {
+        None | Some("") => default_storage,
+        Some(s) => match Storage::parse(s) {
+            Some(st) => st,
+            None => {
+                return Err(reject(
+                    Reason::BadStorage,
+                    format!(
+                        "field 'storage' must be 'local' or 's3', not {}",
+                        quote(s.as_bytes())
+                    ),
+                ))
+            }
+        },
+    };
+
+    let mut stream_id = String::with_capacity(id_prefix.len() + entry_id.len());
+    stream_id.push_str(id_prefix);
+    stream_id.push_str(&entry_id);
+    Ok(Record {
+        stream_id,
+        event_time_us,
+        file_id: file_uuid,
+        filename: filename.to_owned(),
+        storage,
+        key: key.to_owned(),
+        declared_size,
+        content_type,
+        uploaded_at_us,
+        attributes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID: &str = "0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e01";
+
+    fn parse(fields: &[(&str, &[u8])]) -> Result<Record, Reject> {
+        let f: Vec<(&[u8], &[u8])> = fields.iter().map(|(k, v)| (k.as_bytes(), *v)).collect();
+        parse_entry(b"1700000000123-7", &f, Storage::Local, "")
+    }
+
+    #[test]
+    fn accepts_a_minimal_entry() {
+        let r = parse(&[
+            ("file_id", UUID.as_bytes()),
+            ("filename", b"a.txt"),
+            ("path", b"x/a.txt"),
+        ])
+        .unwrap();
+        assert_eq!(r.stream_id, "1700000000123-7");
+        assert_eq!(r.event_time_us, 1_700_000_000_123_000);
+        assert_eq!(r.uploaded_at_us, r.event_time_us);
+        assert_eq!(r.key, "x/a.txt");
+        assert_eq!(format_uuid(&r.file_id), UUID);
+        assert_eq!(r.storage, Storage::Local);
+    }
+
+    #[test]
+    fn keeps_unknown_fields_as_attributes() {
+        let r = parse(&[
+            ("file_id", UUID.as_bytes()),
+            ("filename", b"a"),
+            ("key", b"a"),
+            ("user", b"ann"),
+            ("path", b"b"),
+        ])
+        .unwrap();
+        assert_eq!(r.key, "a");
+        assert_eq!(
+            r.attributes,
+            vec![("user".into(), "ann".into()), ("path".into(), "b".into())]
+        );
+    }
+
+    type Fields<'a> = &'a [(&'a str, &'a [u8])];
+
+    #[test]
+    fn rejects_with_reasons() {
+        let cases: &[(Fields, Reason)] = &[
+            (&[("filename", b"a"), ("key", b"a")], Reason::MissingField),
+            (
+                &[("file_id", b"nope"), ("filename", b"a"), ("key", b"a")],
+                Reason::BadUuid,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a\xff"),
+                    ("key", b"a"),
+                ],
+                Reason::NotUtf8,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a\0"),
+                    ("key", b"a"),
+                ],
+                Reason::NulByte,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a"),
+                    ("key", b"/etc/passwd"),
+                ],
+                Reason::UnsafeKey,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a"),
+                    ("key", b"a/../../b"),
+                ],
+                Reason::UnsafeKey,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a"),
+                    ("key", b"a"),
+                    ("size", b"-1"),
+                ],
+                Reason::BadSize,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a"),
+                    ("key", b"a"),
+                    ("uploaded_at", b"today"),
+                ],
+                Reason::BadTimestamp,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a"),
+                    ("key", b"a"),
+                    ("storage", b"ftp"),
+                ],
+                Reason::BadStorage,
+            ),
+            (
+                &[
+                    ("file_id", UUID.as_bytes()),
+                    ("filename", b"a"),
+                    ("key", b"a"),
+                    ("content_type", b"nonsense"),
+                ],
+                Reason::BadContentType,
+            ),
+        ];
+        for (fields, reason) in cases {
+            let err = parse(fields).unwrap_err();
+            assert_eq!(err.reason, *reason, "{}", err.message);
+            assert!(
+                err.message.starts_with("entry 1700000000123-7: "),
+                "{}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_bad_entry_ids() {
+        for id in [
+            &b"abc"[..],
+            b"1-",
+            b"-1",
+            b"99999999999999999999-0",
+            b"1.5-0",
+        ] {
+            let err = parse_entry(id, &[], Storage::Local, "").unwrap_err();
+            assert_eq!(err.reason, Reason::BadEntryId);
+        }
+    }
+
+    #[test]
+    fn uuid_forms() {
+        let canonical = parse_uuid(UUID).unwrap();
+        assert_eq!(parse_uuid(&UUID.to_uppercase()), Some(canonical));
+        assert_eq!(parse_uuid(&UUID.replace('-', "")), Some(canonical));
+        assert_eq!(parse_uuid(&format!("{{{UUID}}}")), Some(canonical));
+        assert_eq!(parse_uuid("0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e0g"), None);
+        assert_eq!(parse_uuid("0b7e2a4c3-c1d-4e4f-9a55-2d0c6a1b9e01"), None);
+    }
+}

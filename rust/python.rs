@@ -1,0 +1,510 @@
+//! All PyO3 glue: conversions between Python objects and the pure core, GIL
+//! release around the work that takes time, and error mapping. Everything
+//! crosses this boundary once per batch.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyIndexError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+use crate::copy::{self, Format, Measured};
+use crate::entry::{format_uuid, parse_entry, Record, Reject, Storage};
+use crate::error::{FileFailure, Reason};
+use crate::hash::{self, Root};
+use crate::time::write_pg_timestamp;
+
+pyo3::import_exception!(filepipe.errors, EntryError);
+pyo3::import_exception!(filepipe.errors, StorageError);
+
+fn reason_from_str(s: &str) -> PyResult<Reason> {
+    Reason::ALL
+        .iter()
+        .copied()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown reason code '{s}'")))
+}
+
+/// The validated entries of one XREADGROUP reply, kept on the Rust side.
+#[pyclass(frozen, module = "filepipe._native")]
+pub struct EntryBatch {
+    records: Vec<Record>,
+    /// Position in the input list of each accepted record.
+    positions: Vec<usize>,
+    /// (position in the input, reject).
+    rejects: Vec<(usize, Reject)>,
+}
+
+#[pymethods]
+impl EntryBatch {
+    fn __len__(&self) -> usize {
+        self.records.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<EntryBatch accepted={} rejected={}>",
+            self.records.len(),
+            self.rejects.len()
+        )
+    }
+
+    /// (input position, entry id, reason, message) of every rejected entry.
+    #[getter]
+    fn rejects(&self) -> Vec<(usize, String, &'static str, String)> {
+        self.rejects
+            .iter()
+            .map(|(pos, r)| {
+                (
+                    *pos,
+                    r.entry_id.clone(),
+                    r.reason.as_str(),
+                    r.message.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Input position of each accepted record.
+    #[getter]
+    fn positions(&self) -> Vec<usize> {
+        self.positions.clone()
+    }
+
+    /// (storage, key) of each accepted record.
+    fn locations(&self) -> Vec<(&'static str, String)> {
+        self.records
+            .iter()
+            .map(|r| (r.storage.as_str(), r.key.clone()))
+            .collect()
+    }
+
+    /// The accepted records as dicts (for inspection and tests; not the hot path).
+    fn records<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.records
+            .iter()
+            .map(|r| {
+                let d = PyDict::new(py);
+                d.set_item("stream_id", &r.stream_id)?;
+                d.set_item("event_time_us", r.event_time_us)?;
+                d.set_item("file_id", format_uuid(&r.file_id))?;
+                d.set_item("filename", &r.filename)?;
+                d.set_item("storage", r.storage.as_str())?;
+                d.set_item("key", &r.key)?;
+                d.set_item("declared_size", r.declared_size)?;
+                d.set_item("content_type", r.content_type.as_deref())?;
+                d.set_item("uploaded_at_us", r.uploaded_at_us)?;
+                d.set_item("attributes", r.attributes.clone())?;
+                Ok(d)
+            })
+            .collect()
+    }
+}
+
+type MeasurementTuple<'py> = (i64, Bound<'py, PyBytes>, Option<String>);
+
+enum Slot {
+    Pending,
+    Done(Measured),
+    Failed(FileFailure),
+}
+
+/// What the consumer measured of each accepted record's file, by record index.
+#[pyclass(frozen, module = "filepipe._native")]
+pub struct Measurements {
+    slots: Mutex<Vec<Slot>>,
+}
+
+impl Measurements {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check(&self, slots: &[Slot], index: usize) -> PyResult<()> {
+        if index >= slots.len() {
+            return Err(PyIndexError::new_err(format!(
+                "record index {index} out of range"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Measurements {
+    #[new]
+    fn new(count: usize) -> Self {
+        Measurements {
+            slots: Mutex::new((0..count).map(|_| Slot::Pending).collect()),
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Records a measurement: size, SHA-256 digest (32 bytes), content type.
+    #[pyo3(signature = (index, size, sha256, content_type=None))]
+    fn set(
+        &self,
+        index: usize,
+        size: i64,
+        sha256: &[u8],
+        content_type: Option<String>,
+    ) -> PyResult<()> {
+        let mut slots = self.lock();
+        self.check(&slots, index)?;
+        let digest: [u8; 32] = sha256
+            .try_into()
+            .map_err(|_| PyValueError::new_err("sha256 must be a 32-byte digest"))?;
+        if size < 0 {
+            return Err(PyValueError::new_err("size must not be negative"));
+        }
+        slots[index] = Slot::Done(Measured {
+            size,
+            sha256: digest,
+            content_type,
+        });
+        Ok(())
+    }
+
+    /// Marks a record as failed, with a reason code; it will not be encoded.
+    #[pyo3(signature = (index, reason, message, transient=false))]
+    fn fail(&self, index: usize, reason: &str, message: String, transient: bool) -> PyResult<()> {
+        let mut slots = self.lock();
+        self.check(&slots, index)?;
+        slots[index] = Slot::Failed(FileFailure {
+            reason: reason_from_str(reason)?,
+            message,
+            transient,
+        });
+        Ok(())
+    }
+
+    /// (record index, reason, message, transient) of every failed record.
+    fn failures(&self) -> Vec<(usize, &'static str, String, bool)> {
+        self.lock()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Failed(f) => Some((i, f.reason.as_str(), f.message.clone(), f.transient)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Indices of the records measured successfully.
+    fn measured(&self) -> Vec<usize> {
+        self.lock()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| matches!(s, Slot::Done(_)).then_some(i))
+            .collect()
+    }
+
+    /// (size, sha256 digest, content type) of one record, or None if it is not measured.
+    fn get<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Option<MeasurementTuple<'py>>> {
+        let slots = self.lock();
+        self.check(&slots, index)?;
+        Ok(match &slots[index] {
+            Slot::Done(m) => Some((m.size, PyBytes::new(py, &m.sha256), m.content_type.clone())),
+            _ => None,
+        })
+    }
+}
+
+fn as_bytes<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a [u8]> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(b.as_bytes());
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(s.to_str()?.as_bytes());
+    }
+    Err(EntryError::new_err(format!(
+        "{what} must be bytes or str, not {}",
+        obj.get_type().name()?
+    )))
+}
+
+fn collect_fields<'py>(
+    fields: &Bound<'py, PyAny>,
+) -> PyResult<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    if let Ok(d) = fields.cast::<PyDict>() {
+        return Ok(d.iter().collect());
+    }
+    if let Ok(l) = fields.cast::<PyList>() {
+        // A flat [name, value, name, value, …] list, as RESP sends it.
+        if l.len() % 2 != 0 {
+            return Err(EntryError::new_err(
+                "a flat field list must have an even length",
+            ));
+        }
+        let items: Vec<_> = l.iter().collect();
+        return Ok(items
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect());
+    }
+    Err(EntryError::new_err(format!(
+        "entry fields must be a dict or a flat list, not {}",
+        fields.get_type().name()?
+    )))
+}
+
+/// Validates a batch of stream entries: `[(id, {field: value}), …]` as redis-py's
+/// XREADGROUP/XAUTOCLAIM replies hold them (bytes or str).
+#[pyfunction]
+#[pyo3(signature = (entries, default_storage="local", id_prefix=""))]
+fn parse_entries(
+    entries: &Bound<'_, PyAny>,
+    default_storage: &str,
+    id_prefix: &str,
+) -> PyResult<EntryBatch> {
+    let default_storage = Storage::parse(default_storage).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "default_storage must be 'local' or 's3', not '{default_storage}'"
+        ))
+    })?;
+    let mut batch = EntryBatch {
+        records: Vec::new(),
+        positions: Vec::new(),
+        rejects: Vec::new(),
+    };
+    for (pos, entry) in entries.try_iter()?.enumerate() {
+        let entry = entry?;
+        let pair = entry
+            .cast::<PyTuple>()
+            .map(|t| t.as_sequence().clone())
+            .or_else(|_| entry.cast::<PyList>().map(|l| l.as_sequence().clone()))
+            .map_err(|_| {
+                EntryError::new_err(format!("entry {pos} must be an (id, fields) pair"))
+            })?;
+        if pair.len()? != 2 {
+            return Err(EntryError::new_err(format!(
+                "entry {pos} must be an (id, fields) pair"
+            )));
+        }
+        let id_obj = pair.get_item(0)?;
+        let id = as_bytes(&id_obj, "an entry id")?;
+        let fields_obj = pair.get_item(1)?;
+        if fields_obj.is_none() {
+            // XAUTOCLAIM/XCLAIM name entries deleted since delivery with no fields.
+            batch.rejects.push((
+                pos,
+                Reject {
+                    entry_id: String::from_utf8_lossy(id).into_owned(),
+                    reason: Reason::MissingField,
+                    message: format!(
+                        "entry {}: was deleted from the stream",
+                        String::from_utf8_lossy(id)
+                    ),
+                },
+            ));
+            continue;
+        }
+        let owned = collect_fields(&fields_obj)?;
+        let mut fields = Vec::with_capacity(owned.len());
+        for (k, v) in &owned {
+            fields.push((as_bytes(k, "a field name")?, as_bytes(v, "a field value")?));
+        }
+        let parsed = catch_unwind(AssertUnwindSafe(|| {
+            parse_entry(id, &fields, default_storage, id_prefix)
+        }))
+        .unwrap_or_else(|_| {
+            let entry_id = String::from_utf8_lossy(id).into_owned();
+            Err(Reject {
+                message: format!(
+                    "entry {entry_id}: internal error while parsing (a bug: please report it)"
+                ),
+                entry_id,
+                reason: Reason::Internal,
+            })
+        });
+        match parsed {
+            Ok(record) => {
+                batch.positions.push(pos);
+                batch.records.push(record);
+            }
+            Err(reject) => batch.rejects.push((pos, reject)),
+        }
+    }
+    Ok(batch)
+}
+
+/// Measures every local-storage record of `batch` (size, SHA-256, sniffed type)
+/// under `root` on up to `threads` threads, with the GIL released.
+#[pyfunction]
+#[pyo3(signature = (batch, root, max_bytes, threads=4, into=None))]
+fn measure_local(
+    py: Python<'_>,
+    batch: &Bound<'_, EntryBatch>,
+    root: &str,
+    max_bytes: u64,
+    threads: usize,
+    into: Option<Bound<'_, Measurements>>,
+) -> PyResult<Py<Measurements>> {
+    let b: &EntryBatch = batch.get();
+    let out = match into {
+        Some(m) => m.unbind(),
+        None => Py::new(py, Measurements::new(b.records.len()))?,
+    };
+    let m: &Measurements = out.get();
+    if m.lock().len() != b.records.len() {
+        return Err(PyValueError::new_err(
+            "measurements and batch differ in length",
+        ));
+    }
+    let root_path = root.to_owned();
+    let result: Result<(), String> = py.detach(|| {
+        let local: Vec<usize> = (0..b.records.len())
+            .filter(|&i| b.records[i].storage == Storage::Local)
+            .collect();
+        if local.is_empty() {
+            return Ok(());
+        }
+        let root = Root::open(Path::new(&root_path))
+            .map_err(|e| format!("local storage root '{root_path}' cannot be opened: {e}"))?;
+        let keys: Vec<&str> = local.iter().map(|&i| b.records[i].key.as_str()).collect();
+        let results = catch_unwind(AssertUnwindSafe(|| {
+            hash::measure_all(&root, &keys, max_bytes, threads)
+        }))
+        .map_err(|_| "internal error while measuring files (a bug: please report it)".to_owned())?;
+        let mut slots = m.lock();
+        for (i, r) in local.into_iter().zip(results) {
+            slots[i] = match r {
+                Ok(measured) => Slot::Done(measured),
+                Err(failure) => Slot::Failed(failure),
+            };
+        }
+        Ok(())
+    });
+    result.map_err(StorageError::new_err)?;
+    Ok(out)
+}
+
+fn measurement_from_tuple(obj: &Bound<'_, PyAny>) -> PyResult<Option<Measured>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    let (size, sha256, content_type): (i64, Vec<u8>, Option<String>) = obj.extract()?;
+    let sha256: [u8; 32] = sha256
+        .try_into()
+        .map_err(|_| PyValueError::new_err("sha256 must be a 32-byte digest"))?;
+    Ok(Some(Measured {
+        size,
+        sha256,
+        content_type,
+    }))
+}
+
+/// Encodes the measured records of `batch` into one COPY buffer (binary by default,
+/// or text), with the GIL released. `measurements` is a Measurements object or a
+/// list of (size, sha256, content_type) tuples / None. `only` restricts the
+/// buffer to the given record indices.
+#[pyfunction]
+#[pyo3(signature = (batch, measurements, consumer, binary=true, only=None))]
+fn encode_copy<'py>(
+    py: Python<'py>,
+    batch: &Bound<'py, EntryBatch>,
+    measurements: &Bound<'py, PyAny>,
+    consumer: &str,
+    binary: bool,
+    only: Option<Vec<usize>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let b: &EntryBatch = batch.get();
+    let format = if binary { Format::Binary } else { Format::Text };
+    if let Some(idx) = &only {
+        if let Some(bad) = idx.iter().find(|&&i| i >= b.records.len()) {
+            return Err(PyIndexError::new_err(format!(
+                "record index {bad} out of range"
+            )));
+        }
+    }
+    let consumer = consumer.to_owned();
+    let buf = if let Ok(m) = measurements.cast::<Measurements>() {
+        let m: &Measurements = m.get();
+        py.detach(|| {
+            let slots = m.lock();
+            if slots.len() != b.records.len() {
+                return Err("measurements and batch differ in length".to_owned());
+            }
+            Ok(encode_selected(
+                b,
+                &consumer,
+                format,
+                only.as_deref(),
+                |i| match &slots[i] {
+                    Slot::Done(measured) => Some(measured),
+                    _ => None,
+                },
+            ))
+        })
+        .map_err(PyValueError::new_err)?
+    } else {
+        let list: Vec<Option<Measured>> = measurements
+            .try_iter()?
+            .map(|o| measurement_from_tuple(&o?))
+            .collect::<PyResult<_>>()?;
+        if list.len() != b.records.len() {
+            return Err(PyValueError::new_err(
+                "measurements and batch differ in length",
+            ));
+        }
+        py.detach(|| encode_selected(b, &consumer, format, only.as_deref(), |i| list[i].as_ref()))
+    };
+    Ok(PyBytes::new(py, &buf))
+}
+
+fn encode_selected<'a>(
+    b: &'a EntryBatch,
+    consumer: &str,
+    format: Format,
+    only: Option<&[usize]>,
+    measured: impl Fn(usize) -> Option<&'a Measured>,
+) -> Vec<u8> {
+    let indices: Box<dyn Iterator<Item = usize>> = match only {
+        Some(idx) => Box::new(idx.iter().copied()),
+        None => Box::new(0..b.records.len()),
+    };
+    let rows = indices.filter_map(|i| measured(i).map(|m| (&b.records[i], m)));
+    copy::encode(rows, consumer, format, b.records.len())
+}
+
+/// The content type of a file from its first bytes.
+#[pyfunction]
+fn sniff_content_type(head: &[u8]) -> &'static str {
+    hash::sniff(head)
+}
+
+/// Formats microseconds since the epoch as PostgreSQL prints a UTC timestamptz.
+#[pyfunction]
+fn format_timestamp(us: i64) -> String {
+    let mut out = Vec::with_capacity(32);
+    write_pg_timestamp(&mut out, us);
+    String::from_utf8(out).expect("ASCII")
+}
+
+/// Every reason code the extension can produce.
+#[pyfunction]
+fn reason_codes() -> Vec<&'static str> {
+    Reason::ALL.iter().map(|r| r.as_str()).collect()
+}
+
+#[pymodule]
+#[pyo3(name = "_native")]
+pub fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("COPY_COLUMNS", copy::COLUMNS.to_vec())?;
+    m.add("SNIFF_BYTES", hash::SNIFF_BYTES)?;
+    m.add_class::<EntryBatch>()?;
+    m.add_class::<Measurements>()?;
+    m.add_function(wrap_pyfunction!(parse_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_local, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
+    m.add_function(wrap_pyfunction!(sniff_content_type, m)?)?;
+    m.add_function(wrap_pyfunction!(format_timestamp, m)?)?;
+    m.add_function(wrap_pyfunction!(reason_codes, m)?)?;
+    Ok(())
+}
