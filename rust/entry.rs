@@ -313,8 +313,8 @@ pub fn parse_entry(
     }
     let declared_size = match size {
         None => None,
-        Some(s) => match s.trim().parse::<i64>() {
-            Ok(n) if n >= 0 && !s.trim().starts_with('+') => Some(n),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if s.bytes().all(|c| c.is_ascii_digit()) => Some(n),
             _ => {
                 return Err(reject(
                     Reason::BadSize,

@@ -1,0 +1,70 @@
+# filepipe — development commands. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml Cargo.toml $(wildcard rust/*.rs)
+	$(PIP) install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv, build the extension (release) and install filepipe with dev tools
+
+.PHONY: build-dev
+build-dev: $(PY) ## Rebuild the extension in debug mode into .venv
+	$(VENV)/bin/maturin develop
+
+.PHONY: build-prod
+build-prod: $(PY) ## Rebuild the extension in release mode into .venv
+	$(VENV)/bin/maturin develop --release
+
+.PHONY: format
+format: install ## Format Python and Rust
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+	cargo fmt
+
+.PHONY: lint
+lint: install ## Lint Python (ruff) and Rust (rustfmt, clippy -D warnings)
+	$(VENV)/bin/ruff check python tests benches
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+.PHONY: typecheck
+typecheck: install ## mypy --strict on the package, stubtest on the extension
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m mypy.stubtest filepipe._native
+
+.PHONY: test-rust
+test-rust: ## Rust unit tests of the pure core (no Python needed)
+	cargo test --no-default-features
+
+.PHONY: test
+test: install test-rust ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: install ## Measure: pytest-benchmark groups and the end-to-end throughput table (release build)
+	$(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
+
+.PHONY: demo
+demo: install ## Run the pipeline end to end on sample files (throwaway Redis/PostgreSQL unless configured)
+	$(VENV)/bin/filepipe demo
+
+.PHONY: clean
+clean: ## Remove build output and the virtualenv
+	rm -rf target $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	find python -name '*.so' -delete
