@@ -113,10 +113,22 @@ fn sniff_text(head: &[u8]) -> &'static str {
         "image/svg+xml"
     } else if lower.starts_with("<?xml") {
         "application/xml"
-    } else if start.starts_with('{') || start.starts_with('[') {
+    } else if looks_like_json(start) {
         "application/json"
     } else {
         "text/plain"
+    }
+}
+
+/// `{` then a key or `}`, or `[` then a value or `]`: JSON, not prose that starts with a brace.
+fn looks_like_json(s: &str) -> bool {
+    let mut chars = s.chars();
+    let first = chars.next();
+    let next = chars.as_str().trim_start().chars().next();
+    match (first, next) {
+        (Some('{'), Some('"' | '}')) => true,
+        (Some('['), Some(c)) => matches!(c, '{' | '[' | '"' | ']' | '-' | '0'..='9' | 't' | 'f' | 'n'),
+        _ => false,
     }
 }
 
@@ -413,6 +425,9 @@ mod tests {
         assert_eq!(sniff(b"%PDF-1.7"), "application/pdf");
         assert_eq!(sniff(b"hello world"), "text/plain");
         assert_eq!(sniff(b"  {\"a\": 1}"), "application/json");
+        assert_eq!(sniff(b"[1, 2]"), "application/json");
+        assert_eq!(sniff(b"{not json"), "text/plain");
+        assert_eq!(sniff(b"[see below]"), "text/plain");
         assert_eq!(sniff(b"<!DOCTYPE html><html>"), "text/html");
         assert_eq!(sniff(b"\x00\x01\x02\x03binary"), "application/octet-stream");
         assert_eq!(sniff("héllo".as_bytes()), "text/plain");
