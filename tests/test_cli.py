@@ -1,0 +1,100 @@
+"""The `filepipe` command as a user runs it: real subprocesses, real services."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from filepipe.cli import app
+from tests.conftest import Env
+
+runner = CliRunner()
+
+
+def cli_env(env: Env, **extra: str) -> dict[str, str]:
+    s = env.settings
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))}
+    base.update({"REDIS_URL": s.redis_url, "PG_URI": s.pg_uri, "STREAM_NAME": s.stream, "FILEPIPE_TABLE": s.table,
+                 "LOCAL_STORAGE_DIR": str(env.storage), "CONSUMER_BLOCK_MS": "100"})
+    base.update(extra)
+    return base
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "filepipe", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("filepipe ")
+    for cmd in ([], ["init-db"], ["produce"], ["consume"], ["demo"]):
+        result = runner.invoke(app, [*cmd, "--help"])
+        assert result.exit_code == 0, result.stdout
+        assert "Usage" in result.stdout
+
+
+def test_init_produce_consume_as_a_user(env: Env, tmp_path: Path) -> None:
+    e = cli_env(env, CONSUMER_NAME="cli-consumer")
+    init = run(["init-db"], e, tmp_path)
+    assert init.returncode == 0 and "ready" in init.stdout
+    assert run(["init-db"], e, tmp_path).returncode == 0  # idempotent
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for i in range(25):
+        (src / ("sub" if i % 2 else "") / f"f{i}.txt").write_text(f"file {i}")
+    produced = run(["produce", str(src)], e, tmp_path)
+    assert produced.returncode == 0, produced.stderr
+    assert "Enqueued 25 events" in produced.stdout
+    consumed = run(["consume", "--drain"], e, tmp_path)
+    assert consumed.returncode == 0, consumed.stderr
+    assert "✓ Batch complete: 25 records inserted" in consumed.stdout
+    assert "📊 Total: 25 | Rate: " in consumed.stdout and "files/sec" in consumed.stdout
+    assert env.rows() == 25
+    assert env.sql(f"SELECT DISTINCT consumer FROM {env.settings.table}") == [("cli-consumer",)]
+
+
+def test_bad_configuration_is_one_line_and_exit_2(env: Env, tmp_path: Path) -> None:
+    result = run(["consume", "--drain"], cli_env(env, CONSUMER_BATCH_SIZE="fifty"), tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: CONSUMER_BATCH_SIZE (--batch-size) must be a whole number, not 'fifty'"
+    ]
+    result = run(["consume", "--batch-size", "0", "--drain"], cli_env(env), tmp_path)
+    assert result.returncode == 2 and "CONSUMER_BATCH_SIZE" in result.stderr
+
+
+def test_dotenv_is_read(env: Env, tmp_path: Path) -> None:
+    e = cli_env(env)
+    (tmp_path / ".env").write_text(f"CONSUMER_NAME=from-dotenv\nFILEPIPE_TABLE={env.settings.table}\n")
+    env.write_file("a.txt", b"a")
+    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    del e["FILEPIPE_TABLE"]
+    assert run(["consume", "--drain", "-q"], e, tmp_path).returncode == 0
+    assert env.sql(f"SELECT consumer FROM {env.settings.table}") == [("from-dotenv",)]
+
+
+def test_missing_table_is_a_clear_error(env: Env, tmp_path: Path) -> None:
+    env.write_file("a.txt", b"a")
+    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    result = run(["consume", "--drain"], cli_env(env, FILEPIPE_TABLE="no_such_table_here"), tmp_path)
+    assert result.returncode == 1
+    assert "no_such_table_here does not exist: run `filepipe init-db` first" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert env.pending() == 1  # nothing acknowledged
+
+
+def test_unreachable_redis_is_reported_without_password(env: Env, tmp_path: Path) -> None:
+    from filepipe.embedded import free_port
+
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    e = cli_env(env, REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    result = run(["produce", str(src)], e, tmp_path)
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr and "hunter2" not in result.stderr + result.stdout

@@ -1,0 +1,61 @@
+"""Configuration: options over environment over .env over defaults, one clear error line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from filepipe.config import load_settings, mask_url
+from filepipe.errors import ConfigError
+
+
+def test_seed_names_and_defaults() -> None:
+    s = load_settings(environ={"CONSUMER_BATCH_SIZE": "50", "CONSUMER_BLOCK_MS": "1000", "STORAGE_MODE": "local",
+                               "DATABASE_URL": "postgresql://u:p@h/db", "CONSUMER_NAME": "fast_consumer"},
+                      dotenv_path=None)
+    assert (s.batch_size, s.block_ms, s.storage_mode, s.consumer_name) == (50, 1000, "local", "fast_consumer")
+    assert s.pg_uri == "postgresql://u:p@h/db"
+    assert s.stream == "file_uploads" and s.group == "file_processors" and s.dead_stream == "file_uploads:dead"
+
+
+def test_precedence(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("CONSUMER_BATCH_SIZE=7\nREDIS_URL=redis://from-dotenv:6379/0\nPG_URI=postgresql://dotenv/x\n")
+    s = load_settings({"batch_size": None}, environ={"REDIS_URL": "redis://from-env:6379/0"}, dotenv_path=env_file)
+    assert s.batch_size == 7 and s.redis_url == "redis://from-env:6379/0" and s.pg_uri == "postgresql://dotenv/x"
+    s = load_settings({"batch_size": 9}, environ={"CONSUMER_BATCH_SIZE": "8"}, dotenv_path=env_file)
+    assert s.batch_size == 9
+    assert load_settings(environ={"PG_URI": "postgresql://a/b", "DATABASE_URL": "postgresql://c/d"},
+                         dotenv_path=None).pg_uri == "postgresql://a/b"
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        ({"CONSUMER_BATCH_SIZE": "lots"}, "CONSUMER_BATCH_SIZE"),
+        ({"CONSUMER_BATCH_SIZE": "0"}, "CONSUMER_BATCH_SIZE"),
+        ({"CONSUMER_BLOCK_MS": "-5"}, "CONSUMER_BLOCK_MS"),
+        ({"STORAGE_MODE": "ftp"}, "STORAGE_MODE"),
+        ({"STORAGE_MODE": "s3"}, "S3_BUCKET"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"PG_URI": "mysql://x"}, "PG_URI"),
+        ({"FILEPIPE_TABLE": "x; drop table y"}, "FILEPIPE_TABLE"),
+        ({"CONSUMER_NAME": "has space"}, "CONSUMER_NAME"),
+        ({"FILEPIPE_COPY_FORMAT": "csv"}, "FILEPIPE_COPY_FORMAT"),
+    ],
+)
+def test_bad_values_name_the_variable(environ: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ=environ, dotenv_path=None)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_secrets_are_masked() -> None:
+    assert mask_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_url("postgresql://user:s3cret@h/db?sslmode=require") == "postgresql://user:***@h/db?sslmode=require"
+    assert mask_url("postgresql://h/db?password=s3cret") == "postgresql://h/db?password=***"
+    assert "s3cret" not in mask_url("host=h password=s3cret dbname=x")
+    s = load_settings(environ={"REDIS_URL": "redis://:s3cret@h/0", "PG_URI": "postgresql://u:s3cret@h/d"},
+                      dotenv_path=None)
+    assert "s3cret" not in repr(s.public())
