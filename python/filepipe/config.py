@@ -31,6 +31,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "s3_bucket": ("S3_BUCKET",),
     "s3_prefix": ("S3_PREFIX",),
     "s3_endpoint_url": ("S3_ENDPOINT_URL",),
+    "s3_max_concurrency": ("S3_MAX_CONCURRENCY",),
     "stream": ("STREAM_NAME", "FILEPIPE_STREAM"),
     "group": ("CONSUMER_GROUP", "FILEPIPE_GROUP"),
     "dead_letter_stream": ("DEAD_LETTER_STREAM", "FILEPIPE_DEAD_LETTER_STREAM"),
@@ -68,6 +69,7 @@ class Settings:
     s3_bucket: str = ""
     s3_prefix: str = ""
     s3_endpoint_url: str = ""
+    s3_max_concurrency: int = 16
     stream: str = c.DEFAULT_STREAM
     group: str = c.DEFAULT_GROUP
     dead_letter_stream: str = ""
@@ -182,6 +184,7 @@ def validate(s: Settings) -> None:
         "max_file_bytes": (1, 1 << 62),
         "max_deliveries": (1, 1_000_000),
         "hash_threads": (1, 64),
+        "s3_max_concurrency": (1, 256),
         "pool_size": (1, 100),
         "in_flight": (1, 16),
         "statement_timeout_ms": (1, 86_400_000),
