@@ -156,6 +156,8 @@ def consume(
     max_file_bytes: Annotated[int | None, typer.Option("--max-file-bytes", help="Largest file accepted [env: MAX_FILE_BYTES]", show_default=False)] = None,
     copy_format: Annotated[str | None, typer.Option("--copy-format", help="binary or text [env: FILEPIPE_COPY_FORMAT]", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics, /healthz, /readyz on this port.", show_default=False)] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port.")] = "127.0.0.1",
     redis_url: RedisUrl = None,
     pg_uri: PgUri = None,
     stream: Stream = None,
@@ -183,6 +185,10 @@ def consume(
     )
     write = None if quiet else functools.partial(typer.echo)
     consumer = Consumer(s, drain=drain, write=write, install_signals=True)
+    if metrics_port is not None:
+        from .metrics import serve_metrics
+
+        serve_metrics(metrics_port, metrics_host, consumer=consumer)
     stats = consumer.run()
     if not quiet:
         typer.echo(

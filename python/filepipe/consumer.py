@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 import redis
 
-from . import _native, db, stream
+from . import _native, db, metrics, stream
 from ._faults import crash_point
 from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
@@ -415,7 +415,8 @@ class Consumer:
         dead = p.dead + row_dead
         s = self.settings
         self.ack_backoff.call(
-            lambda: stream.ack(self.redis, s.stream, s.group, p.ids, dead, dead_stream=s.dead_stream, consumer=self.name),
+            lambda: metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, s.stream, s.group, p.ids, dead,
+                                  dead_stream=s.dead_stream, consumer=self.name),
             is_transient_redis,
         )
         crash_point("after_ack")
@@ -426,6 +427,8 @@ class Consumer:
         st.dead_lettered += len(dead)
         st.acked += len(p.ids)
         st.reasons.update(d.reason for d in dead)
+        metrics.record_batch(len(p.ids), inserted, p.rows - len(row_dead) - inserted, dead,
+                             time.monotonic() - p.read_at)
         self.progress.batch(inserted, dead, st)
         self._heartbeat()
 
@@ -442,7 +445,9 @@ class Consumer:
         return self._bisect(p, p.measurements.measured())
 
     def _load_buffer(self, buf: bytes) -> int:
-        return self.pg_backoff.call(lambda: self.loader.load(buf), is_transient_pg)
+        return self.pg_backoff.call(
+            lambda: metrics.timed(metrics.COPY_SECONDS, self.loader.load, buf), is_transient_pg
+        )
 
     def _bisect(self, p: Prepared, indices: list[int]) -> tuple[int, list[DeadLetter]]:
         buf = _native.encode_copy(p.batch, p.measurements, self.name, self.binary, only=indices)

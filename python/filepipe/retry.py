@@ -78,7 +78,9 @@ class Backoff:
     def failed(self, e: BaseException) -> float:
         """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
         from .db import first_line
+        from .metrics import record_retry
 
+        record_retry(self.service)
         self.attempt += 1
         delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 20)))
         delay = max(delay, min(self.base, self.cap))

@@ -1,0 +1,382 @@
+"""Prometheus metrics of the consumer, and the small HTTP server that exposes them.
+
+Names follow the Prometheus conventions: a `filepipe_` prefix, `_total` on counters,
+base units (`_seconds`). The consumer's hot path only increments counters and
+observes histograms once per batch, never per record; the figures that need a
+round trip (pending, lag) are read when Prometheus scrapes, at most every few
+seconds, by a collector with its own connections.
+
+    serve_metrics(9108, consumer=consumer)   # /metrics, /healthz, /readyz
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import Settings
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from psycopg_pool import ConnectionPool
+
+    from .consumer import Consumer
+    from .stream import DeadLetter
+
+T = TypeVar("T")
+
+# -- what the consumer counts (the default registry: one consumer per process) --------
+
+PROCESSED = Counter("filepipe_processed_total", "Stream entries recorded as a new row in the events table.")
+DUPLICATES = Counter("filepipe_duplicates_total", "Redelivered stream entries whose row was already present.")
+REJECTED = Counter(
+    "filepipe_rejected_total", "Stream entries written to the dead-letter stream, by reason.", ["reason"]
+)
+ACKED = Counter("filepipe_acked_total", "Stream entries acknowledged (loaded or dead-lettered).")
+RETRIES = Counter("filepipe_retries_total", "Retries after a passing failure, by service.", ["service"])
+BATCH_SECONDS = Histogram(
+    "filepipe_batch_duration_seconds",
+    "Time from reading a batch to acknowledging it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+BATCH_ENTRIES = Histogram(
+    "filepipe_batch_entries",
+    "Stream entries per batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 100_000),
+)
+COPY_SECONDS = Histogram(
+    "filepipe_copy_duration_seconds",
+    "One COPY + merge + COMMIT of a batch into PostgreSQL (successful attempts).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+ACK_SECONDS = Histogram(
+    "filepipe_ack_duration_seconds",
+    "One XACK (with the batch's dead letters) round trip to Redis (successful attempts).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+
+
+def record_batch(
+    entries: int, inserted: int, duplicates: int, dead: Iterable[DeadLetter], seconds: float
+) -> None:
+    """Counts one acknowledged batch: a handful of increments, whatever its size."""
+    BATCH_ENTRIES.observe(entries)
+    BATCH_SECONDS.observe(seconds)
+    ACKED.inc(entries)
+    if inserted:
+        PROCESSED.inc(inserted)
+    if duplicates > 0:
+        DUPLICATES.inc(duplicates)
+    reasons: dict[str, int] = {}
+    for d in dead:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    for reason, n in reasons.items():
+        REJECTED.labels(reason=reason).inc(n)
+
+
+def record_retry(service: str) -> None:
+    """Counts one retry of `service` (Redis, PostgreSQL, Storage)."""
+    RETRIES.labels(service=service.lower()).inc()
+
+
+def timed(histogram: Histogram, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Calls `fn` and observes its duration in `histogram` if it succeeds."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    histogram.observe(time.perf_counter() - start)
+    return result
+
+
+# -- readiness: do Redis and PostgreSQL answer? --------------------------------------
+
+
+class ServiceProbe:
+    """Checks that Redis answers PING and PostgreSQL answers `SELECT 1`, each on its
+    own long-lived connection (never the consumer's), with short timeouts. Results
+    are cached for `ttl` seconds so frequent probes cost nothing."""
+
+    def __init__(self, settings: Settings, *, timeout: float = 2.0, ttl: float = 1.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._redis: Any = None
+        self._pg: Any = None
+        self._checked = 0.0
+        self._result: dict[str, str | None] = {}
+
+    def redis(self) -> Any:
+        """The probe's Redis client (created on first use)."""
+        if self._redis is None:
+            from . import stream
+
+            self._redis = stream.connect(self.settings, socket_timeout=self.timeout)
+        return self._redis
+
+    def _check_redis(self) -> str | None:
+        try:
+            self.redis().ping()
+            return None
+        except Exception as e:
+            return _first_line(e)
+
+    def _check_pg(self) -> str | None:
+        import psycopg
+
+        from .db import connection_kwargs
+
+        try:
+            if self._pg is None or self._pg.closed:
+                kwargs = connection_kwargs(self.settings)
+                kwargs["connect_timeout"] = max(1, round(self.timeout))
+                kwargs["autocommit"] = True
+                self._pg = psycopg.connect(self.settings.pg_uri, **kwargs)
+            self._pg.execute("SELECT 1")
+            return None
+        except Exception as e:
+            if self._pg is not None:
+                self._pg.close()
+                self._pg = None
+            return _first_line(e)
+
+    def check(self) -> dict[str, str | None]:
+        """`{"redis": None | error, "postgresql": None | error}`."""
+        with self._lock:
+            now = time.monotonic()
+            if not self._result or now - self._checked >= self.ttl:
+                self._result = {"redis": self._check_redis(), "postgresql": self._check_pg()}
+                self._checked = time.monotonic()
+            return dict(self._result)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._redis is not None:
+                self._redis.close()
+                self._redis = None
+            if self._pg is not None:
+                self._pg.close()
+                self._pg = None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- figures read at scrape time ------------------------------------------------------
+
+
+def pool_families(
+    pool: ConnectionPool | None, labels: dict[str, str] | None = None
+) -> list[GaugeMetricFamily]:
+    """The psycopg pool's usage: connections in use and idle, its maximum, waiting requests.
+    Without a pool, the families alone (for `describe`)."""
+    labels = labels or {}
+    names = list(labels)
+    values = list(labels.values())
+    conns = GaugeMetricFamily(
+        "filepipe_db_pool_connections", "PostgreSQL pool connections, by state.", labels=[*names, "state"]
+    )
+    limit = GaugeMetricFamily("filepipe_db_pool_max_connections", "PostgreSQL pool size limit.", labels=names)
+    waiting = GaugeMetricFamily(
+        "filepipe_db_pool_waiting_requests", "Requests waiting for a pool connection.", labels=names
+    )
+    if pool is None:
+        return [conns, limit, waiting]
+    stats = pool.get_stats()
+    size = int(stats.get("pool_size", 0))
+    idle = int(stats.get("pool_available", 0))
+    conns.add_metric([*values, "in_use"], max(size - idle, 0))
+    conns.add_metric([*values, "idle"], idle)
+    limit.add_metric(values, int(stats.get("pool_max", pool.max_size)))
+    waiting.add_metric(values, int(stats.get("requests_waiting", 0)))
+    return [conns, limit, waiting]
+
+
+def group_families(stream: str, group: str, pending: int | None, lag: int | None) -> list[GaugeMetricFamily]:
+    """The consumer group's pending entries (delivered, not acked) and lag (not yet delivered)."""
+    out = []
+    for name, doc, value in (
+        ("filepipe_pending_entries", "Entries delivered to the group and not yet acknowledged.", pending),
+        ("filepipe_lag_entries", "Entries in the stream not yet delivered to the group.", lag),
+    ):
+        family = GaugeMetricFamily(name, doc, labels=["stream", "group"])
+        if value is not None:
+            family.add_metric([stream, group], value)
+        out.append(family)
+    return out
+
+
+class ConsumerCollector(Collector):
+    """Pending, lag and pool usage of one consumer, read when scraped. Redis is asked
+    at most every `refresh` seconds (on the probe's connection, not the consumer's)."""
+
+    def __init__(self, consumer: Consumer, probe: ServiceProbe, refresh: float = 5.0) -> None:
+        self.consumer = consumer
+        self.probe = probe
+        self.refresh = refresh
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._pending: int | None = None
+        self._lag: int | None = None
+
+    def _group_figures(self) -> tuple[int | None, int | None]:
+        from . import stream
+
+        with self._lock:
+            if time.monotonic() - self._at >= self.refresh:
+                s = self.consumer.settings
+                r = self.probe.redis()
+                try:
+                    self._pending = stream.pending_count(r, s.stream, s.group)
+                    self._lag = stream.group_lag(r, s.stream, s.group)
+                    self._at = time.monotonic()
+                except Exception:
+                    self._pending = self._lag = None  # unknown is better than stale
+            return self._pending, self._lag
+
+    def describe(self) -> Iterator[Any]:
+        # Lets the registry check names without asking Redis at registration time.
+        s = self.consumer.settings
+        yield InfoMetricFamily("filepipe_consumer", "This consumer.")
+        yield from group_families(s.stream, s.group, None, None)
+        yield from pool_families(None)
+
+    def collect(self) -> Iterator[Any]:
+        s = self.consumer.settings
+        info = InfoMetricFamily("filepipe_consumer", "This consumer.")
+        info.add_metric(
+            [], {"name": s.consumer_name, "stream": s.stream, "group": s.group, "version": __version__}
+        )
+        yield info
+        pending, lag = self._group_figures()
+        yield from group_families(s.stream, s.group, pending, lag)
+        yield from pool_families(self.consumer.pool)
+
+
+# -- the HTTP server -----------------------------------------------------------------
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def metrics_wsgi_app(
+    registry: CollectorRegistry, probe: ServiceProbe | None
+) -> Callable[..., Iterable[bytes]]:
+    """`/metrics` (and any other path, like prometheus_client), `/healthz` (the process
+    serves), `/readyz` (200 only when Redis and PostgreSQL answer, 503 otherwise)."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            checks = probe.check() if probe is not None else {}
+            ready = all(v is None for v in checks.values())
+            body = json.dumps({"ready": ready, "checks": {k: v or "ok" for k, v in checks.items()}}).encode()
+            start_response(
+                "200 OK" if ready else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+            )
+            return [body]
+        body_iter: Iterable[bytes] = metrics(environ, start_response)
+        return body_iter
+
+    return app
+
+
+class MetricsServer:
+    """A running metrics endpoint; `close()` stops it and unregisters its collector."""
+
+    def __init__(
+        self,
+        server: WSGIServer,
+        thread: threading.Thread,
+        probe: ServiceProbe | None,
+        registry: CollectorRegistry,
+        collector: Collector | None,
+    ) -> None:
+        self.server = server
+        self.thread = thread
+        self.probe = probe
+        self.registry = registry
+        self.collector = collector
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        if self.collector is not None:
+            self.registry.unregister(self.collector)
+            self.collector = None
+        if self.probe is not None:
+            self.probe.close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve_metrics(
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    consumer: Consumer | None = None,
+    settings: Settings | None = None,
+    registry: CollectorRegistry = REGISTRY,
+) -> MetricsServer:
+    """Serves `/metrics`, `/healthz` and `/readyz` on `host:port` from a daemon thread
+    (port 0 picks a free one). With `consumer`, its pending, lag and pool usage are
+    exported too, and readiness checks its Redis and PostgreSQL."""
+    settings = settings or (consumer.settings if consumer is not None else None)
+    probe = ServiceProbe(settings) if settings is not None else None
+    collector: Collector | None = None
+    if consumer is not None and probe is not None:
+        collector = ConsumerCollector(consumer, probe)
+        registry.register(collector)
+    try:
+        server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
+        server = make_server(
+            host.strip("[]"),
+            port,
+            metrics_wsgi_app(registry, probe),
+            server_class,
+            handler_class=_QuietHandler,
+        )
+    except OSError as e:
+        if collector is not None:
+            registry.unregister(collector)
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
+    thread = threading.Thread(target=server.serve_forever, name="filepipe-metrics", daemon=True)
+    thread.start()
+    return MetricsServer(server, thread, probe, registry, collector)
