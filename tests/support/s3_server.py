@@ -47,6 +47,7 @@ class MotoS3:
     def __init__(self) -> None:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.port = 0
+        self._client: Any = None
 
     @property
     def endpoint_url(self) -> str:
@@ -60,6 +61,9 @@ class MotoS3:
         return self
 
     def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         self._server.stop()
 
     def __enter__(self) -> MotoS3:
@@ -69,23 +73,24 @@ class MotoS3:
         self.stop()
 
     def client(self) -> Any:
-        """A plain boto3 client on the server, for arranging and inspecting test data."""
+        """A plain boto3 client on the server, for arranging and inspecting test data
+        (one, shared: boto3 clients are thread-safe, and creating one is slow)."""
         import boto3
 
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=TEST_REGION,
-            aws_access_key_id=TEST_ACCESS_KEY,
-            aws_secret_access_key=TEST_SECRET_KEY,
-        )
+        if self._client is None:
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=TEST_REGION,
+                aws_access_key_id=TEST_ACCESS_KEY,
+                aws_secret_access_key=TEST_SECRET_KEY,
+            )
+        return self._client
 
     def create_bucket(self, prefix: str = "fp-test") -> str:
         """A new, empty bucket with a unique name."""
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        c = self.client()
-        c.create_bucket(Bucket=name)
-        c.close()
+        self.client().create_bucket(Bucket=name)
         return name
 
     def delete_bucket(self, name: str) -> None:
@@ -97,7 +102,6 @@ class MotoS3:
                 if keys:
                     c.delete_objects(Bucket=name, Delete={"Objects": keys})
             c.delete_bucket(Bucket=name)
-        c.close()
 
 
 @dataclass
@@ -116,7 +120,15 @@ TOO_MANY_REQUESTS = Fault(429, "TooManyRequests", "Too many requests, please slo
 ACCESS_DENIED = Fault(403, "AccessDenied", "Access Denied")
 CUT_BODY = Fault(cut=True)
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
 
 
 class S3FaultProxy:
@@ -140,18 +152,20 @@ class S3FaultProxy:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def _handle(self) -> None:
                 proxy._serve(self)
 
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle  # noqa: N815
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="s3-fault-proxy", daemon=True
+        )
 
     @property
     def endpoint_url(self) -> str:

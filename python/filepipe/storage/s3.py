@@ -381,10 +381,17 @@ def _error_code(e: ClientError) -> tuple[str, int]:
 
 
 def _describe_error(e: BaseException) -> str:
-    """One line about a boto3 error; never the request's headers or credentials."""
+    """One line about a boto3 error. Only the error code of a server's answer is shown,
+    never its message: some servers echo the access key id or the string they signed."""
+    if isinstance(e, S3UploadFailedError):
+        # boto3 flattens the ClientError into this one's text; the original is its context.
+        inner = e.__cause__ or e.__context__
+        if isinstance(inner, (ClientError, BotoCoreError, OSError)):
+            return _describe_error(inner)
+        return "the upload failed"
     if isinstance(e, ClientError):
         code, status = _error_code(e)
-        return _STORAGE_CODES.get(code, f"S3 answered {code or status}")
+        return _STORAGE_CODES.get(code, f"S3 answered {code or 'HTTP'} {status}".rstrip())
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e).splitlines()[0] if str(e) else type(e).__name__
