@@ -33,8 +33,8 @@ from filepipe.config import load_settings
 from filepipe.consumer import Consumer
 from filepipe.errors import ConfigError, StorageError
 from filepipe.producer import Producer
-from filepipe.storage import open_storage
-from filepipe.storage.s3 import S3Storage, key_problem, normalize_prefix
+from filepipe.storage import key_problem, open_storage
+from filepipe.storage.s3 import S3Storage, normalize_prefix
 
 MIB = 1024 * 1024
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Settings
-from .base import Storage, safe_key_name
+from .base import Storage, key_problem, safe_key_name
 from .local import LocalStorage
 
 
@@ -17,4 +17,4 @@ def open_storage(settings: Settings, mode: str | None = None) -> Storage:
     return LocalStorage.from_settings(settings)
 
 
-__all__ = ["LocalStorage", "Storage", "open_storage", "safe_key_name"]
+__all__ = ["LocalStorage", "Storage", "key_problem", "open_storage", "safe_key_name"]

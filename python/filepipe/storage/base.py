@@ -25,6 +25,26 @@ def safe_key_name(filename: str, limit: int = 120) -> str:
     return base
 
 
+def key_problem(key: str) -> tuple[str, str] | None:
+    """(reason code, what is wrong) if `key` may not be stored or read, else None.
+
+    Stricter than the entry parser (which refuses absolute and `..` keys): a `.`
+    segment is refused too, because HTTP clients, proxies and S3-compatible servers
+    may resolve dot segments in a request path, and a path-style S3 request names
+    the bucket in that path. A key ending in `/` names a folder, not a file."""
+    if not key:
+        return "unsafe_key", "is empty"
+    if key.startswith(("/", "\\")):
+        return "unsafe_key", "is absolute"
+    if "\x00" in key:
+        return "nul_byte", "contains a NUL byte"
+    if any(part in (".", "..") for part in key.replace("\\", "/").split("/")):
+        return "unsafe_key", "has a '.' or '..' segment, which could resolve outside the storage root"
+    if key.endswith(("/", "\\")):
+        return "not_a_file", "names a folder, not a file"
+    return None
+
+
 class Storage(ABC):
     """A place files are put by the producer and measured by the consumer."""
 

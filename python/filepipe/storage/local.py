@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import _native
 from ..config import Settings
 from ..errors import StorageError
-from .base import Storage
+from .base import Storage, key_problem
 
 
 class LocalStorage(Storage):
@@ -41,6 +41,9 @@ class LocalStorage(Storage):
     def put_file(self, src: Path, key: str, *, link: bool = False) -> None:
         """Copies `src` to `<root>/<key>` atomically (temp file + rename), or
         hard-links it when `link` is set and both are on one file system."""
+        problem = key_problem(key)
+        if problem is not None:
+            raise StorageError(f"cannot store {src} as '{key}' in {self.root}: the key {problem[1]}")
         dest = self.root / key
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ class LocalStorage(Storage):
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as e:
-            raise StorageError(f"cannot store {src} as {key} in {self.root}: {e.strerror or e}") from e
+            raise StorageError(f"cannot store {src} as '{key}' in {self.root}: {e.strerror or e}") from e
 
     def measure(
         self, batch: _native.EntryBatch, indices: list[int], into: _native.Measurements, max_bytes: int

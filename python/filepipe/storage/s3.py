@@ -41,7 +41,7 @@ from botocore.exceptions import (
 from .. import _native
 from ..config import Settings, mask_url
 from ..errors import ConfigError, StorageError
-from .base import Storage
+from .base import Storage, key_problem
 
 CHUNK = 256 * 1024
 MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
@@ -96,25 +96,6 @@ def normalize_prefix(prefix: str) -> str:
     if any(part in (".", "..") for part in p.replace("\\", "/").split("/")):
         raise ConfigError(f"S3_PREFIX must not contain '.' or '..' segments, not {prefix!r}")
     return p.rstrip("/") + "/"
-
-
-def key_problem(key: str) -> tuple[str, str] | None:
-    """(reason code, what is wrong) if `key` may not be read from the bucket, else None.
-
-    S3 keys are opaque, but HTTP clients, proxies and S3-compatible servers may
-    resolve `.` and `..` segments in the request path, and a path-style request
-    names the bucket in that path: such a key could leave the prefix or the bucket."""
-    if not key:
-        return "unsafe_key", "is empty"
-    if key.startswith(("/", "\\")):
-        return "unsafe_key", "is absolute"
-    if "\x00" in key:
-        return "nul_byte", "contains a NUL byte"
-    if any(part in (".", "..") for part in key.replace("\\", "/").split("/")):
-        return "unsafe_key", "has a '.' or '..' segment, which could resolve outside the prefix"
-    if key.endswith("/"):
-        return "not_a_file", "names a folder, not an object"
-    return None
 
 
 class _Failure(Exception):
