@@ -1,0 +1,157 @@
+"""`filepipe dashboard`: the live web page, uploads from the browser, Prometheus metrics.
+
+The web stack is imported only when the command runs, so every other command
+starts as fast as before.
+"""
+
+# No `from __future__ import annotations` here: Typer reads the option annotations of
+# the command defined inside `register_cli`, which name aliases imported there.
+
+import ipaddress
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+DEFAULT_PORT = 8080
+
+
+def default_allowed_hosts(host: str, extra: list[str]) -> list[str]:
+    """The Host header values the app answers: the loopback names, the bound address,
+    and any given. Bound to every interface with none given: any host (said in a warning)."""
+    from .app import LOOPBACK_HOSTS
+
+    if extra:
+        return [*LOOPBACK_HOSTS, *extra]
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return [*LOOPBACK_HOSTS, host] if host not in LOOPBACK_HOSTS else list(LOOPBACK_HOSTS)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Adds the `dashboard` command to the `filepipe` Typer app."""
+    from filepipe.cli import (
+        Debug,
+        Group,
+        LocalDir,
+        PgUri,
+        RedisUrl,
+        S3Bucket,
+        S3Endpoint,
+        S3Prefix,
+        StorageMode,
+        Stream,
+        Table,
+        settings_from,
+    )
+
+    @app.command()
+    @handle_errors
+    def dashboard(
+        host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[
+            int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")
+        ] = DEFAULT_PORT,
+        allow_upload: Annotated[
+            bool,
+            typer.Option(
+                "--allow-upload", help="Serve /upload: files from the browser are stored and enqueued."
+            ),
+        ] = False,
+        max_upload_mb: Annotated[
+            float, typer.Option("--max-upload-mb", min=0.001, help="Largest upload request, in MiB.")
+        ] = 100.0,
+        allowed_host: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--allowed-host",
+                help="A Host name the page may be reached by (repeatable).",
+                show_default=False,
+            ),
+        ] = None,
+        interval: Annotated[
+            float, typer.Option("--interval", min=0.2, max=60.0, help="Seconds between samples.")
+        ] = 1.0,
+        redis_url: RedisUrl = None,
+        pg_uri: PgUri = None,
+        stream: Stream = None,
+        group: Group = None,
+        table: Table = None,
+        storage_mode: StorageMode = None,
+        local_storage_dir: LocalDir = None,
+        s3_bucket: S3Bucket = None,
+        s3_prefix: S3Prefix = None,
+        s3_endpoint_url: S3Endpoint = None,
+        debug: Debug = False,
+    ) -> None:
+        """Serve the live dashboard (/dashboard), Prometheus /metrics, /healthz, /readyz,
+        and with --allow-upload an upload page (/upload)."""
+        import logging
+
+        import uvicorn
+
+        from ..config import mask_url
+        from ..errors import ConfigError
+        from .app import create_app
+
+        s = settings_from(
+            redis_url=redis_url,
+            pg_uri=pg_uri,
+            stream=stream,
+            group=group,
+            table=table,
+            storage_mode=storage_mode,
+            local_storage_dir=local_storage_dir,
+            s3_bucket=s3_bucket,
+            s3_prefix=s3_prefix,
+            s3_endpoint_url=s3_endpoint_url,
+        )
+        log = logging.getLogger("filepipe")
+        hosts = default_allowed_hosts(host, allowed_host or [])
+        if not _is_loopback(host):
+            log.warning("listening on %s: the dashboard is reachable from other machines", host)
+            if hosts == ["*"]:
+                log.warning(
+                    "any Host header is accepted; name the host(s) with --allowed-host "
+                    "to guard against DNS rebinding"
+                )
+        web = create_app(
+            s,
+            allow_upload=allow_upload,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            allowed_hosts=hosts,
+            interval=interval,
+        )
+        shown = f"[{host}]" if ":" in host else host
+        typer.echo(
+            f"Dashboard on http://{shown}:{port}/dashboard — {s.stream} → {s.table} "
+            f"(Redis {mask_url(s.redis_url)}, PostgreSQL {mask_url(s.pg_uri)})"
+        )
+        if allow_upload:
+            typer.echo(f"Uploads enabled on http://{shown}:{port}/upload")
+        config = uvicorn.Config(
+            web,
+            host=host,
+            port=port,
+            log_level="debug" if debug else "warning",
+            access_log=debug,
+            server_header=False,
+            proxy_headers=False,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        try:
+            server.run()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        if not server.started:
+            raise ConfigError(f"the dashboard could not start on {host}:{port} (see the messages above)")

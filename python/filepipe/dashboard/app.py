@@ -1,0 +1,340 @@
+"""The dashboard web app (Starlette): the live page, its JSON feed, the upload page,
+Prometheus metrics and the health probes.
+
+    /dashboard     processing rate over time, totals, lag, pending, consumers,
+                   dead letters by reason, latest events; polls /api/status
+    /api/status    the monitor's last snapshot (JSON)
+    /upload        files from the browser into storage and the stream (--allow-upload)
+    /metrics       Prometheus text format
+    /healthz       the process serves
+    /readyz        Redis and PostgreSQL answer (503 otherwise)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import jinja2
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..config import Settings, mask_url
+from ..metrics import ServiceProbe, group_families
+from .monitor import Monitor
+from .upload import CSRF_COOKIE, CSRF_FIELD, CsrfGuard, Uploader, UploadError, UploadLimits, human_bytes
+
+log = logging.getLogger("filepipe")
+
+HERE = Path(__file__).parent
+DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+
+# No inline script or style, nothing from elsewhere: the page works offline and an
+# injected tag would not run.
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class DashboardCollector(Collector):
+    """The pipeline's figures from the monitor's last sample (no query per scrape)."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.monitor.snapshot()
+        s = self.monitor.settings
+        totals = snap.get("totals") or {}
+        up = GaugeMetricFamily(
+            "filepipe_service_up", "Whether the service answered the last sample.", labels=["service"]
+        )
+        for service in ("redis", "postgresql"):
+            up.add_metric([service], 0 if snap["errors"].get(service) or snap["updated"] is None else 1)
+        yield up
+        length = GaugeMetricFamily(
+            "filepipe_stream_entries", "Entries in the stream (XLEN).", labels=["stream"]
+        )
+        if "stream_length" in totals:
+            length.add_metric([s.stream], totals["stream_length"])
+        yield length
+        yield from group_families(s.stream, s.group, snap.get("pending"), snap.get("lag"))
+        acked = CounterMetricFamily(
+            "filepipe_group_acked",
+            "Entries acknowledged by the consumer group, all consumers.",
+            labels=["stream", "group"],
+        )
+        if totals.get("acked") is not None:
+            acked.add_metric([s.stream, s.group], totals["acked"])
+        yield acked
+        dead = GaugeMetricFamily(
+            "filepipe_dead_letter_entries",
+            "Entries in the dead-letter stream, by reason.",
+            labels=["stream", "reason"],
+        )
+        for row in snap.get("dead_by_reason", []):
+            dead.add_metric([s.dead_stream, row["reason"]], row["count"])
+        yield dead
+        rows = GaugeMetricFamily(
+            "filepipe_table_rows",
+            "Rows in the events table (an estimate when counting is slow).",
+            labels=["table"],
+        )
+        if totals.get("rows") is not None:
+            rows.add_metric([s.table], totals["rows"])
+        yield rows
+        consumers = GaugeMetricFamily(
+            "filepipe_consumers", "Consumers of the group, by health.", labels=["health"]
+        )
+        for health, n in (snap.get("consumers_summary") or {}).items():
+            consumers.add_metric([health], n)
+        yield consumers
+
+
+def _wants_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def create_app(
+    settings: Settings,
+    *,
+    allow_upload: bool = False,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    allowed_hosts: list[str] | None = None,
+    interval: float = 1.0,
+) -> Starlette:
+    """The dashboard app. `allowed_hosts` guards against DNS rebinding (default: the
+    loopback names); uploads are off unless `allow_upload`."""
+    monitor = Monitor(settings, interval=interval)
+    probe = ServiceProbe(settings)
+    guard = CsrfGuard()
+    limits = UploadLimits(
+        max_request_bytes=max_upload_bytes, max_file_bytes=min(max_upload_bytes, settings.max_file_bytes)
+    )
+    uploader = Uploader(settings, limits, guard) if allow_upload else None
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(DashboardCollector(monitor))
+    uploaded_files = Counter(
+        "filepipe_uploaded_files_total", "Files stored and enqueued from the upload page.", registry=registry
+    )
+    uploaded_bytes = Counter(
+        "filepipe_uploaded_bytes_total", "Bytes of the files uploaded.", registry=registry
+    )
+    refused = Counter(
+        "filepipe_upload_rejected_total", "Upload requests refused, by reason.", ["reason"], registry=registry
+    )
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    env.filters["bytes"] = human_bytes
+    templates = Jinja2Templates(env=env)
+    base_context = {
+        "version": __version__,
+        "stream": settings.stream,
+        "group": settings.group,
+        "table": settings.table,
+        "redis": mask_url(settings.redis_url),
+        "upload_enabled": allow_upload,
+    }
+
+    async def index(request: Request) -> Response:
+        return RedirectResponse("/dashboard", status_code=307)
+
+    async def dashboard(request: Request) -> Response:
+        return templates.TemplateResponse(
+            request,
+            "dashboard.html",
+            {**base_context, "page": "dashboard", "interval_ms": int(interval * 1000)},
+        )
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(monitor.snapshot(), headers={"cache-control": "no-store"})
+
+    async def metrics(request: Request) -> Response:
+        body = await anyio.to_thread.run_sync(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        checks = await anyio.to_thread.run_sync(probe.check)
+        ready = all(v is None for v in checks.values())
+        return JSONResponse(
+            {"ready": ready, "checks": {k: v or "ok" for k, v in checks.items()}},
+            status_code=200 if ready else 503,
+            headers={"cache-control": "no-store"},
+        )
+
+    def upload_page(
+        request: Request,
+        *,
+        status_code: int = 200,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> Response:
+        cookie = guard.cookie_value(request)
+        fresh = cookie is None
+        if cookie is None:
+            cookie = guard.new_cookie_value()
+        response = templates.TemplateResponse(
+            request,
+            "upload.html",
+            {
+                **base_context,
+                "page": "upload",
+                "csrf_field": CSRF_FIELD,
+                "csrf_token": guard.form_token(cookie),
+                "max_request_bytes": limits.max_request_bytes,
+                "max_file_bytes": limits.max_file_bytes,
+                "max_files": limits.max_files,
+                "storage": uploader.storage_description() if uploader else "",
+                "error": error,
+                "result": result,
+            },
+            status_code=status_code,
+            headers={"cache-control": "no-store"},
+        )
+        if fresh:
+            response.set_cookie(
+                CSRF_COOKIE,
+                cookie,
+                httponly=True,
+                samesite="strict",
+                path="/",
+                secure=request.url.scheme == "https",
+            )
+        return response
+
+    async def upload_get(request: Request) -> Response:
+        result = None
+        enqueued = request.query_params.get("enqueued", "")
+        if enqueued.isdigit():
+            size = request.query_params.get("bytes", "")
+            result = {"files": int(enqueued), "bytes": int(size) if size.isdigit() else None}
+        return upload_page(request, result=result)
+
+    async def upload_post(request: Request) -> Response:
+        assert uploader is not None
+        try:
+            staged = await uploader.receive(request)
+        except UploadError as e:
+            refused.labels(reason=e.reason).inc()
+            if _wants_json(request):
+                return JSONResponse({"error": e.message, "reason": e.reason}, status_code=e.status)
+            return upload_page(request, status_code=e.status, error=e.message)
+        try:
+            done = await anyio.to_thread.run_sync(uploader.enqueue, staged)
+        except Exception as e:
+            log.warning("upload failed: %s", e)
+            refused.labels(reason="unavailable").inc()
+            message = (
+                f"The files could not be stored and enqueued: {str(e).splitlines()[0] if str(e) else e!r}"
+            )
+            if _wants_json(request):
+                return JSONResponse({"error": message, "reason": "unavailable"}, status_code=503)
+            return upload_page(request, status_code=503, error=message)
+        total = sum(f.size for f in done)
+        uploaded_files.inc(len(done))
+        uploaded_bytes.inc(total)
+        log.info("upload: %d files (%d bytes) enqueued to %s", len(done), total, settings.stream)
+        if _wants_json(request):
+            return JSONResponse(
+                {
+                    "enqueued": len(done),
+                    "stream": settings.stream,
+                    "files": [{"file_id": f.file_id, "filename": f.filename, "size": f.size} for f in done],
+                }
+            )
+        # Post/redirect/get: reloading the result page does not upload again.
+        return RedirectResponse(f"/upload?enqueued={len(done)}&bytes={total}", status_code=303)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(monitor.start)
+        if uploader is not None:
+            await anyio.to_thread.run_sync(uploader.open)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(monitor.stop)
+            if uploader is not None:
+                uploader.close()
+            probe.close()
+
+    routes = [
+        Route("/", index),
+        Route("/dashboard", dashboard),
+        Route("/api/status", status),
+        Route("/metrics", metrics),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    if uploader is not None:
+        routes += [
+            Route("/upload", upload_get, methods=["GET"]),
+            Route("/upload", upload_post, methods=["POST"]),
+        ]
+    hosts = allowed_hosts if allowed_hosts is not None else LOOPBACK_HOSTS
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
+    )
+    app.state.monitor = monitor
+    app.state.registry = registry
+    return app

@@ -1,0 +1,489 @@
+"""The dashboard's figures, sampled once per interval by one background thread.
+
+Every page and every poll reads the last snapshot; none of them talks to Redis or
+PostgreSQL. One sample costs a handful of cheap round trips:
+
+* Redis, one pipeline: XINFO GROUPS (pending, lag, entries read), XLEN of the
+  stream and of the dead-letter stream, XINFO CONSUMERS; then one MGET of the
+  consumers' heartbeat keys, and at most one XRANGE that reads dead letters not
+  seen yet (their reasons are counted incrementally, never rescanned);
+* PostgreSQL: the latest rows by `event_time` (indexed, LIMIT), and a row count
+  whose interval grows with its cost (an estimate when counting is too slow).
+
+The processing rate comes from the group's own counter: entries read by the group
+minus those still pending are the entries acknowledged, by every consumer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..config import Settings, mask_url
+from ..constants import heartbeat_key
+
+log = logging.getLogger("filepipe")
+
+FRESH_S = 10.0  # a heartbeat older than this: the consumer is stalled (it expires at 30 s)
+RATE_WINDOW_S = 5.0  # each chart point is the rate over this many seconds
+HEADLINE_WINDOW_S = 10.0
+DEAD_SCAN_COUNT = 2000
+MAX_CONSUMERS = 500
+
+
+@dataclass
+class Sample:
+    """The group's counters at one instant."""
+
+    t: float
+    acked: int | None
+    dead: int | None
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _rate_at(samples: list[Sample], i: int, j: int, attr: str) -> float | None:
+    a, b = samples[j], samples[i]
+    va, vb = getattr(a, attr), getattr(b, attr)
+    if va is None or vb is None or b.t <= a.t:
+        return None
+    return float(max(vb - va, 0) / (b.t - a.t))
+
+
+class Monitor:
+    """Samples the pipeline every `interval` seconds and keeps `history_s` of rates."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        interval: float = 1.0,
+        history_s: float = 900.0,
+        window_s: float = 300.0,
+        latest: int = 12,
+    ) -> None:
+        self.settings = settings
+        self.interval = interval
+        self.window_s = window_s
+        self.latest_n = latest
+        self.samples: deque[Sample] = deque(maxlen=max(10, int(history_s / interval) + 1))
+        self._redis: Any = None
+        self._pg: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._snapshot: dict[str, Any] = self._empty()
+        # dead letters by reason, counted incrementally from `_dead_cursor`
+        self._dead_reasons: Counter[str] = Counter()
+        self._dead_counted = 0
+        self._dead_cursor = "-"
+        # consumers' heartbeat history: name -> (updated, processed) pairs
+        self._beats: dict[str, deque[tuple[float, int]]] = {}
+        # the table's row count, refreshed less often the more it costs
+        self._rows: int | None = None
+        self._rows_exact = True
+        self._rows_at = 0.0
+        self._next_count = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Takes a first sample now, then samples in a daemon thread until `stop()`."""
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="filepipe-dashboard-monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.sample()
+            except Exception:  # a bug must not stop the dashboard; say it once per sample
+                log.exception("dashboard sample failed")
+            self._stop.wait(max(0.05, self.interval - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._redis is not None:
+            self._redis.close()
+        if self._pg is not None:
+            self._pg.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The last figures (a new dict each sample; never mutated after)."""
+        with self._lock:
+            return self._snapshot
+
+    # -- one sample ---------------------------------------------------------------------
+
+    def sample(self) -> dict[str, Any]:
+        """Reads every figure once and publishes a new snapshot."""
+        now = time.time()
+        errors: dict[str, str | None] = {"redis": None, "postgresql": None}
+        try:
+            red = self._sample_redis(now)
+        except Exception as e:
+            errors["redis"] = _first_line(e)
+            self._close_redis()
+            red = None
+        try:
+            pg = self._sample_pg()
+        except Exception as e:
+            errors["postgresql"] = _first_line(e)
+            self._close_pg()
+            pg = None
+        snap = self._build(now, red, pg, errors)
+        with self._lock:
+            self._snapshot = snap
+        return snap
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            from .. import stream
+
+            self._redis = stream.connect(self.settings, socket_timeout=3.0)
+        return self._redis
+
+    def _close_redis(self) -> None:
+        if self._redis is not None:
+            try:
+                self._redis.close()
+            finally:
+                self._redis = None
+
+    def _sample_redis(self, now: float) -> dict[str, Any]:
+        import redis
+
+        s = self.settings
+        r = self._client()
+        pipe = r.pipeline(transaction=False)
+        pipe.xinfo_groups(s.stream)
+        pipe.xlen(s.stream)
+        pipe.xlen(s.dead_stream)
+        pipe.xinfo_consumers(s.stream, s.group)
+        groups, length, dead_len, consumers = pipe.execute(raise_on_error=False)
+        for reply in (length, dead_len):
+            if isinstance(reply, Exception):
+                raise reply
+        # A stream or group that does not exist yet is not an error: nothing was produced.
+        group: dict[str, Any] = {}
+        if not isinstance(groups, redis.ResponseError):
+            if isinstance(groups, Exception):
+                raise groups
+            for g in groups:
+                if _text(g.get("name")) == s.group:
+                    group = g
+        if isinstance(consumers, redis.ResponseError):
+            consumers = []
+        elif isinstance(consumers, Exception):
+            raise consumers
+
+        # Before the first consumer creates the group, every entry is waiting for it.
+        pending = int(group["pending"]) if group else 0
+        lag = group.get("lag") if group else int(length)
+        entries_read = group.get("entries-read") if group else 0
+
+        members = [(_text(c["name"]), int(c.get("pending", 0)), int(c.get("idle", 0))) for c in consumers]
+        members = members[:MAX_CONSUMERS]
+        beats: list[Any] = (
+            r.mget([heartbeat_key(s.stream, name) for name, _, _ in members]) if members else []
+        )
+        listed = self._consumers(now, members, beats)
+
+        acked: int | None = None
+        if entries_read is not None:
+            acked = max(int(entries_read) - pending, 0)
+        elif any(c["heartbeat"] for c in listed):
+            # Without the group's read counter (Redis < 7), the live consumers' own totals.
+            acked = sum(c["inserted"] + c["dead_lettered"] for c in listed if c["heartbeat"])
+        self._scan_dead(r, int(dead_len))
+        self.samples.append(Sample(now, acked, int(dead_len)))
+        return {
+            "stream_length": int(length),
+            "dead_letters": int(dead_len),
+            "pending": pending,
+            "lag": None if lag is None else int(lag),
+            "group_exists": bool(group),
+            "acked": acked,
+            "consumers": listed,
+        }
+
+    def _consumers(
+        self, now: float, members: list[tuple[str, int, int]], beats: list[Any]
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for (name, pending, idle_ms), raw in zip(members, beats, strict=True):
+            beat: dict[str, Any] = {}
+            if raw:
+                try:
+                    beat = json.loads(raw)
+                except ValueError:
+                    beat = {}
+            if not beat and pending == 0:
+                continue  # a consumer that left cleanly; its group entry lingers
+            seen.add(name)
+            updated = float(beat.get("updated", 0) or 0)
+            age = max(now - updated, 0.0) if beat else None
+            if not beat:
+                health = "gone"
+            elif age is not None and age > FRESH_S:
+                health = "stalled"
+            else:
+                health = "healthy"
+            processed = int(beat.get("inserted", 0) or 0) + int(beat.get("dead_lettered", 0) or 0)
+            out.append(
+                {
+                    "name": name,
+                    "host": str(beat.get("host", "")),
+                    "pid": beat.get("pid"),
+                    "health": health,
+                    "heartbeat": bool(beat),
+                    "heartbeat_age_s": None if age is None else round(age, 1),
+                    "rate": self._consumer_rate(name, updated, processed, beat) if beat else None,
+                    "inserted": int(beat.get("inserted", 0) or 0),
+                    "dead_lettered": int(beat.get("dead_lettered", 0) or 0),
+                    "batches": int(beat.get("batches", 0) or 0),
+                    "pending": pending,
+                    "idle_s": round(idle_ms / 1000, 1),
+                    "last_error": str(beat.get("last_error", "") or ""),
+                }
+            )
+        for name in list(self._beats):
+            if name not in seen:
+                del self._beats[name]
+        order = {"healthy": 0, "stalled": 1, "gone": 2}
+        out.sort(key=lambda c: (order[c["health"]], c["name"]))
+        return out
+
+    def _consumer_rate(self, name: str, updated: float, processed: int, beat: dict[str, Any]) -> float | None:
+        """Entries per second over the consumer's last ~10 s of heartbeats."""
+        history = self._beats.setdefault(name, deque(maxlen=64))
+        if not history or history[-1][0] != updated:
+            history.append((updated, processed))
+        while len(history) > 2 and history[1][0] <= updated - HEADLINE_WINDOW_S:
+            history.popleft()
+        if len(history) < 2:
+            rate = beat.get("rate")
+            return None if rate is None else round(float(rate), 2)
+        (t0, n0), (t1, n1) = history[0], history[-1]
+        if time.time() - t1 > FRESH_S:
+            return 0.0
+        return round(max(n1 - n0, 0) / (t1 - t0), 2) if t1 > t0 else 0.0
+
+    def _scan_dead(self, r: Any, dead_len: int) -> None:
+        """Counts the reasons of dead letters not seen yet, `DEAD_SCAN_COUNT` per sample.
+        The read and the length come from one MULTI/EXEC, so when they disagree at the
+        end of the stream, entries were deleted or trimmed: the count starts over."""
+        if dead_len == 0 and self._dead_counted == 0:
+            return
+        start = self._dead_cursor if self._dead_cursor == "-" else "(" + self._dead_cursor
+        pipe = r.pipeline(transaction=True)
+        pipe.xrange(self.settings.dead_stream, start, "+", count=DEAD_SCAN_COUNT)
+        pipe.xlen(self.settings.dead_stream)
+        entries, length = pipe.execute()
+        for entry_id, fields in entries:
+            self._dead_reasons[_text(fields.get(b"reason", b"unknown"))] += 1
+            self._dead_cursor = _text(entry_id)
+        self._dead_counted += len(entries)
+        at_end = len(entries) < DEAD_SCAN_COUNT
+        if self._dead_counted > int(length) or (at_end and self._dead_counted != int(length)):
+            self._dead_reasons.clear()
+            self._dead_counted = 0
+            self._dead_cursor = "-"
+
+    def _connection(self) -> Any:
+        if self._pg is None or self._pg.closed:
+            import psycopg
+
+            from ..db import connection_kwargs
+
+            kwargs = connection_kwargs(self.settings)
+            kwargs["options"] = "-c statement_timeout=5000"
+            kwargs["application_name"] = "filepipe-dashboard"
+            self._pg = psycopg.connect(self.settings.pg_uri, autocommit=True, **kwargs)
+        return self._pg
+
+    def _close_pg(self) -> None:
+        if self._pg is not None:
+            try:
+                self._pg.close()
+            finally:
+                self._pg = None
+
+    def _sample_pg(self) -> dict[str, Any]:
+        import psycopg
+        from psycopg import sql
+
+        from ..db import table_ident
+
+        conn = self._connection()
+        ident = table_ident(self.settings.table)
+        try:
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT stream_id, filename, size_bytes, content_type, consumer, storage, "
+                    "event_time, processed_at FROM {} ORDER BY event_time DESC LIMIT %s"
+                ).format(ident),
+                (self.latest_n,),
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            raise RuntimeError(
+                f"table {self.settings.table} does not exist on {mask_url(self.settings.pg_uri)}: "
+                "run `filepipe init-db`"
+            ) from None
+        latest = [
+            {
+                "stream_id": row[0],
+                "filename": row[1],
+                "size_bytes": row[2],
+                "content_type": row[3],
+                "consumer": row[4],
+                "storage": row[5],
+                "event_time": _iso(row[6]),
+                "processed_at": _iso(row[7]),
+            }
+            for row in rows
+        ]
+        self._count_rows(conn, ident)
+        return {"latest": latest, "rows": self._rows, "rows_exact": self._rows_exact}
+
+    def _count_rows(self, conn: Any, ident: Any) -> None:
+        """An exact count while it is cheap (at most ~2% of the time is spent counting),
+        the planner's estimate when counting takes longer than the statement timeout."""
+        import psycopg
+        from psycopg import sql
+
+        now = time.monotonic()
+        if now < self._next_count:
+            return
+        started = time.monotonic()
+        try:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+            self._rows, self._rows_exact = int(row[0]), True
+            cost = time.monotonic() - started
+            self._next_count = time.monotonic() + max(2 * self.interval, 50 * cost)
+        except psycopg.errors.QueryCanceled:
+            row = conn.execute(
+                "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::bigint FROM pg_class c "
+                "WHERE c.oid = %(t)s::regclass "
+                "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = %(t)s::regclass)",
+                {"t": self.settings.table},
+            ).fetchone()
+            self._rows, self._rows_exact = int(row[0]), False
+            self._next_count = time.monotonic() + 300
+        self._rows_at = time.time()
+
+    # -- the snapshot ------------------------------------------------------------------
+
+    def _series(self) -> dict[str, list[Any]]:
+        samples = list(self.samples)
+        out: dict[str, list[Any]] = {"t": [], "processed": [], "dead": []}
+        if len(samples) < 2:
+            return out
+        cutoff = samples[-1].t - self.window_s
+        j = 0
+        for i in range(1, len(samples)):
+            if samples[i].t < cutoff:
+                continue
+            while j + 1 < i and samples[j + 1].t <= samples[i].t - RATE_WINDOW_S:
+                j += 1
+            acked = _rate_at(samples, i, j, "acked")
+            dead = _rate_at(samples, i, j, "dead")
+            processed = None if acked is None else max(acked - (dead or 0.0), 0.0)
+            out["t"].append(round(samples[i].t, 3))
+            out["processed"].append(None if processed is None else round(processed, 2))
+            out["dead"].append(None if dead is None else round(dead, 2))
+        return out
+
+    def _headline(self) -> tuple[float | None, float | None]:
+        samples = list(self.samples)
+        if len(samples) < 2:
+            return None, None
+        i = len(samples) - 1
+        j = i - 1
+        while j > 0 and samples[j].t > samples[i].t - HEADLINE_WINDOW_S:
+            j -= 1
+        acked = _rate_at(samples, i, j, "acked")
+        dead = _rate_at(samples, i, j, "dead")
+        processed = None if acked is None else max(acked - (dead or 0.0), 0.0)
+        return (
+            None if processed is None else round(processed, 2),
+            None if dead is None else round(dead, 2),
+        )
+
+    def _empty(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "stream": s.stream,
+            "group": s.group,
+            "table": s.table,
+            "dead_stream": s.dead_stream,
+            "updated": None,
+            "interval": self.interval,
+            "errors": {"redis": None, "postgresql": None},
+            "rate": None,
+            "dead_rate": None,
+            "series": {"t": [], "processed": [], "dead": []},
+            "totals": {},
+            "pending": None,
+            "lag": None,
+            "consumers": [],
+            "consumers_summary": {"healthy": 0, "stalled": 0, "gone": 0},
+            "dead_by_reason": [],
+            "dead_counting": False,
+            "latest": [],
+        }
+
+    def _build(
+        self, now: float, red: dict[str, Any] | None, pg: dict[str, Any] | None, errors: dict[str, str | None]
+    ) -> dict[str, Any]:
+        previous = self.snapshot()
+        snap = self._empty()
+        snap["updated"] = now
+        snap["errors"] = errors
+        rate, dead_rate = self._headline()
+        snap["rate"], snap["dead_rate"] = rate, dead_rate
+        snap["series"] = self._series()
+        totals: dict[str, Any] = dict(previous.get("totals") or {})
+        if red is not None:
+            totals.update(
+                stream_length=red["stream_length"], dead_letters=red["dead_letters"], acked=red["acked"]
+            )
+            snap["pending"], snap["lag"] = red["pending"], red["lag"]
+            snap["consumers"] = red["consumers"]
+            summary = Counter(c["health"] for c in red["consumers"])
+            snap["consumers_summary"] = {h: summary.get(h, 0) for h in ("healthy", "stalled", "gone")}
+            snap["dead_by_reason"] = [
+                {"reason": reason, "count": n} for reason, n in self._dead_reasons.most_common()
+            ]
+            snap["dead_counting"] = self._dead_counted < red["dead_letters"]
+        else:  # keep the last known figures on screen, flagged by the error
+            for key in ("pending", "lag", "consumers", "consumers_summary", "dead_by_reason"):
+                snap[key] = previous.get(key, snap[key])
+        if pg is not None:
+            totals.update(rows=pg["rows"], rows_exact=pg["rows_exact"])
+            snap["latest"] = pg["latest"]
+        else:
+            snap["latest"] = previous.get("latest", [])
+        snap["totals"] = totals
+        return snap
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

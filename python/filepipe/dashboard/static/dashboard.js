@@ -1,0 +1,172 @@
+/* Polls /api/status and updates the page in place (no reload). Text is always set
+   with textContent: file names and errors are data, never markup. */
+(function () {
+  "use strict";
+  var main = document.getElementById("dash");
+  var interval = parseInt(main.dataset.interval, 10) || 1000;
+  var chart = new window.FilepipeChart(document.getElementById("chart"));
+  var live = document.getElementById("live");
+  var timer = null, failures = 0, inFlight = false;
+
+  function $(id) { return document.getElementById(id); }
+
+  function num(v) {
+    return v === null || v === undefined ? "—" : Number(v).toLocaleString("en-US");
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "—";
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0, v = n;
+    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return (i ? v.toFixed(1) : String(v)) + " " + units[i];
+  }
+
+  function ago(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    seconds = Math.max(0, seconds);
+    if (seconds < 1) return "now";
+    if (seconds < 60) return Math.round(seconds) + " s ago";
+    if (seconds < 3600) return Math.round(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.round(seconds / 3600) + " h ago";
+    return Math.round(seconds / 86400) + " d ago";
+  }
+
+  function setFigure(id, value, text) {
+    var e = $(id);
+    e.dataset.value = value === null || value === undefined ? "" : String(value);
+    e.textContent = text !== undefined ? text : num(value);
+  }
+
+  function cell(tr, text, cls, sub) {
+    var td = document.createElement("td");
+    if (cls) td.className = cls;
+    td.textContent = text;
+    if (sub) {
+      var s = document.createElement("span");
+      s.className = "sub";
+      s.textContent = sub;
+      td.appendChild(s);
+    }
+    tr.appendChild(td);
+    return td;
+  }
+
+  function fillTable(id, rows, build) {
+    var body = $(id).tBodies[0];
+    var fresh = document.createElement("tbody");
+    rows.forEach(function (r) { var tr = document.createElement("tr"); build(tr, r); fresh.appendChild(tr); });
+    body.parentNode.replaceChild(fresh, body);
+    $(id).hidden = rows.length === 0;
+    $(id + "-empty").hidden = rows.length !== 0;
+  }
+
+  function render(s) {
+    var t = s.totals || {};
+    var rate = s.rate;
+    setFigure("rate", rate, rate === null || rate === undefined ? "—" : rate.toFixed(2));
+    $("dead-rate").textContent = s.dead_rate ? "· " + s.dead_rate.toFixed(2) + " dead/s" : "";
+    setFigure("rows", t.rows, t.rows === undefined || t.rows === null ? "—" : (t.rows_exact === false ? "≈ " : "") + num(t.rows));
+    setFigure("pending", s.pending);
+    setFigure("lag", s.lag);
+    setFigure("dead", t.dead_letters);
+
+    var sum = s.consumers_summary || {};
+    var live = sum.healthy || 0;
+    setFigure("consumer-count", live);
+    var parts = [live + " healthy"];
+    if (sum.stalled) parts.push(sum.stalled + " stalled");
+    if (sum.gone) parts.push(sum.gone + " gone");
+    $("consumer-health").textContent = parts.join(" · ");
+
+    chart.update(s.series, s.updated, 300);
+
+    fillTable("consumers", s.consumers || [], function (tr, c) {
+      cell(tr, c.name, "name", c.host ? c.host + (c.pid ? " · pid " + c.pid : "") : "");
+      var td = document.createElement("td");
+      var pill = document.createElement("span");
+      pill.className = "pill " + c.health;
+      pill.textContent = c.health;
+      td.appendChild(pill);
+      if (c.last_error) {
+        var err = document.createElement("span");
+        err.className = "sub";
+        err.textContent = "last error: " + c.last_error;
+        td.appendChild(err);
+      }
+      tr.appendChild(td);
+      cell(tr, c.rate === null || c.rate === undefined ? "—" : c.rate.toFixed(1), "num");
+      cell(tr, num(c.inserted), "num hide-sm");
+      cell(tr, num(c.pending), "num");
+      cell(tr, c.heartbeat ? ago(c.heartbeat_age_s) : "none", "num hide-sm");
+    });
+
+    var reasons = s.dead_by_reason || [];
+    var top = reasons.length ? reasons[0].count : 1;
+    var list = $("reasons");
+    while (list.firstChild) list.removeChild(list.firstChild);
+    reasons.forEach(function (r) {
+      var li = document.createElement("li");
+      var label = document.createElement("div");
+      label.className = "label";
+      var a = document.createElement("span"); a.textContent = r.reason;
+      var b = document.createElement("span"); b.textContent = num(r.count);
+      label.appendChild(a); label.appendChild(b);
+      var track = document.createElement("div"); track.className = "track";
+      var fill = document.createElement("div"); fill.className = "fill";
+      fill.style.width = Math.max(2, (100 * r.count) / top) + "%";
+      track.appendChild(fill);
+      li.appendChild(label); li.appendChild(track);
+      li.dataset.reason = r.reason;
+      li.dataset.count = r.count;
+      list.appendChild(li);
+    });
+    $("reasons-empty").hidden = reasons.length !== 0;
+    $("reasons-empty").textContent = s.dead_counting ? "Counting…" : "No dead letters.";
+
+    var now = s.updated || Date.now() / 1000;
+    fillTable("latest", s.latest || [], function (tr, e) {
+      cell(tr, e.filename, "name", e.stream_id);
+      cell(tr, bytes(e.size_bytes), "num");
+      cell(tr, e.content_type || "—", "hide-sm");
+      cell(tr, e.consumer, "hide-sm");
+      cell(tr, e.processed_at ? ago(now - Date.parse(e.processed_at) / 1000) : "—", "num");
+    });
+
+    var errors = [];
+    if (s.errors && s.errors.redis) errors.push("Redis unreachable: " + s.errors.redis);
+    if (s.errors && s.errors.postgresql) errors.push("PostgreSQL: " + s.errors.postgresql);
+    var banner = $("banner");
+    banner.textContent = errors.join(" — ") + (errors.length ? " (showing the last known figures)" : "");
+    banner.hidden = errors.length === 0;
+    $("updated").textContent = s.updated ? new Date(s.updated * 1000).toLocaleTimeString() : "—";
+  }
+
+  function setLive(ok, detail) {
+    live.dataset.state = ok ? "live" : "down";
+    live.textContent = ok ? "live" : "reconnecting…";
+    live.title = ok ? "Live updates every " + interval / 1000 + " s" : String(detail || "");
+  }
+
+  function schedule() {
+    clearTimeout(timer);
+    if (document.hidden) return;
+    var delay = failures ? Math.min(15000, interval * Math.pow(2, failures)) : interval;
+    timer = setTimeout(poll, delay);
+  }
+
+  function poll() {
+    if (inFlight) return;
+    inFlight = true;
+    fetch("/api/status", { cache: "no-store", headers: { accept: "application/json" } })
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (s) { render(s); failures = 0; setLive(true); })
+      .catch(function (e) { failures++; setLive(false, e); })
+      .then(function () { inFlight = false; schedule(); });
+  }
+
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) poll(); });
+  poll();
+})();

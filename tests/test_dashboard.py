@@ -1,0 +1,552 @@
+"""The dashboard as its users see it: a real Chromium on a real HTTP server, real
+Redis and PostgreSQL, a real consumer. Screenshots go to `artifacts/`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from playwright.sync_api import Browser, Page, sync_playwright
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+from tests.conftest import Env
+
+from filepipe.config import Settings
+from filepipe.consumer import Consumer
+from filepipe.dashboard.app import create_app
+from filepipe.dashboard.upload import STAGING_DIR, clean_filename
+from filepipe.embedded import free_port
+
+CHROMIUM = os.environ.get("FILEPIPE_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+TOKEN = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
+
+
+# -- serving ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Runs `app` on uvicorn in a thread on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), "the server stopped before it started"
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@contextlib.contextmanager
+def running_consumer(settings: Settings) -> Iterator[Consumer]:
+    """A consumer running (not draining) in a thread, as `filepipe consume` would."""
+    consumer = Consumer(settings, write=None)
+    thread = threading.Thread(target=consumer.run, name="test-consumer", daemon=True)
+    thread.start()
+    try:
+        yield consumer
+    finally:
+        consumer.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def web(env: Env) -> Iterator[str]:
+    app = create_app(env.settings, allow_upload=True, max_upload_bytes=256 * 1024, interval=0.25)
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def watch_console(page: Page) -> list[str]:
+    """Collects console errors and uncaught exceptions (a CSP violation is one)."""
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    return problems
+
+
+def figure(page: Page, element_id: str) -> str:
+    return str(page.get_attribute(f"#{element_id}", "data-value") or "")
+
+
+def upload_token(client: httpx.Client) -> str:
+    page = client.get("/upload")
+    assert page.status_code == 200
+    found = TOKEN.search(page.text)
+    assert found, "no token in the form"
+    return found.group(1)
+
+
+def staged_files(env: Env) -> list[Path]:
+    staging = env.storage / STAGING_DIR
+    return list(staging.iterdir()) if staging.exists() else []
+
+
+# -- the user's path: upload in the browser, watch the dashboard count them ------------
+
+
+def test_upload_in_browser_then_dashboard_counts_them_live(
+    env: Env, web: str, browser: Browser, tmp_path: Path
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    names = ["report 1.pdf", 'über "quoted" name.txt', "photo_2.jpg"]
+    bodies = [
+        b"%PDF-1.7\n" + os.urandom(3000),
+        "grüße\n".encode() * 50,
+        b"\xff\xd8\xff\xe0" + os.urandom(5000),
+    ]
+    picks = []
+    for name, body in zip(names, bodies, strict=True):
+        p = tmp_path / "pick" / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(body)
+        picks.append(p)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems = watch_console(page)
+    page.goto(f"{web}/upload")
+    page.set_input_files("#files", [str(p) for p in picks])
+    assert page.locator("#chosen li").count() == 3
+    page.click("#submit")
+    page.wait_for_selector("#result")
+    assert page.inner_text("#result-count") == "3"
+    assert env.redis.xlen(env.settings.stream) == 3
+    page.screenshot(path=str(ARTIFACTS / "upload-desktop.png"), full_page=True)
+
+    # The dashboard, open before any consumer runs: nothing processed, 3 waiting.
+    page.goto(f"{web}/dashboard")
+    page.evaluate("window.__notReloaded = true")
+    page.wait_for_function("() => document.getElementById('live').dataset.state === 'live'")
+    page.wait_for_function("() => document.getElementById('lag').dataset.value === '3'")
+    assert figure(page, "rows") == "0"
+
+    with running_consumer(env.settings) as consumer:
+        page.wait_for_function("() => document.getElementById('rows').dataset.value === '3'", timeout=20_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#consumers tbody tr')]"
+            ".some(r => r.innerText.includes('healthy'))",
+            timeout=20_000,
+        )
+        page.wait_for_function("() => document.querySelectorAll('#chart svg path.line').length === 1")
+        assert page.evaluate("window.__notReloaded") is True  # updated in place
+        assert figure(page, "lag") == "0" and figure(page, "pending") == "0"
+        consumers = page.inner_text("#consumers")
+        assert consumer.name in consumers
+        latest = page.inner_text("#latest")
+        for name in names:
+            assert name in latest
+        page.screenshot(path=str(ARTIFACTS / "dashboard-desktop.png"), full_page=True)
+
+        phone = browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
+        )
+        mobile = phone.new_page()
+        mobile_problems = watch_console(mobile)
+        mobile.goto(f"{web}/dashboard")
+        mobile.wait_for_function("() => document.getElementById('rows').dataset.value === '3'")
+        mobile.wait_for_function("() => document.querySelectorAll('#latest tbody tr').length === 3")
+        # Readable on a phone: nothing wider than the screen but the scrollable tables.
+        assert mobile.evaluate("document.documentElement.scrollWidth") <= 390
+        mobile.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
+        mobile.goto(f"{web}/upload")
+        assert mobile.evaluate("document.documentElement.scrollWidth") <= 390
+        mobile.screenshot(path=str(ARTIFACTS / "upload-phone.png"), full_page=True)
+        phone.close()
+    context.close()
+    assert problems == [] and mobile_problems == []
+
+    # Stored and recorded exactly as `filepipe produce` + `consume` do.
+    rows = env.sql(f"SELECT filename, size_bytes, checksum_sha256, storage_key FROM {env.settings.table}")
+    by_name = {r[0]: r for r in rows}
+    assert sorted(by_name) == sorted(names)
+    for name, body in zip(names, bodies, strict=True):
+        _, size, checksum, key = by_name[name]
+        assert size == len(body) and checksum == hashlib.sha256(body).hexdigest()
+        assert (env.storage / key).read_bytes() == body
+        assert re.fullmatch(r"\d{4}/\d{2}/\d{2}/[0-9a-f-]{36}/[A-Za-z0-9._-]+", key)
+    assert staged_files(env) == []
+
+
+def test_a_cross_site_page_cannot_upload(env: Env, web: str, browser: Browser) -> None:
+    """A page on another origin posts a form to /upload in the same browser, after the
+    user has opened the upload page (so the browser holds the cookie)."""
+    evil_html = f"""<!doctype html><form id=f method=post action="{web}/upload" enctype="multipart/form-data">
+      <input type=hidden name=csrf_token value="{"0" * 64}"><input type=file name=files id=files></form>"""
+    evil = Starlette(routes=[Route("/", lambda request: HTMLResponse(evil_html))])
+    with serve(evil) as evil_url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{web}/upload")  # the user's own session
+        page.goto(evil_url.replace("127.0.0.1", "localhost"))
+        page.set_input_files(
+            "#files", files=[{"name": "x.txt", "mimeType": "text/plain", "buffer": b"pwned"}]
+        )
+        with page.expect_navigation():
+            page.evaluate("document.getElementById('f').submit()")
+        assert "security token" in page.content() or "Cross-site" in page.content()
+        context.close()
+    assert env.redis.xlen(env.settings.stream) == 0
+    assert staged_files(env) == []
+
+
+# -- cross-site request protection, over plain HTTP --------------------------------------
+
+
+def multipart(token: str | None, files: list[tuple[str, bytes]]) -> dict[str, Any]:
+    data = {"csrf_token": token} if token is not None else {}
+    return {
+        "data": data,
+        "files": [("files", (name, body, "application/octet-stream")) for name, body in files],
+    }
+
+
+def test_upload_needs_the_token_of_its_own_cookie_and_same_origin(env: Env, web: str) -> None:
+    with httpx.Client(base_url=web) as client:
+        token = upload_token(client)
+        cookie = client.cookies.get("filepipe_csrf")
+        assert cookie and token
+        with httpx.Client(base_url=web) as fresh:
+            set_cookie = fresh.get("/upload").headers["set-cookie"].lower()
+        assert "httponly" in set_cookie and "samesite=strict" in set_cookie and "path=/" in set_cookie
+
+        refused = [
+            client.post("/upload", **multipart(None, [("a.txt", b"a")])),  # no token
+            client.post("/upload", **multipart("f" * 64, [("a.txt", b"a")])),  # wrong token
+            client.post(
+                "/upload", **multipart(token, [("a.txt", b"a")]), headers={"origin": "http://evil.example"}
+            ),
+            client.post("/upload", **multipart(token, [("a.txt", b"a")]), headers={"origin": "null"}),
+            client.post(
+                "/upload", **multipart(token, [("a.txt", b"a")]), headers={"sec-fetch-site": "cross-site"}
+            ),
+            client.post(
+                "/upload",
+                **multipart(token, [("a.txt", b"a")]),
+                headers={"referer": "http://evil.example/page"},
+            ),
+        ]
+        assert [r.status_code for r in refused] == [403] * len(refused)
+        # The token belongs to one browser's cookie: another cookie makes it worthless.
+        with httpx.Client(base_url=web) as other:
+            upload_token(other)
+            assert other.post("/upload", **multipart(token, [("a.txt", b"a")])).status_code == 403
+        assert env.redis.xlen(env.settings.stream) == 0
+
+        ok = client.post("/upload", **multipart(token, [("a.txt", b"hello")]), headers={"origin": web})
+        assert ok.status_code == 303 and ok.headers["location"] == "/upload?enqueued=1&bytes=5"
+        # A script may send the token as a header instead; JSON in, JSON out.
+        js = client.post(
+            "/upload",
+            files=[("files", ("b.txt", b"hi"))],
+            headers={"x-csrf-token": token, "accept": "application/json"},
+        )
+        assert js.status_code == 200 and js.json()["enqueued"] == 1
+        assert js.json()["files"][0]["filename"] == "b.txt"
+    assert env.redis.xlen(env.settings.stream) == 2
+    assert staged_files(env) == []
+
+
+def test_unknown_host_names_are_refused(web: str) -> None:
+    """DNS rebinding: a page served as evil.example resolving to 127.0.0.1 gets nothing."""
+    with httpx.Client(base_url=web) as client:
+        assert client.get("/dashboard", headers={"host": "evil.example"}).status_code == 400
+        assert client.get("/dashboard", headers={"host": "localhost"}).status_code == 200
+
+
+def test_pages_forbid_inline_script_and_framing(web: str) -> None:
+    with httpx.Client(base_url=web) as client:
+        r = client.get("/dashboard")
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "<script>" not in r.text and not re.search(r"<[^>]*\son[a-z]+\s*=", r.text)
+
+
+# -- limits -------------------------------------------------------------------------------
+
+
+def test_upload_size_limit_is_enforced_while_streaming(env: Env, web: str) -> None:
+    limit = 256 * 1024
+    with httpx.Client(base_url=web, timeout=30) as client:
+        token = upload_token(client)
+        # Declared too large: refused before the body is read.
+        big = client.post("/upload", **multipart(token, [("big.bin", b"x" * (limit + 1))]))
+        assert big.status_code == 413 and "larger than" in big.text
+
+        # Not declared (chunked): refused as soon as the count passes the limit.
+        boundary = "fpboundary"
+        sent = {"bytes": 0}
+
+        def body() -> Iterator[bytes]:
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n{token}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="huge.bin"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            yield head
+            chunk = b"y" * 65536
+            for _ in range(12):  # 768 KiB
+                sent["bytes"] += len(chunk)
+                yield chunk
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        streamed = client.post(
+            "/upload",
+            content=body(),
+            headers={
+                "content-type": f"multipart/form-data; boundary={boundary}",
+                "accept": "application/json",
+            },
+        )
+        assert streamed.status_code == 413, streamed.text
+        assert streamed.json()["reason"] in ("too_large", "file_too_large")
+        assert "content-length" not in streamed.request.headers
+
+        # Many small files within the limit are fine.
+        ok = client.post("/upload", **multipart(token, [(f"f{i}.txt", b"z" * 1000) for i in range(20)]))
+        assert ok.status_code == 303
+    assert env.redis.xlen(env.settings.stream) == 20
+    assert staged_files(env) == []
+
+
+def test_per_file_limit_follows_max_file_bytes(env: Env) -> None:
+    app = create_app(env.settings_with(max_file_bytes=1000), allow_upload=True, interval=0.25)
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        token = upload_token(client)
+        r = client.post("/upload", **multipart(token, [("ok.txt", b"a" * 999), ("too big.txt", b"b" * 1001)]))
+        assert r.status_code == 413 and "too big.txt is larger than" in r.text
+        assert env.redis.xlen(env.settings.stream) == 0  # all of the request, or none of it
+        assert staged_files(env) == []
+
+
+def test_names_are_made_safe(env: Env, web: str) -> None:
+    with httpx.Client(base_url=web) as client:
+        token = upload_token(client)
+        files = [("../../../etc/passwd", b"1"), ("..", b"2"), ("a\\b\\c.txt", b"3"), ("x\x7fy.txt", b"4")]
+        r = client.post("/upload", **multipart(token, files), headers={"accept": "application/json"})
+        assert r.status_code == 200, r.text
+        assert [f["filename"] for f in r.json()["files"]] == ["passwd", "upload", "c.txt", "xy.txt"]
+    entries = env.redis.xrange(env.settings.stream)
+    keys = [fields[b"key"].decode() for _, fields in entries]
+    for key in keys:
+        path = (env.storage / key).resolve()
+        assert path.is_relative_to(env.storage.resolve()) and path.is_file()
+        assert ".." not in key.split("/")
+    assert not (env.storage.parent / "etc").exists()
+    assert clean_filename("a\x00b.txt") == "ab.txt" and len(clean_filename("n" * 1000)) == 255
+
+
+def test_upload_is_off_unless_enabled(env: Env) -> None:
+    with serve(create_app(env.settings, interval=0.25)) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/upload").status_code == 404
+        assert client.post("/upload", files=[("files", ("a.txt", b"a"))]).status_code in (404, 405)
+        assert 'href="/upload"' not in client.get("/dashboard").text
+    assert env.redis.xlen(env.settings.stream) == 0
+
+
+# -- the figures --------------------------------------------------------------------------
+
+
+def test_status_figures_dead_letters_consumers_lag(env: Env, web: str) -> None:
+    s = env.settings
+    for i in range(4):
+        env.write_file(f"ok/{i}.txt", f"file {i}".encode())
+        env.xadd(
+            {
+                "file_id": f"00000000-0000-4000-8000-00000000000{i}",
+                "filename": f"{i}.txt",
+                "key": f"ok/{i}.txt",
+            }
+        )
+    env.xadd({"filename": "no id", "key": "ok/0.txt"})
+    env.xadd(
+        {"file_id": "00000000-0000-4000-8000-0000000000aa", "filename": "gone.txt", "key": "missing.txt"}
+    )
+    env.xadd({"file_id": "not-a-uuid", "filename": "x", "key": "ok/1.txt"})
+    env.drain()
+    expected = Counter(f[b"reason"].decode() for _, f in env.dead())
+    assert sum(expected.values()) == 3
+
+    # A consumer that died holding two entries, and two entries nobody has read yet.
+    env.xadd({"file_id": "00000000-0000-4000-8000-0000000000b1", "filename": "a", "key": "ok/1.txt"})
+    env.xadd({"file_id": "00000000-0000-4000-8000-0000000000b2", "filename": "b", "key": "ok/2.txt"})
+    env.redis.xreadgroup(s.group, "crashed-consumer", {s.stream: ">"}, count=2)
+    env.xadd({"file_id": "00000000-0000-4000-8000-0000000000b3", "filename": "c", "key": "ok/3.txt"})
+    env.xadd({"file_id": "00000000-0000-4000-8000-0000000000b4", "filename": "d", "key": "ok/3.txt"})
+
+    with httpx.Client(base_url=web) as client:
+
+        def settled() -> dict[str, Any] | None:
+            snap: dict[str, Any] = client.get("/api/status").json()
+            return (
+                snap
+                if snap["lag"] == 2 and snap["totals"].get("rows") == 4 and snap["dead_by_reason"]
+                else None
+            )
+
+        snap = wait_for(settled, what="the sampler to see the stream")
+        assert snap["errors"] == {"redis": None, "postgresql": None}
+        assert snap["pending"] == 2
+        assert snap["totals"]["dead_letters"] == 3 and snap["totals"]["stream_length"] == 11
+        assert {r["reason"]: r["count"] for r in snap["dead_by_reason"]} == dict(expected)
+        crashed = [c for c in snap["consumers"] if c["name"] == "crashed-consumer"]
+        assert crashed and crashed[0]["health"] == "gone" and crashed[0]["pending"] == 2
+        assert [e["filename"] for e in snap["latest"]][:1] == ["3.txt"]
+        assert len(snap["series"]["t"]) >= 2
+
+        metrics = client.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+        values = {
+            (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for f in families.values()
+            for smp in f.samples
+        }
+        group_labels = (("group", s.group), ("stream", s.stream))
+        assert values[("filepipe_lag_entries", group_labels)] == 2
+        assert values[("filepipe_pending_entries", group_labels)] == 2
+        assert values[("filepipe_table_rows", (("table", s.table),))] == 4
+        assert values[("filepipe_group_acked_total", group_labels)] == 7
+        for reason, n in expected.items():
+            assert (
+                values[("filepipe_dead_letter_entries", (("reason", reason), ("stream", s.dead_stream)))] == n
+            )
+        assert values[("filepipe_service_up", (("service", "postgresql"),))] == 1
+        assert families["filepipe_group_acked"].type == "counter"
+
+
+def test_health_and_readiness(env: Env, web: str) -> None:
+    with httpx.Client(base_url=web) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {
+            "ready": True,
+            "checks": {"redis": "ok", "postgresql": "ok"},
+        }
+
+
+def test_not_ready_and_flagged_when_postgres_is_unreachable(env: Env) -> None:
+    settings = env.settings_with(
+        pg_uri=f"postgresql://postgres@127.0.0.1:{free_port()}/none", connect_timeout_s=1
+    )
+    with serve(create_app(settings, interval=0.25)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["postgresql"] != "ok"
+        snap = client.get("/api/status").json()
+        assert snap["errors"]["postgresql"] and snap["errors"]["redis"] is None
+        assert client.get("/dashboard").status_code == 200
+
+
+def test_dashboard_shows_an_outage_in_the_browser(env: Env, browser: Browser) -> None:
+    settings = env.settings_with(redis_url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1)
+    with serve(create_app(settings, interval=0.5)) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/dashboard")
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "Redis unreachable" in page.inner_text("#banner")
+        page.close()
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_dashboard_command_serves_until_sigterm(env: Env, tmp_path: Path) -> None:
+    s = env.settings
+    port = free_port()
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))}
+    e.update(
+        {
+            "REDIS_URL": s.redis_url,
+            "PG_URI": s.pg_uri,
+            "STREAM_NAME": s.stream,
+            "FILEPIPE_TABLE": s.table,
+            "LOCAL_STORAGE_DIR": str(env.storage),
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filepipe", "dashboard", "--port", str(port), "--allow-upload"],
+        env=e,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+
+            def up() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                with contextlib.suppress(httpx.TransportError):
+                    return client.get("/healthz").status_code == 200
+                return False
+
+            wait_for(up, timeout=30, what="the dashboard to listen")
+            assert client.get("/readyz").status_code == 200
+            assert client.get("/upload").status_code == 200
+            assert s.stream in client.get("/dashboard").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/dashboard" in out
