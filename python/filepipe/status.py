@@ -1,0 +1,664 @@
+"""`filepipe status`: the whole pipeline at a glance (the seed's `python status.py`).
+
+Redis says what is waiting (stream length, group lag, pending entries, each
+consumer's pending and idle time, dead letters by reason); the consumers' heartbeats
+say who is alive, where, how fast and what went wrong last; the events table says
+what arrived (rows in the last minute and hour, throughput). From those, one health
+line and an exit code: 0 healthy, 1 degraded or unreachable.
+
+Every age is measured against the server's own clock (Redis TIME, PostgreSQL
+now()), so clock skew between hosts does not distort it.
+"""
+
+import contextlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+import psycopg
+import redis
+import typer
+from psycopg import sql
+
+from . import db, stream
+from .config import Settings, mask_url
+from .constants import HEARTBEAT_TTL_S, heartbeat_key
+
+WINDOW_S = 60  # "last minute": arrivals, dead letters, rows, throughput
+ARRIVALS_CAP = 10_000  # entries read to count the last minute's arrivals
+DEAD_SCAN_LIMIT = 100_000  # dead letters read to count reasons (the newest ones)
+LARGE_TABLE_ROWS = 1_000_000  # above this, the row total is PostgreSQL's estimate
+STATEMENT_TIMEOUT_MS = 15_000
+
+Command = Callable[..., Any]
+
+
+# -- state ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConsumerState:
+    name: str
+    pending: int
+    idle_s: float
+    host: str | None = None
+    pid: int | None = None
+    rate: float | None = None
+    inserted: int | None = None
+    last_error: str = ""
+    heartbeat_age_s: float | None = None
+    silent: bool = False
+
+
+@dataclass
+class PendingEntry:
+    id: str
+    consumer: str
+    age_s: float
+    idle_s: float
+    deliveries: int
+
+
+@dataclass
+class StreamState:
+    exists: bool = False
+    length: int = 0
+    last_entry_id: str = ""
+    last_entry_age_s: float | None = None
+    entries_added: int | None = None
+    group_exists: bool = False
+    lag: int | None = None
+    lag_capped: bool = False
+    entries_read: int | None = None
+    waiting_age_s: float | None = None  # the oldest entry not yet delivered
+    pending: int = 0
+    oldest_pending: PendingEntry | None = None
+    arrivals_last_minute: int = 0
+    arrivals_capped: bool = False
+    consumers: list[ConsumerState] = field(default_factory=list)
+    dead_total: int = 0
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
+    dead_counted: int = 0  # dead letters whose reason was read (the newest DEAD_SCAN_LIMIT)
+    dead_last_minute: int = 0
+    dead_last_minute_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TableState:
+    exists: bool = False
+    rows_total: int = 0
+    rows_estimated: bool = False
+    rows_last_minute: int = 0
+    rows_last_hour: int = 0
+    recent_limited_to_day: bool = False  # large table: recent rows counted among the last day's events
+
+    @property
+    def throughput(self) -> float:
+        """Rows per second over the last minute."""
+        return self.rows_last_minute / WINDOW_S
+
+
+@dataclass
+class Status:
+    stream_name: str
+    group: str
+    table: str
+    dead_stream: str
+    redis_url: str
+    pg_uri: str
+    taken_at: str
+    redis: StreamState | None = None
+    events: TableState | None = None
+    redis_error: str = ""
+    pg_error: str = ""
+    health: str = "healthy"  # healthy | degraded | unreachable
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.health == "healthy" else 1
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["exit_code"] = self.exit_code
+        if self.events is not None:
+            d["events"]["throughput"] = self.events.throughput
+        return d
+
+
+# -- collecting -------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _id_ms(entry_id: Any) -> int:
+    return int(_text(entry_id).partition("-")[0] or 0)
+
+
+class Collector:
+    """Reads the state of one stream, group and table; keeps its connections between
+    refreshes (`--watch`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = stream.connect(settings, socket_timeout=max(10.0, settings.connect_timeout_s * 2))
+        self.pg: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        self.redis.close()
+        if self.pg is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.pg.close()
+            self.pg = None
+
+    def collect(self) -> Status:
+        s = self.settings
+        st = Status(
+            stream_name=s.stream,
+            group=s.group,
+            table=s.table,
+            dead_stream=s.dead_stream,
+            redis_url=mask_url(s.redis_url),
+            pg_uri=mask_url(s.pg_uri),
+            taken_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        try:
+            st.redis = self._collect_redis()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            st.redis_error = f"cannot reach Redis at {st.redis_url}: {db.first_line(e)}"
+        except redis.RedisError as e:
+            st.redis_error = f"Redis refused a status query: {db.first_line(e)}"
+        try:
+            st.events = self._collect_table()
+        except psycopg.OperationalError as e:
+            st.pg_error = f"cannot reach PostgreSQL at {st.pg_uri}: {db.first_line(e)}"
+            self._drop_pg()
+        except psycopg.Error as e:
+            st.pg_error = f"PostgreSQL refused a status query: {db.first_line(e)}"
+            self._drop_pg()
+        assess(st, s)
+        return st
+
+    # -- Redis --------------------------------------------------------------------------------
+
+    def _collect_redis(self) -> StreamState:
+        s, r = self.settings, self.redis
+        sec, usec = r.time()
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        out = StreamState()
+        try:
+            info = r.xinfo_stream(s.stream)
+        except redis.ResponseError as e:
+            if "no such key" not in str(e).lower():
+                raise
+            info = None
+        if info is not None:
+            out.exists = True
+            out.length = int(info["length"])
+            last = info.get("last-generated-id")
+            if last and _text(last) != "0-0":
+                out.last_entry_id = _text(last)
+                out.last_entry_age_s = max(0.0, (now_ms - _id_ms(last)) / 1000)
+            added = info.get("entries-added")
+            out.entries_added = None if added is None else int(added)
+            self._collect_group(out, now_ms)
+            arrivals = (
+                r.xrange(s.stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP) or []
+            )
+            out.arrivals_last_minute = len(arrivals)
+            out.arrivals_capped = len(arrivals) >= ARRIVALS_CAP
+        self._collect_dead(out, now_ms)
+        return out
+
+    def _collect_group(self, out: StreamState, now_ms: int) -> None:
+        s, r = self.settings, self.redis
+        group = next((g for g in r.xinfo_groups(s.stream) if _text(g["name"]) == s.group), None)
+        if group is None:
+            return
+        out.group_exists = True
+        out.pending = int(group["pending"])
+        last_delivered = _text(group.get("last-delivered-id", "0-0"))
+        read = group.get("entries-read")
+        out.entries_read = None if read is None else int(read)
+        lag = group.get("lag")
+        if lag is not None:
+            out.lag = int(lag)
+        else:  # Redis cannot tell (entries deleted in between, or Redis < 7): count, up to a cap
+            waiting = r.xrange(s.stream, min=f"({last_delivered}", max="+", count=ARRIVALS_CAP) or []
+            out.lag, out.lag_capped = len(waiting), len(waiting) >= ARRIVALS_CAP
+        if out.lag:
+            first = r.xrange(s.stream, min=f"({last_delivered}", max="+", count=1)
+            if first:
+                out.waiting_age_s = max(0.0, (now_ms - _id_ms(first[0][0])) / 1000)
+        if out.pending:
+            rows = r.xpending_range(s.stream, s.group, min="-", max="+", count=1)
+            if rows:
+                row = rows[0]
+                out.oldest_pending = PendingEntry(
+                    id=_text(row["message_id"]),
+                    consumer=_text(row["consumer"]),
+                    age_s=max(0.0, (now_ms - _id_ms(row["message_id"])) / 1000),
+                    idle_s=int(row["time_since_delivered"]) / 1000,
+                    deliveries=int(row["times_delivered"]),
+                )
+        consumers = r.xinfo_consumers(s.stream, s.group)
+        pipe = r.pipeline(transaction=False)
+        for c in consumers:
+            key = heartbeat_key(s.stream, _text(c["name"]))
+            pipe.get(key)
+            pipe.pttl(key)
+        replies = pipe.execute() if consumers else []
+        for i, c in enumerate(consumers):
+            state = ConsumerState(
+                name=_text(c["name"]), pending=int(c["pending"]), idle_s=int(c["idle"]) / 1000
+            )
+            _apply_heartbeat(state, replies[2 * i], replies[2 * i + 1])
+            out.consumers.append(state)
+
+    def _collect_dead(self, out: StreamState, now_ms: int) -> None:
+        s, r = self.settings, self.redis
+        out.dead_total = int(r.xlen(s.dead_stream))
+        if not out.dead_total:
+            return
+        reasons: Counter[str] = Counter()
+        recent: Counter[str] = Counter()
+        since = now_ms - WINDOW_S * 1000
+        upper = "+"
+        seen = 0
+        while seen < DEAD_SCAN_LIMIT:
+            page = r.xrevrange(s.dead_stream, max=upper, min="-", count=min(1000, DEAD_SCAN_LIMIT - seen))
+            if not page:
+                break
+            for entry_id, fields in page:
+                reason = _text((fields or {}).get(b"reason", b"unknown"))
+                reasons[reason] += 1
+                if _id_ms(entry_id) >= since:
+                    recent[reason] += 1
+            seen += len(page)
+            upper = f"({_text(page[-1][0])}"
+        out.dead_counted = seen
+        out.dead_by_reason = dict(reasons.most_common())
+        out.dead_last_minute = sum(recent.values())
+        out.dead_last_minute_by_reason = dict(recent.most_common())
+
+    # -- PostgreSQL ---------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self.pg is None or self.pg.closed:
+            self.pg = db.connect(
+                self.settings, autocommit=True, options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            )
+        return self.pg
+
+    def _drop_pg(self) -> None:
+        if self.pg is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.pg.close()
+        self.pg = None
+
+    def _collect_table(self) -> TableState:
+        table = self.settings.table
+        conn = self._connection()
+        out = TableState()
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+        out.exists = bool(row and row[0])
+        if not out.exists:
+            return out
+        ident = db.table_ident(table)
+        estimate = _estimated_rows(conn, table)
+        if estimate is not None and estimate >= LARGE_TABLE_ROWS:
+            out.rows_total, out.rows_estimated = estimate, True
+            out.recent_limited_to_day = True
+        else:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+            out.rows_total = int(row[0]) if row else 0
+        # processed_at has no index: on a large table, look only at the last day's events
+        # (event_time is indexed, and a hypertable skips older chunks).
+        day = (
+            sql.SQL(" AND event_time >= now() - interval '1 day'")
+            if out.recent_limited_to_day
+            else sql.SQL("")
+        )
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE processed_at >= now() - make_interval(secs => %s)), count(*) "
+                "FROM {} WHERE processed_at >= now() - interval '1 hour'{}"
+            ).format(ident, day),
+            (WINDOW_S,),
+        ).fetchone()
+        if row:
+            out.rows_last_minute, out.rows_last_hour = int(row[0]), int(row[1])
+        return out
+
+
+def _apply_heartbeat(state: ConsumerState, raw: Any, pttl: Any) -> None:
+    if raw is None:
+        return
+    try:
+        beat = json.loads(raw)
+    except (ValueError, TypeError):
+        return
+    if not isinstance(beat, dict):
+        return
+    state.host = str(beat["host"]) if beat.get("host") else None
+    state.pid = int(beat["pid"]) if isinstance(beat.get("pid"), int) else None
+    state.rate = float(beat["rate"]) if isinstance(beat.get("rate"), (int, float)) else None
+    state.inserted = int(beat["inserted"]) if isinstance(beat.get("inserted"), int) else None
+    state.last_error = str(beat.get("last_error") or "")
+    if isinstance(pttl, int) and pttl >= 0:
+        # Written with a TTL of HEARTBEAT_TTL_S: what is left of it says how old it is,
+        # by the Redis clock alone.
+        state.heartbeat_age_s = max(0.0, HEARTBEAT_TTL_S - pttl / 1000)
+
+
+def _estimated_rows(conn: psycopg.Connection[Any], table: str) -> int | None:
+    """PostgreSQL's estimate of the rows in `table` (a hypertable's from TimescaleDB)."""
+    try:
+        row = conn.execute("SELECT approximate_row_count(%s::regclass)", (table,)).fetchone()
+        if row and row[0] is not None and int(row[0]) > 0:
+            return int(row[0])
+    except psycopg.Error:
+        pass  # no TimescaleDB: the catalog's estimate
+    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+    if row is None or row[0] is None or int(row[0]) < 0:
+        return None
+    return int(row[0])
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+def assess(st: Status, settings: Settings) -> None:
+    """Sets `st.health` and `st.problems`: degraded when the backlog grows, a consumer
+    holding entries has gone silent, nobody reads a waiting backlog, dead letters are
+    being written, or the table is missing; unreachable when a service does not answer."""
+    problems: list[str] = []
+    if st.redis_error:
+        problems.append(st.redis_error)
+    if st.pg_error:
+        problems.append(st.pg_error)
+    silent_after = settings.claim_idle_ms / 1000
+    t, e = st.redis, st.events
+    if e is not None and not e.exists:
+        problems.append(f"table {st.table} does not exist (run `filepipe init-db`)")
+    if t is not None:
+        for c in t.consumers:
+            c.silent = (
+                c.pending > 0
+                and c.idle_s >= silent_after
+                and (c.heartbeat_age_s is None or c.heartbeat_age_s >= silent_after)
+            )
+            if c.silent:
+                problems.append(
+                    f"consumer {c.name} silent for {_duration(c.idle_s)} with {c.pending} pending "
+                    f"entr{'y' if c.pending == 1 else 'ies'}"
+                )
+        if t.length and not t.group_exists:
+            problems.append(
+                f"consumer group {st.group} does not exist: no consumer has read {st.stream_name} "
+                f"({t.length:,} entries)"
+            )
+        lag = t.lag or 0
+        if lag > 0:
+            live = [c for c in t.consumers if c.idle_s < silent_after or c.heartbeat_age_s is not None]
+            processed = None if e is None or not e.exists else e.rows_last_minute + t.dead_last_minute
+            growth = None if processed is None else t.arrivals_last_minute - processed
+            if (
+                growth is not None
+                and growth > max(10, 0.1 * t.arrivals_last_minute)
+                and not t.arrivals_capped
+            ):
+                problems.append(
+                    f"lag growing: {lag:,} entries not yet delivered; {t.arrivals_last_minute:,} arrived and "
+                    f"{processed:,} were processed in the last minute"
+                )
+            elif not live and (t.waiting_age_s or 0) >= silent_after:
+                problems.append(
+                    f"no live consumer: {lag:,} entries waiting for {_duration(t.waiting_age_s or 0)}"
+                )
+        if t.dead_last_minute:
+            detail = ", ".join(f"{r}: {n}" for r, n in t.dead_last_minute_by_reason.items())
+            problems.append(f"dead letters rising: {t.dead_last_minute} in the last minute ({detail})")
+    st.problems = problems
+    if st.redis_error or st.pg_error:
+        st.health = "unreachable"
+    else:
+        st.health = "degraded" if problems else "healthy"
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    s = max(0.0, seconds)
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    if s < 86400:
+        return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+    return f"{int(s // 86400)}d {int(s % 86400 // 3600)}h"
+
+
+def _line(label: str, value: str, detail: str = "") -> str:
+    text = f"  {label + ':':<24}{value:<18}"
+    return (text + "  " + detail).rstrip() if detail else text.rstrip()
+
+
+def _entries(n: int) -> str:
+    return f"{n:,} entr{'y' if n == 1 else 'ies'}"
+
+
+def render(st: Status, previous: Status | None = None, elapsed: float | None = None) -> str:
+    """The human report; with `previous` (`--watch`), what changed since then."""
+    out = [
+        f"filepipe status · Redis {st.redis_url} · PostgreSQL {st.pg_uri} · {st.taken_at}",
+        "",
+    ]
+    t = st.redis
+    out.append(f"STREAM {st.stream_name} (group {st.group})")
+    if t is None:
+        out.append(f"  ✗ {st.redis_error}")
+    elif not t.exists:
+        out.append("  (no stream yet: nothing has been produced)")
+    else:
+        age = f"last entry {_duration(t.last_entry_age_s)} ago" if t.last_entry_age_s is not None else ""
+        out.append(_line("Stream length", _entries(t.length), age))
+        if not t.group_exists:
+            out.append(_line("Group lag", "no consumer group yet"))
+        else:
+            lag = f"{'≥' if t.lag_capped else ''}{t.lag or 0:,} not yet delivered"
+            waiting = f"oldest waiting {_duration(t.waiting_age_s)}" if t.waiting_age_s is not None else ""
+            out.append(_line("Group lag", lag, waiting))
+            op = t.oldest_pending
+            detail = ""
+            if op is not None:
+                detail = (
+                    f"oldest from {_duration(op.age_s)} ago, idle {_duration(op.idle_s)}, "
+                    f"delivered {op.deliveries}x, consumer {op.consumer}"
+                )
+            out.append(_line("Pending", f"{t.pending:,} unacknowledged", detail))
+        cap = "≥" if t.arrivals_capped else ""
+        out.append(_line("Arrived (last minute)", f"{cap}{t.arrivals_last_minute:,}"))
+        if previous is not None and previous.redis is not None and elapsed:
+            out.append(_trend(t, previous.redis, elapsed))
+    out.append("")
+
+    if t is not None and t.group_exists:
+        out.append(f"CONSUMERS ({len(t.consumers)})")
+        if not t.consumers:
+            out.append("  (none has read yet)")
+        else:
+            name_w = max(8, *(len(c.name) for c in t.consumers))
+            host_w = max(4, *(len(c.host or "-") for c in t.consumers))
+            head = f"  {'NAME':<{name_w}}  {'HOST':<{host_w}}  {'PENDING':>7}  {'IDLE':>8}  {'RATE':>17}"
+            out.append(head + "  LAST ERROR")
+            for c in t.consumers:
+                rate = f"{c.rate:,.2f} files/sec" if c.rate is not None else "-"
+                note = "(no heartbeat)" if c.heartbeat_age_s is None else c.last_error or "-"
+                flag = "  ⚠ silent" if c.silent else ""
+                out.append(
+                    f"  {c.name:<{name_w}}  {c.host or '-':<{host_w}}  {c.pending:>7,}  "
+                    f"{_duration(c.idle_s):>8}  {rate:>17}  {note}{flag}"
+                )
+        out.append("")
+
+    if t is not None:
+        out.append(f"DEAD LETTERS {st.dead_stream}")
+        reasons = ", ".join(f"{r}: {n:,}" for r, n in t.dead_by_reason.items())
+        if t.dead_counted < t.dead_total:
+            reasons += f" (reasons of the newest {t.dead_counted:,})"
+        out.append(_line("Total", f"{t.dead_total:,}", reasons))
+        out.append(_line("Last minute", f"{t.dead_last_minute:,}"))
+        out.append("")
+
+    e = st.events
+    out.append(f"EVENTS TABLE {st.table}")
+    if e is None:
+        out.append(f"  ✗ {st.pg_error}")
+    elif not e.exists:
+        out.append("  ✗ does not exist (run `filepipe init-db`)")
+    else:
+        out.append(
+            _line(
+                "Rows",
+                f"{'~' if e.rows_estimated else ''}{e.rows_total:,}",
+                "(estimate)" if e.rows_estimated else "",
+            )
+        )
+        out.append(
+            _line("Last minute", f"{e.rows_last_minute:,}", f"Throughput: {e.throughput:,.2f} files/sec")
+        )
+        out.append(
+            _line(
+                "Last hour",
+                f"{e.rows_last_hour:,}",
+                "(of the last day's events)" if e.recent_limited_to_day else "",
+            )
+        )
+    out.append("")
+
+    if st.health == "healthy":
+        out.append("✓ HEALTHY")
+    else:
+        out.append(f"{'✗ UNREACHABLE' if st.health == 'unreachable' else '⚠ DEGRADED'}")
+        for p in st.problems:
+            out.append(f"  - {p}")
+    return "\n".join(out)
+
+
+def _trend(now: StreamState, before: StreamState, elapsed: float) -> str:
+    parts = []
+    if now.entries_added is not None and before.entries_added is not None:
+        parts.append(f"+{now.entries_added - before.entries_added:,} arrived")
+    if now.entries_read is not None and before.entries_read is not None:
+        parts.append(f"+{now.entries_read - before.entries_read:,} delivered")
+    if now.lag is not None and before.lag is not None:
+        parts.append(f"lag {now.lag - before.lag:+,}")
+    return _line(f"Last {elapsed:.0f} s", ", ".join(parts) or "-")
+
+
+def collect_status(settings: Settings) -> Status:
+    """One snapshot of the pipeline."""
+    collector = Collector(settings)
+    try:
+        return collector.collect()
+    finally:
+        collector.close()
+
+
+def watch(settings: Settings, interval: float, count: int | None = None) -> Status:
+    """Refreshes the report in place every `interval` seconds until Ctrl+C (or `count`
+    refreshes); returns the last snapshot."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console()
+    collector = Collector(settings)
+    previous: Status | None = None
+    last_at = time.monotonic()
+    try:
+        st = collector.collect()
+        with Live(Text(render(st)), console=console, auto_refresh=False, transient=False) as live:
+            done = 1
+            while count is None or done < count:
+                try:
+                    time.sleep(interval)
+                except KeyboardInterrupt:
+                    break
+                previous, st = st, collector.collect()
+                now = time.monotonic()
+                live.update(Text(render(st, previous, now - last_at)), refresh=True)
+                last_at = now
+                done += 1
+        return st
+    finally:
+        collector.close()
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) -> None:
+    """Adds `filepipe status`."""
+    from .cli import Debug, Group, PgUri, RedisUrl, Stream, Table, settings_from
+
+    @app.command("status")
+    @handle_errors
+    def status_cmd(
+        watch_: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl+C.")] = False,
+        interval: Annotated[
+            float,
+            typer.Option("--interval", min=0.1, max=3600, help="Seconds between refreshes with --watch."),
+        ] = 2.0,
+        count: Annotated[
+            int | None,
+            typer.Option(
+                "--count", min=1, help="With --watch, stop after this many refreshes.", show_default=False
+            ),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON document for scripts.")] = False,
+        claim_idle_ms: Annotated[
+            int | None,
+            typer.Option(
+                "--claim-idle-ms",
+                help="A consumer idle this long with entries pending is silent "
+                "[env: CLAIM_IDLE_MS; default 60000]",
+                show_default=False,
+            ),
+        ] = None,
+        redis_url: RedisUrl = None,
+        pg_uri: PgUri = None,
+        stream_name: Stream = None,
+        group: Group = None,
+        table: Table = None,
+        debug: Debug = False,
+    ) -> None:
+        """Stream, group lag, pending entries, consumers, dead letters and table throughput,
+        with a health line; exit 0 when healthy, 1 when degraded or unreachable."""
+        s = settings_from(
+            redis_url=redis_url,
+            pg_uri=pg_uri,
+            stream=stream_name,
+            group=group,
+            table=table,
+            claim_idle_ms=claim_idle_ms,
+        )
+        if watch_ and not as_json:
+            st = watch(s, interval, count)
+        else:
+            st = collect_status(s)
+            if as_json:
+                typer.echo(json.dumps(st.to_json(), indent=2))
+            else:
+                typer.echo(render(st))
+        raise typer.Exit(st.exit_code)
