@@ -52,8 +52,12 @@ typecheck: install ## mypy --strict on the package, stubtest on the extension
 test-rust: ## Rust unit tests of the pure core (no Python needed)
 	cargo test --no-default-features
 
+.PHONY: browser
+browser: ## Install Debian's Chromium for the dashboard's browser tests (if missing)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
 .PHONY: test
-test: install test-rust ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
+test: install test-rust browser ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: bench
