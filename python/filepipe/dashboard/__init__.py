@@ -8,7 +8,9 @@ starts as fast as before.
 # the command defined inside `register_cli`, which name aliases imported there.
 
 import ipaddress
+import signal
 from collections.abc import Callable
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -35,6 +37,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    pass
 
 
 def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -149,9 +155,16 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]],
             lifespan="on",
         )
         server = uvicorn.Server(config)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again
+        # against the handlers it found; these ignore it, so that a requested stop exits
+        # 0, as `filepipe consume` does.
+        previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             server.run()
         except OSError as e:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if not server.started:
             raise ConfigError(f"the dashboard could not start on {host}:{port} (see the messages above)")
