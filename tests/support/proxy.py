@@ -66,6 +66,8 @@ class TcpProxy:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()  # else its selector and self-pipe leak (a ResourceWarning)
 
     def __enter__(self) -> TcpProxy:
         return self.start()

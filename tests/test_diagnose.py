@@ -1,0 +1,310 @@
+"""`filepipe benchmark` against real services, with real latency injected by a loopback
+TCP proxy in front of one of them.
+
+No figure is asserted against a timed threshold; only the verdict is, and the injected
+delay (40 ms each way, so 80 ms per round trip) dwarfs anything a busy 2-core machine adds.
+Small batches (100) make the verdict depend on latency, not on how fast this machine's
+disk happens to be."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import typer
+from tests.conftest import Env
+from tests.support.proxy import TcpProxy
+from typer.testing import CliRunner
+
+from filepipe import diagnose
+from filepipe.cli import handle_errors
+from filepipe.config import Settings
+from filepipe.embedded import free_port
+
+runner = CliRunner()
+DELAY_MS = 40
+SECRET = "pw-Never-Shown-42"
+
+
+def benchmark_app() -> typer.Typer:
+    """`filepipe benchmark` on its own, as cli.py registers it."""
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """filepipe"""
+
+    diagnose.register_cli(app, handle_errors)
+    return app
+
+
+def with_port(url: str, port: int, password: str | None = None) -> str:
+    """`url` pointing at 127.0.0.1:`port`, optionally with a password."""
+    parts = urlsplit(url)
+    user = parts.username or ("default" if parts.scheme.startswith("redis") else "postgres")
+    auth = f"{user}:{password}@" if password else (f"{parts.username}@" if parts.username else "")
+    return urlunsplit((parts.scheme, f"{auth}127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
+
+
+def loopback_port(url: str) -> int:
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+        pytest.skip("the latency proxy only forwards to 127.0.0.1")
+    return parts.port
+
+
+@pytest.fixture
+def slow_pg(env: Env) -> Iterator[Settings]:
+    with TcpProxy(loopback_port(env.settings.pg_uri), delay_ms=DELAY_MS) as proxy:
+        yield env.settings_with(pg_uri=with_port(env.settings.pg_uri, proxy.port), batch_size=100)
+
+
+@pytest.fixture
+def slow_redis(env: Env) -> Iterator[Settings]:
+    with TcpProxy(loopback_port(env.settings.redis_url), delay_ms=DELAY_MS) as proxy:
+        yield env.settings_with(redis_url=with_port(env.settings.redis_url, proxy.port), batch_size=100)
+
+
+def run(settings: Settings, **kw: Any) -> diagnose.Report:
+    kw.setdefault("samples", 5)
+    kw.setdefault("connections", 2)
+    kw.setdefault("file_size", 4096)
+    return diagnose.benchmark(settings, **kw)
+
+
+def section(text: str, title: str) -> str:
+    """The lines of one section of the human report."""
+    return text.split(title, 1)[1].split("\n\n", 1)[0]
+
+
+def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
+    report = run(slow_pg)
+    text = diagnose.render(report)
+    assert report.verdict is not None and report.verdict.bottleneck == "postgres" and report.verdict.alarm
+    assert report.to_json()["bottleneck"] == "postgres"
+    assert "⚠️  DATABASE IS THE BOTTLENECK!" in text
+    assert "SOLUTION: CONSUMER_BATCH_SIZE=" in text and "Expected improvement: " in text
+    pg = section(text, "TIMESCALEDB PERFORMANCE")
+    assert "⚠ SLOW!" in pg and "⚠ Creating connections is expensive!" in pg
+    assert "⚠" not in section(text, "REDIS PERFORMANCE")
+    # The seed's per-file-connection consumer pays that latency per file; filepipe does not.
+    assert report.model is not None
+    assert report.model.old_rate() < report.model.fast_rate() < report.model.rate()
+    assert report.exit_code == 0
+
+
+def test_slow_redis_is_the_bottleneck(slow_redis: Settings) -> None:
+    report = run(slow_redis)
+    text = diagnose.render(report)
+    assert report.verdict is not None and report.verdict.bottleneck == "redis" and report.verdict.alarm
+    assert report.to_json()["bottleneck"] == "redis"
+    assert "⚠️  REDIS IS THE BOTTLENECK!" in text
+    assert "⚠ SLOW!" in section(text, "REDIS PERFORMANCE")
+    assert "⚠" not in section(text, "TIMESCALEDB PERFORMANCE")
+    assert report.exit_code == 0
+
+
+def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
+    report = run(env.settings, file_size=64 * 1024)
+    text = diagnose.render(report)
+    assert report.verdict is not None
+    assert report.verdict.bottleneck in ("storage", "consumer"), text
+    for slow in ("REDIS IS THE BOTTLENECK", "DATABASE IS THE BOTTLENECK", "UNREACHABLE"):
+        assert slow not in text
+    assert "⚠" not in section(text, "REDIS PERFORMANCE")
+    assert "⚠" not in section(text, "TIMESCALEDB PERFORMANCE")
+    assert report.exit_code == 0
+
+
+def test_json_for_machines_and_words_for_people(env: Env) -> None:
+    args = [
+        "benchmark",
+        "--redis-url",
+        env.settings.redis_url,
+        "--pg-uri",
+        env.settings.pg_uri,
+        "--table",
+        env.settings.table,
+        "--local-storage-dir",
+        str(env.storage),
+        "--samples",
+        "3",
+        "--connections",
+        "1",
+        "--file-size",
+        "4096",
+    ]
+    result = runner.invoke(benchmark_app(), [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["bottleneck"] in diagnose.COMPONENTS and doc["unreachable"] == []
+    assert doc["redis"]["ping"]["p50"] > 0 and doc["redis"]["xadd"]["n"] == 3 and doc["redis"]["batch"] > 0
+    pg = doc["postgres"]
+    assert (
+        pg["table_exists"]
+        and pg["new_connection"]["n"] == 1
+        and pg["round_trip"]["p99"] >= pg["round_trip"]["p50"]
+    )
+    assert pg["copy_rows"] == diagnose.COPY_ROWS and pg["copy_rows_per_s"] > 0 and pg["copy_mb_per_s"] > 0
+    assert pg["load_rows"] > 1 and not pg["load_estimated"]
+    assert pg["timescaledb"] == "" or isinstance(pg["hypertable"], bool)
+    assert doc["storage"]["kind"] == "local" and doc["storage"]["mb_per_s"] > 0 and doc["s3"] is None
+    model = doc["model"]
+    assert model["batch_size"] == env.settings.batch_size and model["file_size"] == 4096
+    assert 0 < model["old_consumer_files_per_s"] < model["filepipe_files_per_s"]
+    assert model["hiding_batch_size"] >= 1 and model["hiding_consumers"] >= 1
+    assert doc["pipeline"] is None
+
+    result = runner.invoke(benchmark_app(), args)
+    assert result.exit_code == 0, result.output
+    for words in (
+        "REDIS PERFORMANCE",
+        "PING (avg):",
+        "TIMESCALEDB PERFORMANCE",
+        "Connection time:",
+        "New connection (avg):",
+        "COPY throughput:",
+        "STORAGE PERFORMANCE",
+        "Local read+hash:",
+        "S3:                     not configured (skipped)",
+        "ESTIMATED THROUGHPUT",
+        "Old consumer (new connection per file):",
+        "Fast consumer (pooled, batch of 50):",
+        "To hide the latency: CONSUMER_BATCH_SIZE ≥",
+        "SOLUTION:",
+    ):
+        assert words in result.stdout, words
+    leftovers = [p for p in os.listdir(env.storage) if p.startswith(diagnose.SCRATCH_DIR_PREFIX)]
+    assert leftovers == []
+
+
+def test_passwords_never_appear(env: Env) -> None:
+    redis_port = loopback_port(env.settings.redis_url)
+    pg_port = loopback_port(env.settings.pg_uri)
+    args = [
+        "benchmark",
+        "--redis-url",
+        with_port(env.settings.redis_url, redis_port, SECRET),
+        "--pg-uri",
+        with_port(env.settings.pg_uri, pg_port, SECRET),
+        "--table",
+        env.settings.table,
+        "--local-storage-dir",
+        str(env.storage),
+        "--samples",
+        "3",
+        "--connections",
+        "1",
+        "--file-size",
+        "4096",
+    ]
+    for extra in ([], ["--json"]):
+        result = runner.invoke(benchmark_app(), [*args, *extra])
+        assert SECRET not in result.output
+        assert ":***@" in result.output
+
+
+def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> None:
+    port = free_port()
+    args = [
+        "benchmark",
+        "--redis-url",
+        f"redis://default:{SECRET}@127.0.0.1:{port}/0",
+        "--pg-uri",
+        f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db",
+        "--local-storage-dir",
+        str(tmp_path / "missing"),
+        "--samples",
+        "3",
+        "--connections",
+        "1",
+    ]
+    result = runner.invoke(benchmark_app(), args)
+    assert result.exit_code == 1
+    assert SECRET not in result.output
+    assert f"cannot reach Redis at redis://default:***@127.0.0.1:{port}/0" in result.stdout
+    assert f"cannot reach PostgreSQL at postgresql://postgres:***@127.0.0.1:{port}/db" in result.stdout
+    assert "LOCAL_STORAGE_DIR" in result.stdout and "does not exist" in result.stdout
+    assert "✗ REDIS IS UNREACHABLE" in result.stdout
+
+    result = runner.invoke(benchmark_app(), [*args, "--json"])
+    assert result.exit_code == 1 and SECRET not in result.output
+    doc = json.loads(result.stdout)
+    assert doc["unreachable"] == ["redis", "postgres", "storage"] and doc["bottleneck"] == "redis"
+
+    # Only PostgreSQL down: the rest is measured, the report says which one, exit 1.
+    result = runner.invoke(
+        benchmark_app(),
+        [
+            "benchmark",
+            "--json",
+            "--redis-url",
+            env.settings.redis_url,
+            "--local-storage-dir",
+            str(env.storage),
+            "--pg-uri",
+            f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db",
+            "--samples",
+            "3",
+            "--file-size",
+            "4096",
+        ],
+    )
+    assert result.exit_code == 1 and SECRET not in result.output
+    doc = json.loads(result.stdout)
+    assert doc["unreachable"] == ["postgres"] and doc["bottleneck"] == "postgres"
+    assert doc["redis"]["status"] == "ok" and doc["storage"]["status"] == "ok"
+
+
+def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:
+    settings = env.settings_with(batch_size=100)
+    before_keys = set(env.redis.scan_iter(match=f"{diagnose.SCRATCH_KEY_PREFIX}*"))
+    report = run(settings, pipeline=300)
+    p = report.pipeline
+    assert p is not None and p.error == "", p
+    assert (p.events, p.inserted, p.dead_lettered) == (300, 300, 0)
+    assert p.files_per_s > 0 and p.model_files_per_s > 0
+    text = diagnose.render(report)
+    assert "END-TO-END RUN (--pipeline 300)" in text and "Consumed:               300 rows" in text
+    assert report.to_json()["pipeline"]["inserted"] == 300
+    # Nothing is left behind: scratch streams, tables, files.
+    assert set(env.redis.scan_iter(match=f"{diagnose.SCRATCH_KEY_PREFIX}*")) == before_keys
+    tables = env.sql(
+        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (diagnose.SCRATCH_TABLE_PREFIX + "%",)
+    )
+    assert tables == []
+    assert [p for p in os.listdir(env.storage) if p.startswith(diagnose.SCRATCH_DIR_PREFIX)] == []
+    assert env.rows() == 0  # the events table is never touched
+
+
+def test_s3_is_measured_when_configured(env: Env, tmp_path: Path) -> None:
+    from tests.support.s3_server import MotoS3, aws_test_env
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in aws_test_env().items():
+            mp.setenv(name, value)
+        with MotoS3() as s3:
+            bucket = s3.create_bucket()
+            settings = env.settings_with(
+                storage_mode="s3",
+                s3_bucket=bucket,
+                s3_prefix="uploads",
+                s3_endpoint_url=s3.endpoint_url,
+                batch_size=100,
+            )
+            report = run(settings, pipeline=40)
+            left = s3.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0)
+            s3.delete_bucket(bucket)
+    assert report.s3 is not None and report.s3.status == "ok", report.s3
+    assert report.storage is report.s3 and report.s3.one_file is not None and report.s3.files_per_s > 0
+    assert report.model is not None and report.verdict is not None
+    assert report.pipeline is not None and report.pipeline.inserted == 40, report.pipeline
+    assert left == 0  # scratch objects deleted
+    text = diagnose.render(report)
+    assert "S3 GET+hash:" in text and "GET latency (p50):" in text
+    assert "not used (STORAGE_MODE=s3)" in text
