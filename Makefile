@@ -62,7 +62,7 @@ test: install test-rust browser ## Run the whole test suite (Rust core, then pyt
 
 .PHONY: bench
 bench: install ## Measure: pytest-benchmark groups and the end-to-end throughput table (release build)
-	$(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
+	FILEPIPE_BENCH_FULL=1 $(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
 .PHONY: demo
 demo: install ## Run the pipeline end to end on sample files (throwaway Redis/PostgreSQL unless configured)
