@@ -236,6 +236,8 @@ def test_a_cross_site_page_cannot_upload(env: Env, web: str, browser: Browser) -
         context = browser.new_context()
         page = context.new_page()
         page.goto(f"{web}/upload")  # the user's own session
+        cookies = context.cookies()
+        assert [c["name"] for c in cookies] == ["filepipe_csrf"]
         page.goto(evil_url.replace("127.0.0.1", "localhost"))
         page.set_input_files(
             "#files", files=[{"name": "x.txt", "mimeType": "text/plain", "buffer": b"pwned"}]
@@ -243,6 +245,7 @@ def test_a_cross_site_page_cannot_upload(env: Env, web: str, browser: Browser) -
         with page.expect_navigation():
             page.evaluate("document.getElementById('f').submit()")
         assert "security token" in page.content() or "Cross-site" in page.content()
+        assert context.cookies() == cookies  # the refusal does not void the user's session
         context.close()
     assert env.redis.xlen(env.settings.stream) == 0
     assert staged_files(env) == []

@@ -226,9 +226,11 @@ def create_app(
         error: str | None = None,
         result: dict[str, Any] | None = None,
     ) -> Response:
+        # Only a GET issues a cookie: a refused cross-site POST arrives without the
+        # user's cookie, and must not replace it (that would void the user's open form).
         cookie = guard.cookie_value(request)
-        fresh = cookie is None
-        if cookie is None:
+        fresh = cookie is None and request.method == "GET"
+        if fresh:
             cookie = guard.new_cookie_value()
         response = templates.TemplateResponse(
             request,
@@ -237,7 +239,7 @@ def create_app(
                 **base_context,
                 "page": "upload",
                 "csrf_field": CSRF_FIELD,
-                "csrf_token": guard.form_token(cookie),
+                "csrf_token": guard.form_token(cookie) if cookie else "",
                 "max_request_bytes": limits.max_request_bytes,
                 "max_file_bytes": limits.max_file_bytes,
                 "max_files": limits.max_files,
@@ -248,7 +250,7 @@ def create_app(
             status_code=status_code,
             headers={"cache-control": "no-store"},
         )
-        if fresh:
+        if fresh and cookie:
             response.set_cookie(
                 CSRF_COOKIE,
                 cookie,

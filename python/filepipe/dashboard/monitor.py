@@ -338,7 +338,7 @@ class Monitor:
             rows = conn.execute(
                 sql.SQL(
                     "SELECT stream_id, filename, size_bytes, content_type, consumer, storage, "
-                    "event_time, processed_at FROM {} ORDER BY event_time DESC LIMIT %s"
+                    "event_time, processed_at FROM {} ORDER BY event_time DESC, stream_id DESC LIMIT %s"
                 ).format(ident),
                 (self.latest_n,),
             ).fetchall()
