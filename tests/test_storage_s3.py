@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -492,7 +494,6 @@ def test_produce_to_s3_then_consume(env: Env, s3: MotoS3, bucket: str, tmp_path:
     producer = Producer(settings)
     assert producer.produce([src]) == len(files)
     producer.close()
-    producer.storage.close()
 
     stats = env.drain(**settings.__dict__)
     assert stats.inserted == len(files) and stats.dead_lettered == 0
@@ -584,3 +585,54 @@ def test_consumer_waits_out_persistent_throttling(
     assert env.sql(f"SELECT checksum_sha256 FROM {env.settings.table}") == [
         (hashlib.sha256(b"patience\n").hexdigest(),)
     ]
+
+
+def test_cli_produce_to_s3_then_consume(env: Env, s3: MotoS3, bucket: str, tmp_path: Path) -> None:
+    """`filepipe produce` and `filepipe consume --drain` as a user runs them, in subprocesses,
+    S3 configured by the environment; the credentials come from boto3's chain only."""
+    src = tmp_path / "in"
+    src.mkdir()
+    files = {f"doc{i}.txt": f"document {i}\n".encode() * (i + 1) for i in range(5)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    s = env.settings
+    cli_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER", "S3_"))
+    }
+    cli_env.update(
+        {
+            "REDIS_URL": s.redis_url,
+            "PG_URI": s.pg_uri,
+            "STREAM_NAME": s.stream,
+            "FILEPIPE_TABLE": s.table,
+            "CONSUMER_BLOCK_MS": "100",
+            "STORAGE_MODE": "s3",
+            "S3_BUCKET": bucket,
+            "S3_PREFIX": "cli",
+            "S3_ENDPOINT_URL": s3.endpoint_url,
+            "S3_MAX_CONCURRENCY": "4",
+        }
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "filepipe", *args],
+            env=cli_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    produced = run("produce", str(src))
+    assert produced.returncode == 0, produced.stderr
+    assert "Enqueued 5 events" in produced.stdout and f"s3://{bucket}/cli/" in produced.stdout
+    consumed = run("consume", "--drain")
+    assert consumed.returncode == 0, consumed.stderr
+    rows = env.sql(f"SELECT filename, storage, size_bytes, checksum_sha256 FROM {s.table}")
+    assert sorted(rows) == sorted((n, "s3", len(d), hashlib.sha256(d).hexdigest()) for n, d in files.items())
+    for text in (produced.stdout, produced.stderr, consumed.stdout, consumed.stderr):
+        assert TEST_SECRET_KEY not in text

@@ -73,6 +73,7 @@ class Producer:
 
     def __init__(self, settings: Settings, storage: Storage | None = None, r: redis.Redis | None = None) -> None:
         self.settings = settings
+        self._owns_storage = storage is None
         self.storage = storage or open_storage(settings)
         self.redis = r or stream.connect(settings)
         self._pipe = self.redis.pipeline(transaction=False)
@@ -123,5 +124,9 @@ class Producer:
         return self.flush()
 
     def close(self) -> None:
-        self.flush()
-        self.redis.close()
+        try:
+            self.flush()
+        finally:
+            self.redis.close()
+            if self._owns_storage:
+                self.storage.close()
