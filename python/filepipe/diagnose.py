@@ -206,6 +206,11 @@ class StorageFigures:
         return 1000.0 / self.files_per_s if self.files_per_s > 0 else 0.0
 
     @property
+    def effective_concurrency(self) -> float:
+        """Requests in flight on average during the batch (Little's law)."""
+        return self.files_per_s * (self.one_file.p50 if self.one_file else 0.0) / 1000
+
+    @property
     def fixed_ms(self) -> float:
         """Storage time per batch beyond its files: starting the work, waiting for the
         last file (one object's latency on S3)."""
@@ -339,7 +344,7 @@ class Model:
             if best - per <= 0:
                 return MAX_SUGGESTED_BATCH
             need = max(need, fixed / (best - per))
-        return min(MAX_SUGGESTED_BATCH, _nice_up(need))
+        return min(MAX_SUGGESTED_BATCH, max(SEED_OLD_BATCH, _nice_up(need)))
 
     def hiding_consumers(self, b: int | None = None) -> int:
         """How many consumers at batch size `b` do the work of as many latency-free ones:
@@ -382,12 +387,6 @@ class Model:
         }.get(component, 0.0)
         spent = self.time_in(component, b)
         return fixed / spent if spent > 0 else 0.0
-
-    def breakdown(self, b: int | None = None) -> dict[str, float]:
-        """Each component's time in the stage that sets the pace."""
-        b = b or self.batch_size
-        read, load = self.read_stage(b), self.load_stage(b)
-        return read if sum(read.values()) >= sum(load.values()) else load
 
 
 def _nice_up(x: float) -> int:
@@ -465,11 +464,9 @@ def grade_copy(rows_per_s: float) -> tuple[str, bool]:
 def grade_storage(st: StorageFigures) -> tuple[str, bool]:
     if st.kind == "s3":
         one = st.one_file.p50 if st.one_file else 0.0
-        if one < 50:
-            return "✓ Good", False
-        if one < 150:
-            return "✓ Good for cloud", False
-        return "⚠ SLOW!", True
+        if one >= 150 or (st.mb_per_s < 20 and st.files_per_s < 200):
+            return "⚠ SLOW!", True
+        return ("✓ Good", False) if one < 50 else ("✓ Good for cloud", False)
     if st.mb_per_s >= 100 or st.files_per_s >= 2000:
         return "✓ Good", False
     if st.mb_per_s >= 30 or st.files_per_s >= 500:
@@ -613,8 +610,9 @@ def _fix(report: "Report", m: Model, comp: str, latency_bound: bool) -> tuple[st
                 f,
                 text,
             )
-        f, text = better(rate * n)
-        return f"run {n} consumers (each waits on the network while the others work)", f, text
+        if n > 1:
+            f, text = better(rate * n)
+            return f"run {n} consumers (each waits on the network while the others work)", f, text
     if comp == "postgres":
         f, text = better(rate * 2)
         return (
@@ -636,12 +634,23 @@ def _fix(report: "Report", m: Model, comp: str, latency_bound: bool) -> tuple[st
         )
     st = report.storage
     if comp == "storage" and st is not None and st.kind == "s3":
+        if st.effective_concurrency < 0.5 * st.threads:
+            return (
+                (
+                    f"S3 serves only {st.mb_per_s:.1f} MB/s with {st.effective_concurrency:.1f} of "
+                    f"{st.threads} requests in flight: the endpoint or the network to it is the limit, "
+                    "not latency. Run the consumers close to the bucket (same region) or use a faster "
+                    "endpoint; more concurrency will not help"
+                ),
+                None,
+                "",
+            )
         n = max(2, m.hiding_consumers())
         f, text = better(rate * n)
         return (
             (
-                f"S3 GETs wait on the network: run {n} consumers (or raise S3_MAX_CONCURRENCY), "
-                "and run them in the bucket's region"
+                f"S3 GETs wait on the network: run {n} consumers (or raise S3_MAX_CONCURRENCY above "
+                f"{st.threads}), and run them in the bucket's region"
             ),
             f,
             "up to " + text,
@@ -701,9 +710,18 @@ class Report:
         return down
 
     @property
+    def failed(self) -> list[str]:
+        """Components that answered but could not be measured."""
+        parts = [("redis", self.redis.status), ("postgres", self.postgres.status)]
+        parts += [("storage", st.status) for st in (self.storage, self.s3) if st is not None]
+        return [name for name, state in parts if state == "error"]
+
+    @property
     def exit_code(self) -> int:
-        failed = self.pipeline is not None and bool(self.pipeline.error)
-        return 1 if self.unreachable or failed else 0
+        """0 when every figure was measured; 1 when a service is unreachable or a
+        measurement (or the end-to-end run) failed."""
+        broken = self.unreachable or self.failed or (self.pipeline is not None and self.pipeline.error)
+        return 1 if broken else 0
 
     def to_json(self) -> dict[str, Any]:
         m, v = self.model, self.verdict
@@ -738,6 +756,7 @@ class Report:
             "alarm": v.alarm if v else None,
             "verdict": asdict(v) if v else None,
             "unreachable": self.unreachable,
+            "failed": self.failed,
             "settings": {
                 "redis_url": mask_url(s.redis_url),
                 "pg_uri": mask_url(s.pg_uri),
@@ -867,8 +886,13 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
 
 
 def _recent_declared_size(r: redis.Redis, stream_name: str, count: int = 200) -> int | None:
+    """The average declared `size` of the stream's latest entries, if any."""
+    try:
+        latest = r.xrevrange(stream_name, count=count) or []
+    except redis.ResponseError:  # not a stream
+        return None
     sizes = []
-    for _id, fields in r.xrevrange(stream_name, count=count):  # type: ignore[union-attr]
+    for _id, fields in latest:
         raw = (fields or {}).get(b"size")
         if raw is not None and raw.isdigit():
             sizes.append(int(raw))
@@ -1173,7 +1197,6 @@ def measure_s3(
         kind="s3",
         where=storage.describe(),
         file_size=file_size,
-        cold=True,
         threads=int(getattr(storage, "max_concurrency", 1)),
     )
     written: list[str] = []
@@ -1322,7 +1345,7 @@ def benchmark(
     elif r.recent_file_size:
         size, source = r.recent_file_size, f"declared sizes of the latest entries of {settings.stream}"
     else:
-        size, source = DEFAULT_FILE_SIZE, "default (no events yet)"
+        size, source = DEFAULT_FILE_SIZE, "default: no events yet"
     size = max(1, min(size, settings.max_file_bytes))
     say("Measuring storage ...")
     local = measure_local(settings, size, tag) if settings.storage_mode == "local" else None
