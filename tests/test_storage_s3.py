@@ -636,3 +636,15 @@ def test_cli_produce_to_s3_then_consume(env: Env, s3: MotoS3, bucket: str, tmp_p
     assert sorted(rows) == sorted((n, "s3", len(d), hashlib.sha256(d).hexdigest()) for n, d in files.items())
     for text in (produced.stdout, produced.stderr, consumed.stdout, consumed.stderr):
         assert TEST_SECRET_KEY not in text
+
+
+def test_entry_naming_s3_on_a_consumer_without_s3_stops_it_loudly(env: Env) -> None:
+    """A consumer with no S3_BUCKET that meets an S3 entry stops with one clear line and
+    leaves the entry pending (another, configured consumer reclaims it): it is a setup
+    problem, not a bad entry."""
+    env.write_file("a.txt", b"a")
+    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    env.xadd({"file_id": str(uuid.uuid4()), "filename": "b.txt", "key": "b.txt", "storage": "s3"})
+    with pytest.raises(ConfigError, match="S3_BUCKET is not set"):
+        env.drain()
+    assert env.rows() == 0 and env.dead() == [] and env.pending() == 2

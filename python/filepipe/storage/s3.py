@@ -334,6 +334,8 @@ class S3Storage(Storage):
             raise _Failure("unreadable", f"object '{target}' could not be read: {e}") from e
         finally:
             body.close()
+        # Sniffed, as for local files: the object's Content-Type is only what the uploader
+        # claimed (boto3's upload_file stores binary/octet-stream unless told otherwise).
         content_type = _native.sniff_content_type(head) if sniff else None
         return total, hasher.digest(), content_type
 
