@@ -409,7 +409,7 @@ def test_upload_is_off_unless_enabled(env: Env) -> None:
 # -- the figures --------------------------------------------------------------------------
 
 
-def test_status_figures_dead_letters_consumers_lag(env: Env, web: str) -> None:
+def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: Browser) -> None:
     s = env.settings
     for i in range(4):
         env.write_file(f"ok/{i}.txt", f"file {i}".encode())
@@ -475,6 +475,21 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str) -> None:
             )
         assert values[("filepipe_service_up", (("service", "postgresql"),))] == 1
         assert families["filepipe_group_acked"].type == "counter"
+
+    # The same figures on the page.
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{web}/dashboard")
+    page.wait_for_function(f"() => document.querySelectorAll('#reasons li').length === {len(expected)}")
+    shown = {
+        li.get_attribute("data-reason"): int(li.get_attribute("data-count") or 0)
+        for li in page.query_selector_all("#reasons li")
+    }
+    assert shown == dict(expected)
+    assert figure(page, "lag") == "2" and figure(page, "pending") == "2" and figure(page, "dead") == "3"
+    assert "gone" in page.inner_text("#consumers")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-dead-letters.png"), full_page=True)
+    page.close()
 
 
 def test_health_and_readiness(env: Env, web: str) -> None:
