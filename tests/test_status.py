@@ -331,3 +331,44 @@ def test_watch_refreshes_then_stops(env: Env) -> None:
 def test_status_snapshot_is_json_serialisable(env: Env) -> None:
     st: Status = collect_status(env.settings)
     assert json.loads(json.dumps(st.to_json()))["stream_name"] == env.settings.stream
+
+
+def test_dead_letter_reasons_follow_the_stream_between_refreshes(env: Env, monkeypatch: Any) -> None:
+    dead = env.settings.dead_stream
+    collector = status.Collector(env.settings)
+    try:
+        for reason in ("missing", "missing", "bad_uuid"):
+            env.redis.xadd(dead, {"reason": reason})
+        t = collector.collect().redis
+        assert t is not None and t.dead_by_reason == {"missing": 2, "bad_uuid": 1}
+        env.redis.xadd(dead, {"reason": "too_large"})
+        t = collector.collect().redis  # reads only the new one
+        assert t is not None and t.dead_by_reason == {"missing": 2, "bad_uuid": 1, "too_large": 1}
+        assert t.dead_total == t.dead_counted == 4
+        env.redis.delete(dead)  # e.g. after `filepipe dlq` purged it, then refilled
+        for reason in ("unsafe_key",) * 5:
+            env.redis.xadd(dead, {"reason": reason})
+        t = collector.collect().redis
+        assert t is not None and t.dead_by_reason == {"unsafe_key": 5} and t.dead_total == 5
+    finally:
+        collector.close()
+
+    # A huge dead-letter stream: reasons come from the newest entries only, and say so.
+    monkeypatch.setattr(status, "DEAD_SCAN_LIMIT", 3)
+    env.redis.delete(dead)
+    for reason in ("unsafe_key", "missing", "missing", "missing", "bad_uuid"):
+        env.redis.xadd(dead, {"reason": reason})
+    st = collect_status(env.settings)
+    assert st.redis is not None and st.redis.dead_total == 5 and st.redis.dead_counted == 3
+    assert st.redis.dead_by_reason == {"missing": 2, "bad_uuid": 1}
+    assert "(reasons of the newest 3)" in status.render(st)
+
+
+def test_watch_json_prints_one_document_per_refresh(env: Env) -> None:
+    result = runner.invoke(
+        status_app(), cli_args(env, "--watch", "--json", "--interval", "0.1", "--count", "2")
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert [json.loads(line)["health"] for line in lines] == ["healthy", "healthy"]

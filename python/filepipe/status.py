@@ -30,7 +30,7 @@ from .constants import HEARTBEAT_TTL_S, heartbeat_key
 
 WINDOW_S = 60  # "last minute": arrivals, dead letters, rows, throughput
 ARRIVALS_CAP = 10_000  # entries read to count the last minute's arrivals
-DEAD_SCAN_LIMIT = 100_000  # dead letters read to count reasons (the newest ones)
+DEAD_SCAN_LIMIT = 50_000  # dead letters read to count reasons (the newest ones)
 LARGE_TABLE_ROWS = 1_000_000  # above this, the row total is PostgreSQL's estimate
 STATEMENT_TIMEOUT_MS = 15_000
 
@@ -116,6 +116,7 @@ class Status:
     redis_error: str = ""
     pg_error: str = ""
     health: str = "healthy"  # healthy | degraded | unreachable
+    unreachable: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -149,6 +150,10 @@ class Collector:
         self.settings = settings
         self.redis = stream.connect(settings, socket_timeout=max(10.0, settings.connect_timeout_s * 2))
         self.pg: psycopg.Connection[Any] | None = None
+        self._dead_reasons: Counter[str] = Counter()
+        self._dead_counted = 0
+        self._dead_last_id = ""
+        self._dead_total_seen = 0
 
     def close(self) -> None:
         self.redis.close()
@@ -172,12 +177,14 @@ class Collector:
             st.redis = self._collect_redis()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             st.redis_error = f"cannot reach Redis at {st.redis_url}: {db.first_line(e)}"
+            st.unreachable.append("redis")
         except redis.RedisError as e:
             st.redis_error = f"Redis refused a status query: {db.first_line(e)}"
         try:
             st.events = self._collect_table()
         except psycopg.OperationalError as e:
             st.pg_error = f"cannot reach PostgreSQL at {st.pg_uri}: {db.first_line(e)}"
+            st.unreachable.append("postgres")
             self._drop_pg()
         except psycopg.Error as e:
             st.pg_error = f"PostgreSQL refused a status query: {db.first_line(e)}"
@@ -262,30 +269,49 @@ class Collector:
             out.consumers.append(state)
 
     def _collect_dead(self, out: StreamState, now_ms: int) -> None:
+        """Dead letters by reason. The first call reads the newest DEAD_SCAN_LIMIT; later
+        calls (`--watch`) read only what was added since, unless the stream shrank."""
         s, r = self.settings, self.redis
         out.dead_total = int(r.xlen(s.dead_stream))
+        gone = bool(self._dead_last_id) and not r.xrange(
+            s.dead_stream, min=self._dead_last_id, max=self._dead_last_id, count=1
+        )
+        if gone or out.dead_total < self._dead_total_seen or not out.dead_total:
+            self._dead_reasons, self._dead_counted, self._dead_last_id = Counter(), 0, ""
+        self._dead_total_seen = out.dead_total
         if not out.dead_total:
             return
-        reasons: Counter[str] = Counter()
-        recent: Counter[str] = Counter()
-        since = now_ms - WINDOW_S * 1000
-        upper = "+"
-        seen = 0
-        while seen < DEAD_SCAN_LIMIT:
-            page = r.xrevrange(s.dead_stream, max=upper, min="-", count=min(1000, DEAD_SCAN_LIMIT - seen))
-            if not page:
-                break
-            for entry_id, fields in page:
-                reason = _text((fields or {}).get(b"reason", b"unknown"))
-                reasons[reason] += 1
-                if _id_ms(entry_id) >= since:
-                    recent[reason] += 1
-            seen += len(page)
-            upper = f"({_text(page[-1][0])}"
-        out.dead_counted = seen
-        out.dead_by_reason = dict(reasons.most_common())
+        if not self._dead_last_id:
+            upper = "+"
+            while self._dead_counted < DEAD_SCAN_LIMIT:
+                count = min(1000, DEAD_SCAN_LIMIT - self._dead_counted)
+                page = r.xrevrange(s.dead_stream, max=upper, min="-", count=count) or []
+                if not page:
+                    break
+                if not self._dead_last_id:
+                    self._dead_last_id = _text(page[0][0])
+                self._count_reasons(page)
+                upper = f"({_text(page[-1][0])}"
+        else:
+            while True:
+                page = r.xrange(s.dead_stream, min=f"({self._dead_last_id}", max="+", count=1000) or []
+                if not page:
+                    break
+                self._dead_last_id = _text(page[-1][0])
+                self._count_reasons(page)
+        out.dead_counted = self._dead_counted
+        out.dead_by_reason = dict(self._dead_reasons.most_common())
+        recent_page = r.xrange(
+            s.dead_stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP
+        )
+        recent = Counter(_text((fields or {}).get(b"reason", b"unknown")) for _, fields in recent_page or [])
         out.dead_last_minute = sum(recent.values())
         out.dead_last_minute_by_reason = dict(recent.most_common())
+
+    def _count_reasons(self, page: list[Any]) -> None:
+        for _entry_id, fields in page:
+            self._dead_reasons[_text((fields or {}).get(b"reason", b"unknown"))] += 1
+        self._dead_counted += len(page)
 
     # -- PostgreSQL ---------------------------------------------------------------------------
 
@@ -426,7 +452,7 @@ def assess(st: Status, settings: Settings) -> None:
             detail = ", ".join(f"{r}: {n}" for r, n in t.dead_last_minute_by_reason.items())
             problems.append(f"dead letters rising: {t.dead_last_minute} in the last minute ({detail})")
     st.problems = problems
-    if st.redis_error or st.pg_error:
+    if st.unreachable:
         st.health = "unreachable"
     else:
         st.health = "degraded" if problems else "healthy"
@@ -575,31 +601,44 @@ def collect_status(settings: Settings) -> Status:
         collector.close()
 
 
-def watch(settings: Settings, interval: float, count: int | None = None) -> Status:
-    """Refreshes the report in place every `interval` seconds until Ctrl+C (or `count`
-    refreshes); returns the last snapshot."""
+def watch(
+    settings: Settings,
+    interval: float,
+    count: int | None = None,
+    *,
+    as_json: bool = False,
+    write: Callable[[str], None] = print,
+) -> Status:
+    """Refreshes every `interval` seconds until Ctrl+C (or `count` refreshes) and returns
+    the last snapshot: in place in a terminal (rich), or one JSON document per line."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
-    console = Console()
     collector = Collector(settings)
-    previous: Status | None = None
-    last_at = time.monotonic()
     try:
         st = collector.collect()
-        with Live(Text(render(st)), console=console, auto_refresh=False, transient=False) as live:
-            done = 1
-            while count is None or done < count:
-                try:
+        if as_json:
+            write(json.dumps(st.to_json()))
+        done, last_at = 1, time.monotonic()
+        with contextlib.ExitStack() as stack:
+            live = None
+            if not as_json:
+                live = stack.enter_context(
+                    Live(Text(render(st)), console=Console(), auto_refresh=False, transient=False)
+                )
+            try:
+                while count is None or done < count:
                     time.sleep(interval)
-                except KeyboardInterrupt:
-                    break
-                previous, st = st, collector.collect()
-                now = time.monotonic()
-                live.update(Text(render(st, previous, now - last_at)), refresh=True)
-                last_at = now
-                done += 1
+                    previous, st = st, collector.collect()
+                    now = time.monotonic()
+                    if live is not None:
+                        live.update(Text(render(st, previous, now - last_at)), refresh=True)
+                    else:
+                        write(json.dumps(st.to_json()))
+                    done, last_at = done + 1, now
+            except KeyboardInterrupt:
+                pass
         return st
     finally:
         collector.close()
@@ -615,7 +654,10 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
     @app.command("status")
     @handle_errors
     def status_cmd(
-        watch_: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl+C.")] = False,
+        watch_: Annotated[
+            bool,
+            typer.Option("--watch", "-w", help="Refresh in place until Ctrl+C (with --json: one line each)."),
+        ] = False,
         interval: Annotated[
             float,
             typer.Option("--interval", min=0.1, max=3600, help="Seconds between refreshes with --watch."),
@@ -653,8 +695,8 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
             table=table,
             claim_idle_ms=claim_idle_ms,
         )
-        if watch_ and not as_json:
-            st = watch(s, interval, count)
+        if watch_:
+            st = watch(s, interval, count, as_json=as_json, write=typer.echo)
         else:
             st = collect_status(s)
             if as_json:
