@@ -308,3 +308,10 @@ def test_s3_is_measured_when_configured(env: Env, tmp_path: Path) -> None:
     text = diagnose.render(report)
     assert "S3 GET+hash:" in text and "GET latency (p50):" in text
     assert "not used (STORAGE_MODE=s3)" in text
+
+
+def test_registered_in_the_filepipe_command() -> None:
+    from filepipe.cli import app
+
+    result = runner.invoke(app, ["benchmark", "--help"])
+    assert result.exit_code == 0 and "--pipeline" in result.stdout and "--json" in result.stdout

@@ -372,3 +372,11 @@ def test_watch_json_prints_one_document_per_refresh(env: Env) -> None:
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2
     assert [json.loads(line)["health"] for line in lines] == ["healthy", "healthy"]
+
+
+def test_registered_in_the_filepipe_command(env: Env) -> None:
+    from filepipe.cli import app
+
+    result = runner.invoke(app, cli_args(env, "--json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["health"] == "healthy"

@@ -532,7 +532,11 @@ def decide(report: "Report") -> Verdict:
             alarm=True,
             headline=f"✗ {what} IS UNREACHABLE",
             reason=_error_of(report, first),
-            solution=f"check {where}: nothing moves until it answers",
+            solution=(
+                f"create LOCAL_STORAGE_DIR {report.settings.local_storage_dir} or point it at the files"
+                if first == "storage" and report.storage is not None and report.storage.kind == "local"
+                else f"check {where}: nothing moves until it answers"
+            ),
         )
     m = report.model
     assert m is not None
@@ -1161,7 +1165,8 @@ def measure_local(settings: Settings, file_size: int, tag: str) -> StorageFigure
         kind="local", where=storage.describe(), file_size=file_size, threads=settings.hash_threads
     )
     if not root.is_dir():
-        f.status, f.error = "unreachable", f"LOCAL_STORAGE_DIR {root} does not exist or is not a directory"
+        f.status = "unreachable"
+        f.error = f"LOCAL_STORAGE_DIR {settings.local_storage_dir} does not exist or is not a directory"
         return f
     count = max(20, min(200, (256 * MIB) // max(file_size, 1)))
     scratch = root / f"{SCRATCH_DIR_PREFIX}{tag}"
