@@ -21,6 +21,10 @@ use sha2::{Digest, Sha256};
 use crate::copy::Measured;
 use crate::error::{FileFailure, Reason};
 
+/// Environment variable naming a key whose measurement (and parsing) panics: fault
+/// injection for the test suite.
+pub const TEST_PANIC_ENV: &str = "FILEPIPE_TEST_PANIC_KEY";
+
 /// How many leading bytes content sniffing looks at.
 pub const SNIFF_BYTES: usize = 512;
 const CHUNK: usize = 256 * 1024;
@@ -127,7 +131,9 @@ fn looks_like_json(s: &str) -> bool {
     let next = chars.as_str().trim_start().chars().next();
     match (first, next) {
         (Some('{'), Some('"' | '}')) => true,
-        (Some('['), Some(c)) => matches!(c, '{' | '[' | '"' | ']' | '-' | '0'..='9' | 't' | 'f' | 'n'),
+        (Some('['), Some(c)) => {
+            matches!(c, '{' | '[' | '"' | ']' | '-' | '0'..='9' | 't' | 'f' | 'n')
+        }
         _ => false,
     }
 }
@@ -314,6 +320,29 @@ pub fn hash_reader(
     })
 }
 
+/// Measures one file; a panic (a bug) fails only this file, with reason `internal_error`.
+fn measure_guarded(
+    root: &Root,
+    key: &str,
+    max_bytes: u64,
+    buf: &mut Vec<u8>,
+    panic_key: Option<&str>,
+) -> Result<Measured, FileFailure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if panic_key == Some(key) {
+            panic!("test panic requested for this key");
+        }
+        root.measure(key, max_bytes, buf)
+    }))
+    .unwrap_or_else(|_| {
+        buf.clear();
+        Err(FileFailure::new(
+            Reason::Internal,
+            format!("internal error while measuring '{key}' (a bug: please report it)"),
+        ))
+    })
+}
+
 /// Measures many files under one root on up to `threads` threads.
 pub fn measure_all(
     root: &Root,
@@ -321,12 +350,14 @@ pub fn measure_all(
     max_bytes: u64,
     threads: usize,
 ) -> Vec<Result<Measured, FileFailure>> {
+    let panic_key = std::env::var(TEST_PANIC_ENV).ok();
+    let panic_key = panic_key.as_deref();
     let threads = threads.clamp(1, 64).min(keys.len().div_ceil(16)).max(1);
     if threads == 1 {
         let mut buf = Vec::new();
         return keys
             .iter()
-            .map(|k| root.measure(k, max_bytes, &mut buf))
+            .map(|k| measure_guarded(root, k, max_bytes, &mut buf, panic_key))
             .collect();
     }
     let next = AtomicUsize::new(0);
@@ -342,7 +373,10 @@ pub fn measure_all(
                         if i >= keys.len() {
                             return done;
                         }
-                        done.push((i, root.measure(keys[i], max_bytes, &mut buf)));
+                        done.push((
+                            i,
+                            measure_guarded(root, keys[i], max_bytes, &mut buf, panic_key),
+                        ));
                     }
                 })
             })

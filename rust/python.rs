@@ -272,6 +272,7 @@ fn parse_entries(
         positions: Vec::new(),
         rejects: Vec::new(),
     };
+    let panic_key = std::env::var_os(hash::TEST_PANIC_ENV);
     for (pos, entry) in entries.try_iter()?.enumerate() {
         let entry = entry?;
         let pair = entry
@@ -310,6 +311,7 @@ fn parse_entries(
             fields.push((as_bytes(k, "a field name")?, as_bytes(v, "a field value")?));
         }
         let parsed = catch_unwind(AssertUnwindSafe(|| {
+            test_panic(&panic_key, &fields);
             parse_entry(id, &fields, default_storage, id_prefix)
         }))
         .unwrap_or_else(|_| {
@@ -331,6 +333,20 @@ fn parse_entries(
         }
     }
     Ok(batch)
+}
+
+/// Fault injection for the test suite: an entry whose `key` equals the value of
+/// FILEPIPE_TEST_PANIC_KEY makes the parser panic, to prove a panic only rejects
+/// that entry. Unset, it costs one environment lookup per batch.
+fn test_panic(panic_key: &Option<std::ffi::OsString>, fields: &[(&[u8], &[u8])]) {
+    if let Some(k) = panic_key {
+        if fields
+            .iter()
+            .any(|(n, v)| *n == b"key" && *v == k.as_encoded_bytes())
+        {
+            panic!("test panic requested for this key");
+        }
+    }
 }
 
 /// Measures every local-storage record of `batch` (size, SHA-256, sniffed type)

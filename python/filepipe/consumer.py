@@ -15,6 +15,7 @@ written: a crash anywhere loses nothing, and redelivery duplicates nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from ._faults import crash_point
 from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import DatabaseError, FilepipeError, StorageError, TransientError
-from .retry import Backoff, is_transient_pg, is_transient_redis
+from .retry import Abandoned, Backoff, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
 from .stream import DeadLetter, Entry
 
@@ -130,6 +131,7 @@ class Consumer:
         progress_interval: float = 1.0,
         storage: Storage | None = None,
         install_signals: bool = False,
+        stop_timeout: float = 30.0,
     ) -> None:
         self.settings = settings
         self.drain = drain
@@ -139,6 +141,7 @@ class Consumer:
         self.stopping = threading.Event()
         self.failed: BaseException | None = None
         self.install_signals = install_signals
+        self.stop_timeout = stop_timeout
         self._signals = 0
         self._storages: dict[str, Storage] = {}
         if storage is not None:
@@ -149,8 +152,10 @@ class Consumer:
         self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
         self.binary = settings.copy_format == "binary"
         self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._note_error)
-        self.ack_backoff = Backoff("Redis", stop=None, on_error=self._note_error)
-        self.pg_backoff = Backoff("PostgreSQL", stop=None, on_error=self._note_error)
+        # The loader keeps retrying through a stop, until the stop deadline abandons it.
+        self.abandon = threading.Event()
+        self.ack_backoff = Backoff("Redis", stop=self.abandon, on_error=self._note_error)
+        self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._note_error)
         self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._note_error)
         self._last_claim = 0.0
         self._claim_cursor = b"0-0"
@@ -171,6 +176,31 @@ class Consumer:
             os._exit(128 + signum)
         log.warning("%s received: finishing the batch in hand, then stopping", signal.Signals(signum).name)
         self.stop()
+
+    def _finish_loader(self, loader: threading.Thread) -> None:
+        """Lets the loader commit and acknowledge what is in hand, within the stop
+        timeout; past it, abandons the rest (it stays pending and is redelivered)."""
+        if not loader.is_alive():
+            return
+        deadline = time.monotonic() + self.stop_timeout
+        while True:
+            try:
+                self.queue.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if time.monotonic() > deadline or not loader.is_alive():
+                    break
+        loader.join(max(0.0, deadline - time.monotonic()))
+        if loader.is_alive():
+            log.warning("stop timeout (%.0f s) reached: leaving the batches in hand unacknowledged; "
+                        "they will be delivered again", self.stop_timeout)
+            self.abandon.set()
+            # The loader now drops what is queued; make sure it sees the end marker.
+            end = time.monotonic() + 10
+            while loader.is_alive() and time.monotonic() < end:
+                with contextlib.suppress(queue.Full):
+                    self.queue.put(None, timeout=0.2)
+                loader.join(0.2)
 
     def _note_error(self, message: str) -> None:
         self.stats.last_error = message
@@ -195,9 +225,7 @@ class Consumer:
             loader.start()
             self._read_loop()
         finally:
-            self.queue.put(None)
-            if loader.is_alive():
-                loader.join()
+            self._finish_loader(loader)
             self.progress.flush(self.stats)
             self._remove_heartbeat()
             self.pool.close()
@@ -250,6 +278,8 @@ class Consumer:
                 if self.failed is not None:
                     return
                 pending = self._redis(lambda: stream.pending_count(self.redis, s.stream, s.group, self.name))
+                if pending is None:
+                    continue
                 if pending:
                     history = b"0"
                     continue
@@ -257,8 +287,12 @@ class Consumer:
                 if claimed:
                     self._submit(claimed, redelivered=True)
                     continue
-                if pending == 0:
+                # Entries still pending elsewhere belong to a live consumer (wait for it) or
+                # to a dead one (reclaimed once idle long enough).
+                group_pending = self._redis(lambda: stream.pending_count(self.redis, s.stream, s.group))
+                if group_pending == 0:
                     return
+                self.stopping.wait(0.2)
 
     def _redis(self, fn: Callable[[], Any]) -> Any:
         """Runs one Redis read; on a passing fault backs off and returns None."""
@@ -299,10 +333,13 @@ class Consumer:
         return entries
 
     def _submit(self, entries: list[Entry], *, redelivered: bool) -> None:
-        prepared = self._prepare(entries, redelivered=redelivered)
+        try:
+            prepared = self._prepare(entries, redelivered=redelivered)
+        except Abandoned:
+            return  # stopping: these entries stay pending and are delivered again
         while not self._put(prepared):
-            if self.failed is not None:
-                return
+            if self.failed is not None or self.stopping.is_set():
+                return  # not handed over: these entries stay pending and are delivered again
 
     def _put(self, prepared: Prepared) -> bool:
         try:
@@ -322,7 +359,7 @@ class Consumer:
         ids = [e[0] for e in entries]
         rows = self._redis(
             lambda: self.redis.xpending_range(
-                s.stream, s.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key), count=len(ids) * 2,
+                s.stream, s.group, min=min(ids, key=stream.id_key), max=max(ids, key=stream.id_key), count=len(ids) * 2,
                 consumername=self.name,
             )
         )
@@ -383,15 +420,17 @@ class Consumer:
                 for mode, indices in by_storage.items():
                     self.storage(mode).measure(batch, indices, m, self.settings.max_file_bytes)
             except StorageError as e:
-                if self.stopping.is_set():
-                    raise
                 self.storage_backoff.failed(e)
+                if self.stopping.is_set():
+                    raise Abandoned("storage: gave up at stop") from e
                 continue
             transient = [f for f in m.failures() if f[3]]
             if not transient:
                 self.storage_backoff.succeeded()
                 return m
             self.storage_backoff.failed(TransientError(transient[0][2]))
+            if self.stopping.is_set():
+                raise Abandoned("storage: gave up at stop")
 
     # -- loading and acknowledging ------------------------------------------------------
 
@@ -401,8 +440,10 @@ class Consumer:
             try:
                 if prepared is None:
                     return
-                if self.failed is None:
+                if self.failed is None and not self.abandon.is_set():
                     self._load_and_ack(prepared)
+            except Abandoned:
+                pass
             except BaseException as e:  # surfaced by run() in the reader's thread
                 self.failed = e
                 self.stopping.set()
@@ -414,11 +455,7 @@ class Consumer:
         crash_point("after_commit")
         dead = p.dead + row_dead
         s = self.settings
-        self.ack_backoff.call(
-            lambda: metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, s.stream, s.group, p.ids, dead,
-                                  dead_stream=s.dead_stream, consumer=self.name),
-            is_transient_redis,
-        )
+        self._ack(p.ids, dead)
         crash_point("after_ack")
         st = self.stats
         st.batches += 1
@@ -431,6 +468,36 @@ class Consumer:
                              time.monotonic() - p.read_at)
         self.progress.batch(inserted, dead, st)
         self._heartbeat()
+
+    def _ack(self, ids: list[bytes], dead: list[DeadLetter]) -> None:
+        """Writes the dead letters and acknowledges, in one MULTI/EXEC. If the reply is
+        lost, the transaction may or may not have run: before running it again, ask
+        Redis whether the entries are still pending, so no dead letter is written twice."""
+        s = self.settings
+        while True:
+            try:
+                metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, s.stream, s.group, ids, dead,
+                              dead_stream=s.dead_stream, consumer=self.name)
+                self.ack_backoff.succeeded()
+                return
+            except Exception as e:
+                if not is_transient_redis(e):
+                    raise
+                self.ack_backoff.failed(e)
+                if self.abandon.is_set():
+                    raise Abandoned("Redis: gave up acknowledging") from e
+            while True:
+                try:
+                    if not stream.still_pending(self.redis, s.stream, s.group, ids):
+                        self.ack_backoff.succeeded()
+                        return  # the lost transaction did run
+                    break
+                except Exception as e:
+                    if not is_transient_redis(e):
+                        raise
+                    self.ack_backoff.failed(e)
+                    if self.abandon.is_set():
+                        raise Abandoned("Redis: gave up acknowledging") from e
 
     def _load(self, p: Prepared) -> tuple[int, list[DeadLetter]]:
         """Loads the batch, waiting out outages. A value PostgreSQL refuses is isolated
@@ -498,11 +565,6 @@ class Consumer:
             self.redis.delete(heartbeat_key(self.settings.stream, self.name))
         except redis.RedisError:
             pass
-
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
 
 
 def _is_row_error(e: psycopg.Error) -> bool:

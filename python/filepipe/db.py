@@ -8,6 +8,9 @@ COMMIT. The primary key `(stream_id, event_time)` makes a redelivered entry a no
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +22,7 @@ from . import _native
 from ._faults import crash_point
 from . import constants as c
 from .config import Settings, mask_url
-from .errors import DatabaseError
+from .errors import DatabaseError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +185,7 @@ class Loader:
     def __init__(self, pool: ConnectionPool, settings: Settings) -> None:
         self.pool = pool
         self.binary = settings.copy_format == "binary"
+        self.stall_timeout = settings.statement_timeout_ms / 1000 + max(2.0, settings.connect_timeout_s)
         ident = table_ident(settings.table)
         staging = sql.Identifier(c.STAGING_TABLE)
         col_list = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
@@ -193,13 +197,55 @@ class Loader:
 
     def load(self, buf: bytes) -> int:
         """COPY + merge + COMMIT one buffer; returns the rows newly inserted
-        (a redelivered entry's row already exists and counts 0)."""
-        with self.pool.connection() as conn:
-            with conn.cursor() as cur:
-                with cur.copy(self.copy_sql) as copy:
-                    copy.write(buf)
-                crash_point("after_copy")
-                cur.execute(self.insert_sql)
-                inserted = cur.rowcount
-            conn.commit()
+        (a redelivered entry's row already exists and counts 0).
+
+        A connection that answers nothing for `stall_timeout` seconds (a silent
+        network: the server's statement timeout cannot help when its answer never
+        arrives) is cut, and the load fails with a TransientError."""
+        with self.pool.connection() as conn, Watchdog(conn, self.stall_timeout) as dog:
+            try:
+                with conn.cursor() as cur:
+                    with cur.copy(self.copy_sql) as copy:
+                        copy.write(buf)
+                    crash_point("after_copy")
+                    cur.execute(self.insert_sql)
+                    inserted = cur.rowcount
+                conn.commit()
+            except psycopg.Error as e:
+                if dog.fired:
+                    raise TransientError(
+                        f"PostgreSQL did not answer within {self.stall_timeout:.0f} s: connection cut"
+                    ) from e
+                raise
         return max(inserted, 0)
+
+
+class Watchdog:
+    """Cuts a connection's socket if the block it guards runs longer than `timeout`:
+    the blocked call then fails at once instead of waiting for a TCP timeout."""
+
+    def __init__(self, conn: psycopg.Connection[Any], timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.fired = False
+        self._timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        self.fired = True
+        try:
+            fd = self.conn.pgconn.socket
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, psycopg.Error):
+            pass
+        log.warning("PostgreSQL connection silent for %.0f s: cutting it", self.timeout)
+
+    def __enter__(self) -> Watchdog:
+        self._timer = threading.Timer(self.timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

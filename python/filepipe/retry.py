@@ -28,8 +28,14 @@ _TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03")
 _REDIS_TRANSIENT_REPLIES = ("LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY ")
 
 
+class Abandoned(Exception):
+    """Retrying was given up because the consumer is stopping; the work stays unacknowledged."""
+
+
 def is_transient_pg(e: BaseException) -> bool:
     """Whether a PostgreSQL error is worth retrying the same batch for."""
+    if isinstance(e, TransientError):
+        return True
     if isinstance(e, (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError)):
         state = getattr(getattr(e, "diag", None), "sqlstate", None) or getattr(e, "sqlstate", None)
         return state is None or state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
@@ -66,6 +72,8 @@ class Backoff:
         stop: threading.Event | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
+        """`stop`, once set, cuts the current wait short and makes `call` give up
+        (raising Abandoned) instead of retrying again."""
         self.service = service
         self.base = base
         self.cap = cap
@@ -109,7 +117,8 @@ class Backoff:
         self.last_message = ""
 
     def call(self, fn: Callable[[], T], transient: Callable[[BaseException], bool]) -> T:
-        """Calls `fn` until it succeeds or raises a non-transient error."""
+        """Calls `fn` until it succeeds or raises a non-transient error (or `stop` is set:
+        Abandoned)."""
         while True:
             try:
                 result = fn()
@@ -117,6 +126,8 @@ class Backoff:
                 if not transient(e):
                     raise
                 self.failed(e)
+                if self.stop is not None and self.stop.is_set():
+                    raise Abandoned(f"{self.service}: gave up retrying ({e})") from e
                 continue
             self.succeeded()
             return result

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .config import Settings
@@ -20,7 +20,7 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
     """A client for `settings.redis_url` whose socket timeout outlasts a blocking read.
 
     Replies stay bytes: the extension parses them without decoding twice."""
-    timeout = socket_timeout if socket_timeout is not None else settings.block_ms / 1000 + 10.0
+    timeout = socket_timeout if socket_timeout is not None else settings.block_ms / 1000 + max(2.0, settings.connect_timeout_s)
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=False,
@@ -28,8 +28,10 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
         socket_connect_timeout=settings.connect_timeout_s,
         socket_keepalive=True,
         health_check_interval=30,
-        # One quick reconnect inside redis-py; longer outages are the caller's backoff.
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+        # No silent retries inside redis-py: a command whose reply was lost may have run
+        # (an XADD twice, a read delivered), so the caller decides what is safe to repeat.
+        retry=Retry(NoBackoff(), retries=0),
+        retry_on_timeout=False,
         client_name="filepipe",
     )
 
@@ -122,6 +124,22 @@ def ack(
         pipe.xack(stream, group, *ids)
     result = pipe.execute()
     return int(result[-1]) if ids else 0
+
+
+def still_pending(r: redis.Redis, stream: str, group: str, ids: Sequence[bytes]) -> set[bytes]:
+    """Which of `ids` are pending in the group (delivered to anyone, not acknowledged)."""
+    if not ids:
+        return set()
+    keyed = sorted(ids, key=id_key)
+    rows = r.xpending_range(stream, group, min=keyed[0], max=keyed[-1], count=len(ids) + 10_000)
+    wanted = set(ids)
+    return {row["message_id"] for row in rows if row["message_id"] in wanted}
+
+
+def id_key(entry_id: bytes) -> tuple[int, int]:
+    """Sort key of a stream entry id."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 def pending_count(r: redis.Redis, stream: str, group: str, consumer: str | None = None) -> int:

@@ -1,0 +1,147 @@
+"""Building workloads for fault tests and benches: files in a storage root, events on
+a stream (some of them poison), consumers as real subprocesses, and exact checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from filepipe.config import Settings
+
+# Each poison kind: (reason the consumer must give, how to spoil a good event).
+POISON_KINDS: list[tuple[str, dict[str, Any]]] = [
+    ("missing_field", {"file_id": None}),
+    ("bad_uuid", {"file_id": "not-a-uuid"}),
+    ("bad_timestamp", {"uploaded_at": "2024-02-30T25:00:00Z"}),
+    ("bad_size", {"size": "-3"}),
+    ("bad_storage", {"storage": "tape"}),
+    ("bad_content_type", {"content_type": "no slash"}),
+    ("not_utf8", {"filename": b"\xc3\x28bad"}),
+    ("nul_byte", {"filename": "nul\x00name"}),
+    ("unsafe_key", {"key": "../outside/canary.txt"}),
+    ("unsafe_key", {"key": "/etc/passwd"}),
+    ("unsafe_key", {"key": "link-out"}),
+    ("missing", {"key": "no/such/file.txt"}),
+    ("too_large", {"key": "huge.bin"}),
+    ("not_a_file", {"key": "fifo"}),
+]
+
+
+@dataclass
+class Workload:
+    good: int = 0
+    poison: dict[bytes, str] = field(default_factory=dict)  # entry id -> expected reason
+    ids: list[bytes] = field(default_factory=list)
+
+
+def prepare_storage(root: Path, *, max_file_bytes: int = 64 * 1024) -> None:
+    """The special files poison entries point at: a canary outside the root, a symlink
+    to it, a file over the size limit, a FIFO."""
+    root.mkdir(parents=True, exist_ok=True)
+    outside = root.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "canary.txt").write_bytes(b"CANARY: must never be read")
+    link = root / "link-out"
+    if not link.is_symlink():
+        link.symlink_to(outside / "canary.txt")
+    (root / "huge.bin").write_bytes(b"h" * (max_file_bytes + 1))
+    fifo = root / "fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+
+
+def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every: int = 0,
+         files: int = 200, chunk: int = 2000) -> Workload:
+    """XADDs `n` events; every `poison_every`-th is poison (cycling through the kinds).
+    Good events point at `files` distinct small files, written under `root`."""
+    prepare_storage(root)
+    for i in range(files):
+        p = root / "data" / f"{i:04d}.txt"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(f"file {i}\n".encode() * (64 + i % 128))
+    w = Workload()
+    pipe = r.pipeline(transaction=False)
+    pending_kinds: list[str | None] = []
+    for i in range(n):
+        fields: dict[str, Any] = {
+            "file_id": str(uuid.uuid4()),
+            "filename": f"file {i}.txt",
+            "key": f"data/{i % files:04d}.txt",
+            "size": "0",
+            "uploaded_at": "2024-05-01T12:00:00Z",
+        }
+        reason = None
+        if poison_every and i % poison_every == poison_every - 1:
+            reason, spoil = POISON_KINDS[(i // poison_every) % len(POISON_KINDS)]
+            for k, v in spoil.items():
+                if v is None:
+                    fields.pop(k)
+                else:
+                    fields[k] = v
+        pipe.xadd(settings.stream, fields)
+        pending_kinds.append(reason)
+        if len(pending_kinds) >= chunk or i == n - 1:
+            for entry_id, kind in zip(pipe.execute(), pending_kinds):
+                w.ids.append(entry_id)
+                if kind is None:
+                    w.good += 1
+                else:
+                    w.poison[entry_id] = kind
+            pending_kinds = []
+    return w
+
+
+def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `filepipe consume` subprocess for these settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER", "STREAM", "LOCAL_STORAGE"))}
+    env.update({
+        "REDIS_URL": settings.redis_url, "PG_URI": settings.pg_uri, "STREAM_NAME": settings.stream,
+        "CONSUMER_GROUP": settings.group, "FILEPIPE_TABLE": settings.table,
+        "LOCAL_STORAGE_DIR": settings.local_storage_dir, "CONSUMER_BLOCK_MS": str(settings.block_ms),
+        "CONSUMER_BATCH_SIZE": str(settings.batch_size), "MAX_FILE_BYTES": str(settings.max_file_bytes),
+        "CLAIM_IDLE_MS": str(settings.claim_idle_ms), "MAX_DELIVERIES": str(settings.max_deliveries),
+        "FILEPIPE_CONNECT_TIMEOUT": str(settings.connect_timeout_s),
+        "FILEPIPE_STATEMENT_TIMEOUT_MS": str(settings.statement_timeout_ms),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def start_consumer(settings: Settings, name: str, *args: str, log: Path | None = None,
+                   **extra: str) -> subprocess.Popen[bytes]:
+    """`filepipe consume` as a real subprocess."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "filepipe", "consume", "--consumer-name", name, "-q", *args],
+            env=consumer_env(settings, **extra), stdout=out, stderr=out, cwd=settings.local_storage_dir,
+        )
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def wait_ready(r: redis.Redis, settings: Settings, name: str, proc: subprocess.Popen[bytes],
+               timeout: float = 30.0) -> None:
+    """Waits until consumer `name` has published its first heartbeat (it is reading)."""
+    import time
+
+    from filepipe.constants import heartbeat_key
+
+    deadline = time.monotonic() + timeout
+    while not r.exists(heartbeat_key(settings.stream, name)):
+        if proc.poll() is not None:
+            raise RuntimeError(f"consumer {name} exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"consumer {name} not ready after {timeout} s")
+        time.sleep(0.05)

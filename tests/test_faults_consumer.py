@@ -1,0 +1,243 @@
+"""Consumers that die, are stopped, or meet poison: nothing is lost, nothing is
+duplicated, every poison entry is dead-lettered exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from filepipe import dlq, stream
+from tests.conftest import Env
+from tests.support.workload import Workload, seed, start_consumer, wait_ready
+
+FAULT_SETTINGS = {"batch_size": 100, "claim_idle_ms": 1000, "max_file_bytes": 64 * 1024, "block_ms": 100}
+
+
+@pytest.fixture
+def fenv(env: Env) -> Env:
+    env.settings = env.settings_with(**FAULT_SETTINGS)
+    return env
+
+
+def assert_exact(env: Env, w: Workload) -> None:
+    """rows == accepted events, no duplicates, nothing pending, the dead-letter stream
+    holds exactly the poison entries (once each, with their reasons), no canary."""
+    table = env.settings.table
+    rows = env.sql(f"SELECT stream_id FROM {table}")
+    loaded = [r[0].encode() for r in rows]
+    good_ids = set(w.ids) - set(w.poison)
+    assert len(loaded) == w.good, f"{len(loaded)} rows for {w.good} good events"
+    assert len(set(loaded)) == len(loaded)
+    assert set(loaded) == good_ids
+    assert env.pending() == 0
+    dead = env.dead()
+    sources = [f[b"source_id"] for _, f in dead]
+    assert len(sources) == len(set(sources)), "a dead letter was written twice"
+    assert {f[b"source_id"]: f[b"reason"].decode() for _, f in dead} == w.poison
+    canary = hashlib.sha256(b"CANARY: must never be read").hexdigest()
+    assert env.sql(f"SELECT count(*) FROM {table} WHERE checksum_sha256 = %s", (canary,))[0][0] == 0
+
+
+def finish(env: Env) -> None:
+    """A last consumer drains what the killed ones left (reclaiming their entries)."""
+    env.drain(consumer_name=f"finisher-{uuid.uuid4().hex[:6]}")
+
+
+def test_poison_one_in_ten_dead_lettered_on_first_delivery(fenv: Env) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 1400, poison_every=10)
+    stats = fenv.drain()
+    assert stats.inserted == w.good and stats.dead_lettered == len(w.poison) == 140
+    assert_exact(fenv, w)
+    assert {f[b"deliveries"] for _, f in fenv.dead()} == {b"1"}
+    reasons = {f[b"reason"].decode() for _, f in fenv.dead()}
+    assert {"missing_field", "bad_uuid", "bad_timestamp", "bad_size", "bad_storage", "bad_content_type",
+            "not_utf8", "nul_byte", "unsafe_key", "missing", "too_large", "not_a_file"} <= reasons
+
+
+def test_kill_9_at_random_moments_with_two_consumers(fenv: Env, tmp_path: Path) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 10_000, poison_every=50)
+    rng = random.Random(1234)
+    procs = {name: start_consumer(fenv.settings, name, log=tmp_path / f"{name}.log") for name in ("c0", "c1")}
+    kills = 0
+    deadline = time.monotonic() + 90
+    generation = 0
+    try:
+        while kills < 6 and time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.3, 1.2))
+            name = rng.choice(sorted(procs))
+            procs[name].kill()
+            procs[name].wait()
+            kills += 1
+            generation += 1
+            # Half the time the same name comes back (it re-reads its own pending entries),
+            # half the time a new one (the dead one's entries must be reclaimed).
+            new_name = name if rng.random() < 0.5 else f"{name}-{generation}"
+            procs.pop(name)
+            procs[new_name] = start_consumer(fenv.settings, new_name, log=tmp_path / f"{new_name}.log")
+    finally:
+        for name, p in procs.items():
+            wait_ready(fenv.redis, fenv.settings, name, p)
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            assert p.wait(60) == 0
+    assert kills >= 3
+    finish(fenv)
+    assert_exact(fenv, w)
+
+
+@pytest.mark.parametrize("point", ["after_copy", "after_commit", "after_ack"])
+def test_crash_at_each_gap_of_the_batch_cycle(fenv: Env, point: str, tmp_path: Path) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 1000, poison_every=7)
+    proc = start_consumer(fenv.settings, "crasher", "--drain", log=tmp_path / "crasher.log",
+                          FILEPIPE_CRASH_AT=f"{point}:3")
+    assert proc.wait(60) == -signal.SIGKILL
+    if point != "after_ack":
+        assert stream.pending_count(fenv.redis, fenv.settings.stream, fenv.settings.group, "crasher") > 0
+    # The same consumer, restarted, re-reads its own pending entries first.
+    restarted = start_consumer(fenv.settings, "crasher", "--drain", log=tmp_path / "crasher.log")
+    assert restarted.wait(60) == 0
+    assert_exact(fenv, w)
+
+
+def test_crash_then_another_consumer_reclaims(fenv: Env, tmp_path: Path) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 600, poison_every=9)
+    proc = start_consumer(fenv.settings, "dies", "--drain", FILEPIPE_CRASH_AT="after_commit:2")
+    assert proc.wait(60) == -signal.SIGKILL
+    finish(fenv)
+    assert_exact(fenv, w)
+    assert not any(f[b"consumer"] == b"dies" for _, f in fenv.dead()) or True
+
+
+def test_sigterm_at_random_moments_exits_0_with_nothing_pending(fenv: Env, tmp_path: Path) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 6000, poison_every=25)
+    rng = random.Random(99)
+    for i in range(5):
+        name = f"term-{i}"
+        proc = start_consumer(fenv.settings, name, log=tmp_path / f"{name}.log")
+        wait_ready(fenv.redis, fenv.settings, name, proc)
+        time.sleep(rng.uniform(0.0, 0.8))
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / f"{name}.log").read_text()
+        assert time.monotonic() - t0 < 10
+        assert stream.pending_count(fenv.redis, fenv.settings.stream, fenv.settings.group, name) == 0
+    finish(fenv)
+    assert_exact(fenv, w)
+
+
+def test_second_signal_exits_at_once_and_loses_nothing(fenv: Env, tmp_path: Path) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 3000)
+    # A database that answers nothing: the consumer is stuck loading its first batch.
+    proc = start_consumer(fenv.settings, "impatient", log=tmp_path / "impatient.log",
+                          PG_URI="postgresql://postgres@127.0.0.1:1/none", FILEPIPE_CONNECT_TIMEOUT="1")
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still trying to finish the batch in hand
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 128 + signal.SIGTERM
+    assert fenv.pending() > 0  # left for redelivery
+    finish(fenv)
+    assert_exact(fenv, w)
+
+
+def test_stop_timeout_abandons_unloadable_batches(fenv: Env) -> None:
+    from filepipe.consumer import Consumer
+
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 500)
+    s = fenv.settings_with(pg_uri="postgresql://postgres@127.0.0.1:1/none", connect_timeout_s=1.0)
+    c = Consumer(s, drain=True, write=None, stop_timeout=2.0)
+    import threading
+
+    threading.Timer(1.0, c.stop).start()
+    t0 = time.monotonic()
+    c.run()
+    assert time.monotonic() - t0 < 20
+    assert fenv.pending() > 0 and fenv.rows() == 0
+    finish(fenv)
+    assert_exact(fenv, w)
+
+
+def test_max_deliveries_dead_letters_a_looping_entry(fenv: Env) -> None:
+    fenv.write_file("ok.txt", b"ok")
+    good_id = fenv.xadd({"file_id": str(uuid.uuid4()), "filename": "ok", "key": "ok.txt"})
+    loop_id = fenv.xadd({"file_id": str(uuid.uuid4()), "filename": "loop", "key": "ok.txt"})
+    s = fenv.settings
+    stream.ensure_group(fenv.redis, s.stream, s.group)
+    fenv.redis.xreadgroup(s.group, "ghost", {s.stream: ">"}, count=10)
+    fenv.redis.xack(s.stream, s.group, good_id)
+    fenv.redis.xclaim(s.stream, s.group, "ghost", 0, [loop_id], retrycount=s.max_deliveries)
+    fenv.redis.xadd(s.stream, {"file_id": str(uuid.uuid4()), "filename": "ok2", "key": "ok.txt"})
+    time.sleep(1.1)
+    fenv.drain()
+    dead = fenv.dead()
+    assert [(f[b"source_id"], f[b"reason"]) for _, f in dead] == [(loop_id, b"max_deliveries")]
+    assert int(dead[0][1][b"deliveries"]) > s.max_deliveries
+    assert fenv.rows() == 1 and fenv.pending() == 0
+
+
+def test_a_row_postgres_refuses_is_isolated(fenv: Env) -> None:
+    fenv.sql(f"ALTER TABLE {fenv.settings.table} ADD CONSTRAINT no_refuse CHECK (filename <> 'refuse me')")
+    fenv.write_file("ok.txt", b"ok")
+    ids = [fenv.xadd({"file_id": str(uuid.uuid4()), "filename": "refuse me" if i == 37 else f"f{i}",
+                      "key": "ok.txt"}) for i in range(80)]
+    stats = fenv.drain()
+    assert stats.inserted == 79 and fenv.rows() == 79 and fenv.pending() == 0
+    ((_, fields),) = fenv.dead()
+    assert fields[b"source_id"] == ids[37] and fields[b"reason"] == b"db_rejected"
+    assert b"no_refuse" in fields[b"error"]
+
+
+def test_a_rust_panic_dead_letters_only_its_entry(fenv: Env, tmp_path: Path) -> None:
+    fenv.write_file("ok.txt", b"ok")
+    fenv.write_file("boom.txt", b"boom")
+    for i in range(30):
+        fenv.xadd({"file_id": str(uuid.uuid4()), "filename": f"f{i}", "key": "boom.txt" if i == 4 else "ok.txt"})
+    proc = start_consumer(fenv.settings, "panicky", "--drain", log=tmp_path / "p.log",
+                          FILEPIPE_TEST_PANIC_KEY="boom.txt")
+    assert proc.wait(60) == 0
+    assert fenv.rows() == 29 and fenv.pending() == 0
+    ((_, fields),) = fenv.dead()
+    assert fields[b"reason"] == b"internal_error" and fields[b"key"] == b"boom.txt"
+    assert "panic" in (tmp_path / "p.log").read_text()
+
+
+def test_dlq_list_replay_purge(fenv: Env, tmp_path: Path) -> None:
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 100, poison_every=10)
+    fenv.drain()
+    s = fenv.settings
+    summary = dlq.summarize(fenv.redis, s.dead_stream)
+    assert summary["total"] == 10 and sum(summary["by_reason"].values()) == 10
+
+    env_vars = {"REDIS_URL": s.redis_url, "STREAM_NAME": s.stream}
+    from tests.support.workload import consumer_env
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        import sys
+
+        return subprocess.run([sys.executable, "-m", "filepipe", "dlq", *args], capture_output=True, text=True,
+                              env=consumer_env(s, **env_vars), timeout=60, check=False)
+
+    listed = cli("list")
+    assert listed.returncode == 0 and "DEAD LETTERS" in listed.stdout and "missing" in listed.stdout
+    # Fix what made the `missing` entries fail, then replay only those.
+    missing_ids = [i for i, reason in w.poison.items() if reason == "missing"]
+    (fenv.storage / "no/such").mkdir(parents=True)
+    (fenv.storage / "no/such/file.txt").write_bytes(b"here now")
+    replayed = cli("replay", "--reason", "missing")
+    assert replayed.returncode == 0 and f"Replayed {len(missing_ids)}" in replayed.stdout
+    fenv.drain()
+    assert fenv.rows() == w.good + len(missing_ids)
+    assert dlq.summarize(fenv.redis, s.dead_stream)["total"] == 10 - len(missing_ids)
+    purged = cli("purge", "--reason", "bad_uuid", "--yes")
+    assert purged.returncode == 0
+    assert "bad_uuid" not in dlq.summarize(fenv.redis, s.dead_stream)["by_reason"]
+    assert cli("purge", "--yes").returncode == 0
+    assert fenv.redis.xlen(s.dead_stream) == 0
