@@ -60,6 +60,7 @@ class Prepared:
     rows: int
     dead: list[DeadLetter]
     read_at: float
+    redelivered: bool = False
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Consumer:
         self.pool = db.create_pool(settings)
         self.loader = db.Loader(self.pool, settings)
         self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
+        self.acks: queue.Queue[tuple[Prepared, int, list[DeadLetter]] | None] = queue.Queue(maxsize=settings.in_flight)
         self.binary = settings.copy_format == "binary"
         self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._note_error)
         # The loader keeps retrying through a stop, until the stop deadline abandons it.
@@ -349,7 +351,7 @@ class Consumer:
             return False
 
     def _wait_idle(self) -> None:
-        while self.queue.unfinished_tasks and self.failed is None:
+        while (self.queue.unfinished_tasks or self.acks.unfinished_tasks) and self.failed is None:
             time.sleep(0.005)
 
     # -- preparing a batch -------------------------------------------------------------
@@ -406,6 +408,7 @@ class Consumer:
             rows=rows,
             dead=dead,
             read_at=read_at,
+            redelivered=redelivered,
         )
 
     def _measure(self, batch: _native.EntryBatch) -> _native.Measurements:
@@ -435,13 +438,33 @@ class Consumer:
     # -- loading and acknowledging ------------------------------------------------------
 
     def _load_loop(self) -> None:
+        """Runs one loader per pooled connection and the acknowledger: several COPYs can
+        be in flight (PostgreSQL works on one while the next is sent), and the next COPY
+        starts while the previous batch is being acknowledged."""
+        acker = threading.Thread(target=self._ack_loop, name="filepipe-acker", daemon=True)
+        workers = [
+            threading.Thread(target=self._load_worker, name=f"filepipe-loader-{i}", daemon=True)
+            for i in range(self.settings.pool_size)
+        ]
+        acker.start()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        self.acks.put(None)
+        acker.join()
+
+    def _load_worker(self) -> None:
         while True:
             prepared = self.queue.get()
             try:
                 if prepared is None:
+                    self.queue.put(None)  # for the sibling loaders
                     return
                 if self.failed is None and not self.abandon.is_set():
-                    self._load_and_ack(prepared)
+                    inserted, row_dead = self._load(prepared)
+                    crash_point("after_commit")
+                    self.acks.put((prepared, inserted, row_dead))
             except Abandoned:
                 pass
             except BaseException as e:  # surfaced by run() in the reader's thread
@@ -450,11 +473,24 @@ class Consumer:
             finally:
                 self.queue.task_done()
 
-    def _load_and_ack(self, p: Prepared) -> None:
-        inserted, row_dead = self._load(p)
-        crash_point("after_commit")
+    def _ack_loop(self) -> None:
+        while True:
+            item = self.acks.get()
+            try:
+                if item is None:
+                    return
+                if self.failed is None and not self.abandon.is_set():
+                    self._finish_batch(*item)
+            except Abandoned:
+                pass
+            except BaseException as e:
+                self.failed = e
+                self.stopping.set()
+            finally:
+                self.acks.task_done()
+
+    def _finish_batch(self, p: Prepared, inserted: int, row_dead: list[DeadLetter]) -> None:
         dead = p.dead + row_dead
-        s = self.settings
         self._ack(p.ids, dead)
         crash_point("after_ack")
         st = self.stats
@@ -505,21 +541,22 @@ class Consumer:
         if p.rows == 0:
             return 0, []
         try:
-            return self._load_buffer(p.buf), []
+            return self._load_buffer(p.buf, p.rows, direct=not p.redelivered), []
         except psycopg.Error as e:
             if not _is_row_error(e):
                 raise _fatal_db_error(e, self.settings) from e
         return self._bisect(p, p.measurements.measured())
 
-    def _load_buffer(self, buf: bytes) -> int:
+    def _load_buffer(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
         return self.pg_backoff.call(
-            lambda: metrics.timed(metrics.COPY_SECONDS, self.loader.load, buf), is_transient_pg
+            lambda: metrics.timed(metrics.COPY_SECONDS, self.loader.load, buf, rows, direct=direct),
+            is_transient_pg,
         )
 
     def _bisect(self, p: Prepared, indices: list[int]) -> tuple[int, list[DeadLetter]]:
         buf = _native.encode_copy(p.batch, p.measurements, self.name, self.binary, only=indices)
         try:
-            return self._load_buffer(buf), []
+            return self._load_buffer(buf, len(indices)), []
         except psycopg.Error as e:
             if not _is_row_error(e):
                 raise _fatal_db_error(e, self.settings) from e

@@ -138,8 +138,14 @@ def wait_ready(r: redis.Redis, settings: Settings, name: str, proc: subprocess.P
 
     from filepipe.constants import heartbeat_key
 
+    import json
+
+    def mine() -> bool:
+        beat = r.get(heartbeat_key(settings.stream, name))
+        return beat is not None and json.loads(beat).get("pid") == proc.pid
+
     deadline = time.monotonic() + timeout
-    while not r.exists(heartbeat_key(settings.stream, name)):
+    while not mine():
         if proc.poll() is not None:
             raise RuntimeError(f"consumer {name} exited with {proc.returncode} before it was ready")
         if time.monotonic() > deadline:
