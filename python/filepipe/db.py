@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,20 +87,45 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
             sql.Identifier(c.STAGING_TABLE), cols
         )
     )
-    conn.commit()
+
+
+# When each pooled connection last completed a load; a connection busy within the
+# last few seconds is known to be alive and skips the check (a round trip per batch).
+_last_used: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
+CHECK_AFTER_IDLE_S = 5.0
+
+
+def mark_used(conn: psycopg.Connection[Any]) -> None:
+    """Records that `conn` just completed a round trip successfully."""
+    _last_used[conn] = time.monotonic()
+
+
+def check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check: a connection idle for more than a few seconds (say, across a
+    database restart) is tested with an empty query before it is handed out, and
+    replaced if it is broken."""
+    if time.monotonic() - _last_used.get(conn, 0.0) > CHECK_AFTER_IDLE_S:
+        ConnectionPool.check_connection(conn)
 
 
 def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> ConnectionPool:
     """A psycopg pool whose connections are checked before use, so it recovers after
     a database restart, and which gives up waiting for a connection after the
     connect timeout rather than hanging."""
+    pool_log = logging.getLogger("psycopg.pool")
+    if pool_log.level == logging.NOTSET:
+        # During an outage the pool warns at every failed connection attempt; the
+        # consumer's backoff already says "PostgreSQL unreachable" once and "is back".
+        pool_log.setLevel(logging.ERROR)
     pool = ConnectionPool(
         settings.pg_uri,
         min_size=min(min_size, settings.pool_size),
         max_size=settings.pool_size,
-        kwargs=connection_kwargs(settings),
+        # Autocommit: a direct COPY is its own transaction (no COMMIT round trip);
+        # the merge path opens an explicit one.
+        kwargs={**connection_kwargs(settings), "autocommit": True},
         configure=_configure,
-        check=ConnectionPool.check_connection,
+        check=check_if_idle,
         timeout=max(settings.connect_timeout_s * 2, 5.0),
         reconnect_timeout=0,  # keep trying forever: outages are waited out
         name="filepipe",
@@ -234,15 +261,19 @@ class Loader:
     def _run(self, buf: bytes, *, direct: bool) -> int:
         with self.pool.connection() as conn, Watchdog(conn, self.stall_timeout) as dog:
             try:
-                with conn.cursor() as cur:
-                    with cur.copy(self.direct_copy_sql if direct else self.copy_sql) as copy:
+                inserted = -1
+                if direct:
+                    with conn.cursor() as cur, cur.copy(self.direct_copy_sql) as copy:
                         copy.write(buf)
                     crash_point("after_copy")
-                    inserted = -1
-                    if not direct:
+                else:
+                    with conn.transaction(), conn.cursor() as cur:
+                        with cur.copy(self.copy_sql) as copy:
+                            copy.write(buf)
+                        crash_point("after_copy")
                         cur.execute(self.insert_sql)
                         inserted = cur.rowcount
-                conn.commit()
+                mark_used(conn)
             except psycopg.Error as e:
                 if dog.fired:
                     raise TransientError(

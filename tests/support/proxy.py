@@ -152,3 +152,21 @@ class TcpProxy:
                 await writer.drain()
 
         await asyncio.gather(receive(), send())
+
+
+def main() -> None:
+    """`python -m tests.support.proxy TARGET_PORT DELAY_MS`: runs a delaying proxy in its
+    own process (so it does not compete for a benchmark's GIL) and prints its port."""
+    import sys
+
+    target, delay = int(sys.argv[1]), float(sys.argv[2])
+    proxy = TcpProxy(target, delay_ms=delay).start()
+    print(proxy.port, flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        proxy.close()
+
+
+if __name__ == "__main__":
+    main()

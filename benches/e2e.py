@@ -1,0 +1,370 @@
+"""End-to-end throughput: filepipe against the guide's two consumers and against the
+limit of each component, measured in one run on the same events, files and table.
+
+    python -m benches.e2e                  # the full table (what `make bench` runs)
+    python -m benches.e2e --events 5000    # quicker
+
+Scenarios: local services, and "cloud" (a loopback proxy adding --latency-ms each way
+in front of both Redis and PostgreSQL). Then the peak RSS of a consumer process
+draining a backlog of --memory entries. Uses FILEPIPE_BENCH_REDIS_URL / _PG_URI (or the
+FILEPIPE_TEST_* ones); without them it starts throwaway servers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import redis
+
+from benches.baselines import fast_consumer, old_consumer
+from filepipe import _native, stream
+from filepipe.config import Settings, load_settings
+from filepipe.consumer import Consumer
+from filepipe.db import Loader, create_pool, init_db
+from filepipe.embedded import PostgresServer, RedisServer
+from filepipe.producer import PIPELINE_CHUNK
+
+
+@dataclass
+class Result:
+    scenario: str
+    name: str
+    files: int
+    seconds: float
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.files / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_files(root: Path, count: int) -> list[str]:
+    """`count` small files (1-4 KiB) under root/bench, made once and reused."""
+    keys = [f"bench/{i // 1000:03d}/{i:06d}.txt" for i in range(count)]
+    marker = root / f".bench-files-{count}"
+    if marker.exists():
+        return keys
+    rng = random.Random(5)
+    for i, key in enumerate(keys):
+        p = root / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(f"file {i}\n".encode() + rng.randbytes(rng.randrange(1024, 4096)))
+    marker.touch()
+    return keys
+
+
+def fresh(base: Settings, keys: list[str], events: int) -> Settings:
+    """A new stream (with `events` events over `keys`) and a new table."""
+    tag = uuid.uuid4().hex[:8]
+    s = replace(base, stream=f"bench_{tag}", table=f"bench_{tag}", consumer_name=f"bench-{tag}")
+    init_db(s)
+    r = redis.Redis.from_url(s.redis_url)
+    pipe = r.pipeline(transaction=False)
+    for i in range(events):
+        pipe.xadd(s.stream, {"file_id": str(uuid.uuid4()), "filename": f"photo {i}.txt",
+                             "key": keys[i % len(keys)], "size": "0", "uploaded_at": "2024-05-01T12:00:00Z"})
+        if (i + 1) % PIPELINE_CHUNK == 0:
+            pipe.execute()
+    pipe.execute()
+    stream.ensure_group(r, s.stream, s.group)
+    r.close()
+    return s
+
+
+def replace(s: Settings, **changes: Any) -> Settings:
+    values = dict(s.__dict__)
+    values.update(changes)
+    return Settings(**values)
+
+
+def cleanup(s: Settings) -> None:
+    r = redis.Redis.from_url(s.redis_url)
+    r.delete(s.stream, s.dead_stream)
+    r.close()
+    with psycopg.connect(s.pg_uri, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {s.table}")
+
+
+def count_rows(s: Settings) -> int:
+    with psycopg.connect(s.pg_uri) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {s.table}").fetchone()
+        return int(row[0]) if row else 0
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# -- the limits: each component alone, on the same entries ------------------------------------
+
+def limit_redis(s: Settings) -> float:
+    """XREADGROUP + XACK of every entry, nothing else."""
+    r = stream.connect(s)
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        entries = stream.read_new(r, s.stream, s.group, "limit", s.batch_size, 0)
+        if not entries:
+            break
+        r.xack(s.stream, s.group, *[e[0] for e in entries])
+        n += len(entries)
+    dt = time.perf_counter() - t0
+    r.close()
+    return n / dt
+
+
+def batches_of(s: Settings) -> Iterator[_native.EntryBatch]:
+    r = redis.Redis.from_url(s.redis_url)
+    start = b"-"
+    while True:
+        rows = r.xrange(s.stream, min=start, max="+", count=s.batch_size)
+        if not rows:
+            break
+        yield _native.parse_entries(rows)
+        start = b"(" + rows[-1][0]
+    r.close()
+
+
+def limit_files(s: Settings) -> tuple[float, list[tuple[bytes, int]]]:
+    """Measuring every entry's file (size, SHA-256, type) in batches, as the consumer does;
+    also returns the COPY buffers of the measured batches for the PostgreSQL limit."""
+    batches = list(batches_of(s))
+    n, spent, bufs = 0, 0.0, []
+    for b in batches:
+        t0 = time.perf_counter()
+        m = _native.measure_local(b, s.local_storage_dir, s.max_file_bytes, s.hash_threads)
+        spent += time.perf_counter() - t0
+        n += len(b)
+        bufs.append((_native.encode_copy(b, m, "limit"), len(b)))
+    return n / spent, bufs
+
+
+def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) -> float:
+    """COPY of the same rows, as filepipe loads them (one loader per pooled connection)."""
+    table_settings = replace(s, table=s.table + ("_d" if direct else "_m"))
+    init_db(table_settings)
+    pool = create_pool(table_settings, min_size=table_settings.pool_size)
+    pool.wait()
+    loader = Loader(pool, table_settings)
+    todo = list(bufs)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                buf, rows = todo.pop()
+            loader.load(buf, rows, direct=direct)
+
+    threads = [threading.Thread(target=work) for _ in range(table_settings.pool_size)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    pool.close()
+    rows = count_rows(table_settings)
+    cleanup(table_settings)
+    return rows / dt
+
+
+# -- one scenario ----------------------------------------------------------------------------
+
+def scenario(name: str, base: Settings, keys: list[str], events: int, fast_n: int, old_n: int) -> list[Result]:
+    results: list[Result] = []
+
+    s = fresh(base, keys, events)
+    try:
+        redis_rate = limit_redis(s)
+        files_rate, bufs = limit_files(s)
+        pg_direct = limit_postgres(s, bufs, direct=True)
+        pg_merge = limit_postgres(s, bufs, direct=False)
+    finally:
+        cleanup(s)
+    results += [
+        Result(name, "limit: Redis XREADGROUP + XACK", events, events / redis_rate),
+        Result(name, "limit: files (size, SHA-256, type)", events, events / files_rate),
+        Result(name, "limit: PostgreSQL COPY (direct)", events, events / pg_direct),
+        Result(name, "limit: PostgreSQL COPY + merge", events, events / pg_merge),
+    ]
+
+    s = fresh(base, keys, events)
+    try:
+        stats, dt = timed(lambda: Consumer(s, drain=True, write=None).run())
+        assert stats.inserted == events == count_rows(s), (stats, events)
+        results.append(Result(name, "filepipe", events, dt, f"batch {s.batch_size}"))
+    finally:
+        cleanup(s)
+
+    for label, fn, n in (("fast consumer (pool, executemany 50)", fast_consumer, fast_n),
+                         ("old consumer (connection per file)", old_consumer, old_n)):
+        if n <= 0:
+            continue
+        s = fresh(base, keys, n)
+        try:
+            done, dt = fn(s, n)
+            assert done == n == count_rows(s), (label, done, n)
+            results.append(Result(name, label, n, dt))
+        finally:
+            cleanup(s)
+    return results
+
+
+@contextmanager
+def latency(url_port: int, delay_ms: float) -> Iterator[int]:
+    """A delaying proxy in its own process; yields its port."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.proxy", str(url_port), str(delay_ms)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline())
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def port_of(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port or (6379 if url.startswith("redis") else 5432)
+
+
+def with_port(url: str, port: int) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(url)
+    host = p.netloc.rsplit("@", 1)
+    userinfo = host[0] + "@" if len(host) == 2 else ""
+    return urlunsplit((p.scheme, f"{userinfo}127.0.0.1:{port}", p.path, p.query, p.fragment))
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+def memory(base: Settings, keys: list[str], events: int) -> Result:
+    """Peak RSS of a `filepipe consume --drain` process draining `events` entries."""
+    from tests.support.workload import consumer_env
+
+    s = fresh(base, keys, events)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
+                                env=consumer_env(s), cwd=s.local_storage_dir)
+        ps = psutil.Process(proc.pid)
+        samples: list[tuple[float, int]] = []
+        t0 = time.perf_counter()
+        while proc.poll() is None:
+            try:
+                samples.append((time.perf_counter() - t0, ps.memory_info().rss))
+            except psutil.Error:
+                break
+            time.sleep(0.1)
+        dt = time.perf_counter() - t0
+        assert proc.returncode == 0
+        rows = count_rows(s)
+        assert rows == events, (rows, events)
+    finally:
+        cleanup(s)
+    peak = max(r for _, r in samples)
+    quarters = {f"rss_at_{q}pct_mb": round(samples[min(len(samples) - 1, len(samples) * q // 100)][1] / 2**20, 1)
+                for q in (10, 25, 50, 75, 95)}
+    return Result("memory", f"filepipe consume --drain, {events:,} backlog", events, dt,
+                  f"peak RSS {peak / 2**20:.0f} MB", {"peak_rss_mb": round(peak / 2**20, 1), **quarters})
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def table(results: list[Result]) -> str:
+    lines = ["| scenario | pipeline | files | files/s | × fast consumer | × old consumer | of limit | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    by: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by.setdefault(r.scenario, {})[r.name] = r
+    for r in results:
+        group = by[r.scenario]
+        fast = group.get("fast consumer (pool, executemany 50)")
+        old = group.get("old consumer (connection per file)")
+        limits = [x.rate for k, x in group.items() if k.startswith("limit:") and "merge" not in k]
+        ceiling = min(limits) if limits else 0.0
+        is_limit = r.name.startswith("limit:")
+        vs_fast = f"{r.rate / fast.rate:.1f}×" if fast and not is_limit and r.scenario != "memory" else ""
+        vs_old = f"{r.rate / old.rate:.0f}×" if old and not is_limit and r.scenario != "memory" else ""
+        of_limit = f"{r.rate / ceiling:.2f}" if ceiling and r.name == "filepipe" else ""
+        lines.append(f"| {r.scenario} | {r.name} | {r.files:,} | {r.rate:,.0f} | {vs_fast} | {vs_old} | "
+                     f"{of_limit} | {r.note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--files", type=int, default=100_000, help="distinct small files")
+    ap.add_argument("--fast", type=int, default=20_000, help="events for the fast-consumer baseline")
+    ap.add_argument("--old", type=int, default=2_000, help="events for the old-consumer baseline")
+    ap.add_argument("--latency-ms", type=float, default=10.0, help="one-way delay in the cloud scenario (0: skip)")
+    ap.add_argument("--cloud-events", type=int, default=50_000)
+    ap.add_argument("--cloud-fast", type=int, default=500)
+    ap.add_argument("--cloud-old", type=int, default=60)
+    ap.add_argument("--memory", type=int, default=1_000_000, help="backlog for the RSS run (0: skip)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("artifacts"))
+    args = ap.parse_args(argv)
+
+    with ExitStack() as stack:
+        redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
+        pg_uri = os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI")
+        if not redis_url:
+            redis_url = stack.enter_context(RedisServer()).url
+        if not pg_uri:
+            pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
+        root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
+        root.mkdir(parents=True, exist_ok=True)
+        overrides: dict[str, Any] = {"redis_url": redis_url, "pg_uri": pg_uri, "local_storage_dir": str(root),
+                                     "block_ms": 100}
+        if args.batch_size:
+            overrides["batch_size"] = args.batch_size
+        base = load_settings(overrides, environ={}, dotenv_path=None)
+        keys = make_files(root, args.files)
+        print(f"filepipe bench: {args.events:,} events, {len(keys):,} files of 1-4 KiB, batch {base.batch_size}, "
+              f"{os.cpu_count()} cores", flush=True)
+
+        results = scenario("local", base, keys, args.events, args.fast, args.old)
+        print(table(results), flush=True)
+        if args.latency_ms > 0:
+            rp = stack.enter_context(latency(port_of(redis_url), args.latency_ms))
+            pp = stack.enter_context(latency(port_of(pg_uri), args.latency_ms))
+            cloud = replace(base, redis_url=with_port(redis_url, rp), pg_uri=with_port(pg_uri, pp))
+            results += scenario(f"cloud ({2 * args.latency_ms:.0f} ms RTT)", cloud, keys, args.cloud_events,
+                                args.cloud_fast, args.cloud_old)
+        if args.memory > 0:
+            results.append(memory(base, keys, args.memory))
+
+    report = table(results)
+    print("\n" + report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-e2e.md").write_text(report + "\n")
+    (args.out / "bench-e2e.json").write_text(json.dumps([{**asdict(r), "rate": r.rate} for r in results], indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
