@@ -268,22 +268,35 @@ class Model:
     storage_per: float  # per file, measured a batch at a time
     storage_single: float  # one file after another (the seed's consumers)
     cpu_per: float  # parse + encode per event
+    loaders: int = 1  # batches loaded at once, each on its own pooled connection (FILEPIPE_POOL_SIZE)
 
     def read_stage(self, b: int) -> dict[str, float]:
+        """Reading a batch, measuring its files, encoding it (the reader thread)."""
         return {
             "redis": self.redis_read_fixed + b * self.redis_read_per,
             "storage": self.storage_fixed + b * self.storage_per,
             "consumer": b * self.cpu_per,
         }
 
+    def load_ms(self, b: int) -> float:
+        """Loading one batch on one connection."""
+        return self.pg_load_fixed + b * self.pg_load_per
+
     def load_stage(self, b: int) -> dict[str, float]:
-        return {
-            "postgres": self.pg_load_fixed + b * self.pg_load_per,
-            "redis": self.redis_ack_fixed + b * self.redis_ack_per,
-        }
+        """Loading, per batch: `loaders` batches are loaded at once on their own
+        connections, so each costs the pipeline 1/loaders of its load time."""
+        return {"postgres": self.load_ms(b) / max(1, self.loaders)}
+
+    def ack_stage(self, b: int) -> dict[str, float]:
+        """Acknowledging a batch (the acknowledger thread, overlapped with the next load)."""
+        return {"redis": self.redis_ack_fixed + b * self.redis_ack_per}
+
+    def stages(self, b: int) -> list[dict[str, float]]:
+        return [self.read_stage(b), self.load_stage(b), self.ack_stage(b)]
 
     def batch_ms(self, b: int) -> float:
-        return max(sum(self.read_stage(b).values()), sum(self.load_stage(b).values()), 1e-6)
+        """The pace: the slowest of the three overlapping stages."""
+        return max(max(sum(st.values()) for st in self.stages(b)), 1e-6)
 
     def rate(self, b: int | None = None) -> float:
         """Files/s of one filepipe consumer at batch size `b`."""
@@ -322,12 +335,14 @@ class Model:
         return b * 1000.0 / ms
 
     def _stages_fixed_per(self) -> list[tuple[float, float]]:
+        n = max(1, self.loaders)
         return [
             (
                 self.redis_read_fixed + self.storage_fixed,
                 self.redis_read_per + self.storage_per + self.cpu_per,
             ),
-            (self.pg_load_fixed + self.redis_ack_fixed, self.pg_load_per + self.redis_ack_per),
+            (self.pg_load_fixed / n, self.pg_load_per / n),
+            (self.redis_ack_fixed, self.redis_ack_per),
         ]
 
     def _latency_free_per(self) -> float:
@@ -375,7 +390,9 @@ class Model:
     def time_in(self, component: str, b: int | None = None) -> float:
         """Milliseconds `component` spends on one batch, in both stages."""
         b = b or self.batch_size
-        return self.read_stage(b).get(component, 0.0) + self.load_stage(b).get(component, 0.0)
+        if component == "postgres":
+            return self.load_ms(b)
+        return sum(st.get(component, 0.0) for st in self.stages(b))
 
     def latency_share(self, component: str, b: int | None = None) -> float:
         """The share of `component`'s time per batch that does not grow with the batch."""
@@ -386,7 +403,14 @@ class Model:
             "storage": self.storage_fixed,
         }.get(component, 0.0)
         spent = self.time_in(component, b)
-        return fixed / spent if spent > 0 else 0.0
+        return min(1.0, fixed / spent) if spent > 0 else 0.0
+
+    def loaders_to_hide(self, b: int | None = None) -> int:
+        """Connections loading at once (FILEPIPE_POOL_SIZE) for loading to stop setting
+        the pace at batch size `b`."""
+        b = b or self.batch_size
+        others = max(sum(self.read_stage(b).values()), sum(self.ack_stage(b).values()), 1e-6)
+        return max(1, min(16, math.ceil(self.load_ms(b) / others - 1e-9)))
 
 
 def _nice_up(x: float) -> int:
@@ -407,6 +431,7 @@ def build_model(
     pg: PostgresFigures,
     st: StorageFigures,
     host: HostFigures,
+    loaders: int = 1,
 ) -> Model:
     return Model(
         batch_size=batch_size,
@@ -424,6 +449,7 @@ def build_model(
         storage_per=st.per_file_ms,
         storage_single=st.sequential_ms,
         cpu_per=host.parse_encode_us / 1000.0,
+        loaders=loaders,
     )
 
 
@@ -609,6 +635,9 @@ def _fix(report: "Report", m: Model, comp: str, latency_bound: bool) -> tuple[st
         if hide_b > b:
             f, text = better(m.rate(hide_b))
             alt = f", or run {n} consumers at batch {b}" if n > 1 else ""
+            pool = m.loaders_to_hide()
+            if comp == "postgres" and pool > m.loaders:
+                alt = f", or FILEPIPE_POOL_SIZE={pool} ({pool} batches loading at once)"
             return (
                 f"CONSUMER_BATCH_SIZE={hide_b} (round trips are paid per batch, not per file){alt}",
                 f,
@@ -618,14 +647,16 @@ def _fix(report: "Report", m: Model, comp: str, latency_bound: bool) -> tuple[st
             f, text = better(rate * n)
             return f"run {n} consumers (each waits on the network while the others work)", f, text
     if comp == "postgres":
-        f, text = better(rate * 2)
+        more = m.loaders * 2
+        f, text = better(replace(m, loaders=more).rate())
         return (
             (
-                "PostgreSQL's write speed is the limit: run more consumers (each loads on its own "
-                "connection) while the database has idle CPU and disk; beyond that, a bigger database"
+                f"PostgreSQL's write speed is the limit: load on more connections at once "
+                f"(FILEPIPE_POOL_SIZE={more}, or more consumers) while the database has idle CPU and disk; "
+                "beyond that, a bigger database"
             ),
             f,
-            "up to " + text + " with 2 consumers",
+            "up to " + text,
         )
     if comp == "redis":
         return (
@@ -751,6 +782,8 @@ class Report:
                 "filepipe_files_per_s": m.rate(),
                 "read_stage_ms": m.read_stage(m.batch_size),
                 "load_stage_ms": m.load_stage(m.batch_size),
+                "ack_stage_ms": m.ack_stage(m.batch_size),
+                "loaders": m.loaders,
                 "hiding_batch_size": m.hiding_batch_size(),
                 "hiding_consumers": m.hiding_consumers(),
                 "inputs_ms": asdict(m),
@@ -1011,15 +1044,16 @@ def _measure_copy(conn: psycopg.Connection[Any], settings: Settings, f: Postgres
 
 
 def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -> None:
-    """The consumer's load (pooled connection, COPY, INSERT … ON CONFLICT, COMMIT) of one
-    row and of `rows` rows into a scratch copy of the events table, dropped afterwards."""
+    """The consumer's own load of a first delivery (pooled connection, COPY straight into
+    the table) of one row and of `rows` rows, into a scratch copy of the events table
+    that is dropped afterwards."""
     scratch = replace(settings, table=scratch_table(settings, tag), pool_size=1)
     try:
         db.init_db(scratch)
     except FilepipeError as e:
         f.load_estimated = True
         f.load_rows = rows
-        f.load_one_ms = 5 * f.rtt_ms  # pool check, COPY (2), INSERT, COMMIT
+        f.load_one_ms = 2 * f.rtt_ms  # COPY: the statement, then the data
         per_row = 1000.0 / f.copy_rows_per_s if f.copy_rows_per_s else 0.0
         f.load_batch_ms = f.load_one_ms + (rows - 1) * per_row
         f.notes.append(f"batch load estimated from COPY: {_scrub(str(e), settings)}")
@@ -1031,23 +1065,22 @@ def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -
         loader = db.Loader(pool, scratch)
         next_id = [int(time.time() * 1000) - 10_000_000]
 
-        def buffer(n: int) -> bytes:
+        def buffer(n: int) -> tuple[bytes, int]:
             batch, m = synthetic_batch(n, first_id_ms=next_id[0], size=DEFAULT_FILE_SIZE)
             next_id[0] += n
-            return _native.encode_copy(batch, m, "benchmark", binary)
+            return _native.encode_copy(batch, m, "benchmark", binary), n
 
-        loader.load(buffer(1))  # warm up: the pool's first connection and its staging table
-        ones = [buffer(1) for _ in range(3)]
-        many = [buffer(rows) for _ in range(3)]
-
-        def median_ms(buffers: list[bytes]) -> float:
+        def median_ms(buffers: list[tuple[bytes, int]]) -> float:
             times = []
-            for buf in buffers:
+            for buf, n in buffers:
                 t0 = time.perf_counter()
-                loader.load(buf)
+                loader.load(buf, n, direct=True)
                 times.append(time.perf_counter() - t0)
             return sorted(times)[len(times) // 2] * 1000
 
+        median_ms([buffer(1)])  # warm up: the pool's first connection and its staging table
+        ones = [buffer(1) for _ in range(3)]
+        many = [buffer(rows) for _ in range(3)]
         f.load_one_ms = median_ms(ones)
         f.load_batch_ms = median_ms(many)
         f.load_rows = rows
@@ -1368,7 +1401,7 @@ def benchmark(
     )
     st = report.storage
     if r.status == "ok" and pg.status == "ok" and st is not None and st.status == "ok":
-        report.model = build_model(batch, size, r, pg, st, host)
+        report.model = build_model(batch, size, r, pg, st, host, loaders=settings.pool_size)
     if report.model is not None or report.unreachable:
         report.verdict = decide(report)
     if pipeline > 0 and not report.unreachable:
@@ -1513,16 +1546,15 @@ def render(report: Report) -> str:
             f"  Fast consumer (pooled, batch of {SEED_FAST_BATCH}):      {m.fast_rate():>10,.1f} files/sec"
         )
         out.append(f"  filepipe (batch {b}):{' ' * max(1, 23 - len(str(b)))}{m.rate():>10,.1f} files/sec")
-        read, load = m.read_stage(b), m.load_stage(b)
-        out.append(f"  Per batch of {b} (the two stages overlap; the slower sets the pace):")
+        read, load, ack = m.read_stage(b), m.load_ms(b), m.ack_stage(b)["redis"]
+        out.append(f"  Per batch of {b} (three stages overlap; the slowest sets the pace):")
         out.append(
             f"    read stage  {sum(read.values()):9.2f} ms = Redis {read['redis']:.2f} + storage "
             f"{read['storage']:.2f} + consumer {read['consumer']:.2f}"
         )
-        out.append(
-            f"    load stage  {sum(load.values()):9.2f} ms = PostgreSQL {load['postgres']:.2f} + Redis ack "
-            f"{load['redis']:.2f}"
-        )
+        per_conn = f" ÷ {m.loaders} connections" if m.loaders > 1 else ""
+        out.append(f"    load stage  {load / max(1, m.loaders):9.2f} ms = PostgreSQL {load:.2f}{per_conn}")
+        out.append(f"    ack stage   {ack:9.2f} ms = Redis {ack:.2f}")
         hide_b, n = m.hiding_batch_size(), m.hiding_consumers()
         out.append(
             f"  To hide the latency: CONSUMER_BATCH_SIZE ≥ {hide_b}, or {n} consumer"
