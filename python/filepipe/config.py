@@ -45,7 +45,13 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "in_flight": ("FILEPIPE_IN_FLIGHT",),
     "connect_timeout_s": ("FILEPIPE_CONNECT_TIMEOUT",),
     "statement_timeout_ms": ("FILEPIPE_STATEMENT_TIMEOUT_MS",),
+    "partitions": ("STREAM_PARTITIONS",),
+    "redis_cluster": ("REDIS_CLUSTER",),
+    "pgbouncer": ("FILEPIPE_PGBOUNCER",),
 }
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
 
@@ -83,6 +89,12 @@ class Settings:
     in_flight: int = 2
     connect_timeout_s: float = 5.0
     statement_timeout_ms: int = 60_000
+    # 0: the single stream `<stream>`; P: `<stream>:{0}` ... `<stream>:{P-1}` (partitions.py).
+    partitions: int = 0
+    # Talk to a Redis Cluster (redis-py's RedisCluster, which follows MOVED/ASK).
+    redis_cluster: bool = False
+    # PostgreSQL is reached through PgBouncer in transaction pooling mode: no session state.
+    pgbouncer: bool = False
 
     @property
     def dead_stream(self) -> str:
@@ -117,6 +129,13 @@ def mask_url(url: str) -> str:
 
 def _convert(name: str, raw: Any, target: type | str) -> Any:
     kind = target if isinstance(target, str) else target.__name__
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{_label(name)} must be 1 or 0 (true or false), not {raw!r}")
     if kind == "int":
         try:
             return int(str(raw).strip())
@@ -193,6 +212,20 @@ def validate(s: Settings) -> None:
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{_label(name)} must be between {low} and {high}, not {value}")
+    if not 0 <= s.partitions <= 1024:
+        raise ConfigError(f"{_label('partitions')} must be between 0 and 1024, not {s.partitions}")
+    if s.partitions and s.dead_letter_stream:
+        raise ConfigError(
+            "DEAD_LETTER_STREAM cannot be set with STREAM_PARTITIONS: the dead letters of partition i "
+            "go to <stream>:{i}:dead, in the partition's own hash slot"
+        )
+    if s.redis_cluster and s.redis_url.startswith("unix://"):
+        raise ConfigError("REDIS_CLUSTER=1 needs a redis:// or rediss:// URL of one of the cluster's nodes")
+    if s.redis_cluster and not s.partitions:
+        raise ConfigError(
+            "REDIS_CLUSTER=1 needs STREAM_PARTITIONS of 1 or more: a stream and its dead letters "
+            "must share a hash slot, which partition names (<stream>:{i}) guarantee"
+        )
     if not 0 <= s.block_ms <= 3_600_000:
         raise ConfigError(f"{_label('block_ms')} must be between 0 and 3600000, not {s.block_ms}")
     if s.claim_idle_ms < 1000:

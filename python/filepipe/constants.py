@@ -28,6 +28,23 @@ def dead_letter_stream(stream: str) -> str:
     return stream + DEAD_LETTER_SUFFIX
 
 
+def partition_stream(stream: str, index: int) -> str:
+    """Partition `index` of `stream`: `file_uploads:{3}`. The braces are a Redis Cluster
+    hash tag, so the partition, its dead letters and its heartbeats share one hash slot."""
+    return f"{stream}:{{{index}}}"
+
+
+def partition_dead_stream(stream: str, index: int) -> str:
+    """The dead-letter stream of partition `index`: `file_uploads:{3}:dead`."""
+    return partition_stream(stream, index) + DEAD_LETTER_SUFFIX
+
+
+def partition_id_prefix(index: int) -> str:
+    """What goes before a partition's entry ids in the `stream_id` column (`{3}/`), so
+    that the same entry id in two partitions makes two keys."""
+    return f"{{{index}}}/"
+
+
 def heartbeat_key(stream: str, consumer: str) -> str:
     """The Redis key where a consumer of `stream` publishes its liveness."""
     return f"{HEARTBEAT_PREFIX}{stream}:{consumer}"

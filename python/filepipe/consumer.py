@@ -32,12 +32,14 @@ from typing import Any
 
 import psycopg
 import redis
+from redis.exceptions import RedisClusterException
 
 from . import _native, db, metrics, stream
 from ._faults import crash_point
 from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import DatabaseError, FilepipeError, StorageError, TransientError
+from .partitions import Partition, partitions
 from .retry import Abandoned, Backoff, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
 from .stream import DeadLetter, Entry
@@ -61,6 +63,7 @@ class Prepared:
     dead: list[DeadLetter]
     read_at: float
     redelivered: bool = False
+    part: Partition | None = None  # the stream it was read from (None: the only one)
 
 
 @dataclass
@@ -159,8 +162,11 @@ class Consumer:
         self.ack_backoff = Backoff("Redis", stop=self.abandon, on_error=self._note_error)
         self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._note_error)
         self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._note_error)
+        # Every stream this consumer reads: the stream, or each of its partitions.
+        self.parts = partitions(settings)
+        self._turn = 0  # the partition whose turn it is to be read first
         self._last_claim = 0.0
-        self._claim_cursor = b"0-0"
+        self._claim_cursor: dict[int, bytes] = {}
         self._last_heartbeat = 0.0
         self.host = socket.gethostname()
 
@@ -220,10 +226,11 @@ class Consumer:
                 previous[sig] = signal.signal(sig, self._on_signal)
         loader = threading.Thread(target=self._load_loop, name="filepipe-loader", daemon=True)
         try:
-            self.redis_backoff.call(
-                lambda: stream.ensure_group(self.redis, self.settings.stream, self.settings.group),
-                is_transient_redis,
-            )
+            for part in self.parts:
+                self.redis_backoff.call(
+                    lambda p=part: stream.ensure_group(self.redis, p.stream, self.settings.group),  # type: ignore[misc]
+                    is_transient_redis,
+                )
             loader.start()
             self._read_loop()
         finally:
@@ -244,34 +251,34 @@ class Consumer:
 
     def _read_loop(self) -> None:
         s = self.settings
-        history: bytes | None = b"0"  # first, this consumer's own pending entries
+        parts = self.parts
+        # First, this consumer's own pending entries, partition by partition.
+        history: dict[int, bytes] = dict.fromkeys(range(len(parts)), b"0")
         while not self.stopping.is_set() and self.failed is None:
             self._heartbeat()
-            if history is not None:
+            if history:
+                i, after = next(iter(history.items()))
                 entries = self._redis(
-                    lambda h=history: stream.read_own_pending(self.redis, s.stream, s.group, self.name, s.batch_size, h)
+                    lambda p=parts[i], h=after: stream.read_own_pending(  # type: ignore[misc]
+                        self.redis, p.stream, s.group, self.name, s.batch_size, h
+                    )
                 )
                 if entries is None:
                     continue
                 if not entries:
-                    history = None
+                    del history[i]
                     continue
-                history = entries[-1][0]
-                self._submit(entries, redelivered=True)
+                history[i] = entries[-1][0]
+                self._submit(parts[i], entries, redelivered=True)
                 continue
-            if self._claim_due():
-                claimed = self._reclaim()
-                if claimed:
-                    self._submit(claimed, redelivered=True)
-                    continue
-            block = min(s.block_ms, 200) if self.drain else s.block_ms
-            entries = self._redis(
-                lambda b=block: stream.read_new(self.redis, s.stream, s.group, self.name, s.batch_size, b)
-            )
-            if entries is None:
+            if self._claim_due() and self._reclaim_all():
                 continue
+            got = self._read_new()
+            if got is None:
+                continue
+            part, entries = got
             if entries:
-                self._submit(entries, redelivered=False)
+                self._submit(part, entries, redelivered=False)
                 continue
             if self.drain:
                 # Nothing new: wait for the loader, then leave if nothing of ours is pending
@@ -279,22 +286,58 @@ class Consumer:
                 self._wait_idle()
                 if self.failed is not None:
                     return
-                pending = self._redis(lambda: stream.pending_count(self.redis, s.stream, s.group, self.name))
-                if pending is None:
+                mine = self._redis(
+                    lambda: [stream.pending_count(self.redis, p.stream, s.group, self.name) for p in parts]
+                )
+                if mine is None:
                     continue
-                if pending:
-                    history = b"0"
+                if any(mine):
+                    history = {i: b"0" for i, n in enumerate(mine) if n}
                     continue
-                claimed = self._reclaim()
-                if claimed:
-                    self._submit(claimed, redelivered=True)
+                if self._reclaim_all():
                     continue
                 # Entries still pending elsewhere belong to a live consumer (wait for it) or
                 # to a dead one (reclaimed once idle long enough).
-                group_pending = self._redis(lambda: stream.pending_count(self.redis, s.stream, s.group))
+                group_pending = self._redis(
+                    lambda: sum(stream.pending_count(self.redis, p.stream, s.group) for p in parts)
+                )
                 if group_pending == 0:
                     return
                 self.stopping.wait(0.2)
+
+    def _read_new(self) -> tuple[Partition, list[Entry]] | None:
+        """Never-delivered entries, from one stream. With partitions, each in turn: a
+        read that does not block on every partition, starting after the one read last,
+        then, if all are empty, a short blocking read on one (a cluster cannot block on
+        streams in different hash slots at once). Returns None after a Redis fault, and
+        no entries when there is nothing new."""
+        s = self.settings
+        parts = self.parts
+        if len(parts) == 1:
+            block = min(s.block_ms, 200) if self.drain else s.block_ms
+            entries = self._redis(
+                lambda: stream.read_new(self.redis, parts[0].stream, s.group, self.name, s.batch_size, block)
+            )
+            return None if entries is None else (parts[0], entries)
+        for k in range(len(parts)):
+            part = parts[(self._turn + k) % len(parts)]
+            entries = self._redis(
+                lambda p=part: stream.read_new(self.redis, p.stream, s.group, self.name, s.batch_size, 0)  # type: ignore[misc]
+            )
+            if entries is None:
+                return None
+            if entries:
+                self._turn = (self._turn + k + 1) % len(parts)
+                return part, entries
+        part = parts[self._turn]
+        self._turn = (self._turn + 1) % len(parts)
+        if self.drain:
+            return part, []
+        block = min(s.block_ms, 100)
+        entries = self._redis(
+            lambda: stream.read_new(self.redis, part.stream, s.group, self.name, s.batch_size, block)
+        )
+        return None if entries is None else (part, entries)
 
     def _redis(self, fn: Callable[[], Any]) -> Any:
         """Runs one Redis read; on a passing fault backs off and returns None."""
@@ -311,32 +354,44 @@ class Consumer:
     def _claim_due(self) -> bool:
         return time.monotonic() - self._last_claim >= self.settings.claim_idle_ms / 2000
 
-    def _reclaim(self) -> list[Entry]:
+    def _reclaim_all(self) -> bool:
+        """Reclaims idle entries on every stream and submits them. True if any were."""
+        found = False
+        for part in self.parts:
+            claimed = self._reclaim(part)
+            if claimed:
+                found = True
+                self._submit(part, claimed, redelivered=True)
+        return found
+
+    def _reclaim(self, part: Partition) -> list[Entry]:
         """XAUTOCLAIM: takes over entries idle longer than `claim_idle_ms` (their
         consumer died or stalled). Returns them; the next call continues the scan."""
         s = self.settings
+        key = part.index or 0
         self._last_claim = time.monotonic()
         reply = self._redis(
             lambda: self.redis.xautoclaim(
-                s.stream, s.group, self.name, min_idle_time=s.claim_idle_ms, start_id=self._claim_cursor, count=s.batch_size
+                part.stream, s.group, self.name, min_idle_time=s.claim_idle_ms,
+                start_id=self._claim_cursor.get(key, b"0-0"), count=s.batch_size,
             )
         )
         if reply is None:
             return []
         cursor, claimed = reply[0], reply[1]
         deleted = reply[2] if len(reply) > 2 else []
-        self._claim_cursor = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
+        self._claim_cursor[key] = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
         entries: list[Entry] = list(claimed)
         if deleted:
             # Entries deleted from the stream while pending can never be processed.
-            self._redis(lambda: self.redis.xack(s.stream, s.group, *deleted))
+            self._redis(lambda: self.redis.xack(part.stream, s.group, *deleted))
         if entries:
             log.info("reclaimed %d entries idle for more than %d ms", len(entries), s.claim_idle_ms)
         return entries
 
-    def _submit(self, entries: list[Entry], *, redelivered: bool) -> None:
+    def _submit(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> None:
         try:
-            prepared = self._prepare(entries, redelivered=redelivered)
+            prepared = self._prepare(part, entries, redelivered=redelivered)
         except Abandoned:
             return  # stopping: these entries stay pending and are delivered again
         while not self._put(prepared):
@@ -356,22 +411,22 @@ class Consumer:
 
     # -- preparing a batch -------------------------------------------------------------
 
-    def _deliveries(self, entries: list[Entry]) -> dict[bytes, int]:
+    def _deliveries(self, part: Partition, entries: list[Entry]) -> dict[bytes, int]:
         s = self.settings
         ids = [e[0] for e in entries]
         rows = self._redis(
             lambda: self.redis.xpending_range(
-                s.stream, s.group, min=min(ids, key=stream.id_key), max=max(ids, key=stream.id_key), count=len(ids) * 2,
+                part.stream, s.group, min=min(ids, key=stream.id_key), max=max(ids, key=stream.id_key), count=len(ids) * 2,
                 consumername=self.name,
             )
         )
         return {r["message_id"]: int(r["times_delivered"]) for r in rows or []}
 
-    def _prepare(self, entries: list[Entry], *, redelivered: bool) -> Prepared:
+    def _prepare(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> Prepared:
         s = self.settings
         read_at = time.monotonic()
         dead: list[DeadLetter] = []
-        deliveries: dict[bytes, int] = self._deliveries(entries) if redelivered else {}
+        deliveries: dict[bytes, int] = self._deliveries(part, entries) if redelivered else {}
         if deliveries:
             over = [e for e in entries if deliveries.get(e[0], 0) > s.max_deliveries]
             if over:
@@ -387,7 +442,7 @@ class Consumer:
                 entries_ok = entries
         else:
             entries_ok = entries
-        batch = _native.parse_entries(entries_ok, s.storage_mode)
+        batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix)
         for pos, entry_id, reason, message in batch.rejects:
             fields = entries_ok[pos][1] or {}
             dead.append(DeadLetter(entries_ok[pos][0], fields, reason, message, deliveries.get(entries_ok[pos][0], 1)))
@@ -409,6 +464,7 @@ class Consumer:
             dead=dead,
             read_at=read_at,
             redelivered=redelivered,
+            part=part,
         )
 
     def _measure(self, batch: _native.EntryBatch) -> _native.Measurements:
@@ -491,7 +547,7 @@ class Consumer:
 
     def _finish_batch(self, p: Prepared, inserted: int, row_dead: list[DeadLetter]) -> None:
         dead = p.dead + row_dead
-        self._ack(p.ids, dead)
+        self._ack(p.part or self.parts[0], p.ids, dead)
         crash_point("after_ack")
         st = self.stats
         st.batches += 1
@@ -505,15 +561,15 @@ class Consumer:
         self.progress.batch(inserted, dead, st)
         self._heartbeat()
 
-    def _ack(self, ids: list[bytes], dead: list[DeadLetter]) -> None:
+    def _ack(self, part: Partition, ids: list[bytes], dead: list[DeadLetter]) -> None:
         """Writes the dead letters and acknowledges, in one MULTI/EXEC. If the reply is
         lost, the transaction may or may not have run: before running it again, ask
         Redis whether the entries are still pending, so no dead letter is written twice."""
         s = self.settings
         while True:
             try:
-                metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, s.stream, s.group, ids, dead,
-                              dead_stream=s.dead_stream, consumer=self.name)
+                metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, part.stream, s.group, ids, dead,
+                              dead_stream=part.dead_stream, consumer=self.name)
                 self.ack_backoff.succeeded()
                 return
             except Exception as e:
@@ -524,7 +580,7 @@ class Consumer:
                     raise Abandoned("Redis: gave up acknowledging") from e
             while True:
                 try:
-                    if not stream.still_pending(self.redis, s.stream, s.group, ids):
+                    if not stream.still_pending(self.redis, part.stream, s.group, ids):
                         self.ack_backoff.succeeded()
                         return  # the lost transaction did run
                     break
@@ -584,6 +640,7 @@ class Consumer:
             "pid": os.getpid(),
             "stream": self.settings.stream,
             "group": self.settings.group,
+            "partitions": self.settings.partitions,
             "started": st.started,
             "updated": time.time(),
             "inserted": st.inserted,
@@ -593,14 +650,21 @@ class Consumer:
             "last_error": st.last_error,
         }
         try:
-            self.redis.set(heartbeat_key(self.settings.stream, self.name), json.dumps(beat), ex=HEARTBEAT_TTL_S)
-        except redis.RedisError:
+        # One heartbeat per stream read, beside it (on a cluster, in its hash slot).
+            pipe = self.redis.pipeline(transaction=False)
+            for part in self.parts:
+                pipe.set(heartbeat_key(part.stream, self.name), json.dumps(beat), ex=HEARTBEAT_TTL_S)
+            pipe.execute()
+        except (redis.RedisError, RedisClusterException):
             pass  # liveness is best effort; the read loop reports Redis outages
 
     def _remove_heartbeat(self) -> None:
         try:
-            self.redis.delete(heartbeat_key(self.settings.stream, self.name))
-        except redis.RedisError:
+            pipe = self.redis.pipeline(transaction=False)
+            for part in self.parts:
+                pipe.delete(heartbeat_key(part.stream, self.name))
+            pipe.execute()
+        except (redis.RedisError, RedisClusterException):
             pass
 
 

@@ -58,34 +58,48 @@ def _index_name(table: str, suffix: str) -> sql.Identifier:
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     """libpq parameters every filepipe connection gets: timeouts and keepalives, so a
     dead or stalled server is noticed instead of waited on forever."""
-    return {
+    kwargs: dict[str, Any] = {
         "connect_timeout": max(1, round(settings.connect_timeout_s)),
         "application_name": "filepipe",
-        "options": f"-c statement_timeout={settings.statement_timeout_ms}",
         "keepalives": 1,
         "keepalives_idle": 10,
         "keepalives_interval": 5,
         "keepalives_count": 3,
         "tcp_user_timeout": settings.statement_timeout_ms + 10_000,
     }
+    if settings.pgbouncer:
+        # Through PgBouncer in transaction pooling mode each transaction may run on another
+        # server connection, so nothing may outlive one: no prepared statements (psycopg
+        # prepares a query run 5 times), no startup `options` (PgBouncer refuses them: the
+        # merge sets its statement timeout per transaction), no temporary table kept.
+        kwargs["prepare_threshold"] = None
+    else:
+        kwargs["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"
+    return kwargs
 
 
 def connect(settings: Settings, **extra: Any) -> psycopg.Connection[Any]:
     """One connection (for commands that need no pool)."""
-    return psycopg.connect(settings.pg_uri, **{**connection_kwargs(settings), **extra})
+    kwargs = {**connection_kwargs(settings), **extra}
+    if settings.pgbouncer:
+        kwargs.pop("options", None)
+    return psycopg.connect(settings.pg_uri, **kwargs)
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
     # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
     # empties it at every commit, so no DDL runs per batch.
-    cols = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(_COLUMN_TYPES[name].split(" NOT NULL")[0]))
-        for name in COLUMNS
-    )
     conn.execute(
         sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-            sql.Identifier(c.STAGING_TABLE), cols
+            sql.Identifier(c.STAGING_TABLE), _staging_columns()
         )
+    )
+
+
+def _staging_columns() -> sql.Composed:
+    return sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(_COLUMN_TYPES[name].split(" NOT NULL")[0]))
+        for name in COLUMNS
     )
 
 
@@ -124,7 +138,7 @@ def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> 
         # Autocommit: a direct COPY is its own transaction (no COMMIT round trip);
         # the merge path opens an explicit one.
         kwargs={**connection_kwargs(settings), "autocommit": True},
-        configure=_configure,
+        configure=None if settings.pgbouncer else _configure,  # PgBouncer: no session state
         check=check_if_idle,
         timeout=max(settings.connect_timeout_s * 2, 5.0),
         reconnect_timeout=0,  # keep trying forever: outages are waited out
@@ -239,6 +253,12 @@ class Loader:
         self._merge_only = 0
         self.conflicts = 0
 
+        # PgBouncer: the staging table lives and dies inside each merge transaction.
+        self.staging_sql: sql.Composed | None = None
+        if settings.pgbouncer:
+            self.staging_sql = sql.SQL(
+                "SET LOCAL statement_timeout = {}; CREATE TEMP TABLE {} ({}) ON COMMIT DROP"
+            ).format(sql.Literal(settings.statement_timeout_ms), staging, _staging_columns())
     def load(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
         """COPY one buffer of `rows` rows and COMMIT; returns the rows newly inserted
         (a redelivered entry's row already exists and counts 0).
@@ -271,6 +291,8 @@ class Loader:
                         with cur.copy(self.copy_sql) as copy:
                             copy.write(buf)
                         crash_point("after_copy")
+                        if self.staging_sql is not None:
+                            cur.execute(self.staging_sql)
                         cur.execute(self.insert_sql)
                         inserted = cur.rowcount
                 mark_used(conn)

@@ -12,6 +12,7 @@ from typing import TypeVar
 import psycopg
 import redis
 from psycopg_pool import PoolTimeout
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError, TryAgainError
 
 from .errors import TransientError
 
@@ -46,9 +47,14 @@ def is_transient_pg(e: BaseException) -> bool:
 
 
 def is_transient_redis(e: BaseException) -> bool:
-    """Whether a Redis error is a connection problem or a server that is not ready yet."""
+    """Whether a Redis error is a connection problem or a server that is not ready yet
+    (on a cluster too: a master down, a slot not served or migrating)."""
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         return True
+    if isinstance(e, (ClusterDownError, TryAgainError, SlotNotCoveredError)):
+        return True
+    if isinstance(e, RedisClusterException) and "cannot be connected" in str(e):
+        return True  # no node answered the request for the cluster's layout
     if isinstance(e, redis.ResponseError):
         return str(e).startswith(_REDIS_TRANSIENT_REPLIES)
     return isinstance(e, (ConnectionError, TimeoutError))

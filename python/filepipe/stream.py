@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from .config import Settings
@@ -17,23 +18,48 @@ Entry = tuple[bytes, Fields]
 
 
 def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis.Redis:
-    """A client for `settings.redis_url` whose socket timeout outlasts a blocking read.
+    """A client for `settings.redis_url` whose socket timeout outlasts a blocking read:
+    a `RedisCluster` (which follows MOVED and ASK redirections) with REDIS_CLUSTER=1.
+    `rediss://` URLs use TLS; their `ssl_*` query parameters are passed to redis-py.
 
     Replies stay bytes: the extension parses them without decoding twice."""
     timeout = socket_timeout if socket_timeout is not None else settings.block_ms / 1000 + max(2.0, settings.connect_timeout_s)
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=False,
-        socket_timeout=timeout,
-        socket_connect_timeout=settings.connect_timeout_s,
-        socket_keepalive=True,
-        health_check_interval=30,
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
         # No silent retries inside redis-py: a command whose reply was lost may have run
         # (an XADD twice, a read delivered), so the caller decides what is safe to repeat.
-        retry=Retry(NoBackoff(), retries=0),
-        retry_on_timeout=False,
-        client_name="filepipe",
-    )
+        "retry": Retry(NoBackoff(), retries=0),
+        "retry_on_timeout": False,
+        "client_name": "filepipe",
+    }
+    if settings.redis_cluster:
+        return _connect_cluster(settings, options)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis:
+    from redis.cluster import RedisCluster
+
+    from .config import mask_url
+    from .errors import TransientError
+
+    try:
+        # Asks the node for the cluster's layout: it must answer now.
+        cluster = RedisCluster.from_url(settings.redis_url, **options)
+    except (redis.RedisError, RedisClusterException) as e:
+        raise TransientError(f"cannot reach Redis Cluster at {mask_url(settings.redis_url)}: {e}") from e
+    return cluster  # type: ignore[return-value]
+
+
+def is_cluster(r: redis.Redis) -> bool:
+    """Whether `r` is a Redis Cluster client."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(r, RedisCluster)
 
 
 def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
@@ -51,15 +77,28 @@ def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
 
 
 def read_new(r: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
-    """XREADGROUP `>`: up to `count` never-delivered entries, blocking up to `block_ms`."""
-    reply = r.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms or None)
-    return _entries(reply)
+    """XREADGROUP `>`: up to `count` never-delivered entries, blocking up to `block_ms`
+    (0: not at all)."""
+    return _entries(_xreadgroup(r, stream, group, consumer, b">", count, block_ms or None))
 
 
 def read_own_pending(r: redis.Redis, stream: str, group: str, consumer: str, count: int, after: bytes = b"0") -> list[Entry]:
     """XREADGROUP from `after`: this consumer's own delivered-but-unacked entries."""
-    reply = r.xreadgroup(group, consumer, {stream: after}, count=count)
-    return _entries(reply)
+    return _entries(_xreadgroup(r, stream, group, consumer, after, count, None))
+
+
+def _xreadgroup(r: redis.Redis, stream: str, group: str, consumer: str, after: bytes, count: int,
+                block_ms: int | None) -> Any:
+    if not is_cluster(r):
+        return r.xreadgroup(group, consumer, {stream: after}, count=count, block=block_ms)
+    # XREADGROUP's keys are "movable": left to itself, the cluster client would ask a
+    # node (COMMAND GETKEYS) before every read. The stream's slot names the node; a
+    # stale slot map is corrected by the MOVED reply, which the client follows.
+    args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", block_ms]
+    args += ["STREAMS", stream, after]
+    return r.execute_command(*args, target_nodes=r.get_node_from_key(stream))  # type: ignore[attr-defined]
 
 
 def _entries(reply: Any) -> list[Entry]:
