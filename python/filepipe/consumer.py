@@ -434,7 +434,7 @@ class Consumer:
                 for entry_id, fields in over:
                     n = deliveries[entry_id]
                     dead.append(
-                        DeadLetter(entry_id, fields or {}, "max_deliveries",
+                        DeadLetter(entry_id, stream.fields_dict(fields), "max_deliveries",
                                    f"entry {entry_id.decode()}: delivered {n} times (MAX_DELIVERIES={s.max_deliveries})", n)
                     )
                 entries_ok = [e for e in entries if e[0] not in over_ids]
@@ -444,13 +444,13 @@ class Consumer:
             entries_ok = entries
         batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix)
         for pos, entry_id, reason, message in batch.rejects:
-            fields = entries_ok[pos][1] or {}
+            fields = stream.fields_dict(entries_ok[pos][1])
             dead.append(DeadLetter(entries_ok[pos][0], fields, reason, message, deliveries.get(entries_ok[pos][0], 1)))
         measurements = self._measure(batch)
         positions = batch.positions
         for index, reason, message, _transient in measurements.failures():
             entry_id, fields = entries_ok[positions[index]]
-            dead.append(DeadLetter(entry_id, fields, reason, f"entry {entry_id.decode()}: {message}",
+            dead.append(DeadLetter(entry_id, stream.fields_dict(fields), reason, f"entry {entry_id.decode()}: {message}",
                                    deliveries.get(entry_id, 1)))
         buf = _native.encode_copy(batch, measurements, self.name, self.binary)
         rows = len(measurements.measured())
@@ -617,7 +617,8 @@ class Consumer:
             if not _is_row_error(e):
                 raise _fatal_db_error(e, self.settings) from e
             if len(indices) == 1:
-                entry_id, fields = p.entries[p.batch.positions[indices[0]]]
+                entry_id, raw_fields = p.entries[p.batch.positions[indices[0]]]
+                fields = stream.fields_dict(raw_fields)
                 message = f"entry {entry_id.decode()}: PostgreSQL refused the row: {db.first_line(e)}"
                 log.warning("%s", message)
                 return 0, [DeadLetter(entry_id, fields, "db_rejected", message)]
@@ -639,8 +640,8 @@ class Consumer:
             "host": self.host,
             "pid": os.getpid(),
             "stream": self.settings.stream,
-            "group": self.settings.group,
             "partitions": self.settings.partitions,
+            "group": self.settings.group,
             "started": st.started,
             "updated": time.time(),
             "inserted": st.inserted,
@@ -649,8 +650,8 @@ class Consumer:
             "rate": round(st.rate(), 2),
             "last_error": st.last_error,
         }
-        try:
         # One heartbeat per stream read, beside it (on a cluster, in its hash slot).
+        try:
             pipe = self.redis.pipeline(transaction=False)
             for part in self.parts:
                 pipe.set(heartbeat_key(part.stream, self.name), json.dumps(beat), ex=HEARTBEAT_TTL_S)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,9 +37,27 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
         "retry_on_timeout": False,
         "client_name": "filepipe",
     }
-    if settings.redis_cluster:
-        return _connect_cluster(settings, options)
-    return redis.Redis.from_url(settings.redis_url, **options)
+    client = _connect_cluster(settings, options) if settings.redis_cluster else redis.Redis.from_url(
+        settings.redis_url, **options
+    )
+    # The extension reads entries' fields straight from the flat [name, value, …]
+    # lists the server sends: turning each entry into a dict first would be wasted work.
+    client.set_response_callback("XREADGROUP", _raw_reply)
+    return client
+
+
+def _raw_reply(response: Any, **_options: Any) -> Any:
+    return response
+
+
+def fields_dict(fields: Any) -> Fields:
+    """An entry's fields as a dict, whether the reply held a dict or a flat list."""
+    if fields is None:
+        return {}
+    if isinstance(fields, dict):
+        return fields
+    it = iter(fields)
+    return dict(zip(it, it))
 
 
 def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis:
@@ -102,13 +121,14 @@ def _xreadgroup(r: redis.Redis, stream: str, group: str, consumer: str, after: b
 
 
 def _entries(reply: Any) -> list[Entry]:
+    """The entries of a one-stream XREADGROUP reply: a map under RESP3, a list under RESP2."""
     if not reply:
         return []
-    if isinstance(reply, dict):  # RESP3
-        for _, value in reply.items():
-            return list(value[0]) if value and isinstance(value[0], list) else list(value)
-        return []
-    return list(reply[0][1])
+    value = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    # redis-py's own RESP3 parsing wraps the entries in one more list.
+    if value and isinstance(value[0], list) and value[0] and isinstance(value[0][0], list):
+        value = value[0]
+    return list(value)
 
 
 @dataclass(frozen=True)
@@ -151,18 +171,55 @@ def ack(
     consumer: str,
 ) -> int:
     """Writes the dead letters and acknowledges `ids` (which include theirs) in one
-    MULTI/EXEC round trip: either all of it happens or none of it, so a crash can
-    neither lose a dead letter nor write one twice. Returns how many were acked."""
+    atomic script: either all of it happens or none of it, so a crash cannot lose a
+    dead letter. It is idempotent too: a dead letter is written only while its entry
+    is still pending, so running it again (a lost reply, a late retransmission of a
+    cut connection, the same entries reclaimed by another consumer while this one was
+    stalled) never writes one twice. Returns how many were acked."""
     dead = list(dead)
     if not ids and not dead:
         return 0
-    pipe = r.pipeline(transaction=True)
+    args: list[Any] = [group, len(dead)]
     for d in dead:
-        pipe.xadd(dead_stream, dead_letter_fields(d, consumer))  # type: ignore[arg-type]
-    if ids:
-        pipe.xack(stream, group, *ids)
-    result = pipe.execute()
-    return int(result[-1]) if ids else 0
+        items = [x for kv in dead_letter_fields(d, consumer).items() for x in kv]
+        if len(items) > _MAX_DEAD_ITEMS:
+            # Lua's unpack() has a limit: keep the added fields (the last 10 items) and
+            # as many original ones as fit, and say how many were dropped.
+            kept = items[: _MAX_DEAD_ITEMS - 12]
+            dropped = (len(items) - 10 - len(kept)) // 2
+            items = kept + items[-10:] + [b"fields_dropped", str(dropped).encode()]
+        args += [d.source_id, len(items), *items]
+    args += list(ids)
+    try:
+        return int(r.evalsha(_ACK_SHA, 2, stream, dead_stream, *args))  # type: ignore[arg-type]
+    except redis.exceptions.NoScriptError:
+        return int(r.eval(_ACK_SCRIPT, 2, stream, dead_stream, *args))  # type: ignore[arg-type]
+
+
+_MAX_DEAD_ITEMS = 6000
+
+# KEYS: stream, dead-letter stream. ARGV: group, number of dead letters, then for each
+# one its source id, the number of field/value items and the items; then the ids to ack.
+_ACK_SCRIPT = """
+local group = ARGV[1]
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local source, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  if #redis.call('XPENDING', KEYS[1], group, source, source, 1) > 0 then
+    redis.call('XADD', KEYS[2], '*', unpack(ARGV, i, i + n - 1))
+  end
+  i = i + n
+end
+local acked = 0
+while i <= #ARGV do
+  local last = math.min(i + 999, #ARGV)
+  acked = acked + redis.call('XACK', KEYS[1], group, unpack(ARGV, i, last))
+  i = last + 1
+end
+return acked
+"""
+_ACK_SHA = hashlib.sha1(_ACK_SCRIPT.encode()).hexdigest()
 
 
 def still_pending(r: redis.Redis, stream: str, group: str, ids: Sequence[bytes]) -> set[bytes]:
