@@ -107,6 +107,7 @@ def _staging_columns() -> sql.Composed:
 # last few seconds is known to be alive and skips the check (a round trip per batch).
 _last_used: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
 CHECK_AFTER_IDLE_S = 5.0
+CHECK_TIMEOUT_S = 5.0  # an empty query: a live server answers in milliseconds
 
 
 def mark_used(conn: psycopg.Connection[Any]) -> None:
@@ -117,9 +118,11 @@ def mark_used(conn: psycopg.Connection[Any]) -> None:
 def check_if_idle(conn: psycopg.Connection[Any]) -> None:
     """The pool's check: a connection idle for more than a few seconds (say, across a
     database restart) is tested with an empty query before it is handed out, and
-    replaced if it is broken."""
+    replaced if it is broken. The test has its own watchdog: it runs before the
+    load's, and on a silent network it would otherwise wait for good."""
     if time.monotonic() - _last_used.get(conn, 0.0) > CHECK_AFTER_IDLE_S:
-        ConnectionPool.check_connection(conn)
+        with Watchdog(conn, CHECK_TIMEOUT_S):
+            ConnectionPool.check_connection(conn)
 
 
 def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> ConnectionPool:

@@ -88,6 +88,7 @@ class Backoff:
         self.attempt = 0
         self.down_since: float | None = None
         self.last_message = ""
+        self._seen: set[str] = set()
 
     def failed(self, e: BaseException) -> float:
         """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
@@ -100,9 +101,16 @@ class Backoff:
         delay = max(delay, min(self.base, self.cap))
         message = first_line(e)
         if self.down_since is None:
+            # One warning per outage; a new error during it (the server going from
+            # "shutting down" to "refused", a pool timing out) is logged once, at INFO, and
+            # only the first few, so errors that alternate or vary cannot flood the log.
             self.down_since = time.monotonic()
-        if message != self.last_message:
+            self._seen = {message}
             log.warning("%s unreachable (%s), retrying in %.1f s", self.service, message, delay)
+        elif message not in self._seen and len(self._seen) < 4:
+            self._seen.add(message)
+            log.info("%s still unreachable (%s), retrying in %.1f s", self.service, message, delay)
+        if message != self.last_message:
             self.last_message = message
             if self.on_error is not None:
                 self.on_error(f"{self.service}: {message}")
