@@ -39,6 +39,8 @@ S3Bucket = Annotated[str | None, typer.Option("--s3-bucket", help="S3 bucket [en
 S3Prefix = Annotated[str | None, typer.Option("--s3-prefix", help="S3 key prefix [env: S3_PREFIX]", show_default=False)]
 S3Endpoint = Annotated[str | None, typer.Option("--s3-endpoint-url", help="S3-compatible endpoint [env: S3_ENDPOINT_URL]", show_default=False)]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
+Partitions = Annotated[int | None, typer.Option("--partitions", help="Partitioned stream: <stream>:{0} … <stream>:{P-1} [env: STREAM_PARTITIONS; default 0, one stream]", show_default=False)]
+RedisClusterFlag = Annotated[bool | None, typer.Option("--redis-cluster/--no-redis-cluster", help="REDIS_URL is a node of a Redis Cluster [env: REDIS_CLUSTER]", show_default=False)]
 
 
 def handle_errors(fn: F) -> F:
@@ -117,6 +119,8 @@ def produce(
     s3_bucket: S3Bucket = None,
     s3_prefix: S3Prefix = None,
     s3_endpoint_url: S3Endpoint = None,
+    partitions: Partitions = None,
+    redis_cluster: RedisClusterFlag = None,
     debug: Debug = False,
 ) -> None:
     """Store files and enqueue one 'file uploaded' event per file."""
@@ -124,13 +128,14 @@ def produce(
 
     s = settings_from(redis_url=redis_url, stream=stream, storage_mode=storage_mode,
                       local_storage_dir=local_storage_dir, s3_bucket=s3_bucket, s3_prefix=s3_prefix,
-                      s3_endpoint_url=s3_endpoint_url)
+                      s3_endpoint_url=s3_endpoint_url, partitions=partitions, redis_cluster=redis_cluster)
     producer = Producer(s)
     try:
         n = _with_redis_errors(s, lambda: producer.produce(paths, link=link))
     finally:
         producer.close()
-    typer.echo(f"✓ Enqueued {n} events to {s.stream} ({producer.storage.describe()})")
+    where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
+    typer.echo(f"✓ Enqueued {n} events to {where} ({producer.storage.describe()})")
 
 
 def _with_redis_errors(s: Settings, fn: Callable[[], int]) -> int:
@@ -158,6 +163,10 @@ def consume(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics, /healthz, /readyz on this port.", show_default=False)] = None,
     metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port.")] = "127.0.0.1",
+    processes: Annotated[int | None, typer.Option("--processes", min=1, max=256, help="Run N worker processes (consumers <name>-0 … <name>-N-1) under one supervisor that restarts a crashed one and forwards SIGTERM/SIGINT; with --metrics-port P, worker i serves P+i.", show_default=False)] = None,
+    partitions: Partitions = None,
+    redis_cluster: RedisClusterFlag = None,
+    pgbouncer: Annotated[bool | None, typer.Option("--pgbouncer/--no-pgbouncer", help="PG_URI is PgBouncer in transaction pooling mode: keep no session state [env: FILEPIPE_PGBOUNCER]", show_default=False)] = None,
     redis_url: RedisUrl = None,
     pg_uri: PgUri = None,
     stream: Stream = None,
@@ -178,9 +187,18 @@ def consume(
         max_deliveries=max_deliveries, max_file_bytes=max_file_bytes, copy_format=copy_format,
         redis_url=redis_url, pg_uri=pg_uri, stream=stream, group=group, table=table, storage_mode=storage_mode,
         local_storage_dir=local_storage_dir, s3_bucket=s3_bucket, s3_prefix=s3_prefix, s3_endpoint_url=s3_endpoint_url,
+        partitions=partitions, redis_cluster=redis_cluster, pgbouncer=pgbouncer,
     )
+    if processes is not None:
+        from .supervisor import Supervisor
+
+        worker_args = [*(["--quiet"] if quiet else []), *(["--debug"] if debug else []),
+                       "--metrics-host", metrics_host]
+        supervisor = Supervisor(s, processes, drain=drain, worker_args=worker_args, metrics_port=metrics_port)
+        raise typer.Exit(supervisor.run())
+    where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
     logging.getLogger("filepipe").info(
-        "consumer %s: %s group %s on %s -> %s on %s (batch %d)", s.consumer_name, s.stream, s.group,
+        "consumer %s: %s group %s on %s -> %s on %s (batch %d)", s.consumer_name, where, s.group,
         mask_url(s.redis_url), s.table, mask_url(s.pg_uri), s.batch_size,
     )
     write = None if quiet else functools.partial(typer.echo)

@@ -12,6 +12,8 @@ from typing import Any
 import redis
 
 from .config import Settings
+from .partitions import Partition, partitions
+from .stream import id_key
 
 # Fields the consumer adds to a dead letter; the rest are the entry's own.
 ADDED = (b"error", b"reason", b"consumer", b"deliveries", b"source_id")
@@ -73,18 +75,33 @@ def matching(r: redis.Redis, dead_stream: str, reason: str | None, ids: list[str
         yield d
 
 
-def summarize(r: redis.Redis, dead_stream: str, recent: int = 10) -> dict[str, Any]:
-    """Counts by reason and the most recent dead letters."""
-    counts: Counter[str] = Counter(d.reason for d in scan(r, dead_stream))
-    latest = [DeadLetterEntry(i, f).summary() for i, f in r.xrevrange(dead_stream, count=recent)]
-    return {"stream": dead_stream, "total": sum(counts.values()), "by_reason": dict(counts.most_common()),
-            "recent": latest}
+def summarize(r: redis.Redis, dead_stream: str | list[str], recent: int = 10) -> dict[str, Any]:
+    """Counts by reason and the most recent dead letters, of one dead-letter stream or
+    of several (every partition's)."""
+    streams = [dead_stream] if isinstance(dead_stream, str) else dead_stream
+    counts: Counter[str] = Counter(d.reason for s in streams for d in scan(r, s))
+    latest = sorted(
+        ((i, f) for s in streams for i, f in (r.xrevrange(s, count=recent) if recent else [])),
+        key=lambda row: id_key(row[0]),
+        reverse=True,
+    )[:recent]
+    name = dead_stream if isinstance(dead_stream, str) else _shown(streams)
+    return {"stream": name, "total": sum(counts.values()), "by_reason": dict(counts.most_common()),
+            "recent": [DeadLetterEntry(i, f).summary() for i, f in latest]}
 
 
-def replay(r: redis.Redis, settings: Settings, entries: Iterator[DeadLetterEntry]) -> int:
+def _shown(streams: list[str]) -> str:
+    """`file_uploads:{0}:dead … file_uploads:{7}:dead`, or the one name."""
+    return streams[0] if len(streams) == 1 else f"{streams[0]} … {streams[-1]}"
+
+
+def replay(r: redis.Redis, settings: Settings, entries: Iterator[DeadLetterEntry],
+           part: Partition | None = None) -> int:
     """Puts dead letters back on the stream with their original fields and removes them
     from the dead-letter stream, each chunk in one MULTI/EXEC: a crash replays a chunk
-    entirely or not at all."""
+    entirely or not at all. With partitions, `part` says which: its dead letters go back
+    to it (the same hash slot, so the transaction stays on one node)."""
+    target, dead_stream = (part.stream, part.dead_stream) if part else (settings.stream, settings.dead_stream)
     total = 0
     chunk: list[DeadLetterEntry] = []
 
@@ -94,8 +111,8 @@ def replay(r: redis.Redis, settings: Settings, entries: Iterator[DeadLetterEntry
             return
         pipe = r.pipeline(transaction=True)
         for d in chunk:
-            pipe.xadd(settings.stream, d.original())  # type: ignore[arg-type]
-        pipe.xdel(settings.dead_stream, *[d.id for d in chunk])
+            pipe.xadd(target, d.original())  # type: ignore[arg-type]
+        pipe.xdel(dead_stream, *[d.id for d in chunk])
         pipe.execute()
         total += len(chunk)
         chunk.clear()
@@ -127,7 +144,7 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
 
     import typer
 
-    from .cli import Debug, RedisUrl, Stream, settings_from
+    from .cli import Debug, Partitions, RedisUrl, Stream, settings_from
     from .errors import TransientError
 
     dlq_app = typer.Typer(help="Inspect, replay and purge the dead-letter stream.", no_args_is_help=True)
@@ -139,7 +156,9 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
                                                    "(repeatable).", show_default=False)]
 
     def connect(s: Settings) -> redis.Redis:
-        r = redis.Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=s.connect_timeout_s)
+        from .stream import connect as connect_redis
+
+        r = connect_redis(s, socket_timeout=10)
         try:
             r.ping()
         except redis.ConnectionError as e:
@@ -155,15 +174,16 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
         redis_url: RedisUrl = None,
         stream: Stream = None,
+        partitions_: Partitions = None,
         debug: Debug = False,
     ) -> None:
         """Dead letters by reason, and the most recent ones."""
-        s = settings_from(redis_url=redis_url, stream=stream)
-        summary = summarize(connect(s), s.dead_stream, recent)
+        s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
+        summary = summarize(connect(s), [p.dead_stream for p in partitions(s)], recent)
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
             return
-        typer.echo(f"DEAD LETTERS in {s.dead_stream}: {summary['total']}")
+        typer.echo(f"DEAD LETTERS in {summary['stream']}: {summary['total']}")
         for reason, n in summary["by_reason"].items():
             typer.echo(f"  {reason:<18} {n:>8}")
         if summary["recent"]:
@@ -178,13 +198,16 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         ids: Ids = None,
         redis_url: RedisUrl = None,
         stream: Stream = None,
+        partitions_: Partitions = None,
         debug: Debug = False,
     ) -> None:
         """Put dead letters back on the stream (after fixing what rejected them)."""
-        s = settings_from(redis_url=redis_url, stream=stream)
+        s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
         r = connect(s)
-        n = replay(r, s, matching(r, s.dead_stream, reason, ids))
-        typer.echo(f"✓ Replayed {n} dead letters onto {s.stream}")
+        parts = partitions(s)
+        n = sum(replay(r, s, matching(r, p.dead_stream, reason, ids), p) for p in parts)
+        where = s.stream if not s.partitions else f"{s.stream} ({s.partitions} partitions)"
+        typer.echo(f"✓ Replayed {n} dead letters onto {where}")
 
     @dlq_app.command("purge")
     @handle_errors
@@ -194,14 +217,19 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
         redis_url: RedisUrl = None,
         stream: Stream = None,
+        partitions_: Partitions = None,
         debug: Debug = False,
     ) -> None:
         """Delete dead letters (all of them, or those matching --reason / --id)."""
-        s = settings_from(redis_url=redis_url, stream=stream)
+        s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
         r = connect(s)
+        dead_streams = [p.dead_stream for p in partitions(s)]
+        shown = _shown(dead_streams)
         what = "all dead letters" if reason is None and not ids else "the matching dead letters"
-        if not yes and not typer.confirm(f"Delete {what} from {s.dead_stream}?"):
+        if not yes and not typer.confirm(f"Delete {what} from {shown}?"):
             raise typer.Exit(1)
-        selected = None if reason is None and not ids else matching(r, s.dead_stream, reason, ids)
-        n = purge(r, s.dead_stream, selected)
-        typer.echo(f"✓ Purged {n} dead letters from {s.dead_stream}")
+        n = 0
+        for dead_stream in dead_streams:
+            selected = None if reason is None and not ids else matching(r, dead_stream, reason, ids)
+            n += purge(r, dead_stream, selected)
+        typer.echo(f"✓ Purged {n} dead letters from {shown}")

@@ -13,6 +13,7 @@ import redis
 
 from . import stream
 from .config import Settings
+from .partitions import stream_for
 from .errors import StorageError
 from .storage import Storage, open_storage, safe_key_name
 from .storage.local import LocalStorage
@@ -98,8 +99,10 @@ class Producer:
         return file_id
 
     def enqueue(self, event: Event) -> None:
-        """Queues one event; sent with the next chunk."""
-        self._pipe.xadd(self.settings.stream, event.fields)  # type: ignore[arg-type]
+        """Queues one event; sent with the next chunk. With partitions, to the partition
+        of its file id (a stable hash: see partitions.py)."""
+        target = stream_for(self.settings, event.fields.get("file_id"))
+        self._pipe.xadd(target, event.fields)  # type: ignore[arg-type]
         self._queued += 1
         if self._queued >= PIPELINE_CHUNK:
             self.flush()
