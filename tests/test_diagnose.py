@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 import typer
 from tests.conftest import Env
 from tests.support.proxy import TcpProxy
@@ -315,3 +316,19 @@ def test_registered_in_the_filepipe_command() -> None:
 
     result = runner.invoke(app, ["benchmark", "--help"])
     assert result.exit_code == 0 and "--pipeline" in result.stdout and "--json" in result.stdout
+
+
+def test_redis_cluster_with_partitions(env: Env) -> None:
+    from tests.support.cluster import RedisClusterServers
+
+    with RedisClusterServers() as cluster:
+        settings = env.settings_with(redis_url=cluster.url, redis_cluster=True, partitions=3, batch_size=100)
+        report = run(settings, pipeline=150)
+        leftovers = []
+        for port in cluster.ports:
+            with redis.Redis(host="127.0.0.1", port=port) as r:
+                leftovers += list(r.scan_iter(match="*benchmark*"))
+    assert report.redis.status == "ok", report.redis.error
+    assert report.pipeline is not None and report.pipeline.inserted == 150, report.pipeline
+    assert report.verdict is not None and report.exit_code == 0
+    assert leftovers == []

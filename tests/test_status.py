@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from filepipe import status
 from filepipe.cli import handle_errors
-from filepipe.constants import HEARTBEAT_TTL_S, heartbeat_key
+from filepipe.constants import HEARTBEAT_TTL_S, heartbeat_key, partition_stream
 from filepipe.consumer import Consumer
 from filepipe.embedded import free_port
 from filepipe.status import Status, collect_status
@@ -380,3 +380,66 @@ def test_registered_in_the_filepipe_command(env: Env) -> None:
     result = runner.invoke(app, cli_args(env, "--json"))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["health"] == "healthy"
+
+
+def test_partitioned_stream_is_one_view(env: Env) -> None:
+    settings = env.settings_with(partitions=3)
+    names = [partition_stream(settings.stream, i) for i in range(3)]
+    for i, name in enumerate(names):
+        for j in range(i + 1):  # 1, 2 and 3 entries
+            env.redis.xadd(name, event(env, 10 * i + j))
+    env.redis.xadd(names[2], {"file_id": "not-a-uuid", "filename": "x", "key": "f0.txt"})
+    stats = env.drain(partitions=3)
+    assert (stats.inserted, stats.dead_lettered) == (6, 1)
+    for k in range(2):
+        env.redis.xadd(names[0], event(env, 100 + k))
+    env.redis.xreadgroup(settings.group, "ghost", {names[0]: ">"}, count=10)
+    env.redis.xadd(names[1], event(env, 200))
+
+    st = collect_status(settings)
+    t = st.redis
+    assert t is not None and st.partitions == 3
+    assert [(p.stream, p.length, p.lag, p.pending, p.dead_total) for p in t.partitions] == [
+        (names[0], 3, 0, 2, 0),
+        (names[1], 3, 1, 0, 0),
+        (names[2], 4, 0, 0, 1),
+    ]
+    assert (t.length, t.lag, t.pending, t.arrivals_last_minute) == (10, 1, 2, 10)
+    assert t.oldest_pending is not None and t.oldest_pending.consumer == "ghost"
+    by_name = {c.name: c.pending for c in t.consumers}
+    assert by_name == {settings.consumer_name: 0, "ghost": 2}  # one line per consumer, all partitions
+    assert t.dead_by_reason == {"bad_uuid": 1} and t.dead_last_minute == 1
+    assert st.events is not None and st.events.rows_last_minute == 6
+    text = status.render(st)
+    assert "3 partitions" in text and "Partitions:" in text and f"most lag 1 on {names[1]}" in text
+
+
+def test_partitions_on_a_redis_cluster(env: Env) -> None:
+    from tests.support.cluster import RedisClusterServers
+
+    from filepipe.stream import connect
+
+    with RedisClusterServers() as cluster:
+        settings = env.settings_with(redis_url=cluster.url, redis_cluster=True, partitions=3)
+        r = connect(settings)
+        try:
+            for i in range(3):
+                name = partition_stream(settings.stream, i)
+                for j in range(i + 1):
+                    r.xadd(name, event(env, 10 * i + j))
+                ensure_group(r, name, settings.group)
+            r.xreadgroup(settings.group, "ghost", {partition_stream(settings.stream, 2): ">"}, count=2)
+            r.xadd(partition_stream(settings.stream, 1) + ":dead", {"reason": "missing"})
+            st = collect_status(settings)
+        finally:
+            r.close()
+    t = st.redis
+    assert t is not None, st.redis_error
+    assert [(p.length, p.lag, p.pending, p.dead_total) for p in t.partitions] == [
+        (1, 1, 0, 0),
+        (2, 2, 0, 1),
+        (3, 1, 2, 0),
+    ]
+    assert (t.length, t.lag, t.pending, t.dead_total) == (6, 4, 2, 1)
+    assert [(c.name, c.pending) for c in t.consumers] == [("ghost", 2)]
+    assert t.dead_by_reason == {"missing": 1}

@@ -40,6 +40,7 @@ from . import _native, db, stream
 from .config import Settings, mask_url
 from .constants import STAGING_TABLE, heartbeat_key
 from .errors import FilepipeError
+from .partitions import partitions
 
 Command = Callable[..., Any]
 
@@ -894,7 +895,7 @@ def synthetic_batch(
 def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> RedisFigures:
     """PING, XADD and XREADGROUP round trips, and a batch read and ack, on a scratch stream."""
     f = RedisFigures(url=mask_url(settings.redis_url))
-    key = f"{SCRATCH_KEY_PREFIX}{tag}"
+    key = f"{SCRATCH_KEY_PREFIX}{{{tag}}}"  # a hash tag: the stream and its dead letters share a cluster slot
     group = "benchmark"
     r = stream.connect(settings, socket_timeout=max(10.0, settings.connect_timeout_s * 2))
     try:
@@ -923,14 +924,15 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
             _timed(lambda: stream.ack(r, key, group, ids, dead_stream=key + ":dead", consumer="benchmark"))
             * 1000
         )
-        f.recent_file_size = _recent_declared_size(r, settings.stream)
+        f.recent_file_size = _recent_declared_size(r, partitions(settings)[0].stream)
     except (redis.ConnectionError, redis.TimeoutError) as e:
         f.status, f.error = "unreachable", f"cannot reach Redis at {f.url}: {_first_line(e, settings)}"
     except redis.RedisError as e:
         f.status, f.error = "error", f"Redis refused the benchmark: {_first_line(e, settings)}"
     finally:
         with contextlib.suppress(redis.RedisError):
-            r.delete(key, key + ":dead")
+            for name in (key, key + ":dead"):
+                r.delete(name)
         r.close()
     return f
 
@@ -1358,9 +1360,9 @@ def run_pipeline(
         result.error = _first_line(e, settings)
     finally:
         with contextlib.suppress(redis.RedisError):
-            r.delete(
-                scratch.stream, scratch.dead_stream, heartbeat_key(scratch.stream, scratch.consumer_name)
-            )
+            for part in partitions(scratch):  # one key at a time: they may live on different cluster nodes
+                for key in (part.stream, part.dead_stream, heartbeat_key(part.stream, scratch.consumer_name)):
+                    r.delete(key)
         r.close()
         with contextlib.suppress(psycopg.Error), db.connect(scratch, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(db.table_ident(scratch.table)))

@@ -23,10 +23,14 @@ import psycopg
 import redis
 import typer
 from psycopg import sql
+from redis.exceptions import RedisClusterException
 
+from . import constants as c
 from . import db, stream
 from .config import Settings, mask_url
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
+from .errors import TransientError
+from .partitions import Partition, partitions
 
 WINDOW_S = 60  # "last minute": arrivals, dead letters, rows, throughput
 ARRIVALS_CAP = 10_000  # entries read to count the last minute's arrivals
@@ -52,6 +56,7 @@ class ConsumerState:
     last_error: str = ""
     heartbeat_age_s: float | None = None
     silent: bool = False
+    heartbeat_stream: str = ""  # the (partition) stream whose heartbeat key it writes
 
 
 @dataclass
@@ -61,10 +66,22 @@ class PendingEntry:
     age_s: float
     idle_s: float
     deliveries: int
+    stream: str = ""
+
+
+@dataclass
+class PartitionState:
+    stream: str
+    length: int
+    lag: int | None
+    pending: int
+    dead_total: int
+    group_exists: bool
 
 
 @dataclass
 class StreamState:
+    stream: str = ""
     exists: bool = False
     length: int = 0
     last_entry_id: str = ""
@@ -85,6 +102,8 @@ class StreamState:
     dead_counted: int = 0  # dead letters whose reason was read (the newest DEAD_SCAN_LIMIT)
     dead_last_minute: int = 0
     dead_last_minute_by_reason: dict[str, int] = field(default_factory=dict)
+    groups_missing: list[str] = field(default_factory=list)  # streams with entries and no group
+    partitions: list[PartitionState] = field(default_factory=list)  # STREAM_PARTITIONS > 0
 
 
 @dataclass
@@ -113,6 +132,7 @@ class Status:
     taken_at: str
     redis: StreamState | None = None
     events: TableState | None = None
+    partitions: int = 0
     redis_error: str = ""
     pg_error: str = ""
     health: str = "healthy"  # healthy | degraded | unreachable
@@ -142,18 +162,26 @@ def _id_ms(entry_id: Any) -> int:
     return int(_text(entry_id).partition("-")[0] or 0)
 
 
+@dataclass
+class _DeadTally:
+    """What is known of one dead-letter stream between refreshes."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    counted: int = 0
+    last_id: str = ""
+    total_seen: int = 0
+
+
 class Collector:
-    """Reads the state of one stream, group and table; keeps its connections between
-    refreshes (`--watch`)."""
+    """Reads the state of one stream (all its partitions), group and table; keeps its
+    connections, and what it has counted of the dead letters, between refreshes
+    (`--watch`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = stream.connect(settings, socket_timeout=max(10.0, settings.connect_timeout_s * 2))
         self.pg: psycopg.Connection[Any] | None = None
-        self._dead_reasons: Counter[str] = Counter()
-        self._dead_counted = 0
-        self._dead_last_id = ""
-        self._dead_total_seen = 0
+        self._dead: dict[str, _DeadTally] = {}
 
     def close(self) -> None:
         self.redis.close()
@@ -164,18 +192,22 @@ class Collector:
 
     def collect(self) -> Status:
         s = self.settings
+        dead = (
+            s.dead_stream if not s.partitions else c.partition_dead_stream(s.stream, 0).replace("{0}", "{i}")
+        )
         st = Status(
             stream_name=s.stream,
             group=s.group,
             table=s.table,
-            dead_stream=s.dead_stream,
+            dead_stream=dead,
             redis_url=mask_url(s.redis_url),
             pg_uri=mask_url(s.pg_uri),
             taken_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            partitions=s.partitions,
         )
         try:
             st.redis = self._collect_redis()
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except (redis.ConnectionError, redis.TimeoutError, TransientError, RedisClusterException) as e:
             st.redis_error = f"cannot reach Redis at {st.redis_url}: {db.first_line(e)}"
             st.unreachable.append("redis")
         except redis.RedisError as e:
@@ -195,12 +227,29 @@ class Collector:
     # -- Redis --------------------------------------------------------------------------------
 
     def _collect_redis(self) -> StreamState:
-        s, r = self.settings, self.redis
-        sec, usec = r.time()
+        reply = self.redis.time()
+        if isinstance(reply, dict):  # a cluster client asks one node and names it
+            reply = next(iter(reply.values()))
+        sec, usec = reply
         now_ms = int(sec) * 1000 + int(usec) // 1000
-        out = StreamState()
+        parts = [self._collect_partition(part, now_ms) for part in partitions(self.settings)]
+        out = parts[0] if len(parts) == 1 else _merge(parts)
+        out.partitions = (
+            [
+                PartitionState(p.stream, p.length, p.lag, p.pending, p.dead_total, p.group_exists)
+                for p in parts
+            ]
+            if self.settings.partitions
+            else []
+        )
+        self._collect_heartbeats(out)
+        return out
+
+    def _collect_partition(self, part: Partition, now_ms: int) -> StreamState:
+        r = self.redis
+        out = StreamState(stream=part.stream)
         try:
-            info = r.xinfo_stream(s.stream)
+            info = r.xinfo_stream(part.stream)
         except redis.ResponseError as e:
             if "no such key" not in str(e).lower():
                 raise
@@ -214,18 +263,20 @@ class Collector:
                 out.last_entry_age_s = max(0.0, (now_ms - _id_ms(last)) / 1000)
             added = info.get("entries-added")
             out.entries_added = None if added is None else int(added)
-            self._collect_group(out, now_ms)
+            self._collect_group(out, part, now_ms)
             arrivals = (
-                r.xrange(s.stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP) or []
+                r.xrange(part.stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP) or []
             )
             out.arrivals_last_minute = len(arrivals)
             out.arrivals_capped = len(arrivals) >= ARRIVALS_CAP
-        self._collect_dead(out, now_ms)
+            if out.length and not out.group_exists:
+                out.groups_missing = [part.stream]
+        self._collect_dead(out, part.dead_stream, now_ms)
         return out
 
-    def _collect_group(self, out: StreamState, now_ms: int) -> None:
+    def _collect_group(self, out: StreamState, part: Partition, now_ms: int) -> None:
         s, r = self.settings, self.redis
-        group = next((g for g in r.xinfo_groups(s.stream) if _text(g["name"]) == s.group), None)
+        group = next((g for g in r.xinfo_groups(part.stream) if _text(g["name"]) == s.group), None)
         if group is None:
             return
         out.group_exists = True
@@ -237,14 +288,14 @@ class Collector:
         if lag is not None:
             out.lag = int(lag)
         else:  # Redis cannot tell (entries deleted in between, or Redis < 7): count, up to a cap
-            waiting = r.xrange(s.stream, min=f"({last_delivered}", max="+", count=ARRIVALS_CAP) or []
+            waiting = r.xrange(part.stream, min=f"({last_delivered}", max="+", count=ARRIVALS_CAP) or []
             out.lag, out.lag_capped = len(waiting), len(waiting) >= ARRIVALS_CAP
         if out.lag:
-            first = r.xrange(s.stream, min=f"({last_delivered}", max="+", count=1)
+            first = r.xrange(part.stream, min=f"({last_delivered}", max="+", count=1)
             if first:
                 out.waiting_age_s = max(0.0, (now_ms - _id_ms(first[0][0])) / 1000)
         if out.pending:
-            rows = r.xpending_range(s.stream, s.group, min="-", max="+", count=1)
+            rows = r.xpending_range(part.stream, s.group, min="-", max="+", count=1)
             if rows:
                 row = rows[0]
                 out.oldest_pending = PendingEntry(
@@ -253,65 +304,71 @@ class Collector:
                     age_s=max(0.0, (now_ms - _id_ms(row["message_id"])) / 1000),
                     idle_s=int(row["time_since_delivered"]) / 1000,
                     deliveries=int(row["times_delivered"]),
+                    stream=part.stream,
                 )
-        consumers = r.xinfo_consumers(s.stream, s.group)
-        pipe = r.pipeline(transaction=False)
-        for c in consumers:
-            key = heartbeat_key(s.stream, _text(c["name"]))
+        for row in r.xinfo_consumers(part.stream, s.group):
+            out.consumers.append(
+                ConsumerState(
+                    name=_text(row["name"]),
+                    pending=int(row["pending"]),
+                    idle_s=int(row["idle"]) / 1000,
+                    heartbeat_stream=part.stream,
+                )
+            )
+
+    def _collect_heartbeats(self, out: StreamState) -> None:
+        """Each consumer's heartbeat (it writes the same one for every partition it reads:
+        one is enough)."""
+        if not out.consumers:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for state in out.consumers:
+            key = heartbeat_key(state.heartbeat_stream or self.settings.stream, state.name)
             pipe.get(key)
             pipe.pttl(key)
-        replies = pipe.execute() if consumers else []
-        for i, c in enumerate(consumers):
-            state = ConsumerState(
-                name=_text(c["name"]), pending=int(c["pending"]), idle_s=int(c["idle"]) / 1000
-            )
+        replies = pipe.execute()
+        for i, state in enumerate(out.consumers):
             _apply_heartbeat(state, replies[2 * i], replies[2 * i + 1])
-            out.consumers.append(state)
 
-    def _collect_dead(self, out: StreamState, now_ms: int) -> None:
+    def _collect_dead(self, out: StreamState, dead_stream: str, now_ms: int) -> None:
         """Dead letters by reason. The first call reads the newest DEAD_SCAN_LIMIT; later
-        calls (`--watch`) read only what was added since, unless the stream shrank."""
-        s, r = self.settings, self.redis
-        out.dead_total = int(r.xlen(s.dead_stream))
-        gone = bool(self._dead_last_id) and not r.xrange(
-            s.dead_stream, min=self._dead_last_id, max=self._dead_last_id, count=1
+        calls (`--watch`) read only what was added since, unless the stream shrank or was
+        replaced."""
+        r = self.redis
+        tally = self._dead.setdefault(dead_stream, _DeadTally())
+        out.dead_total = int(r.xlen(dead_stream))
+        gone = bool(tally.last_id) and not r.xrange(
+            dead_stream, min=tally.last_id, max=tally.last_id, count=1
         )
-        if gone or out.dead_total < self._dead_total_seen or not out.dead_total:
-            self._dead_reasons, self._dead_counted, self._dead_last_id = Counter(), 0, ""
-        self._dead_total_seen = out.dead_total
+        if gone or out.dead_total < tally.total_seen or not out.dead_total:
+            tally = self._dead[dead_stream] = _DeadTally()
+        tally.total_seen = out.dead_total
         if not out.dead_total:
             return
-        if not self._dead_last_id:
+        if not tally.last_id:
             upper = "+"
-            while self._dead_counted < DEAD_SCAN_LIMIT:
-                count = min(1000, DEAD_SCAN_LIMIT - self._dead_counted)
-                page = r.xrevrange(s.dead_stream, max=upper, min="-", count=count) or []
+            while tally.counted < DEAD_SCAN_LIMIT:
+                count = min(1000, DEAD_SCAN_LIMIT - tally.counted)
+                page = r.xrevrange(dead_stream, max=upper, min="-", count=count) or []
                 if not page:
                     break
-                if not self._dead_last_id:
-                    self._dead_last_id = _text(page[0][0])
-                self._count_reasons(page)
+                if not tally.last_id:
+                    tally.last_id = _text(page[0][0])
+                _count_reasons(tally, page)
                 upper = f"({_text(page[-1][0])}"
         else:
             while True:
-                page = r.xrange(s.dead_stream, min=f"({self._dead_last_id}", max="+", count=1000) or []
+                page = r.xrange(dead_stream, min=f"({tally.last_id}", max="+", count=1000) or []
                 if not page:
                     break
-                self._dead_last_id = _text(page[-1][0])
-                self._count_reasons(page)
-        out.dead_counted = self._dead_counted
-        out.dead_by_reason = dict(self._dead_reasons.most_common())
-        recent_page = r.xrange(
-            s.dead_stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP
-        )
+                tally.last_id = _text(page[-1][0])
+                _count_reasons(tally, page)
+        out.dead_counted = tally.counted
+        out.dead_by_reason = dict(tally.reasons.most_common())
+        recent_page = r.xrange(dead_stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP)
         recent = Counter(_text((fields or {}).get(b"reason", b"unknown")) for _, fields in recent_page or [])
         out.dead_last_minute = sum(recent.values())
         out.dead_last_minute_by_reason = dict(recent.most_common())
-
-    def _count_reasons(self, page: list[Any]) -> None:
-        for _entry_id, fields in page:
-            self._dead_reasons[_text((fields or {}).get(b"reason", b"unknown"))] += 1
-        self._dead_counted += len(page)
 
     # -- PostgreSQL ---------------------------------------------------------------------------
 
@@ -361,6 +418,65 @@ class Collector:
         if row:
             out.rows_last_minute, out.rows_last_hour = int(row[0]), int(row[1])
         return out
+
+
+def _count_reasons(tally: _DeadTally, page: list[Any]) -> None:
+    for _entry_id, fields in page:
+        tally.reasons[_text((fields or {}).get(b"reason", b"unknown"))] += 1
+    tally.counted += len(page)
+
+
+def _sum_or_none(values: list[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(v or 0 for v in values)
+
+
+def _merge(parts: list[StreamState]) -> StreamState:
+    """One view of a partitioned stream: sums, the oldest of the ages, each consumer once."""
+    ages = [p.last_entry_age_s for p in parts if p.last_entry_age_s is not None]
+    waiting = [p.waiting_age_s for p in parts if p.waiting_age_s is not None]
+    pendings = [p.oldest_pending for p in parts if p.oldest_pending is not None]
+    out = StreamState(
+        stream="",
+        exists=any(p.exists for p in parts),
+        length=sum(p.length for p in parts),
+        last_entry_age_s=min(ages) if ages else None,
+        entries_added=_sum_or_none([p.entries_added for p in parts if p.exists]),
+        group_exists=any(p.group_exists for p in parts),
+        lag=_sum_or_none([p.lag for p in parts if p.group_exists])
+        if any(p.group_exists for p in parts)
+        else None,
+        lag_capped=any(p.lag_capped for p in parts),
+        entries_read=_sum_or_none([p.entries_read for p in parts if p.group_exists]),
+        waiting_age_s=max(waiting) if waiting else None,
+        pending=sum(p.pending for p in parts),
+        oldest_pending=max(pendings, key=lambda e: e.age_s) if pendings else None,
+        arrivals_last_minute=sum(p.arrivals_last_minute for p in parts),
+        arrivals_capped=any(p.arrivals_capped for p in parts),
+        dead_total=sum(p.dead_total for p in parts),
+        dead_counted=sum(p.dead_counted for p in parts),
+        dead_last_minute=sum(p.dead_last_minute for p in parts),
+        groups_missing=[name for p in parts for name in p.groups_missing],
+    )
+    with_entries = [p for p in parts if p.last_entry_age_s is not None]
+    if with_entries:
+        out.last_entry_id = min(with_entries, key=lambda p: p.last_entry_age_s or 0.0).last_entry_id
+    reasons: Counter[str] = Counter()
+    recent: Counter[str] = Counter()
+    consumers: dict[str, ConsumerState] = {}
+    for p in parts:
+        reasons.update(p.dead_by_reason)
+        recent.update(p.dead_last_minute_by_reason)
+        for cs in p.consumers:
+            seen = consumers.get(cs.name)
+            if seen is None:
+                consumers[cs.name] = cs
+            else:
+                seen.pending += cs.pending
+                seen.idle_s = min(seen.idle_s, cs.idle_s)
+    out.dead_by_reason = dict(reasons.most_common())
+    out.dead_last_minute_by_reason = dict(recent.most_common())
+    out.consumers = sorted(consumers.values(), key=lambda cs: cs.name)
+    return out
 
 
 def _apply_heartbeat(state: ConsumerState, raw: Any, pttl: Any) -> None:
@@ -425,9 +541,10 @@ def assess(st: Status, settings: Settings) -> None:
                     f"consumer {c.name} silent for {_duration(c.idle_s)} with {c.pending} pending "
                     f"entr{'y' if c.pending == 1 else 'ies'}"
                 )
-        if t.length and not t.group_exists:
+        if t.groups_missing:
+            where = ", ".join(t.groups_missing[:3]) + (" …" if len(t.groups_missing) > 3 else "")
             problems.append(
-                f"consumer group {st.group} does not exist: no consumer has read {st.stream_name} "
+                f"consumer group {st.group} does not exist on {where}: no consumer has read it "
                 f"({t.length:,} entries)"
             )
         lag = t.lag or 0
@@ -490,7 +607,8 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
         "",
     ]
     t = st.redis
-    out.append(f"STREAM {st.stream_name} (group {st.group})")
+    parts = f", {st.partitions} partitions" if st.partitions else ""
+    out.append(f"STREAM {st.stream_name} (group {st.group}{parts})")
     if t is None:
         out.append(f"  ✗ {st.redis_error}")
     elif not t.exists:
@@ -498,6 +616,13 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
     else:
         age = f"last entry {_duration(t.last_entry_age_s)} ago" if t.last_entry_age_s is not None else ""
         out.append(_line("Stream length", _entries(t.length), age))
+        if t.partitions:
+            lengths = [p.length for p in t.partitions]
+            worst = max(t.partitions, key=lambda p: p.lag or 0)
+            spread = f"lengths {min(lengths):,}–{max(lengths):,}"
+            if worst.lag:
+                spread += f", most lag {worst.lag:,} on {worst.stream}"
+            out.append(_line("Partitions", str(len(t.partitions)), spread))
         if not t.group_exists:
             out.append(_line("Group lag", "no consumer group yet"))
         else:
