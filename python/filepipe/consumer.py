@@ -324,11 +324,11 @@ class Consumer:
             entries = self._redis(
                 lambda p=part: stream.read_new(self.redis, p.stream, s.group, self.name, s.batch_size, 0)  # type: ignore[misc]
             )
-            if entries is None:
-                return None
-            if entries:
+            if entries is None or entries:
+                # After a fault too, the next read starts at the next partition: one whose
+                # node is down does not keep the others from being read.
                 self._turn = (self._turn + k + 1) % len(parts)
-                return part, entries
+                return None if entries is None else (part, entries)
         part = parts[self._turn]
         self._turn = (self._turn + 1) % len(parts)
         if self.drain:

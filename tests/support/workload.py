@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from filepipe.config import Settings
+from filepipe.partitions import stream_for
 
 # Each poison kind: (reason the consumer must give, how to spoil a good event).
 POISON_KINDS: list[tuple[str, dict[str, Any]]] = [
@@ -38,7 +39,7 @@ POISON_KINDS: list[tuple[str, dict[str, Any]]] = [
 class Workload:
     good: int = 0
     poison: dict[bytes, str] = field(default_factory=dict)  # entry id -> expected reason
-    ids: list[bytes] = field(default_factory=list)
+    ids: list[bytes] = field(default_factory=list)  # with partitions: `{i}/<entry id>`, as in stream_id
 
 
 def prepare_storage(root: Path, *, max_file_bytes: int = 64 * 1024) -> None:
@@ -60,7 +61,8 @@ def prepare_storage(root: Path, *, max_file_bytes: int = 64 * 1024) -> None:
 def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every: int = 0,
          files: int = 200, chunk: int = 2000) -> Workload:
     """XADDs `n` events; every `poison_every`-th is poison (cycling through the kinds).
-    Good events point at `files` distinct small files, written under `root`."""
+    Good events point at `files` distinct small files, written under `root`. With
+    partitions, each event goes to the partition of its file id, like the producer's."""
     prepare_storage(root)
     for i in range(files):
         p = root / "data" / f"{i:04d}.txt"
@@ -70,6 +72,7 @@ def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every
     w = Workload()
     pipe = r.pipeline(transaction=False)
     pending_kinds: list[str | None] = []
+    prefixes: list[bytes] = []
     for i in range(n):
         fields: dict[str, Any] = {
             "file_id": str(uuid.uuid4()),
@@ -86,16 +89,19 @@ def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every
                     fields.pop(k)
                 else:
                     fields[k] = v
-        pipe.xadd(settings.stream, fields)
+        target = stream_for(settings, fields.get("file_id"))
+        pipe.xadd(target, fields)
         pending_kinds.append(reason)
+        prefixes.append(target[len(settings.stream) + 1 :].encode() + b"/" if settings.partitions else b"")
         if len(pending_kinds) >= chunk or i == n - 1:
-            for entry_id, kind in zip(pipe.execute(), pending_kinds):
-                w.ids.append(entry_id)
+            for entry_id, kind, prefix in zip(pipe.execute(), pending_kinds, prefixes):
+                key = prefix + entry_id
+                w.ids.append(key)
                 if kind is None:
                     w.good += 1
                 else:
-                    w.poison[entry_id] = kind
-            pending_kinds = []
+                    w.poison[key] = kind
+            pending_kinds, prefixes = [], []
     return w
 
 
@@ -111,6 +117,9 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
         "CLAIM_IDLE_MS": str(settings.claim_idle_ms), "MAX_DELIVERIES": str(settings.max_deliveries),
         "FILEPIPE_CONNECT_TIMEOUT": str(settings.connect_timeout_s),
         "FILEPIPE_STATEMENT_TIMEOUT_MS": str(settings.statement_timeout_ms),
+        "STREAM_PARTITIONS": str(settings.partitions),
+        "REDIS_CLUSTER": str(int(settings.redis_cluster)),
+        "FILEPIPE_PGBOUNCER": str(int(settings.pgbouncer)),
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)

@@ -1,0 +1,396 @@
+"""Scaling out: many consumer processes under one supervisor, partitioned streams (on one
+Redis and on a real three-master Redis Cluster, one master restarted mid-run), and
+PostgreSQL through a real PgBouncer in transaction pooling mode. Every run ends with
+exact counts: each good event loaded once, each poison event dead-lettered once,
+nothing pending."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from filepipe import dlq
+from filepipe.config import Settings, load_settings
+from filepipe.constants import heartbeat_key
+from filepipe.errors import ConfigError
+from filepipe.partitions import partition_index, partitions, stream_for
+from tests.conftest import Env
+from tests.support.cluster import RedisClusterServers
+from tests.support.pgbouncer import PgBouncer, find_pgbouncer
+from tests.support.workload import Workload, consumer_env, seed, start_consumer
+
+FAST = {"batch_size": 500, "claim_idle_ms": 1000, "max_file_bytes": 64 * 1024, "block_ms": 100}
+
+
+@pytest.fixture
+def senv(env: Env) -> Env:
+    env.settings = env.settings_with(**FAST)
+    return env
+
+
+def supervise(
+    settings: Settings, processes: int, *args: str, log: Path, name: str = "scale", **extra: str
+) -> subprocess.Popen[bytes]:
+    """`filepipe consume --processes N` as a real subprocess."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "filepipe",
+                "consume",
+                "--processes",
+                str(processes),
+                "--consumer-name",
+                name,
+                "-q",
+                *args,
+            ],
+            env=consumer_env(settings, **extra),
+            stdout=out,
+            stderr=out,
+            cwd=settings.local_storage_dir,
+        )
+
+
+def beat(r: redis.Redis, settings: Settings, name: str) -> dict[str, Any] | None:
+    raw = r.get(heartbeat_key(partitions(settings)[0].stream, name))
+    return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+
+
+def wait_for(condition: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def assert_exact(r: redis.Redis, settings: Settings, pg_uri: str, w: Workload) -> None:
+    """rows == good events (by stream_id, so across partitions), none twice, nothing
+    pending on any partition, every poison entry dead-lettered once with its reason."""
+    with psycopg.connect(pg_uri) as conn:
+        loaded = [row[0].encode() for row in conn.execute(f"SELECT stream_id FROM {settings.table}")]
+        canary = hashlib.sha256(b"CANARY: must never be read").hexdigest()
+        read_canary = conn.execute(
+            f"SELECT count(*) FROM {settings.table} WHERE checksum_sha256 = %s", (canary,)
+        ).fetchone()
+    assert len(loaded) == w.good, f"{len(loaded)} rows for {w.good} good events"
+    assert len(set(loaded)) == len(loaded), "a row was loaded twice"
+    assert set(loaded) == set(w.ids) - set(w.poison)
+    assert read_canary == (0,)
+    dead: dict[bytes, str] = {}
+    for part in partitions(settings):
+        assert int(r.xpending(part.stream, settings.group)["pending"]) == 0, part.stream
+        for _, fields in r.xrange(part.dead_stream):
+            key = part.id_prefix.encode() + fields[b"source_id"]
+            assert key not in dead, f"dead letter {key!r} written twice"
+            dead[key] = fields[b"reason"].decode()
+    assert dead == w.poison
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_partition_settings_and_names() -> None:
+    s = load_settings({"partitions": 3, "stream": "up"}, environ={}, dotenv_path=None)
+    assert [(p.stream, p.dead_stream, p.id_prefix) for p in partitions(s)] == [
+        ("up:{0}", "up:{0}:dead", "{0}/"),
+        ("up:{1}", "up:{1}:dead", "{1}/"),
+        ("up:{2}", "up:{2}:dead", "{2}/"),
+    ]
+    one = load_settings({"stream": "up"}, environ={}, dotenv_path=None)
+    assert [(p.stream, p.dead_stream, p.id_prefix) for p in partitions(one)] == [("up", "up:dead", "")]
+    # A stable hash of the file id: crc32 of its bytes, the same on every host.
+    fid = "0b8c3f1e-4a57-4c8e-9d55-5b5e2f7d1a90"
+    assert partition_index(fid, 3) == zlib.crc32(fid.encode()) % 3
+    assert stream_for(s, fid) == f"up:{{{zlib.crc32(fid.encode()) % 3}}}"
+    assert stream_for(s, None) == "up:{0}" and stream_for(one, fid) == "up"
+    env = load_settings(
+        environ={"STREAM_PARTITIONS": "8", "REDIS_CLUSTER": "yes", "FILEPIPE_PGBOUNCER": "1"},
+        dotenv_path=None,
+    )
+    assert (env.partitions, env.redis_cluster, env.pgbouncer) == (8, True, True)
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER=1 needs STREAM_PARTITIONS"):
+        load_settings(environ={"REDIS_CLUSTER": "1"}, dotenv_path=None)
+    with pytest.raises(ConfigError, match="DEAD_LETTER_STREAM cannot be set"):
+        load_settings(environ={"STREAM_PARTITIONS": "2", "DEAD_LETTER_STREAM": "x"}, dotenv_path=None)
+    with pytest.raises(ConfigError, match="FILEPIPE_PGBOUNCER"):
+        load_settings(environ={"FILEPIPE_PGBOUNCER": "maybe"}, dotenv_path=None)
+
+
+# -- many processes ---------------------------------------------------------------------------
+
+
+def test_four_processes_drain_200k_events_exactly_once_with_a_worker_killed(
+    senv: Env, tmp_path: Path
+) -> None:
+    s = senv.settings_with(batch_size=1000)
+    w = seed(senv.redis, s, senv.storage, 200_000, poison_every=1000, chunk=5000)
+    log = tmp_path / "supervisor.log"
+    t0 = time.monotonic()
+    proc = supervise(s, 4, "--drain", log=log)
+    # Kill one worker with SIGKILL once the run is well under way: the supervisor restarts it
+    # under the same name, and its entries are read again (or reclaimed by the others).
+    wait_for(
+        lambda: (senv.rows() if (beat(senv.redis, s, "scale-1") or {}).get("batches", 0) > 5 else 0) > 20_000,
+        120,
+        "a fifth of the rows",
+        proc,
+    )
+    victim = beat(senv.redis, s, "scale-1")
+    assert victim is not None
+    subprocess.run(["kill", "-9", str(victim["pid"])], check=True)
+    assert proc.wait(240) == 0, log.read_text()[-3000:]
+    elapsed = time.monotonic() - t0
+    text = log.read_text()
+    assert "worker scale-1" in text and "was killed by SIGKILL: restarting it" in text
+    assert text.count("started (pid") == 5  # four, and the one restarted
+    assert_exact(senv.redis, s, senv.pg_uri, w)
+    consumers = {r[0] for r in senv.sql(f"SELECT DISTINCT consumer FROM {s.table}")}
+    assert consumers == {f"scale-{i}" for i in range(4)}
+    print(
+        f"\n4 processes: {w.good + len(w.poison):,} events in {elapsed:.1f} s "
+        f"({(w.good + len(w.poison)) / elapsed:,.0f} files/s, one worker killed and restarted)"
+    )
+
+
+def test_supervisor_forwards_sigterm_and_restarts_a_crashed_worker(senv: Env, tmp_path: Path) -> None:
+    w = seed(senv.redis, senv.settings, senv.storage, 3000, poison_every=30)
+    log = tmp_path / "supervisor.log"
+    proc = supervise(senv.settings, 2, log=log, name="sup")
+    wait_for(
+        lambda: all(beat(senv.redis, senv.settings, f"sup-{i}") for i in range(2)), 60, "two workers", proc
+    )
+    first = beat(senv.redis, senv.settings, "sup-0")
+    assert first is not None
+    subprocess.run(["kill", "-9", str(first["pid"])], check=True)
+    wait_for(
+        lambda: (beat(senv.redis, senv.settings, "sup-0") or {}).get("pid") not in (None, first["pid"]),
+        60,
+        "sup-0 restarted",
+        proc,
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "SIGTERM received: stopping 2 workers" in text and "restarting it in" in text
+    # Both workers stopped cleanly: nothing of theirs is left pending, no heartbeat remains.
+    from filepipe import stream
+
+    for name in ("sup-0", "sup-1"):
+        assert stream.pending_count(senv.redis, senv.settings.stream, senv.settings.group, name) == 0
+        assert beat(senv.redis, senv.settings, name) is None
+    senv.drain(consumer_name="finisher")
+    assert_exact(senv.redis, senv.settings, senv.pg_uri, w)
+
+
+# -- partitions on one Redis ------------------------------------------------------------------
+
+
+def test_partitioned_stream_on_one_redis(senv: Env, tmp_path: Path) -> None:
+    s = senv.settings_with(partitions=4)
+    w = seed(senv.redis, s, senv.storage, 4000, poison_every=40)
+    # Two consumers read all four partitions, each batch from one of them.
+    from threading import Thread
+
+    from filepipe.consumer import Consumer
+
+    consumers = [
+        Consumer(s, drain=True, write=None),
+        Consumer(senv.settings_with(partitions=4, consumer_name="p2"), drain=True, write=None),
+    ]
+    threads = [Thread(target=c.run) for c in consumers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sum(c.stats.inserted for c in consumers) == w.good
+    assert_exact(senv.redis, s, senv.pg_uri, w)
+    # Every row's stream_id names the partition its file id hashes to.
+    rows = senv.sql(f"SELECT stream_id, file_id::text FROM {s.table}")
+    assert {sid.split("/")[0] for sid, _ in rows} == {"{0}", "{1}", "{2}", "{3}"}
+    assert all(sid.startswith(f"{{{partition_index(fid, 4)}}}/") for sid, fid in rows)
+    # The dead-letter commands see every partition's dead letters; replay puts them back
+    # on their own partition.
+    summary = dlq.summarize(senv.redis, [p.dead_stream for p in partitions(s)])
+    assert summary["total"] == len(w.poison) == 100
+    (senv.storage / "no/such").mkdir(parents=True)
+    (senv.storage / "no/such/file.txt").write_bytes(b"here now")
+    missing = sum(1 for reason in w.poison.values() if reason == "missing")
+    replayed = subprocess.run(
+        [sys.executable, "-m", "filepipe", "dlq", "replay", "--reason", "missing"],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (
+        replayed.returncode == 0
+        and f"Replayed {missing} dead letters onto {s.stream} (4 partitions)" in replayed.stdout
+    )
+    listed = subprocess.run(
+        [sys.executable, "-m", "filepipe", "dlq", "list"],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert f"DEAD LETTERS in {s.stream}:{{0}}:dead … {s.stream}:{{3}}:dead: {100 - missing}" in listed.stdout
+    senv.drain(partitions=4, consumer_name="after-replay")
+    assert senv.rows() == w.good + missing
+
+
+# -- Redis Cluster ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with RedisClusterServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+def cenv(senv: Env, cluster: RedisClusterServers) -> Iterator[tuple[Env, redis.Redis]]:
+    from filepipe import stream
+
+    s = senv.settings_with(redis_url=cluster.url, redis_cluster=True, partitions=6)
+    r = stream.connect(s, socket_timeout=10)
+    try:
+        yield Env(settings=s, redis=r, pg_uri=senv.pg_uri, storage=senv.storage), r
+    finally:
+        r.close()
+        cluster.delete_matching(f"*{s.stream}*")
+
+
+@pytest.mark.slow
+def test_redis_cluster_with_a_master_restarted_mid_run(
+    cenv: tuple[Env, redis.Redis], cluster: RedisClusterServers, tmp_path: Path
+) -> None:
+    env, r = cenv
+    s = env.settings
+    # The partitions live on all three masters.
+    assert len({cluster.port_of(p.stream) for p in partitions(s)}) == 3
+    w = seed(r, s, env.storage, 30_000, poison_every=100)
+    procs = [start_consumer(s, name, "--drain", log=tmp_path / f"{name}.log") for name in ("c0", "c1")]
+    try:
+        wait_for(lambda: env.rows() > 3000, 120, "the first rows", procs[0])
+        # Kill the master of partition 0 and bring it back after the cluster has noticed
+        # (node timeout 2 s): the consumers see refused connections, then CLUSTERDOWN.
+        cluster.restart(cluster.port_of(partitions(s)[0].stream), down_s=3.0)
+        for p in procs:
+            assert p.wait(180) == 0, (tmp_path / "c0.log").read_text()[-2000:] + (
+                tmp_path / "c1.log"
+            ).read_text()[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = (tmp_path / "c0.log").read_text() + (tmp_path / "c1.log").read_text()
+    assert "Redis unreachable" in logs and "Redis is back" in logs
+    assert_exact(r, s, env.pg_uri, w)
+
+
+def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_path: Path) -> None:
+    env, r = cenv
+    s = env.settings
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i:03d}.txt").write_bytes(b"x" * (i + 1))
+    produced = subprocess.run(
+        [sys.executable, "-m", "filepipe", "produce", str(src)],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert produced.returncode == 0, produced.stderr
+    assert f"Enqueued 300 events to {s.stream} (6 partitions)" in produced.stdout
+    lengths = [int(r.xlen(p.stream)) for p in partitions(s)]
+    assert sum(lengths) == 300 and all(lengths)
+    consumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "filepipe",
+            "consume",
+            "--drain",
+            "-q",
+            "--processes",
+            "2",
+            "--consumer-name",
+            "cl",
+        ],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=s.local_storage_dir,
+    )
+    assert consumed.returncode == 0, consumed.stderr[-2000:]
+    assert env.rows() == 300
+    status = subprocess.run(
+        [sys.executable, "-m", "filepipe", "status", "--json"],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    doc = json.loads(status.stdout)
+    assert doc["redis"]["length"] == 300 and doc["redis"]["pending"] == 0
+    assert {c["name"] for c in doc["redis"]["consumers"]} == {"cl-0", "cl-1"}
+
+
+# -- PgBouncer --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bouncer(pg_uri: str) -> Iterator[PgBouncer]:
+    if find_pgbouncer() is None:
+        pytest.fail("pgbouncer is not installed: `make pgbouncer` (apt-get install -y pgbouncer)")
+    # One server connection for all clients: whatever a client left in its session would
+    # be seen by the next one, and by the checks below.
+    with PgBouncer(pg_uri, pool_size=1) as b:
+        yield b
+
+
+def test_through_pgbouncer_in_transaction_pooling_mode(senv: Env, bouncer: PgBouncer) -> None:
+    s = senv.settings_with(pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200)
+    w = seed(senv.redis, s, senv.storage, 4000, poison_every=50)
+    first = senv.drain(pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200)
+    assert first.inserted == w.good
+    # Replay the whole stream: every batch is merged through a staging table, dozens of
+    # times per connection (psycopg would prepare the INSERT after 5).
+    senv.redis.xgroup_setid(s.stream, s.group, "0")
+    senv.redis.delete(s.dead_stream)
+    again = senv.drain(
+        pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200, consumer_name="replayer"
+    )
+    assert again.inserted == 0 and again.duplicates == w.good
+    assert_exact(senv.redis, s, senv.pg_uri, w)
+    # Nothing outlived its transaction on the server connection all clients shared.
+    with psycopg.connect(bouncer.uri, prepare_threshold=None, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass('pg_temp.filepipe_staging')").fetchone() == (None,)
