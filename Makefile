@@ -56,8 +56,12 @@ test-rust: ## Rust unit tests of the pure core (no Python needed)
 browser: ## Install Debian's Chromium for the dashboard's browser tests (if missing)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
+.PHONY: pgbouncer
+pgbouncer: ## Install Debian's PgBouncer for the transaction-pooling tests (if missing)
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || (apt-get update && apt-get install -y pgbouncer)
+
 .PHONY: test
-test: install test-rust browser ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
+test: install test-rust browser pgbouncer ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: bench
