@@ -6,6 +6,8 @@
 //! exact escaping, and `binary` (the default: no escaping, and PostgreSQL parses
 //! neither timestamps nor UUIDs).
 
+use std::borrow::Cow;
+
 use crate::entry::Record;
 use crate::time::{write_pg_timestamp, PG_EPOCH_OFFSET_US};
 
@@ -31,7 +33,8 @@ pub struct Measured {
     pub size: i64,
     pub sha256: [u8; 32],
     /// Sniffed (or reported by the store); the declared type takes precedence.
-    pub content_type: Option<String>,
+    /// Sniffed types are static strings: no allocation per file.
+    pub content_type: Option<Cow<'static, str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -140,13 +140,15 @@ pub fn format_uuid(u: &[u8; 16]) -> String {
 /// Whether a storage key is safe: relative, no `..` component, no empty key.
 /// Confinement of what the key resolves to is the storage backend's job.
 pub fn unsafe_key_problem(key: &str) -> Option<&'static str> {
-    if key.is_empty() {
-        return Some("is empty");
+    let b = key.as_bytes();
+    match b.first() {
+        None => return Some("is empty"),
+        Some(b'/' | b'\\') => return Some("is absolute"),
+        _ => {}
     }
-    if key.starts_with('/') || key.starts_with('\\') {
-        return Some("is absolute");
-    }
-    if key.split(['/', '\\']).any(|part| part == "..") {
+    if b.split(|&c| c == b'/' || c == b'\\')
+        .any(|part| part == b"..")
+    {
         return Some("climbs out of the storage root with '..'");
     }
     None
@@ -172,11 +174,14 @@ pub fn parse_entry(
     default_storage: Storage,
     id_prefix: &str,
 ) -> Result<Record, Reject> {
-    let entry_id = String::from_utf8_lossy(id).into_owned();
-    let reject = |reason: Reason, message: String| Reject {
-        entry_id: entry_id.clone(),
-        reason,
-        message: format!("entry {entry_id}: {message}"),
+    // Built only for a reject: an accepted entry's id goes straight into `stream_id`.
+    let reject = |reason: Reason, message: String| {
+        let entry_id = String::from_utf8_lossy(id).into_owned();
+        Reject {
+            message: format!("entry {entry_id}: {message}"),
+            entry_id,
+            reason,
+        }
     };
     let millis = match entry_millis(id) {
         Some(ms) if (ms as i128) * 1000 <= MAX_US as i128 => ms as i64,
@@ -373,9 +378,11 @@ pub fn parse_entry(
         },
     };
 
-    let mut stream_id = String::with_capacity(id_prefix.len() + entry_id.len());
+    // entry_millis accepted the id: it is ASCII digits and a dash.
+    let id_text = std::str::from_utf8(id).unwrap_or_default();
+    let mut stream_id = String::with_capacity(id_prefix.len() + id_text.len());
     stream_id.push_str(id_prefix);
-    stream_id.push_str(&entry_id);
+    stream_id.push_str(id_text);
     Ok(Record {
         stream_id,
         event_time_us,

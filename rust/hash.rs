@@ -8,6 +8,7 @@
 //! Files are opened non-blocking (a FIFO cannot stall the consumer) and must be
 //! regular files.
 
+use std::borrow::Cow;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
@@ -60,6 +61,26 @@ const MAGIC: &[(usize, &[u8], &str)] = &[
     (0, b"wOFF", "font/woff"),
     (0, b"wOF2", "font/woff2"),
 ];
+
+/// A content type as a static string when it is one sniffing produces (the common
+/// case: no allocation), owned otherwise.
+pub fn intern_content_type(s: &str) -> Cow<'static, str> {
+    const OTHERS: [&str; 7] = [
+        "text/plain",
+        "text/html",
+        "application/json",
+        "application/xml",
+        "image/svg+xml",
+        "application/octet-stream",
+        "application/x-empty",
+    ];
+    MAGIC
+        .iter()
+        .map(|m| m.2)
+        .chain(OTHERS)
+        .find(|k| *k == s)
+        .map_or_else(|| Cow::Owned(s.to_owned()), Cow::Borrowed)
+}
 
 /// The content type of a file from its first bytes (at most [`SNIFF_BYTES`]).
 pub fn sniff(head: &[u8]) -> &'static str {
@@ -316,7 +337,7 @@ pub fn hash_reader(
     Ok(Measured {
         size: total as i64,
         sha256: hasher.finalize().into(),
-        content_type: Some(sniff(&head[..head_len]).to_owned()),
+        content_type: Some(Cow::Borrowed(sniff(&head[..head_len]))),
     })
 }
 

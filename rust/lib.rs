@@ -10,3 +10,7 @@ pub mod time;
 
 #[cfg(feature = "python")]
 mod python;
+
+#[cfg(feature = "python")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -152,7 +152,7 @@ impl Measurements {
         index: usize,
         size: i64,
         sha256: &[u8],
-        content_type: Option<String>,
+        content_type: Option<&str>,
     ) -> PyResult<()> {
         let mut slots = self.lock();
         self.check(&slots, index)?;
@@ -165,7 +165,7 @@ impl Measurements {
         slots[index] = Slot::Done(Measured {
             size,
             sha256: digest,
-            content_type,
+            content_type: content_type.map(hash::intern_content_type),
         });
         Ok(())
     }
@@ -209,7 +209,11 @@ impl Measurements {
         let slots = self.lock();
         self.check(&slots, index)?;
         Ok(match &slots[index] {
-            Slot::Done(m) => Some((m.size, PyBytes::new(py, &m.sha256), m.content_type.clone())),
+            Slot::Done(m) => Some((
+                m.size,
+                PyBytes::new(py, &m.sha256),
+                m.content_type.as_deref().map(str::to_owned),
+            )),
             _ => None,
         })
     }
@@ -228,11 +232,19 @@ fn as_bytes<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a [u8]> {
     )))
 }
 
+/// An entry's fields as one flat [name, value, name, value, …] vector of objects.
 fn collect_fields<'py>(
     fields: &Bound<'py, PyAny>,
-) -> PyResult<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    flat: &mut Vec<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    flat.clear();
     if let Ok(d) = fields.cast::<PyDict>() {
-        return Ok(d.iter().collect());
+        flat.reserve(d.len() * 2);
+        for (k, v) in d.iter() {
+            flat.push(k);
+            flat.push(v);
+        }
+        return Ok(());
     }
     if let Ok(l) = fields.cast::<PyList>() {
         // A flat [name, value, name, value, …] list, as RESP sends it.
@@ -241,11 +253,8 @@ fn collect_fields<'py>(
                 "a flat field list must have an even length",
             ));
         }
-        let items: Vec<_> = l.iter().collect();
-        return Ok(items
-            .chunks_exact(2)
-            .map(|p| (p[0].clone(), p[1].clone()))
-            .collect());
+        flat.extend(l.iter());
+        return Ok(());
     }
     Err(EntryError::new_err(format!(
         "entry fields must be a dict or a flat list, not {}",
@@ -275,21 +284,22 @@ fn parse_entries(
     let panic_key = std::env::var_os(hash::TEST_PANIC_ENV);
     for (pos, entry) in entries.try_iter()?.enumerate() {
         let entry = entry?;
-        let pair = entry
-            .cast::<PyTuple>()
-            .map(|t| t.as_sequence().clone())
-            .or_else(|_| entry.cast::<PyList>().map(|l| l.as_sequence().clone()))
-            .map_err(|_| {
-                EntryError::new_err(format!("entry {pos} must be an (id, fields) pair"))
-            })?;
-        if pair.len()? != 2 {
-            return Err(EntryError::new_err(format!(
-                "entry {pos} must be an (id, fields) pair"
-            )));
-        }
-        let id_obj = pair.get_item(0)?;
+        let not_a_pair =
+            || EntryError::new_err(format!("entry {pos} must be an (id, fields) pair"));
+        let (id_obj, fields_obj) = if let Ok(t) = entry.cast::<PyTuple>() {
+            if t.len() != 2 {
+                return Err(not_a_pair());
+            }
+            (t.get_item(0)?, t.get_item(1)?)
+        } else if let Ok(l) = entry.cast::<PyList>() {
+            if l.len() != 2 {
+                return Err(not_a_pair());
+            }
+            (l.get_item(0)?, l.get_item(1)?)
+        } else {
+            return Err(not_a_pair());
+        };
         let id = as_bytes(&id_obj, "an entry id")?;
-        let fields_obj = pair.get_item(1)?;
         if fields_obj.is_none() {
             // XAUTOCLAIM/XCLAIM name entries deleted since delivery with no fields.
             batch.rejects.push((
@@ -305,10 +315,14 @@ fn parse_entries(
             ));
             continue;
         }
-        let owned = collect_fields(&fields_obj)?;
-        let mut fields = Vec::with_capacity(owned.len());
-        for (k, v) in &owned {
-            fields.push((as_bytes(k, "a field name")?, as_bytes(v, "a field value")?));
+        let mut flat = Vec::new();
+        collect_fields(&fields_obj, &mut flat)?;
+        let mut fields = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            fields.push((
+                as_bytes(&pair[0], "a field name")?,
+                as_bytes(&pair[1], "a field value")?,
+            ));
         }
         let parsed = catch_unwind(AssertUnwindSafe(|| {
             test_panic(&panic_key, &fields);
@@ -404,10 +418,30 @@ fn measurement_from_tuple(obj: &Bound<'_, PyAny>) -> PyResult<Option<Measured>> 
     if obj.is_none() {
         return Ok(None);
     }
-    let (size, sha256, content_type): (i64, Vec<u8>, Option<String>) = obj.extract()?;
-    let sha256: [u8; 32] = sha256
+    let bad = || {
+        PyValueError::new_err("a measurement must be a (size, sha256, content_type) tuple or None")
+    };
+    let t = obj.cast::<PyTuple>().map_err(|_| bad())?;
+    if t.len() != 3 {
+        return Err(bad());
+    }
+    let size: i64 = t.get_item(0)?.extract()?;
+    let digest_obj = t.get_item(1)?;
+    let digest = digest_obj
+        .cast::<PyBytes>()
+        .map_err(|_| PyValueError::new_err("sha256 must be bytes"))?;
+    let sha256: [u8; 32] = digest
+        .as_bytes()
         .try_into()
         .map_err(|_| PyValueError::new_err("sha256 must be a 32-byte digest"))?;
+    let ct_obj = t.get_item(2)?;
+    let content_type = if ct_obj.is_none() {
+        None
+    } else {
+        Some(hash::intern_content_type(
+            ct_obj.cast::<PyString>()?.to_str()?,
+        ))
+    };
     Ok(Some(Measured {
         size,
         sha256,
@@ -463,6 +497,7 @@ fn encode_copy<'py>(
             .try_iter()?
             .map(|o| measurement_from_tuple(&o?))
             .collect::<PyResult<_>>()?;
+        // (Content types repeat: measurement_from_tuple interns the common ones.)
         if list.len() != b.records.len() {
             return Err(PyValueError::new_err(
                 "measurements and batch differ in length",
