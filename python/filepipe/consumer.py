@@ -50,6 +50,9 @@ log = logging.getLogger("filepipe")
 _ROW_ERROR_CLASSES = ("22", "23", "54")
 
 
+_EMPTY_BATCH = _native.parse_entries([])
+
+
 @dataclass
 class Prepared:
     """A batch ready to load: its COPY buffer and everything needed to ack it."""
@@ -63,6 +66,13 @@ class Prepared:
     dead: list[DeadLetter]
     read_at: float
     redelivered: bool = False
+
+    def release(self) -> None:
+        """Drops what only loading needed (the raw entries, the parsed batch, the buffer)."""
+        self.entries = []
+        self.buf = b""
+        self.batch = _EMPTY_BATCH
+        self.measurements = _native.Measurements(0)
     part: Partition | None = None  # the stream it was read from (None: the only one)
 
 
@@ -520,6 +530,8 @@ class Consumer:
                 if self.failed is None and not self.abandon.is_set():
                     inserted, row_dead = self._load(prepared)
                     crash_point("after_commit")
+                    # Committed: only the ids and dead letters are needed from here on.
+                    prepared.release()
                     self.acks.put((prepared, inserted, row_dead))
             except Abandoned:
                 pass
