@@ -1681,7 +1681,7 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
             typer.Option(
                 "--file-size",
                 min=1,
-                help="Typical file size in bytes [default: from recent events, else 64 KiB]",
+                help="Typical file size in bytes (default: from recent events, else 64 KiB)",
                 show_default=False,
             ),
         ] = None,
@@ -1689,7 +1689,7 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
             int | None,
             typer.Option(
                 "--batch-size",
-                help="Batch size to model [env: CONSUMER_BATCH_SIZE; default 1000]",
+                help="Batch size to model (env: CONSUMER_BATCH_SIZE; default 1000)",
                 show_default=False,
             ),
         ] = None,

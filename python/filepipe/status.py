@@ -799,7 +799,7 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
             typer.Option(
                 "--claim-idle-ms",
                 help="A consumer idle this long with entries pending is silent "
-                "[env: CLAIM_IDLE_MS; default 60000]",
+                "(env: CLAIM_IDLE_MS; default 60000)",
                 show_default=False,
             ),
         ] = None,
