@@ -240,8 +240,11 @@ class ConsumerCollector(Collector):
                 s = self.consumer.settings
                 r = self.probe.redis()
                 try:
-                    self._pending = stream.pending_count(r, s.stream, s.group)
-                    self._lag = stream.group_lag(r, s.stream, s.group)
+                    # A partitioned stream: the sums over its partitions, under its own name.
+                    parts = self.consumer.parts
+                    self._pending = sum(stream.pending_count(r, p.stream, s.group) for p in parts)
+                    lags = [stream.group_lag(r, p.stream, s.group) for p in parts]
+                    self._lag = None if None in lags else sum(lag or 0 for lag in lags)
                     self._at = time.monotonic()
                 except Exception:
                     self._pending = self._lag = None  # unknown is better than stale
