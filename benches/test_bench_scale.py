@@ -4,7 +4,8 @@ machine, each draining the same backlog into its own table.
 Two rates: wall (from starting the command to its exit: process start-up included) and
 steady (the rows divided by the span of their `processed_at`, start-up and drain wait
 left out). The normal test run executes each once on 3,000 events; `make bench` sets
-FILEPIPE_BENCH_FULL=1: 100,000 events, the best of three rounds. The last test prints the table the README shows.
+FILEPIPE_BENCH_FULL=1: 100,000 events, the best of three rounds. The last test prints
+the table the README shows.
 Uses FILEPIPE_BENCH_REDIS_URL / _PG_URI (or the FILEPIPE_TEST_* ones); without them
 it starts throwaway servers.
 """
@@ -56,8 +57,13 @@ class _nothing:
 def _settings(redis_url: str, pg_uri: str, root: Path, tag: str) -> Settings:
     return load_settings(
         {
-            "redis_url": redis_url, "pg_uri": pg_uri, "stream": f"fp_scale_{tag}", "table": f"fp_scale_{tag}",
-            "local_storage_dir": str(root), "consumer_name": f"scale-{tag}", "block_ms": 100,
+            "redis_url": redis_url,
+            "pg_uri": pg_uri,
+            "stream": f"fp_scale_{tag}",
+            "table": f"fp_scale_{tag}",
+            "local_storage_dir": str(root),
+            "consumer_name": f"scale-{tag}",
+            "block_ms": 100,
         },
         environ={},
         dotenv_path=None,
@@ -66,8 +72,9 @@ def _settings(redis_url: str, pg_uri: str, root: Path, tag: str) -> Settings:
 
 @pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("processes", PROCESSES)
-def test_processes(benchmark: pytest.FixtureRequest, services: tuple[str, str], tmp_path: Path,
-                   processes: int) -> None:
+def test_processes(
+    benchmark: pytest.FixtureRequest, services: tuple[str, str], tmp_path: Path, processes: int
+) -> None:
     redis_url, pg_uri = services
     r = redis.Redis.from_url(redis_url)
     runs: list[Settings] = []
@@ -85,7 +92,11 @@ def test_processes(benchmark: pytest.FixtureRequest, services: tuple[str, str], 
         t0 = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "filepipe", "consume", "--processes", str(processes), "--drain", "-q"],
-            env=consumer_env(s), cwd=s.local_storage_dir, capture_output=True, timeout=900, check=False,
+            env=consumer_env(s),
+            cwd=s.local_storage_dir,
+            capture_output=True,
+            timeout=900,
+            check=False,
         )
         elapsed = time.perf_counter() - t0
         assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
@@ -116,8 +127,11 @@ def test_report() -> None:
     if not RESULTS:
         pytest.skip("no scale measurement ran")
     cores = os.cpu_count() or 1
-    lines = [f"\n{GROUP} ({cores} cores)", "| processes | files/s (wall) | files/s (steady) | vs 1 process |",
-             "|---:|---:|---:|---:|"]
+    lines = [
+        f"\n{GROUP} ({cores} cores)",
+        "| processes | files/s (wall) | files/s (steady) | vs 1 process |",
+        "|---:|---:|---:|---:|",
+    ]
     base = RESULTS.get(1, (0.0, 0.0))[1]
     for n in sorted(RESULTS):
         wall, steady = RESULTS[n]

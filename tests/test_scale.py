@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +20,16 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from tests.conftest import Env
+from tests.support.cluster import RedisClusterServers
+from tests.support.pgbouncer import PgBouncer, find_pgbouncer
+from tests.support.workload import Workload, consumer_env, seed, start_consumer
 
 from filepipe import dlq
 from filepipe.config import Settings, load_settings
 from filepipe.constants import heartbeat_key
 from filepipe.errors import ConfigError
 from filepipe.partitions import partition_index, partitions, stream_for
-from tests.conftest import Env
-from tests.support.cluster import RedisClusterServers
-from tests.support.pgbouncer import PgBouncer, find_pgbouncer
-from tests.support.workload import Workload, consumer_env, seed, start_consumer
 
 FAST = {"batch_size": 500, "claim_idle_ms": 1000, "max_file_bytes": 64 * 1024, "block_ms": 100}
 
@@ -415,13 +414,21 @@ def _tls_files(directory: Path) -> tuple[Path, Path, Path, Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def cert(subject: str, key: Any, issuer: str, issuer_key: Any, ca: bool) -> x509.Certificate:
-        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                critical=False)
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
         return b.sign(issuer_key, hashes.SHA256())
 
     pem = serialization.Encoding.PEM
@@ -429,8 +436,9 @@ def _tls_files(directory: Path) -> tuple[Path, Path, Path, Path]:
     ca_key, other_key, server_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     paths[0].write_bytes(cert("test CA", ca_key, "test CA", ca_key, True).public_bytes(pem))
     paths[1].write_bytes(cert("127.0.0.1", server_key, "test CA", ca_key, False).public_bytes(pem))
-    paths[2].write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
+    paths[2].write_bytes(
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     paths[3].write_bytes(cert("other CA", other_key, "other CA", other_key, True).public_bytes(pem))
     return paths[0], paths[1], paths[2], paths[3]
 
@@ -441,8 +449,20 @@ def test_rediss_url_with_a_verified_certificate(senv: Env, tmp_path: Path) -> No
 
     ca, server_cert, server_key, other_ca = _tls_files(tmp_path)
     port = free_port()
-    tls_args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(server_cert),
-                "--tls-key-file", str(server_key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+    tls_args = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(server_cert),
+        "--tls-key-file",
+        str(server_key),
+        "--tls-ca-cert-file",
+        str(ca),
+        "--tls-auth-clients",
+        "no",
+    ]
     with RedisServer(port=port, extra_args=tls_args):
         url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"
         s = senv.settings_with(redis_url=url)
@@ -455,8 +475,10 @@ def test_rediss_url_with_a_verified_certificate(senv: Env, tmp_path: Path) -> No
         finally:
             r.close()
         # A server whose certificate the given CA did not sign is refused.
-        wrong = stream.connect(senv.settings_with(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other_ca}"),
-                               socket_timeout=5)
+        wrong = stream.connect(
+            senv.settings_with(redis_url=f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other_ca}"),
+            socket_timeout=5,
+        )
         with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
             wrong.ping()
         wrong.close()

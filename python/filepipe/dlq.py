@@ -7,7 +7,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -80,11 +80,10 @@ def summarize(r: redis.Redis, dead_stream: str | list[str], recent: int = 10) ->
     of several (every partition's)."""
     streams = [dead_stream] if isinstance(dead_stream, str) else dead_stream
     counts: Counter[str] = Counter(d.reason for s in streams for d in scan(r, s))
-    latest = sorted(
-        ((i, f) for s in streams for i, f in (r.xrevrange(s, count=recent) if recent else [])),
-        key=lambda row: id_key(row[0]),
-        reverse=True,
-    )[:recent]
+    rows: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for s in streams if recent else []:
+        rows += cast("list[tuple[bytes, dict[bytes, bytes]]]", r.xrevrange(s, count=recent) or [])
+    latest = sorted(rows, key=lambda row: id_key(row[0]), reverse=True)[:recent]
     name = dead_stream if isinstance(dead_stream, str) else _shown(streams)
     return {"stream": name, "total": sum(counts.values()), "by_reason": dict(counts.most_common()),
             "recent": [DeadLetterEntry(i, f).summary() for i, f in latest]}

@@ -117,7 +117,7 @@ def _xreadgroup(r: redis.Redis, stream: str, group: str, consumer: str, after: b
     if block_ms is not None:
         args += ["BLOCK", block_ms]
     args += ["STREAMS", stream, after]
-    return r.execute_command(*args, target_nodes=r.get_node_from_key(stream))  # type: ignore[attr-defined]
+    return r.execute_command(*args, target_nodes=r.get_node_from_key(stream))  # type: ignore[attr-defined,no-untyped-call]
 
 
 def _entries(reply: Any) -> list[Entry]:

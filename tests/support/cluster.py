@@ -53,21 +53,46 @@ class RedisClusterServers:
         node_dir = self.dir / str(port)
         node_dir.mkdir(exist_ok=True)
         args = [
-            self.binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--dir", str(node_dir), "--logfile", str(node_dir / "redis.log"), "--daemonize", "no",
+            self.binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--dir",
+            str(node_dir),
+            "--logfile",
+            str(node_dir / "redis.log"),
+            "--daemonize",
+            "no",
         ]
-        self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            start_new_session=True)
+        self.procs[port] = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_port(port, proc=self.procs[port])
 
     def start(self) -> RedisClusterServers:
         for port in self.ports:
             self._launch(port)
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
-        result = subprocess.run([self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0",
-                                 "--cluster-yes"], capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {result.stdout}{result.stderr}")
         self.wait_ok()
