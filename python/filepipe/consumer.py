@@ -16,6 +16,7 @@ written: a crash anywhere loses nothing, and redelivery duplicates nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -166,12 +167,13 @@ class Consumer:
         self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
         self.acks: queue.Queue[tuple[Prepared, int, list[DeadLetter]] | None] = queue.Queue(maxsize=settings.in_flight)
         self.binary = settings.copy_format == "binary"
-        self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._note_error)
+        self._errors: dict[str, str] = {}
+        self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._error_sink("Redis"))
         # The loader keeps retrying through a stop, until the stop deadline abandons it.
         self.abandon = threading.Event()
-        self.ack_backoff = Backoff("Redis", stop=self.abandon, on_error=self._note_error)
-        self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._note_error)
-        self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._note_error)
+        self.ack_backoff = Backoff("Redis", stop=self.abandon, on_error=self._error_sink("Redis"))
+        self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._error_sink("PostgreSQL"))
+        self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._error_sink("Storage"))
         # Every stream this consumer reads: the stream, or each of its partitions.
         self.parts = partitions(settings)
         self._turn = 0  # the partition whose turn it is to be read first
@@ -220,8 +222,16 @@ class Consumer:
                     self.queue.put(None, timeout=0.2)
                 loader.join(0.2)
 
-    def _note_error(self, message: str) -> None:
-        self.stats.last_error = message
+    def _error_sink(self, service: str) -> Callable[[str], None]:
+        return functools.partial(self._note_error, service)
+
+    def _note_error(self, service: str, message: str) -> None:
+        """The heartbeat's `last_error`: the outages going on now ("" when none is)."""
+        if message:
+            self._errors[service] = message
+        else:
+            self._errors.pop(service, None)
+        self.stats.last_error = "; ".join(self._errors.values())
 
     def storage(self, mode: str) -> Storage:
         if mode not in self._storages:

@@ -79,7 +79,8 @@ class Backoff:
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         """`stop`, once set, cuts the current wait short and makes `call` give up
-        (raising Abandoned) instead of retrying again."""
+        (raising Abandoned) instead of retrying again. `on_error` hears the error when an
+        outage starts (or its message changes) and "" when it ends."""
         self.service = service
         self.base = base
         self.cap = cap
@@ -89,6 +90,8 @@ class Backoff:
         self.down_since: float | None = None
         self.last_message = ""
         self._seen: set[str] = set()
+        # Several threads may share one backoff (one loader per pooled connection).
+        self._lock = threading.Lock()
 
     def failed(self, e: BaseException) -> float:
         """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
@@ -100,18 +103,20 @@ class Backoff:
         delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 20)))
         delay = max(delay, min(self.base, self.cap))
         message = first_line(e)
-        if self.down_since is None:
-            # One warning per outage; a new error during it (the server going from
-            # "shutting down" to "refused", a pool timing out) is logged once, at INFO, and
-            # only the first few, so errors that alternate or vary cannot flood the log.
-            self.down_since = time.monotonic()
-            self._seen = {message}
-            log.warning("%s unreachable (%s), retrying in %.1f s", self.service, message, delay)
-        elif message not in self._seen and len(self._seen) < 4:
-            self._seen.add(message)
-            log.info("%s still unreachable (%s), retrying in %.1f s", self.service, message, delay)
-        if message != self.last_message:
+        with self._lock:
+            if self.down_since is None:
+                # One warning per outage; a new error during it (the server going from
+                # "shutting down" to "refused", a pool timing out) is logged once, at INFO, and
+                # only the first few, so errors that alternate or vary cannot flood the log.
+                self.down_since = time.monotonic()
+                self._seen = {message}
+                log.warning("%s unreachable (%s), retrying in %.1f s", self.service, message, delay)
+            elif message not in self._seen and len(self._seen) < 4:
+                self._seen.add(message)
+                log.info("%s still unreachable (%s), retrying in %.1f s", self.service, message, delay)
+            changed = message != self.last_message
             self.last_message = message
+        if changed:
             if self.on_error is not None:
                 self.on_error(f"{self.service}: {message}")
         else:
@@ -122,18 +127,27 @@ class Backoff:
             time.sleep(delay)
         return delay
 
-    def succeeded(self) -> None:
-        """Records a success; logs the recovery if there was an outage."""
-        if self.down_since is not None:
-            log.warning("%s is back after %.1f s", self.service, time.monotonic() - self.down_since)
-        self.attempt = 0
-        self.down_since = None
-        self.last_message = ""
+    def succeeded(self, started: float | None = None) -> None:
+        """Records a success; logs the recovery if there was an outage. A success of an
+        attempt `started` (monotonic) before the outage was noticed says nothing about
+        now (another thread's load that got through just before the server went away):
+        it does not end the outage."""
+        with self._lock:
+            if self.down_since is not None and started is not None and started < self.down_since:
+                return
+            if self.down_since is not None:
+                log.warning("%s is back after %.1f s", self.service, time.monotonic() - self.down_since)
+                if self.on_error is not None:
+                    self.on_error("")  # the outage is over: no current error
+            self.attempt = 0
+            self.down_since = None
+            self.last_message = ""
 
     def call(self, fn: Callable[[], T], transient: Callable[[BaseException], bool]) -> T:
         """Calls `fn` until it succeeds or raises a non-transient error (or `stop` is set:
         Abandoned)."""
         while True:
+            started = time.monotonic()
             try:
                 result = fn()
             except Exception as e:
@@ -143,5 +157,5 @@ class Backoff:
                 if self.stop is not None and self.stop.is_set():
                     raise Abandoned(f"{self.service}: gave up retrying ({e})") from e
                 continue
-            self.succeeded()
+            self.succeeded(started)
             return result
