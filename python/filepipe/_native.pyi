@@ -1,6 +1,21 @@
 """The Rust hot path. Every function takes and returns a whole batch."""
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import final
+
+__all__ = [
+    "COPY_COLUMNS",
+    "SNIFF_BYTES",
+    "EntryBatch",
+    "Measurements",
+    "__version__",
+    "encode_copy",
+    "format_timestamp",
+    "measure_local",
+    "parse_entries",
+    "reason_codes",
+    "sniff_content_type",
+]
 
 __version__: str
 COPY_COLUMNS: list[str]
@@ -11,6 +26,7 @@ SNIFF_BYTES: int
 _Fields = Mapping[bytes, bytes] | Mapping[str, str] | list[bytes] | None
 _Measurement = tuple[int, bytes, str | None] | None
 
+@final
 class EntryBatch:
     """The validated entries of one XREADGROUP reply, kept on the Rust side."""
 
@@ -27,12 +43,14 @@ class EntryBatch:
     def records(self) -> list[dict[str, object]]:
         """The accepted records as dicts (for inspection and tests)."""
 
+@final
 class Measurements:
     """What was measured of each accepted record's file, by record index."""
 
-    def __init__(self, count: int) -> None:
+    def __new__(cls, count: int) -> Measurements:
         """`count` records, none measured yet."""
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """How many records (measured or not)."""
     def set(self, index: int, size: int, sha256: bytes, content_type: str | None = None) -> None:
         """Records a measurement (sha256 is the 32-byte digest)."""
     def fail(self, index: int, reason: str, message: str, transient: bool = False) -> None:
