@@ -240,7 +240,7 @@ class Consumer:
 
     def run(self) -> Stats:
         """Consumes until stopped (or drained). Returns the totals."""
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if self.install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
@@ -463,7 +463,7 @@ class Consumer:
         else:
             entries_ok = entries
         batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix)
-        for pos, entry_id, reason, message in batch.rejects:
+        for pos, _entry_id, reason, message in batch.rejects:
             fields = stream.fields_dict(entries_ok[pos][1])
             dead.append(DeadLetter(entries_ok[pos][0], fields, reason, message, deliveries.get(entries_ok[pos][0], 1)))
         measurements = self._measure(batch)

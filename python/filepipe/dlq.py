@@ -54,7 +54,8 @@ def scan(r: redis.Redis, dead_stream: str) -> Iterator[DeadLetterEntry]:
     """Every dead letter, oldest first, read in chunks."""
     start = b"-"
     while True:
-        rows = r.xrange(dead_stream, min=start, max="+", count=CHUNK)
+        reply = r.xrange(dead_stream, min=start, max="+", count=CHUNK)
+        rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", reply)
         if not rows:
             return
         for entry_id, fields in rows:

