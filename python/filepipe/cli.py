@@ -14,6 +14,7 @@ import typer
 
 from . import __version__
 from .config import Settings, load_settings, mask_url
+from .constants import DEFAULT_BATCH_SIZE
 from .errors import ConfigError, FilepipeError
 
 app = typer.Typer(
@@ -153,7 +154,7 @@ def _with_redis_errors(s: Settings, fn: Callable[[], int]) -> int:
 @handle_errors
 def consume(
     drain: Annotated[bool, typer.Option("--drain", help="Exit 0 once no new or pending entries are left.")] = False,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Entries per batch (env: CONSUMER_BATCH_SIZE; default 2000)", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Entries per batch (env: CONSUMER_BATCH_SIZE; default 5000)", show_default=False)] = None,
     block_ms: Annotated[int | None, typer.Option("--block-ms", help="XREADGROUP BLOCK (env: CONSUMER_BLOCK_MS; default 2000)", show_default=False)] = None,
     consumer_name: Annotated[str | None, typer.Option("--consumer-name", help="Consumer name (env: CONSUMER_NAME; default host-pid)", show_default=False)] = None,
     claim_idle_ms: Annotated[int | None, typer.Option("--claim-idle-ms", help="Reclaim entries idle this long (env: CLAIM_IDLE_MS; default 60000)", show_default=False)] = None,
@@ -201,6 +202,11 @@ def consume(
         "consumer %s: %s group %s on %s -> %s on %s (batch %d)", s.consumer_name, where, s.group,
         mask_url(s.redis_url), s.table, mask_url(s.pg_uri), s.batch_size,
     )
+    if s.batch_size < 500:
+        logging.getLogger("filepipe").info(
+            "CONSUMER_BATCH_SIZE=%d is small: every batch costs round trips to Redis and PostgreSQL; "
+            "filepipe's default (%d) is much faster", s.batch_size, DEFAULT_BATCH_SIZE,
+        )
     write = None if quiet else functools.partial(typer.echo)
     consumer = Consumer(s, drain=drain, write=write, install_signals=True)
     if metrics_port is not None:

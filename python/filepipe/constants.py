@@ -12,7 +12,7 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_PG_URI = "postgresql://localhost:5432/postgres"
 
 # The seed's consumer used 10 and then 50; larger batches amortise every round trip.
-DEFAULT_BATCH_SIZE = 2000
+DEFAULT_BATCH_SIZE = 5000
 DEFAULT_BLOCK_MS = 1000
 DEFAULT_MAX_FILE_BYTES = 100 * 1024 * 1024
 DEFAULT_CLAIM_IDLE_MS = 60_000
