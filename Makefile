@@ -65,8 +65,9 @@ test: install test-rust browser pgbouncer ## Run the whole test suite (Rust core
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: install ## Measure: pytest-benchmark groups and the end-to-end throughput table (release build)
+bench: install ## Measure: pytest-benchmark groups, then the end-to-end table (artifacts/bench-e2e.md)
 	FILEPIPE_BENCH_FULL=1 $(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
+	$(PY) -m benches.e2e
 
 .PHONY: demo
 demo: install ## Run the pipeline end to end on sample files (throwaway Redis/PostgreSQL unless configured)
