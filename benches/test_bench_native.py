@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests import reference
 
 from filepipe import _native
-from tests import reference
 
 N = 10_000
 
@@ -123,8 +123,8 @@ def test_ratio_native_vs_reference(benchmark: Any, capsys: pytest.CaptureFixture
         # Interleaved, best of several: a busy machine slows both alike.
         native, ref = float("inf"), float("inf")
         for _ in range(max(1, rounds // 3)):
-            native = min(native, best_of(lambda: native_parse_encode(binary), 3))
-            ref = min(ref, best_of(lambda: reference_parse_encode(binary), 1))
+            native = min(native, best_of(lambda binary=binary: native_parse_encode(binary), 3))
+            ref = min(ref, best_of(lambda binary=binary: reference_parse_encode(binary), 1))
         fmt = "binary" if binary else "text"
         benchmark.extra_info[f"ratio_{fmt}"] = round(ref / native, 1)
         with capsys.disabled():

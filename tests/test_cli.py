@@ -8,10 +8,10 @@ import sys
 import uuid
 from pathlib import Path
 
+from tests.conftest import Env
 from typer.testing import CliRunner
 
 from filepipe.cli import app
-from tests.conftest import Env
 
 runner = CliRunner()
 

@@ -12,10 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from filepipe import dlq, stream
 from tests.conftest import Env
 from tests.support.workload import Workload, seed, start_consumer, wait_ready
+
+from filepipe import dlq, stream
 
 FAULT_SETTINGS = {"batch_size": 100, "claim_idle_ms": 1000, "max_file_bytes": 64 * 1024, "block_ms": 100}
 

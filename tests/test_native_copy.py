@@ -12,9 +12,9 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests import reference
 
 from filepipe import _native
-from tests import reference
 
 UUID = "0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e01"
 COLS = ", ".join(_native.COPY_COLUMNS)
@@ -116,7 +116,7 @@ def test_round_trip_through_postgres(conn: psycopg.Connection[Any], data: Any, c
     batch = _native.parse_entries(entries)
     rows = copy_in(conn, _native.encode_copy(batch, measurements, consumer, binary), binary)
     expected = []
-    for r, m in zip(batch.records(), measurements):
+    for r, m in zip(batch.records(), measurements, strict=True):
         if m is None:
             continue
         expected.append((

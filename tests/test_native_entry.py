@@ -8,10 +8,10 @@ import uuid
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests import reference
 
 from filepipe import _native
 from filepipe.errors import EntryError
-from tests import reference
 
 UUID = "0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e01"
 

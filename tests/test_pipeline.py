@@ -6,15 +6,15 @@ from __future__ import annotations
 import hashlib
 import random
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tests.conftest import Env
 
 from filepipe import _native
 from filepipe.producer import Producer
 from filepipe.stream import ensure_group
-from tests.conftest import Env
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
 

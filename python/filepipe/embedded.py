@@ -63,7 +63,7 @@ def _find_pg_bindir() -> Path | None:
         if found and Path(found).resolve().with_name("postgres").exists():
             return Path(found).resolve().parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
-    candidates += glob.glob("/usr/pgsql-*/bin") + ["/usr/local/pgsql/bin", "/opt/homebrew/bin", "/usr/local/bin"]
+    candidates += [*glob.glob("/usr/pgsql-*/bin"), "/usr/local/pgsql/bin", "/opt/homebrew/bin", "/usr/local/bin"]
     for c in candidates:
         if (Path(c) / "postgres").exists() and (Path(c) / "initdb").exists():
             return Path(c)
@@ -172,12 +172,11 @@ class PostgresServer:
         ]
         if not self.durable:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        log = open(self.dir / "postgres.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(self.bindir / "postgres"), "-D", str(self.data), *settings],
-            stdout=log, stderr=log, preexec_fn=self._demote, cwd=self.dir, start_new_session=True,
-        )
-        log.close()
+        with open(self.dir / "postgres.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.bindir / "postgres"), "-D", str(self.data), *settings],
+                stdout=log, stderr=log, preexec_fn=self._demote, cwd=self.dir, start_new_session=True,
+            )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:

@@ -13,8 +13,8 @@ import redis
 
 from . import stream
 from .config import Settings
-from .partitions import stream_for
 from .errors import StorageError
+from .partitions import stream_for
 from .storage import Storage, open_storage, safe_key_name
 from .storage.local import LocalStorage
 

@@ -57,7 +57,9 @@ def fields_dict(fields: Any) -> Fields:
     if isinstance(fields, dict):
         return fields
     it = iter(fields)
-    return dict(zip(it, it))
+    # Name/value pairs; not strict, so an odd trailing item is dropped rather than raising
+    # while a dead letter is being written.
+    return dict(zip(it, it, strict=False))
 
 
 def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis:

@@ -3,6 +3,7 @@ a stream (some of them poison), consumers as real subprocesses, and exact checks
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every
         pending_kinds.append(reason)
         prefixes.append(target[len(settings.stream) + 1 :].encode() + b"/" if settings.partitions else b"")
         if len(pending_kinds) >= chunk or i == n - 1:
-            for entry_id, kind, prefix in zip(pipe.execute(), pending_kinds, prefixes):
+            for entry_id, kind, prefix in zip(pipe.execute(), pending_kinds, prefixes, strict=True):
                 key = prefix + entry_id
                 w.ids.append(key)
                 if kind is None:
@@ -129,25 +130,20 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
 def start_consumer(settings: Settings, name: str, *args: str, log: Path | None = None,
                    **extra: str) -> subprocess.Popen[bytes]:
     """`filepipe consume` as a real subprocess."""
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    try:
+    with open(log, "ab") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
         return subprocess.Popen(
             [sys.executable, "-m", "filepipe", "consume", "--consumer-name", name, "-q", *args],
             env=consumer_env(settings, **extra), stdout=out, stderr=out, cwd=settings.local_storage_dir,
         )
-    finally:
-        if log:
-            out.close()  # type: ignore[union-attr]
 
 
 def wait_ready(r: redis.Redis, settings: Settings, name: str, proc: subprocess.Popen[bytes],
                timeout: float = 30.0) -> None:
     """Waits until consumer `name` has published its first heartbeat (it is reading)."""
+    import json
     import time
 
     from filepipe.constants import heartbeat_key
-
-    import json
 
     def mine() -> bool:
         beat = r.get(heartbeat_key(settings.stream, name))
