@@ -347,31 +347,33 @@ def test_a_pooled_connection_gone_silent_is_cut_by_the_check(pg_server: Postgres
 def test_redis_connections_killed_repeatedly(redis_server: RedisServer, pg_server: PostgresServer,
                                              tmp_path: Path, logs: pytest.LogCaptureFixture,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    # Small batches: many more round trips to Redis for the kills to land in.
-    site = Site(redis_server, pg_server, tmp_path, batch_size=20)
-    w = site.seed(20_000, poison_every=10)
-    c = Draining(site.settings)
-    wait_for("first rows", lambda: site.rows() > 0, 30)
-    kills = killed = 0
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 3.0 and c.alive():
-        # Every client but the test's own: the consumer's reads, acks and heartbeats.
-        killed += int(site.redis.execute_command(  # type: ignore[no-untyped-call]
-            "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
-        kills += 1
-        time.sleep(0.2)
-    t_end = time.monotonic()
-    rows_at_end = site.rows()
-    assert rows_at_end < w.good, "drained before the kills stopped: the backlog is too small"
-    stats = c.finish(120)
-    done = time.monotonic() - t_end
+    # Small batches, and 2 ms each way to Redis: many round trips for the kills to land
+    # in, and a backlog that outlasts them however fast the consumer gets.
+    with TcpProxy(redis_server.port, delay_ms=2) as proxy:
+        site = Site(redis_server, pg_server, tmp_path, redis_port=proxy.port, batch_size=20)
+        w = site.seed(10_000, poison_every=10)
+        c = Draining(site.settings)
+        wait_for("first rows", lambda: site.rows() > 0, 30)
+        kills = killed = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0 and c.alive():
+            # Every client but the test's own: the consumer's reads, acks and heartbeats.
+            killed += int(site.redis.execute_command(  # type: ignore[no-untyped-call]
+                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
+            kills += 1
+            time.sleep(0.2)
+        t_end = time.monotonic()
+        rows_at_end = site.rows()
+        assert rows_at_end < w.good, "drained before the kills stopped: the backlog is too small"
+        stats = c.finish(120)
+        done = time.monotonic() - t_end
+        site.close()
     report(capsys, f"Redis clients killed {kills} times ({killed} connections): "
                    f"{rows_at_end} rows when the kills stopped, drained {done:.2f} s later")
     assert kills >= 10 and killed >= 10
     assert warnings_with(logs, "Redis unreachable")
     assert stats.inserted <= w.good
     assert_exact(site, w)
-    site.close()
 
 
 def test_redis_connection_stalled_times_out_and_resumes(redis_server: RedisServer, pg_server: PostgresServer,
@@ -460,3 +462,27 @@ def test_an_ack_run_twice_writes_each_dead_letter_once(redis_server: RedisServer
     assert int(letters[1][b"fields_dropped"]) + len(letters[1]) - 6 == 5000
     assert r.xpending(s, g)["pending"] == 0
     r.close()
+
+
+def test_one_outage_one_warning_with_loaders_sharing_the_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    """Loaders share one backoff: a load that got through just before the server went
+    away must not announce "is back" (and then "unreachable" again) in the middle of
+    the outage; only an attempt begun after the outage was noticed ends it."""
+    from filepipe.retry import Backoff
+
+    caplog.set_level(logging.INFO, logger="filepipe")
+    stop = threading.Event()
+    stop.set()  # no sleeping between attempts here
+    b = Backoff("PostgreSQL", stop=stop)
+    before = time.monotonic()
+    b.failed(psycopg.OperationalError("server closed the connection unexpectedly"))
+    b.succeeded(started=before)  # the other loader's COMMIT, sent before the outage
+    b.failed(psycopg.OperationalError("server closed the connection unexpectedly"))
+    for _ in range(20):  # errors that alternate or vary
+        b.failed(psycopg.OperationalError("couldn't get a connection after 5.00 sec"))
+        b.failed(psycopg.OperationalError(f"connection refused ({uuid.uuid4().hex[:4]})"))
+    b.succeeded(started=time.monotonic())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([x for x in lines if "PostgreSQL unreachable" in x]) == 1, lines
+    assert len([x for x in lines if "PostgreSQL is back" in x]) == 1, lines
+    assert len(lines) <= 6, lines
