@@ -29,19 +29,68 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 # -- options shared by commands (each also an environment variable; see `config.ENV_NAMES`) --
-RedisUrl = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (env: REDIS_URL)", show_default=False)]
-PgUri = Annotated[str | None, typer.Option("--pg-uri", help="PostgreSQL URI (env: PG_URI, DATABASE_URL)", show_default=False)]
-Stream = Annotated[str | None, typer.Option("--stream", help="Stream name (env: STREAM_NAME; default file_uploads)", show_default=False)]
-Group = Annotated[str | None, typer.Option("--group", help="Consumer group (env: CONSUMER_GROUP; default file_processors)", show_default=False)]
-Table = Annotated[str | None, typer.Option("--table", help="Events table (env: FILEPIPE_TABLE; default file_events)", show_default=False)]
-StorageMode = Annotated[str | None, typer.Option("--storage-mode", help="local or s3 (env: STORAGE_MODE)", show_default=False)]
-LocalDir = Annotated[str | None, typer.Option("--local-storage-dir", help="Local storage root (env: LOCAL_STORAGE_DIR)", show_default=False)]
-S3Bucket = Annotated[str | None, typer.Option("--s3-bucket", help="S3 bucket (env: S3_BUCKET)", show_default=False)]
-S3Prefix = Annotated[str | None, typer.Option("--s3-prefix", help="S3 key prefix (env: S3_PREFIX)", show_default=False)]
-S3Endpoint = Annotated[str | None, typer.Option("--s3-endpoint-url", help="S3-compatible endpoint (env: S3_ENDPOINT_URL)", show_default=False)]
+RedisUrl = Annotated[
+    str | None, typer.Option("--redis-url", help="Redis URL (env: REDIS_URL)", show_default=False)
+]
+PgUri = Annotated[
+    str | None,
+    typer.Option("--pg-uri", help="PostgreSQL URI (env: PG_URI, DATABASE_URL)", show_default=False),
+]
+Stream = Annotated[
+    str | None,
+    typer.Option("--stream", help="Stream name (env: STREAM_NAME; default file_uploads)", show_default=False),
+]
+Group = Annotated[
+    str | None,
+    typer.Option(
+        "--group", help="Consumer group (env: CONSUMER_GROUP; default file_processors)", show_default=False
+    ),
+]
+Table = Annotated[
+    str | None,
+    typer.Option(
+        "--table", help="Events table (env: FILEPIPE_TABLE; default file_events)", show_default=False
+    ),
+]
+StorageMode = Annotated[
+    str | None, typer.Option("--storage-mode", help="local or s3 (env: STORAGE_MODE)", show_default=False)
+]
+LocalDir = Annotated[
+    str | None,
+    typer.Option(
+        "--local-storage-dir", help="Local storage root (env: LOCAL_STORAGE_DIR)", show_default=False
+    ),
+]
+S3Bucket = Annotated[
+    str | None, typer.Option("--s3-bucket", help="S3 bucket (env: S3_BUCKET)", show_default=False)
+]
+S3Prefix = Annotated[
+    str | None, typer.Option("--s3-prefix", help="S3 key prefix (env: S3_PREFIX)", show_default=False)
+]
+S3Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        "--s3-endpoint-url", help="S3-compatible endpoint (env: S3_ENDPOINT_URL)", show_default=False
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
-Partitions = Annotated[int | None, typer.Option("--partitions", help="Partitioned stream: <stream>:{0} … <stream>:{P-1} (env: STREAM_PARTITIONS; default 0, one stream)", show_default=False)]
-RedisClusterFlag = Annotated[bool | None, typer.Option("--redis-cluster/--no-redis-cluster", help="REDIS_URL is a node of a Redis Cluster (env: REDIS_CLUSTER)", show_default=False)]
+Partitions = Annotated[
+    int | None,
+    typer.Option(
+        "--partitions",
+        help="Partitioned stream: <stream>:{0} … <stream>:{P-1} "
+        "(env: STREAM_PARTITIONS; default 0, one stream)",
+        show_default=False,
+    ),
+]
+RedisClusterFlag = Annotated[
+    bool | None,
+    typer.Option(
+        "--redis-cluster/--no-redis-cluster",
+        help="REDIS_URL is a node of a Redis Cluster (env: REDIS_CLUSTER)",
+        show_default=False,
+    ),
+]
 
 
 def handle_errors(fn: F) -> F:
@@ -111,8 +160,12 @@ def init_db_cmd(pg_uri: PgUri = None, table: Table = None, debug: Debug = False)
 @app.command()
 @handle_errors
 def produce(
-    paths: Annotated[list[Path], typer.Argument(help="Files or directories (walked recursively).", show_default=False)],
-    link: Annotated[bool, typer.Option("--link", help="Hard-link into local storage instead of copying.")] = False,
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or directories (walked recursively).", show_default=False)
+    ],
+    link: Annotated[
+        bool, typer.Option("--link", help="Hard-link into local storage instead of copying.")
+    ] = False,
     redis_url: RedisUrl = None,
     stream: Stream = None,
     storage_mode: StorageMode = None,
@@ -153,21 +206,90 @@ def _with_redis_errors(s: Settings, fn: Callable[[], int]) -> int:
 @app.command()
 @handle_errors
 def consume(
-    drain: Annotated[bool, typer.Option("--drain", help="Exit 0 once no new or pending entries are left.")] = False,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Entries per batch (env: CONSUMER_BATCH_SIZE; default 5000)", show_default=False)] = None,
-    block_ms: Annotated[int | None, typer.Option("--block-ms", help="XREADGROUP BLOCK (env: CONSUMER_BLOCK_MS; default 2000)", show_default=False)] = None,
-    consumer_name: Annotated[str | None, typer.Option("--consumer-name", help="Consumer name (env: CONSUMER_NAME; default host-pid)", show_default=False)] = None,
-    claim_idle_ms: Annotated[int | None, typer.Option("--claim-idle-ms", help="Reclaim entries idle this long (env: CLAIM_IDLE_MS; default 60000)", show_default=False)] = None,
-    max_deliveries: Annotated[int | None, typer.Option("--max-deliveries", help="Dead-letter after this many deliveries (env: MAX_DELIVERIES; default 5)", show_default=False)] = None,
-    max_file_bytes: Annotated[int | None, typer.Option("--max-file-bytes", help="Largest file accepted (env: MAX_FILE_BYTES)", show_default=False)] = None,
-    copy_format: Annotated[str | None, typer.Option("--copy-format", help="binary or text (env: FILEPIPE_COPY_FORMAT)", show_default=False)] = None,
+    drain: Annotated[
+        bool, typer.Option("--drain", help="Exit 0 once no new or pending entries are left.")
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Entries per batch (env: CONSUMER_BATCH_SIZE; default 5000)",
+            show_default=False,
+        ),
+    ] = None,
+    block_ms: Annotated[
+        int | None,
+        typer.Option(
+            "--block-ms", help="XREADGROUP BLOCK (env: CONSUMER_BLOCK_MS; default 2000)", show_default=False
+        ),
+    ] = None,
+    consumer_name: Annotated[
+        str | None,
+        typer.Option(
+            "--consumer-name", help="Consumer name (env: CONSUMER_NAME; default host-pid)", show_default=False
+        ),
+    ] = None,
+    claim_idle_ms: Annotated[
+        int | None,
+        typer.Option(
+            "--claim-idle-ms",
+            help="Reclaim entries idle this long (env: CLAIM_IDLE_MS; default 60000)",
+            show_default=False,
+        ),
+    ] = None,
+    max_deliveries: Annotated[
+        int | None,
+        typer.Option(
+            "--max-deliveries",
+            help="Dead-letter after this many deliveries (env: MAX_DELIVERIES; default 5)",
+            show_default=False,
+        ),
+    ] = None,
+    max_file_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-file-bytes", help="Largest file accepted (env: MAX_FILE_BYTES)", show_default=False
+        ),
+    ] = None,
+    copy_format: Annotated[
+        str | None,
+        typer.Option("--copy-format", help="binary or text (env: FILEPIPE_COPY_FORMAT)", show_default=False),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics, /healthz, /readyz on this port.", show_default=False)] = None,
-    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address for --metrics-port.")] = "127.0.0.1",
-    processes: Annotated[int | None, typer.Option("--processes", min=1, max=256, help="Run N worker processes (consumers <name>-0 … <name>-N-1) under one supervisor that restarts a crashed one and forwards SIGTERM/SIGINT; with --metrics-port P, worker i serves P+i.", show_default=False)] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Serve Prometheus /metrics, /healthz, /readyz on this port.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            max=256,
+            help="Run N worker processes (consumers <name>-0 … <name>-N-1) under one supervisor "
+            "that restarts a crashed one and forwards SIGTERM/SIGINT; with --metrics-port P, "
+            "worker i serves P+i.",
+            show_default=False,
+        ),
+    ] = None,
     partitions: Partitions = None,
     redis_cluster: RedisClusterFlag = None,
-    pgbouncer: Annotated[bool | None, typer.Option("--pgbouncer/--no-pgbouncer", help="PG_URI is PgBouncer in transaction pooling mode: keep no session state (env: FILEPIPE_PGBOUNCER)", show_default=False)] = None,
+    pgbouncer: Annotated[
+        bool | None,
+        typer.Option(
+            "--pgbouncer/--no-pgbouncer",
+            help="PG_URI is PgBouncer in transaction pooling mode: keep no session state "
+            "(env: FILEPIPE_PGBOUNCER)",
+            show_default=False,
+        ),
+    ] = None,
     redis_url: RedisUrl = None,
     pg_uri: PgUri = None,
     stream: Stream = None,
@@ -184,11 +306,26 @@ def consume(
     from .consumer import Consumer
 
     s = settings_from(
-        batch_size=batch_size, block_ms=block_ms, consumer_name=consumer_name, claim_idle_ms=claim_idle_ms,
-        max_deliveries=max_deliveries, max_file_bytes=max_file_bytes, copy_format=copy_format,
-        redis_url=redis_url, pg_uri=pg_uri, stream=stream, group=group, table=table, storage_mode=storage_mode,
-        local_storage_dir=local_storage_dir, s3_bucket=s3_bucket, s3_prefix=s3_prefix, s3_endpoint_url=s3_endpoint_url,
-        partitions=partitions, redis_cluster=redis_cluster, pgbouncer=pgbouncer,
+        batch_size=batch_size,
+        block_ms=block_ms,
+        consumer_name=consumer_name,
+        claim_idle_ms=claim_idle_ms,
+        max_deliveries=max_deliveries,
+        max_file_bytes=max_file_bytes,
+        copy_format=copy_format,
+        redis_url=redis_url,
+        pg_uri=pg_uri,
+        stream=stream,
+        group=group,
+        table=table,
+        storage_mode=storage_mode,
+        local_storage_dir=local_storage_dir,
+        s3_bucket=s3_bucket,
+        s3_prefix=s3_prefix,
+        s3_endpoint_url=s3_endpoint_url,
+        partitions=partitions,
+        redis_cluster=redis_cluster,
+        pgbouncer=pgbouncer,
     )
     if processes is not None:
         from .supervisor import Supervisor
@@ -224,7 +361,9 @@ def consume(
 @app.command()
 @handle_errors
 def demo(
-    files: Annotated[int, typer.Option("--files", min=1, max=1_000_000, help="How many sample files.")] = 2000,
+    files: Annotated[
+        int, typer.Option("--files", min=1, max=1_000_000, help="How many sample files.")
+    ] = 2000,
     debug: Debug = False,
 ) -> None:
     """Run the whole pipeline once on sample files, with throwaway Redis and PostgreSQL
