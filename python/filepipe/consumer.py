@@ -165,7 +165,9 @@ class Consumer:
         self.pool = db.create_pool(settings)
         self.loader = db.Loader(self.pool, settings)
         self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
-        self.acks: queue.Queue[tuple[Prepared, int, list[DeadLetter]] | None] = queue.Queue(maxsize=settings.in_flight)
+        self.acks: queue.Queue[tuple[Prepared, int, list[DeadLetter]] | None] = queue.Queue(
+            maxsize=settings.in_flight
+        )
         self.binary = settings.copy_format == "binary"
         self._errors: dict[str, str] = {}
         self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._error_sink("Redis"))
@@ -436,7 +438,11 @@ class Consumer:
         ids = [e[0] for e in entries]
         rows = self._redis(
             lambda: self.redis.xpending_range(
-                part.stream, s.group, min=min(ids, key=stream.id_key), max=max(ids, key=stream.id_key), count=len(ids) * 2,
+                part.stream,
+                s.group,
+                min=min(ids, key=stream.id_key),
+                max=max(ids, key=stream.id_key),
+                count=len(ids) * 2,
                 consumername=self.name,
             )
         )
@@ -454,8 +460,14 @@ class Consumer:
                 for entry_id, fields in over:
                     n = deliveries[entry_id]
                     dead.append(
-                        DeadLetter(entry_id, stream.fields_dict(fields), "max_deliveries",
-                                   f"entry {entry_id.decode()}: delivered {n} times (MAX_DELIVERIES={s.max_deliveries})", n)
+                        DeadLetter(
+                            entry_id,
+                            stream.fields_dict(fields),
+                            "max_deliveries",
+                            f"entry {entry_id.decode()}: delivered {n} times "
+                            f"(MAX_DELIVERIES={s.max_deliveries})",
+                            n,
+                        )
                     )
                 entries_ok = [e for e in entries if e[0] not in over_ids]
             else:
@@ -465,13 +477,22 @@ class Consumer:
         batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix)
         for pos, _entry_id, reason, message in batch.rejects:
             fields = stream.fields_dict(entries_ok[pos][1])
-            dead.append(DeadLetter(entries_ok[pos][0], fields, reason, message, deliveries.get(entries_ok[pos][0], 1)))
+            dead.append(
+                DeadLetter(entries_ok[pos][0], fields, reason, message, deliveries.get(entries_ok[pos][0], 1))
+            )
         measurements = self._measure(batch)
         positions = batch.positions
         for index, reason, message, _transient in measurements.failures():
             entry_id, fields = entries_ok[positions[index]]
-            dead.append(DeadLetter(entry_id, stream.fields_dict(fields), reason, f"entry {entry_id.decode()}: {message}",
-                                   deliveries.get(entry_id, 1)))
+            dead.append(
+                DeadLetter(
+                    entry_id,
+                    stream.fields_dict(fields),
+                    reason,
+                    f"entry {entry_id.decode()}: {message}",
+                    deliveries.get(entry_id, 1),
+                )
+            )
         buf = _native.encode_copy(batch, measurements, self.name, self.binary)
         rows = len(measurements.measured())
         return Prepared(

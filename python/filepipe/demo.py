@@ -81,7 +81,9 @@ def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
         t0 = time.perf_counter()
         stats = Consumer(settings, drain=True, write=echo).run()
         elapsed = time.perf_counter() - t0
-        echo(f"✓ Consumed {stats.inserted} events in {elapsed:.2f} s: {stats.inserted / elapsed:.0f} files/sec")
+        echo(
+            f"✓ Consumed {stats.inserted} events in {elapsed:.2f} s: {stats.inserted / elapsed:.0f} files/sec"
+        )
 
         with db.connect(settings) as conn:
             count = conn.execute(f"SELECT count(*) FROM {settings.table}").fetchone()

@@ -65,7 +65,9 @@ def scan(r: redis.Redis, dead_stream: str) -> Iterator[DeadLetterEntry]:
         start = b"(" + rows[-1][0]
 
 
-def matching(r: redis.Redis, dead_stream: str, reason: str | None, ids: list[str] | None) -> Iterator[DeadLetterEntry]:
+def matching(
+    r: redis.Redis, dead_stream: str, reason: str | None, ids: list[str] | None
+) -> Iterator[DeadLetterEntry]:
     """Dead letters with the given reason and/or dead-letter (or source) ids."""
     wanted = {i.encode() for i in ids or []}
     for d in scan(r, dead_stream):
@@ -170,7 +172,9 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
     @dlq_app.command("list")
     @handle_errors
     def list_cmd(
-        recent: Annotated[int, typer.Option("--recent", min=0, help="How many recent dead letters to show.")] = 10,
+        recent: Annotated[
+            int, typer.Option("--recent", min=0, help="How many recent dead letters to show.")
+        ] = 10,
         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
         redis_url: RedisUrl = None,
         stream: Stream = None,

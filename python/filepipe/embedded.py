@@ -62,8 +62,15 @@ def _find_pg_bindir() -> Path | None:
         found = shutil.which(name)
         if found and Path(found).resolve().with_name("postgres").exists():
             return Path(found).resolve().parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
-    candidates += [*glob.glob("/usr/pgsql-*/bin"), "/usr/local/pgsql/bin", "/opt/homebrew/bin", "/usr/local/bin"]
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True
+    )
+    candidates += [
+        *glob.glob("/usr/pgsql-*/bin"),
+        "/usr/local/pgsql/bin",
+        "/opt/homebrew/bin",
+        "/usr/local/bin",
+    ]
     for c in candidates:
         if (Path(c) / "postgres").exists() and (Path(c) / "initdb").exists():
             return Path(c)
@@ -150,7 +157,9 @@ class PostgresServer:
     def _run(self, args: list[str]) -> None:
         result = subprocess.run(args, preexec_fn=self._demote, capture_output=True, cwd=self.dir, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"{Path(args[0]).name} failed: {result.stderr.decode(errors='replace').strip()}")
+            raise RuntimeError(
+                f"{Path(args[0]).name} failed: {result.stderr.decode(errors='replace').strip()}"
+            )
 
     def start(self) -> PostgresServer:
         if self.bindir is None:
@@ -218,7 +227,12 @@ class PostgresServer:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = None
             return
-        sig = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT, "kill": signal.SIGKILL, "smart": signal.SIGTERM}[mode]
+        sig = {
+            "fast": signal.SIGINT,
+            "immediate": signal.SIGQUIT,
+            "kill": signal.SIGKILL,
+            "smart": signal.SIGTERM,
+        }[mode]
         self.proc.send_signal(sig)
         try:
             self.proc.wait(30)

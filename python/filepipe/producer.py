@@ -72,7 +72,9 @@ def event_for(file_id: str, filename: str, key: str, size: int, storage: str, no
 class Producer:
     """Stores files in the configured storage and enqueues their events, pipelined."""
 
-    def __init__(self, settings: Settings, storage: Storage | None = None, r: redis.Redis | None = None) -> None:
+    def __init__(
+        self, settings: Settings, storage: Storage | None = None, r: redis.Redis | None = None
+    ) -> None:
         self.settings = settings
         self._owns_storage = storage is None
         self.storage = storage or open_storage(settings)

@@ -24,7 +24,11 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
     `rediss://` URLs use TLS; their `ssl_*` query parameters are passed to redis-py.
 
     Replies stay bytes: the extension parses them without decoding twice."""
-    timeout = socket_timeout if socket_timeout is not None else settings.block_ms / 1000 + max(2.0, settings.connect_timeout_s)
+    timeout = (
+        socket_timeout
+        if socket_timeout is not None
+        else settings.block_ms / 1000 + max(2.0, settings.connect_timeout_s)
+    )
     options: dict[str, Any] = {
         "decode_responses": False,
         "socket_timeout": timeout,
@@ -97,13 +101,17 @@ def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
         raise
 
 
-def read_new(r: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Entry]:
+def read_new(
+    r: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
+) -> list[Entry]:
     """XREADGROUP `>`: up to `count` never-delivered entries, blocking up to `block_ms`
     (0: not at all)."""
     return _entries(_xreadgroup(r, stream, group, consumer, b">", count, block_ms or None))
 
 
-def read_own_pending(r: redis.Redis, stream: str, group: str, consumer: str, count: int, after: bytes = b"0") -> list[Entry]:
+def read_own_pending(
+    r: redis.Redis, stream: str, group: str, consumer: str, count: int, after: bytes = b"0"
+) -> list[Entry]:
     """XREADGROUP from `after`: this consumer's own delivered-but-unacked entries."""
     return _entries(_xreadgroup(r, stream, group, consumer, after, count, None))
 
