@@ -44,15 +44,28 @@ def process_file(root: Path, fields: dict[bytes, bytes]) -> tuple[int, str, str]
     return path.stat().st_size, h.hexdigest(), ctype
 
 
-def _row(entry_id: bytes, fields: dict[bytes, bytes], measured: tuple[int, str, str], consumer: str) -> tuple[Any, ...]:
+def _row(
+    entry_id: bytes, fields: dict[bytes, bytes], measured: tuple[int, str, str], consumer: str
+) -> tuple[Any, ...]:
     size, digest, ctype = measured
     return (
-        int(entry_id.split(b"-")[0]), entry_id.decode(), fields[b"file_id"].decode(), fields[b"filename"].decode(),
-        "local", fields[b"key"].decode(), size, digest, ctype, fields[b"uploaded_at"].decode(), consumer,
+        int(entry_id.split(b"-")[0]),
+        entry_id.decode(),
+        fields[b"file_id"].decode(),
+        fields[b"filename"].decode(),
+        "local",
+        fields[b"key"].decode(),
+        size,
+        digest,
+        ctype,
+        fields[b"uploaded_at"].decode(),
+        consumer,
     )
 
 
-def _read(r: redis.Redis, s: Settings, consumer: str, count: int, block: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+def _read(
+    r: redis.Redis, s: Settings, consumer: str, count: int, block: int
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
     reply = r.xreadgroup(s.group, consumer, {s.stream: ">"}, count=count, block=block)
     return list(reply[0][1]) if reply else []
 

@@ -189,7 +189,9 @@ def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) 
 
 # -- one scenario ----------------------------------------------------------------------------
 
-def scenario(name: str, base: Settings, keys: list[str], events: int, fast_n: int, old_n: int) -> list[Result]:
+def scenario(
+    name: str, base: Settings, keys: list[str], events: int, fast_n: int, old_n: int
+) -> list[Result]:
     results: list[Result] = []
 
     s = fresh(base, keys, events)
@@ -285,8 +287,10 @@ def memory(base: Settings, keys: list[str], events: int) -> Result:
     finally:
         cleanup(s)
     peak = max(r for _, r in samples)
-    quarters = {f"rss_at_{q}pct_mb": round(samples[min(len(samples) - 1, len(samples) * q // 100)][1] / 2**20, 1)
-                for q in (10, 25, 50, 75, 95)}
+    quarters = {
+        f"rss_at_{q}pct_mb": round(samples[min(len(samples) - 1, len(samples) * q // 100)][1] / 2**20, 1)
+        for q in (10, 25, 50, 75, 95)
+    }
     return Result("memory", f"filepipe consume --drain, {events:,} backlog", events, dt,
                   f"peak RSS {peak / 2**20:.0f} MB", {"peak_rss_mb": round(peak / 2**20, 1), **quarters})
 
@@ -320,7 +324,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--files", type=int, default=100_000, help="distinct small files")
     ap.add_argument("--fast", type=int, default=20_000, help="events for the fast-consumer baseline")
     ap.add_argument("--old", type=int, default=2_000, help="events for the old-consumer baseline")
-    ap.add_argument("--latency-ms", type=float, default=10.0, help="one-way delay in the cloud scenario (0: skip)")
+    ap.add_argument(
+        "--latency-ms", type=float, default=10.0, help="one-way delay in the cloud scenario (0: skip)"
+    )
     ap.add_argument("--cloud-events", type=int, default=50_000)
     ap.add_argument("--cloud-fast", type=int, default=500)
     ap.add_argument("--cloud-old", type=int, default=60)
@@ -344,8 +350,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
             overrides["batch_size"] = args.batch_size
         base = load_settings(overrides, environ={}, dotenv_path=None)
         keys = make_files(root, args.files)
-        print(f"filepipe bench: {args.events:,} events, {len(keys):,} files of 1-4 KiB, batch {base.batch_size}, "
-              f"{os.cpu_count()} cores", flush=True)
+        print(
+            f"filepipe bench: {args.events:,} events, {len(keys):,} files of 1-4 KiB, "
+            f"batch {base.batch_size}, {os.cpu_count()} cores",
+            flush=True,
+        )
 
         results = scenario("local", base, keys, args.events, args.fast, args.old)
         print(table(results), flush=True)
@@ -362,7 +371,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-e2e.md").write_text(report + "\n")
-    (args.out / "bench-e2e.json").write_text(json.dumps([{**asdict(r), "rate": r.rate} for r in results], indent=2))
+    (args.out / "bench-e2e.json").write_text(
+        json.dumps([{**asdict(r), "rate": r.rate} for r in results], indent=2)
+    )
     return results
 
 

@@ -109,7 +109,9 @@ def _b(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
 
 
-def parse_entry(entry_id: bytes, fields: Sequence[tuple[bytes, bytes]], default_storage: str, prefix: str) -> dict[str, Any]:
+def parse_entry(
+    entry_id: bytes, fields: Sequence[tuple[bytes, bytes]], default_storage: str, prefix: str
+) -> dict[str, Any]:
     eid = entry_id.decode("utf-8", "replace")
     m = _ID.fullmatch(entry_id)
     if not m or int(m.group(1)) >= 2**64 or int(m.group(2)) >= 2**64 or int(m.group(1)) * 1000 > MAX_US:
@@ -191,7 +193,9 @@ def parse_entry(entry_id: bytes, fields: Sequence[tuple[bytes, bytes]], default_
 
 
 def parse_entries(
-    entries: Iterable[tuple[bytes | str, Mapping[bytes, bytes] | None]], default_storage: str = "local", id_prefix: str = ""
+    entries: Iterable[tuple[bytes | str, Mapping[bytes, bytes] | None]],
+    default_storage: str = "local",
+    id_prefix: str = "",
 ) -> RefBatch:
     batch = RefBatch()
     for pos, (entry_id, fields) in enumerate(entries):
@@ -238,16 +242,35 @@ def attributes_json(attributes: list[tuple[str, str]]) -> str:
 def _row_values(r: dict[str, Any], m: tuple[int, bytes, str | None], consumer: str) -> list[Any]:
     size, digest, sniffed = m
     return [
-        r["event_time_us"], r["stream_id"], r["file_id"], r["filename"], r["storage"], r["key"], size,
-        digest.hex(), r["content_type"] or sniffed, r["uploaded_at_us"], consumer, attributes_json(r["attributes"]),
+        r["event_time_us"],
+        r["stream_id"],
+        r["file_id"],
+        r["filename"],
+        r["storage"],
+        r["key"],
+        size,
+        digest.hex(),
+        r["content_type"] or sniffed,
+        r["uploaded_at_us"],
+        consumer,
+        attributes_json(r["attributes"]),
     ]
 
 
 def encode_text_row(values: list[Any]) -> bytes:
     (event, sid, fid, fname, storage, key, size, digest, ct, uploaded, consumer, attrs) = values
     cols = [
-        format_timestamp(event), escape_text(sid), fid, escape_text(fname), storage, escape_text(key), str(size),
-        digest, "\\N" if ct is None else escape_text(ct), format_timestamp(uploaded), escape_text(consumer),
+        format_timestamp(event),
+        escape_text(sid),
+        fid,
+        escape_text(fname),
+        storage,
+        escape_text(key),
+        str(size),
+        digest,
+        "\\N" if ct is None else escape_text(ct),
+        format_timestamp(uploaded),
+        escape_text(consumer),
         escape_text(attrs),
     ]
     return ("\t".join(cols) + "\n").encode()

@@ -18,9 +18,19 @@ runner = CliRunner()
 
 def cli_env(env: Env, **extra: str) -> dict[str, str]:
     s = env.settings
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))}
-    base.update({"REDIS_URL": s.redis_url, "PG_URI": s.pg_uri, "STREAM_NAME": s.stream, "FILEPIPE_TABLE": s.table,
-                 "LOCAL_STORAGE_DIR": str(env.storage), "CONSUMER_BLOCK_MS": "100"})
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))
+    }
+    base.update(
+        {
+            "REDIS_URL": s.redis_url,
+            "PG_URI": s.pg_uri,
+            "STREAM_NAME": s.stream,
+            "FILEPIPE_TABLE": s.table,
+            "LOCAL_STORAGE_DIR": str(env.storage),
+            "CONSUMER_BLOCK_MS": "100",
+        }
+    )
     base.update(extra)
     return base
 

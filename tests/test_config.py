@@ -11,18 +11,29 @@ from filepipe.errors import ConfigError
 
 
 def test_seed_names_and_defaults() -> None:
-    s = load_settings(environ={"CONSUMER_BATCH_SIZE": "50", "CONSUMER_BLOCK_MS": "1000", "STORAGE_MODE": "local",
-                               "DATABASE_URL": "postgresql://u:p@h/db", "CONSUMER_NAME": "fast_consumer"},
-                      dotenv_path=None)
+    s = load_settings(
+        environ={
+            "CONSUMER_BATCH_SIZE": "50",
+            "CONSUMER_BLOCK_MS": "1000",
+            "STORAGE_MODE": "local",
+            "DATABASE_URL": "postgresql://u:p@h/db",
+            "CONSUMER_NAME": "fast_consumer",
+        },
+        dotenv_path=None,
+    )
     assert (s.batch_size, s.block_ms, s.storage_mode, s.consumer_name) == (50, 1000, "local", "fast_consumer")
     assert s.pg_uri == "postgresql://u:p@h/db"
-    assert s.stream == "file_uploads" and s.group == "file_processors" and s.dead_stream == "file_uploads:dead"
+    assert (
+        s.stream == "file_uploads" and s.group == "file_processors" and s.dead_stream == "file_uploads:dead"
+    )
 
 
 def test_precedence(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("CONSUMER_BATCH_SIZE=7\nREDIS_URL=redis://from-dotenv:6379/0\nPG_URI=postgresql://dotenv/x\n")
-    s = load_settings({"batch_size": None}, environ={"REDIS_URL": "redis://from-env:6379/0"}, dotenv_path=env_file)
+    s = load_settings(
+        {"batch_size": None}, environ={"REDIS_URL": "redis://from-env:6379/0"}, dotenv_path=env_file
+    )
     assert s.batch_size == 7 and s.redis_url == "redis://from-env:6379/0" and s.pg_uri == "postgresql://dotenv/x"
     s = load_settings({"batch_size": 9}, environ={"CONSUMER_BATCH_SIZE": "8"}, dotenv_path=env_file)
     assert s.batch_size == 9

@@ -199,7 +199,9 @@ def test_a_rust_panic_dead_letters_only_its_entry(fenv: Env, tmp_path: Path) -> 
     fenv.write_file("ok.txt", b"ok")
     fenv.write_file("boom.txt", b"boom")
     for i in range(30):
-        fenv.xadd({"file_id": str(uuid.uuid4()), "filename": f"f{i}", "key": "boom.txt" if i == 4 else "ok.txt"})
+        fenv.xadd(
+            {"file_id": str(uuid.uuid4()), "filename": f"f{i}", "key": "boom.txt" if i == 4 else "ok.txt"}
+        )
     proc = start_consumer(fenv.settings, "panicky", "--drain", log=tmp_path / "p.log",
                           FILEPIPE_TEST_PANIC_KEY="boom.txt")
     assert proc.wait(60) == 0
@@ -222,8 +224,14 @@ def test_dlq_list_replay_purge(fenv: Env, tmp_path: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         import sys
 
-        return subprocess.run([sys.executable, "-m", "filepipe", "dlq", *args], capture_output=True, text=True,
-                              env=consumer_env(s, **env_vars), timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "filepipe", "dlq", *args],
+            capture_output=True,
+            text=True,
+            env=consumer_env(s, **env_vars),
+            timeout=60,
+            check=False,
+        )
 
     listed = cli("list")
     assert listed.returncode == 0 and "DEAD LETTERS" in listed.stdout and "missing" in listed.stdout

@@ -19,16 +19,20 @@ from filepipe import _native
 UUID = "0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e01"
 COLS = ", ".join(_native.COPY_COLUMNS)
 STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS rt (event_time timestamptz, stream_id text, file_id uuid, filename text, "
-    "storage text, storage_key text, size_bytes bigint, checksum_sha256 text, content_type text, "
-    "uploaded_at timestamptz, consumer text, attributes jsonb)"
+    "CREATE TEMP TABLE IF NOT EXISTS rt (event_time timestamptz, stream_id text, file_id uuid, "
+    "filename text, storage text, storage_key text, size_bytes bigint, checksum_sha256 text, "
+    "content_type text, uploaded_at timestamptz, consumer text, attributes jsonb)"
 )
 
-no_nul_text = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=60)
+no_nul_text = st.text(
+    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=60
+)
 
 
 @st.composite
-def batches(draw: st.DrawFn) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[tuple[int, bytes, str | None] | None]]:
+def batches(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[tuple[int, bytes, str | None] | None]]:
     entries = []
     measurements: list[tuple[int, bytes, str | None] | None] = []
     for i in range(draw(st.integers(1, 6))):
@@ -37,8 +41,19 @@ def batches(draw: st.DrawFn) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], li
             b"filename": (draw(no_nul_text) or "f").encode(),
             b"key": ("k/" + draw(no_nul_text).replace("..", "__")).encode(),
         }
-        for name in draw(st.lists(st.text(alphabet="abcxyz_\t\\\"é🚀", min_size=1, max_size=6), max_size=3, unique=True)):
-            if name not in ("file_id", "filename", "key", "path", "size", "content_type", "uploaded_at", "storage"):
+        for name in draw(
+            st.lists(st.text(alphabet='abcxyz_\t\\"é🚀', min_size=1, max_size=6), max_size=3, unique=True)
+        ):
+            if name not in (
+                "file_id",
+                "filename",
+                "key",
+                "path",
+                "size",
+                "content_type",
+                "uploaded_at",
+                "storage",
+            ):
                 fields[name.encode()] = draw(no_nul_text).encode()
         if draw(st.booleans()):
             fields[b"content_type"] = b"text/plain; charset=utf-8"
@@ -66,7 +81,9 @@ def test_encoder_is_byte_exact_with_reference(data: Any, consumer: str, binary: 
 
 
 def test_only_restricts_and_measurements_object_matches_list() -> None:
-    entries = [(f"1-{i}".encode(), {b"file_id": UUID.encode(), b"filename": b"f", b"key": b"k"}) for i in range(4)]
+    entries = [
+        (f"1-{i}".encode(), {b"file_id": UUID.encode(), b"filename": b"f", b"key": b"k"}) for i in range(4)
+    ]
     batch = _native.parse_entries(entries)
     m = _native.Measurements(4)
     listed: list[tuple[int, bytes, str | None] | None] = []
@@ -102,8 +119,8 @@ def copy_in(conn: psycopg.Connection[Any], buf: bytes, binary: bool) -> list[tup
         with cur.copy(f"COPY rt ({COLS}) FROM STDIN (FORMAT {'BINARY' if binary else 'TEXT'})") as copy:
             copy.write(buf)
         return cur.execute(
-            "SELECT (extract(epoch from event_time) * 1000000)::bigint, stream_id, file_id::text, filename, storage, "
-            "storage_key, size_bytes, checksum_sha256, content_type, "
+            "SELECT (extract(epoch from event_time) * 1000000)::bigint, stream_id, file_id::text, "
+            "filename, storage, storage_key, size_bytes, checksum_sha256, content_type, "
             "(extract(epoch from uploaded_at) * 1000000)::numeric::bigint, consumer, attributes FROM rt "
             "ORDER BY stream_id"
         ).fetchall()
@@ -111,7 +128,9 @@ def copy_in(conn: psycopg.Connection[Any], buf: bytes, binary: bool) -> list[tup
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches(), no_nul_text.filter(bool), st.booleans())
-def test_round_trip_through_postgres(conn: psycopg.Connection[Any], data: Any, consumer: str, binary: bool) -> None:
+def test_round_trip_through_postgres(
+    conn: psycopg.Connection[Any], data: Any, consumer: str, binary: bool
+) -> None:
     entries, measurements = data
     batch = _native.parse_entries(entries)
     rows = copy_in(conn, _native.encode_copy(batch, measurements, consumer, binary), binary)
@@ -119,10 +138,22 @@ def test_round_trip_through_postgres(conn: psycopg.Connection[Any], data: Any, c
     for r, m in zip(batch.records(), measurements, strict=True):
         if m is None:
             continue
-        expected.append((
-            r["event_time_us"], r["stream_id"], r["file_id"], r["filename"], r["storage"], r["key"], m[0], m[1].hex(),
-            r["content_type"] or m[2], r["uploaded_at_us"], consumer, dict(r["attributes"]),
-        ))
+        expected.append(
+            (
+                r["event_time_us"],
+                r["stream_id"],
+                r["file_id"],
+                r["filename"],
+                r["storage"],
+                r["key"],
+                m[0],
+                m[1].hex(),
+                r["content_type"] or m[2],
+                r["uploaded_at_us"],
+                consumer,
+                dict(r["attributes"]),
+            )
+        )
     assert rows == sorted(expected, key=lambda t: t[1])
 
 
@@ -176,7 +207,15 @@ def test_null_content_type_is_sql_null(conn: psycopg.Connection[Any]) -> None:
 
 
 def test_timestamps_format_like_postgres(conn: psycopg.Connection[Any]) -> None:
-    for us in (0, 1, -1, 1_700_000_000_123_000, 253_402_300_799_999_999, -62_135_596_800_000_000, 951_782_400_000_001):
+    for us in (
+        0,
+        1,
+        -1,
+        1_700_000_000_123_000,
+        253_402_300_799_999_999,
+        -62_135_596_800_000_000,
+        951_782_400_000_001,
+    ):
         text = conn.execute("SELECT to_timestamp(%s::numeric / 1000000)::text", (us,)).fetchone()
         assert text is not None
         assert _native.format_timestamp(us) == reference.format_timestamp(us)

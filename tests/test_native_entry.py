@@ -84,7 +84,9 @@ def test_defaults() -> None:
         (good(filename=b"x" * 4097), "too_long", "filename"),
     ],
 )
-def test_rejects_with_a_stable_reason_naming_entry_and_field(fields: dict[bytes, bytes], reason: str, mentions: str) -> None:
+def test_rejects_with_a_stable_reason_naming_entry_and_field(
+    fields: dict[bytes, bytes], reason: str, mentions: str
+) -> None:
     b = parse(fields)
     assert len(b) == 0
     ((pos, entry_id, got, message),) = b.rejects
@@ -136,15 +138,40 @@ def test_uuid_forms_are_normalised() -> None:
 # -- differential: the extension agrees with the reference on generated entries --------------
 
 _field_names = st.sampled_from(
-    [b"file_id", b"filename", b"key", b"path", b"size", b"content_type", b"uploaded_at", b"storage", b"user", b"note"]
+    [
+        b"file_id",
+        b"filename",
+        b"key",
+        b"path",
+        b"size",
+        b"content_type",
+        b"uploaded_at",
+        b"storage",
+        b"user",
+        b"note",
+    ]
 )
 _texts = st.text(max_size=40).map(str.encode)
 _values = st.one_of(
     _texts,
     st.binary(max_size=12),
     st.uuids().map(lambda u: str(u).encode()),
-    st.sampled_from([b"local", b"s3", b"..", b"a/../b", b"/abs", b"0", b"-1", b"123", b"text/plain",
-                     b"2024-05-01T12:00:00Z", b"2024-05-01 12:00:00.123456789+05:30", b"1970-01-01T00:00:00z"]),
+    st.sampled_from(
+        [
+            b"local",
+            b"s3",
+            b"..",
+            b"a/../b",
+            b"/abs",
+            b"0",
+            b"-1",
+            b"123",
+            b"text/plain",
+            b"2024-05-01T12:00:00Z",
+            b"2024-05-01 12:00:00.123456789+05:30",
+            b"1970-01-01T00:00:00z",
+        ]
+    ),
     st.datetimes().map(lambda d: d.isoformat().encode() + b"Z"),
 )
 
@@ -166,7 +193,9 @@ def entries(draw: st.DrawFn) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
 
 @settings(max_examples=400, deadline=None)
 @given(entries(), st.sampled_from(["local", "s3"]))
-def test_parser_agrees_with_reference(batch: list[tuple[bytes, dict[bytes, bytes] | None]], storage: str) -> None:
+def test_parser_agrees_with_reference(
+    batch: list[tuple[bytes, dict[bytes, bytes] | None]], storage: str
+) -> None:
     native = _native.parse_entries(batch, default_storage=storage)
     ref = reference.parse_entries(batch, default_storage=storage)
     assert native.records() == ref.records

@@ -24,7 +24,9 @@ def make_files(root: Path, n: int, seed: int = 1) -> dict[str, bytes]:
     root.mkdir(parents=True, exist_ok=True)
     files = {}
     for i in range(n):
-        body = (PNG if i % 2 else b"text: ") + bytes(rng.randrange(32, 127) for _ in range(rng.randrange(1024, 4096)))
+        body = (PNG if i % 2 else b"text: ") + bytes(
+            rng.randrange(32, 127) for _ in range(rng.randrange(1024, 4096))
+        )
         name = f"file-{i:05d}.{'png' if i % 2 else 'txt'}"
         (root / name).write_bytes(body)
         files[name] = body
@@ -46,12 +48,25 @@ def test_ten_thousand_events_every_column_matches(env: Env, tmp_path: Path) -> N
         for entry_id, fields in env.redis.xrange(env.settings.stream)
     }
     rows = env.sql(
-        f"SELECT stream_id, (extract(epoch from event_time) * 1000)::bigint, file_id::text, filename, storage, "
-        f"storage_key, size_bytes, checksum_sha256, content_type, uploaded_at, consumer, attributes "
-        f"FROM {env.settings.table}"
+        f"SELECT stream_id, (extract(epoch from event_time) * 1000)::bigint, file_id::text, "
+        f"filename, storage, storage_key, size_bytes, checksum_sha256, content_type, uploaded_at, consumer, "
+        f"attributes FROM {env.settings.table}"
     )
     assert len(rows) == 10_000
-    for stream_id, event_ms, file_id, filename, storage, key, size, digest, ctype, uploaded, consumer, attrs in rows:
+    for (
+        stream_id,
+        event_ms,
+        file_id,
+        filename,
+        storage,
+        key,
+        size,
+        digest,
+        ctype,
+        uploaded,
+        consumer,
+        attrs,
+    ) in rows:
         entry_id, fields = events[file_id]
         body = files[filename]
         assert stream_id == entry_id
@@ -168,7 +183,9 @@ def test_uploaded_at_defaults_to_entry_time(env: Env) -> None:
     ((same,),) = env.sql(f"SELECT uploaded_at = event_time FROM {env.settings.table}")
     ms = int(entry_id.split(b"-")[0])
     assert same
-    assert env.sql(f"SELECT (extract(epoch from event_time)*1000)::bigint FROM {env.settings.table}")[0][0] == ms
+    assert (
+        env.sql(f"SELECT (extract(epoch from event_time)*1000)::bigint FROM {env.settings.table}")[0][0] == ms
+    )
 
 
 def test_sniffing_matches_extension(env: Env) -> None:
