@@ -21,8 +21,8 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from . import _native
-from ._faults import crash_point
 from . import constants as c
+from ._faults import crash_point
 from .config import Settings, mask_url
 from .errors import DatabaseError, TransientError
 
@@ -176,7 +176,9 @@ def init_db(settings: Settings) -> SchemaInfo:
     try:
         with connect(settings, autocommit=True) as conn:
             if "." in table:
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.split(".")[0])))
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.split(".")[0]))
+                )
             available = conn.execute(
                 "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
             ).fetchone() is not None
@@ -186,7 +188,8 @@ def init_db(settings: Settings) -> SchemaInfo:
             hypertable = False
             if available:
                 conn.execute(
-                    "SELECT create_hypertable(%s::regclass, 'event_time', if_not_exists => TRUE, migrate_data => TRUE)",
+                    "SELECT create_hypertable(%s::regclass, 'event_time', "
+                    "if_not_exists => TRUE, migrate_data => TRUE)",
                     (table,),
                 )
                 hypertable = True
