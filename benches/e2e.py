@@ -235,6 +235,17 @@ def scenario(
     return results
 
 
+def sweep_point(base: Settings, keys: list[str], events: int) -> Result:
+    """filepipe alone at one batch size."""
+    s = fresh(base, keys, events)
+    try:
+        stats, dt = timed(lambda: Consumer(s, drain=True, write=None).run())
+        assert stats.inserted == events == count_rows(s)
+    finally:
+        cleanup(s)
+    return Result("batch-size sweep", f"filepipe, batch {s.batch_size}", events, dt)
+
+
 @contextmanager
 def latency(url_port: int, delay_ms: float) -> Iterator[int]:
     """A delaying proxy in its own process; yields its port."""
@@ -245,9 +256,10 @@ def latency(url_port: int, delay_ms: float) -> Iterator[int]:
         assert proc.stdout is not None
         yield int(proc.stdout.readline())
     finally:
-        assert proc.stdin is not None
+        assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
         proc.wait(10)
+        proc.stdout.close()
 
 
 def port_of(url: str) -> int:
@@ -336,6 +348,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--cloud-old", type=int, default=60)
     ap.add_argument("--memory", type=int, default=1_000_000, help="backlog for the RSS run (0: skip)")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--sweep", default="500,1000,2000,5000,10000",
+                    help="batch sizes for the local batch-size sweep (empty: skip)")
     ap.add_argument("--out", type=Path, default=Path("artifacts"))
     args = ap.parse_args(argv)
 
@@ -362,6 +376,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
         results = scenario("local", base, keys, args.events, args.fast, args.old)
         print(table(results), flush=True)
+        for size in [int(x) for x in args.sweep.split(",") if x.strip()]:
+            results.append(sweep_point(replace(base, batch_size=size), keys, args.events))
         if args.latency_ms > 0:
             rp = stack.enter_context(latency(port_of(redis_url), args.latency_ms))
             pp = stack.enter_context(latency(port_of(pg_uri), args.latency_ms))

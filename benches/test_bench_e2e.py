@@ -16,10 +16,12 @@ def test_e2e_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     results = e2e.main([
         "--events", "2000", "--files", "500", "--fast", "300", "--old", "20",
         "--latency-ms", "5", "--cloud-events", "1000", "--cloud-fast", "60", "--cloud-old", "5",
-        "--memory", "5000", "--out", str(tmp_path / "out"),
+        "--memory", "5000", "--sweep", "500,2000", "--out", str(tmp_path / "out"),
     ])
     names = {(r.scenario, r.name) for r in results}
     assert ("local", "filepipe") in names and ("cloud (10 ms RTT)", "filepipe") in names
     assert any(r.scenario == "memory" and r.extra["peak_rss_mb"] > 0 for r in results)
     assert (tmp_path / "out" / "bench-e2e.md").read_text().startswith("| scenario |")
     assert all(r.rate > 0 for r in results)
+    assert {r.name for r in results if r.scenario == "batch-size sweep"} == {
+        "filepipe, batch 500", "filepipe, batch 2000"}
