@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import re
 import signal
@@ -12,10 +14,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -28,10 +31,13 @@ from starlette.routing import Route
 from tests.conftest import Env
 
 from filepipe.config import Settings
+from filepipe.constants import heartbeat_key, partition_stream
 from filepipe.consumer import Consumer
 from filepipe.dashboard.app import create_app
+from filepipe.dashboard.monitor import Monitor
 from filepipe.dashboard.upload import STAGING_DIR, clean_filename
 from filepipe.embedded import free_port
+from filepipe.partitions import partitions, stream_for
 
 CHROMIUM = os.environ.get("FILEPIPE_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -568,3 +574,193 @@ def test_dashboard_command_serves_until_sigterm(env: Env, tmp_path: Path) -> Non
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"http://127.0.0.1:{port}/dashboard" in out
+
+
+# -- partitioned streams ------------------------------------------------------------------
+
+
+def entries(r: Any, name: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    return cast("list[tuple[bytes, dict[bytes, bytes]]]", r.xrange(name))
+
+
+def write_heartbeat(r: Any, settings: Settings, name: str, **figures: Any) -> None:
+    """The heartbeat a consumer of every partition writes, beside each partition."""
+    beat = {"name": name, "host": "test-host", "pid": 1, "updated": time.time(), **figures}
+    for part in partitions(settings):
+        r.set(heartbeat_key(part.stream, name), json.dumps(beat), ex=30)
+
+
+def test_partitioned_stream_is_one_view(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    settings = env.settings_with(partitions=3)
+    names = [partition_stream(settings.stream, i) for i in range(3)]
+    r = env.redis
+    with (
+        serve(create_app(settings, allow_upload=True, interval=0.25)) as url,
+        httpx.Client(base_url=url) as client,
+    ):
+        # Uploaded: the producer spreads the events over the partitions by file id.
+        assert "one of the 3 partitions of" in client.get("/upload").text
+        token = upload_token(client)
+        with caplog.at_level(logging.INFO, logger="filepipe"):
+            up = client.post(
+                "/upload",
+                files=[("files", (f"p{i}.txt", f"part {i}".encode())) for i in range(9)],
+                headers={"x-csrf-token": token, "accept": "application/json"},
+            )
+        assert up.status_code == 200, up.text
+        body = up.json()
+        assert body["enqueued"] == 9 and body["stream"] == settings.stream and body["partitions"] == 3
+        uploaded = Counter(f["stream"] for f in body["files"])
+        assert all(f["stream"] == stream_for(settings, f["file_id"]) for f in body["files"])
+        assert {n: int(r.xlen(n)) for n in names} == {n: uploaded[n] for n in names}
+        assert f"enqueued to {settings.stream} ({len(uploaded)} of its 3 partitions)" in caplog.text
+
+        # Poison in two partitions, then everything consumed.
+        r.xadd(names[0], {"file_id": "not-a-uuid", "filename": "x", "key": "x.txt"})
+        for i in range(2):
+            r.xadd(names[2], {"file_id": str(uuid.uuid4()), "filename": f"gone {i}", "key": f"gone/{i}.txt"})
+        stats = Consumer(settings, drain=True, write=None).run()
+        assert (stats.inserted, stats.dead_lettered) == (9, 3)
+        dead = {n: Counter(f[b"reason"].decode() for _, f in entries(r, n + ":dead")) for n in names}
+        assert [sum(c.values()) for c in dead.values()] == [1, 0, 2]
+        expected_reasons = dict(sum(dead.values(), Counter()))
+
+        # Then: a consumer of every partition holding three entries in two of them, one
+        # that died holding one, and two entries nobody has read.
+        for name, n in zip(names, (3, 1, 2), strict=True):
+            for _ in range(n):
+                r.xadd(name, {"file_id": str(uuid.uuid4()), "filename": "later", "key": "later.txt"})
+        r.xreadgroup(settings.group, "crashed-consumer", {names[0]: ">"}, count=1)
+        r.xreadgroup(settings.group, "reader", {names[1]: ">", names[2]: ">"})
+        write_heartbeat(r, settings, "reader", inserted=7, dead_lettered=1, batches=2, rate=1.5)
+        lengths = [uploaded[names[0]] + 1 + 3, uploaded[names[1]] + 1, uploaded[names[2]] + 2 + 2]
+
+        def settled() -> dict[str, Any] | None:
+            snap: dict[str, Any] = client.get("/api/status").json()
+            reasons = {row["reason"]: row["count"] for row in snap["dead_by_reason"]}
+            done = snap["lag"] == 2 and snap["pending"] == 4 and snap["totals"].get("rows") == 9
+            return snap if done and reasons == expected_reasons else None
+
+        snap = wait_for(settled, what="the sampler to see every partition")
+        assert snap["errors"] == {"redis": None, "postgresql": None}
+        assert snap["stream"] == settings.stream and snap["dead_stream"] == f"{settings.stream}:{{i}}:dead"
+        assert snap["totals"]["stream_length"] == sum(lengths) == 9 + 3 + 6
+        assert snap["totals"]["dead_letters"] == 3 and not snap["dead_counting"]
+        assert snap["totals"]["acked"] == 9 + 3  # read by the group, minus the 4 pending
+        assert [
+            (p["stream"], p["length"], p["lag"], p["pending"], p["dead_total"]) for p in snap["partitions"]
+        ] == [
+            (names[0], lengths[0], 2, 1, 1),
+            (names[1], lengths[1], 0, 1, 0),
+            (names[2], lengths[2], 0, 2, 2),
+        ]
+        # Each consumer once: the reader's pending summed over its two partitions.
+        by_name = {c["name"]: c for c in snap["consumers"]}
+        assert sorted(by_name) == ["crashed-consumer", "reader"]
+        assert (by_name["reader"]["pending"], by_name["reader"]["health"]) == (3, "healthy")
+        assert (by_name["reader"]["host"], by_name["reader"]["inserted"]) == ("test-host", 7)
+        assert (by_name["crashed-consumer"]["pending"], by_name["crashed-consumer"]["health"]) == (1, "gone")
+        assert snap["consumers_summary"] == {"healthy": 1, "stalled": 0, "gone": 1}
+        assert {e["filename"] for e in snap["latest"]} == {f"p{i}.txt" for i in range(9)}
+
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        values = {
+            (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for f in families.values()
+            for smp in f.samples
+        }
+        group_labels = (("group", settings.group), ("stream", settings.stream))
+        assert values[("filepipe_lag_entries", group_labels)] == 2
+        assert values[("filepipe_pending_entries", group_labels)] == 4
+        assert values[("filepipe_group_acked_total", group_labels)] == 12
+        assert values[("filepipe_stream_entries", (("stream", settings.stream),))] == sum(lengths)
+        dead_metrics = {
+            dict(labels)["reason"]: v
+            for (metric, labels), v in values.items()
+            if metric == "filepipe_dead_letter_entries"
+        }
+        assert dead_metrics == expected_reasons
+        assert values[("filepipe_consumers", (("health", "healthy"),))] == 1
+
+        page = client.get("/dashboard").text
+        assert "(3 partitions)" in page and f"in {settings.stream}:{{i}}:dead" in page
+
+
+def test_partitioned_dead_letters_are_counted_per_partition_between_samples(env: Env) -> None:
+    """Each partition's dead letters are read from its own cursor: only new ones are
+    read, and a partition whose dead letters were deleted is counted again."""
+    settings = env.settings_with(partitions=3)
+    dead = [partition_stream(settings.stream, i) + ":dead" for i in range(3)]
+    r = env.redis
+    for reason in ("bad_uuid", "missing", "missing"):
+        r.xadd(dead[0], {"reason": reason})
+    r.xadd(dead[2], {"reason": "too_large"})
+    monitor = Monitor(settings, interval=0.25)
+    try:
+
+        def reasons() -> dict[str, int]:
+            snap = monitor.sample()
+            assert snap["errors"]["redis"] is None, snap["errors"]
+            return {row["reason"]: row["count"] for row in snap["dead_by_reason"]}
+
+        assert reasons() == {"missing": 2, "bad_uuid": 1, "too_large": 1}
+        r.xadd(dead[1], {"reason": "too_large"})
+        r.xadd(dead[2], {"reason": "bad_uuid"})
+        assert reasons() == {"missing": 2, "bad_uuid": 2, "too_large": 2}
+        # Deleted from one partition (a replay): that partition starts over, the others stand.
+        r.xdel(dead[0], *[entry_id for entry_id, _ in entries(r, dead[0])[:2]])
+        wait_for(lambda: reasons() == {"too_large": 2, "missing": 1, "bad_uuid": 1}, what="a recount")
+        snap = monitor.snapshot()
+        assert snap["totals"]["dead_letters"] == 4 and not snap["dead_counting"]
+        assert [p["dead_total"] for p in snap["partitions"]] == [1, 1, 2]
+        assert (snap["lag"], snap["pending"], snap["totals"]["stream_length"]) == (0, 0, 0)
+    finally:
+        monitor.stop()
+
+
+def test_unpartitioned_snapshot_has_no_partitions(env: Env) -> None:
+    monitor = Monitor(env.settings, interval=0.25)
+    try:
+        snap = monitor.sample()
+    finally:
+        monitor.stop()
+    assert "partitions" not in snap and snap["dead_stream"] == env.settings.dead_stream
+
+
+def test_partitions_on_a_redis_cluster(env: Env) -> None:
+    from tests.support.cluster import RedisClusterServers
+
+    from filepipe.stream import connect, ensure_group
+
+    with RedisClusterServers() as cluster:
+        settings = env.settings_with(redis_url=cluster.url, redis_cluster=True, partitions=3)
+        names = [partition_stream(settings.stream, i) for i in range(3)]
+        r = connect(settings)
+        monitor = Monitor(settings, interval=0.25)
+        try:
+            for i, name in enumerate(names):
+                for _ in range(i + 1):
+                    r.xadd(name, {"file_id": str(uuid.uuid4()), "filename": "f", "key": "f.txt"})
+                ensure_group(r, name, settings.group)
+            r.xreadgroup(settings.group, "reader", {names[1]: ">"}, count=1)
+            r.xreadgroup(settings.group, "reader", {names[2]: ">"}, count=2)
+            r.xadd(names[0] + ":dead", {"reason": "missing"})
+            r.xadd(names[2] + ":dead", {"reason": "bad_uuid"})
+            write_heartbeat(r, settings, "reader", inserted=3)
+            first = monitor.sample()
+            r.xadd(names[1] + ":dead", {"reason": "missing"})
+            snap = monitor.sample()
+        finally:
+            monitor.stop()
+            r.close()
+    assert first["errors"]["redis"] is None, first["errors"]
+    assert snap["errors"]["redis"] is None, snap["errors"]
+    assert [(p["length"], p["lag"], p["pending"], p["dead_total"]) for p in snap["partitions"]] == [
+        (1, 1, 0, 1),
+        (2, 1, 1, 1),
+        (3, 1, 2, 1),
+    ]
+    assert (snap["totals"]["stream_length"], snap["lag"], snap["pending"]) == (6, 3, 3)
+    assert [(c["name"], c["pending"], c["health"]) for c in snap["consumers"]] == [("reader", 3, "healthy")]
+    assert {row["reason"]: row["count"] for row in snap["dead_by_reason"]} == {"missing": 2, "bad_uuid": 1}
+    assert snap["totals"]["acked"] == 0

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any
@@ -163,7 +163,7 @@ def _id_ms(entry_id: Any) -> int:
 
 
 @dataclass
-class _DeadTally:
+class DeadTally:
     """What is known of one dead-letter stream between refreshes."""
 
     reasons: Counter[str] = field(default_factory=Counter)
@@ -181,7 +181,7 @@ class Collector:
         self.settings = settings
         self.redis = stream.connect(settings, socket_timeout=max(10.0, settings.connect_timeout_s * 2))
         self.pg: psycopg.Connection[Any] | None = None
-        self._dead: dict[str, _DeadTally] = {}
+        self._dead: dict[str, DeadTally] = {}
 
     def close(self) -> None:
         self.redis.close()
@@ -192,14 +192,11 @@ class Collector:
 
     def collect(self) -> Status:
         s = self.settings
-        dead = (
-            s.dead_stream if not s.partitions else c.partition_dead_stream(s.stream, 0).replace("{0}", "{i}")
-        )
         st = Status(
             stream_name=s.stream,
             group=s.group,
             table=s.table,
-            dead_stream=dead,
+            dead_stream=dead_stream_name(s),
             redis_url=mask_url(s.redis_url),
             pg_uri=mask_url(s.pg_uri),
             taken_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -335,13 +332,13 @@ class Collector:
         calls (`--watch`) read only what was added since, unless the stream shrank or was
         replaced."""
         r = self.redis
-        tally = self._dead.setdefault(dead_stream, _DeadTally())
+        tally = self._dead.setdefault(dead_stream, DeadTally())
         out.dead_total = int(r.xlen(dead_stream))
         gone = bool(tally.last_id) and not r.xrange(
             dead_stream, min=tally.last_id, max=tally.last_id, count=1
         )
         if gone or out.dead_total < tally.total_seen or not out.dead_total:
-            tally = self._dead[dead_stream] = _DeadTally()
+            tally = self._dead[dead_stream] = DeadTally()
         tally.total_seen = out.dead_total
         if not out.dead_total:
             return
@@ -354,7 +351,7 @@ class Collector:
                     break
                 if not tally.last_id:
                     tally.last_id = _text(page[0][0])
-                _count_reasons(tally, page)
+                count_reasons(tally, page)
                 upper = f"({_text(page[-1][0])}"
         else:
             while True:
@@ -362,7 +359,7 @@ class Collector:
                 if not page:
                     break
                 tally.last_id = _text(page[-1][0])
-                _count_reasons(tally, page)
+                count_reasons(tally, page)
         out.dead_counted = tally.counted
         out.dead_by_reason = dict(tally.reasons.most_common())
         recent_page = r.xrange(dead_stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP)
@@ -420,13 +417,13 @@ class Collector:
         return out
 
 
-def _count_reasons(tally: _DeadTally, page: list[Any]) -> None:
+def count_reasons(tally: DeadTally, page: list[Any]) -> None:
     for _entry_id, fields in page:
         tally.reasons[_text((fields or {}).get(b"reason", b"unknown"))] += 1
     tally.counted += len(page)
 
 
-def _sum_or_none(values: list[int | None]) -> int | None:
+def sum_or_none(values: list[int | None]) -> int | None:
     return None if any(v is None for v in values) else sum(v or 0 for v in values)
 
 
@@ -440,13 +437,13 @@ def _merge(parts: list[StreamState]) -> StreamState:
         exists=any(p.exists for p in parts),
         length=sum(p.length for p in parts),
         last_entry_age_s=min(ages) if ages else None,
-        entries_added=_sum_or_none([p.entries_added for p in parts if p.exists]),
+        entries_added=sum_or_none([p.entries_added for p in parts if p.exists]),
         group_exists=any(p.group_exists for p in parts),
-        lag=_sum_or_none([p.lag for p in parts if p.group_exists])
+        lag=sum_or_none([p.lag for p in parts if p.group_exists])
         if any(p.group_exists for p in parts)
         else None,
         lag_capped=any(p.lag_capped for p in parts),
-        entries_read=_sum_or_none([p.entries_read for p in parts if p.group_exists]),
+        entries_read=sum_or_none([p.entries_read for p in parts if p.group_exists]),
         waiting_age_s=max(waiting) if waiting else None,
         pending=sum(p.pending for p in parts),
         oldest_pending=max(pendings, key=lambda e: e.age_s) if pendings else None,
@@ -462,21 +459,37 @@ def _merge(parts: list[StreamState]) -> StreamState:
         out.last_entry_id = min(with_entries, key=lambda p: p.last_entry_age_s or 0.0).last_entry_id
     reasons: Counter[str] = Counter()
     recent: Counter[str] = Counter()
-    consumers: dict[str, ConsumerState] = {}
     for p in parts:
         reasons.update(p.dead_by_reason)
         recent.update(p.dead_last_minute_by_reason)
-        for cs in p.consumers:
+    out.dead_by_reason = dict(reasons.most_common())
+    out.dead_last_minute_by_reason = dict(recent.most_common())
+    out.consumers = merge_consumers(p.consumers for p in parts)
+    return out
+
+
+def merge_consumers(per_stream: Iterable[Iterable[ConsumerState]]) -> list[ConsumerState]:
+    """Each consumer once, by name, whatever the number of partitions it reads: its
+    pending entries summed, its shortest idle time, and the stream it was first seen
+    on (whose heartbeat key it writes, like every other stream it reads)."""
+    consumers: dict[str, ConsumerState] = {}
+    for states in per_stream:
+        for cs in states:
             seen = consumers.get(cs.name)
             if seen is None:
                 consumers[cs.name] = cs
             else:
                 seen.pending += cs.pending
                 seen.idle_s = min(seen.idle_s, cs.idle_s)
-    out.dead_by_reason = dict(reasons.most_common())
-    out.dead_last_minute_by_reason = dict(recent.most_common())
-    out.consumers = sorted(consumers.values(), key=lambda cs: cs.name)
-    return out
+    return sorted(consumers.values(), key=lambda cs: cs.name)
+
+
+def dead_stream_name(settings: Settings) -> str:
+    """The dead-letter stream as shown: `<stream>:dead`, or `<stream>:{i}:dead` for the
+    dead-letter streams of every partition."""
+    if not settings.partitions:
+        return settings.dead_stream
+    return c.partition_dead_stream(settings.stream, 0).replace("{0}", "{i}")
 
 
 def _apply_heartbeat(state: ConsumerState, raw: Any, pttl: Any) -> None:

@@ -42,6 +42,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..config import Settings, mask_url
 from ..metrics import ServiceProbe, group_families
+from ..partitions import stream_for
+from ..status import dead_stream_name
 from .monitor import Monitor
 from .upload import CSRF_COOKIE, CSRF_FIELD, CsrfGuard, Uploader, UploadError, UploadLimits, human_bytes
 
@@ -86,7 +88,9 @@ class SecurityHeaders:
 
 
 class DashboardCollector(Collector):
-    """The pipeline's figures from the monitor's last sample (no query per scrape)."""
+    """The pipeline's figures from the monitor's last sample (no query per scrape). A
+    partitioned stream is reported under its own name, its figures summed over the
+    partitions, as the consumer's collector does."""
 
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
@@ -122,7 +126,7 @@ class DashboardCollector(Collector):
             labels=["stream", "reason"],
         )
         for row in snap.get("dead_by_reason", []):
-            dead.add_metric([s.dead_stream, row["reason"]], row["count"])
+            dead.add_metric([dead_stream_name(s), row["reason"]], row["count"])
         yield dead
         rows = GaugeMetricFamily(
             "filepipe_table_rows",
@@ -184,6 +188,8 @@ def create_app(
     base_context = {
         "version": __version__,
         "stream": settings.stream,
+        "partitions": settings.partitions,
+        "dead_stream": dead_stream_name(settings),
         "group": settings.group,
         "table": settings.table,
         "redis": mask_url(settings.redis_url),
@@ -292,15 +298,22 @@ def create_app(
         total = sum(f.size for f in done)
         uploaded_files.inc(len(done))
         uploaded_bytes.inc(total)
-        log.info("upload: %d files (%d bytes) enqueued to %s", len(done), total, settings.stream)
+        files: list[dict[str, Any]] = [
+            {"file_id": f.file_id, "filename": f.filename, "size": f.size} for f in done
+        ]
+        where = settings.stream
+        if settings.partitions:
+            # The producer put each event on the partition of its file id.
+            for f in files:
+                f["stream"] = stream_for(settings, f["file_id"])
+            used = len({f["stream"] for f in files})
+            where += f" ({used} of its {settings.partitions} partitions)"
+        log.info("upload: %d files (%d bytes) enqueued to %s", len(done), total, where)
         if _wants_json(request):
-            return JSONResponse(
-                {
-                    "enqueued": len(done),
-                    "stream": settings.stream,
-                    "files": [{"file_id": f.file_id, "filename": f.filename, "size": f.size} for f in done],
-                }
-            )
+            body: dict[str, Any] = {"enqueued": len(done), "stream": settings.stream, "files": files}
+            if settings.partitions:
+                body["partitions"] = settings.partitions
+            return JSONResponse(body)
         # Post/redirect/get: reloading the result page does not upload again.
         return RedirectResponse(f"/upload?enqueued={len(done)}&bytes={total}", status_code=303)
 

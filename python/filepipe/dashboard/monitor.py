@@ -7,6 +7,12 @@ PostgreSQL. One sample costs a handful of cheap round trips:
   stream and of the dead-letter stream, XINFO CONSUMERS; then one MGET of the
   consumers' heartbeat keys, and at most one XRANGE that reads dead letters not
   seen yet (their reasons are counted incrementally, never rescanned);
+* with partitions (STREAM_PARTITIONS=P), still one pipeline for all of them (on a
+  Redis Cluster, redis-py splits it by node): the same commands per partition, its
+  dead letters read by a small script that returns those not seen yet together
+  with the stream's length, atomically (a MULTI/EXEC cannot span the hash slots of
+  different partitions); then one pipeline of GETs of the heartbeats. The figures
+  are summed over the partitions, each consumer shown once;
 * PostgreSQL: the latest rows by `event_time` (indexed, LIMIT), and a row count
   whose interval grows with its cost (an estimate when counting is too slow).
 
@@ -21,12 +27,22 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 from ..config import Settings, mask_url
 from ..constants import heartbeat_key
+from ..partitions import Partition, partitions
+from ..status import (
+    ConsumerState,
+    DeadTally,
+    PartitionState,
+    count_reasons,
+    dead_stream_name,
+    merge_consumers,
+    sum_or_none,
+)
 
 log = logging.getLogger("filepipe")
 
@@ -35,6 +51,47 @@ RATE_WINDOW_S = 5.0  # each chart point is the rate over this many seconds
 HEADLINE_WINDOW_S = 10.0
 DEAD_SCAN_COUNT = 2000
 MAX_CONSUMERS = 500
+
+# One partition's dead letters after a cursor (ARGV[1]), at most ARGV[2] of them, and
+# its length, read in one atomic step: when the two disagree at the end of the
+# stream, entries were deleted or trimmed.
+DEAD_PAGE_SCRIPT = """
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then return {0, {}} end
+return {n, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+"""
+
+
+@dataclass
+class _StreamSample:
+    """What one pipeline said of one (partition) stream."""
+
+    part: Partition
+    length: int
+    dead: int
+    group: dict[str, Any]
+    consumers: list[ConsumerState]
+    dead_page: list[Any]
+
+    @property
+    def pending(self) -> int:
+        return int(self.group["pending"]) if self.group else 0
+
+    @property
+    def lag(self) -> int | None:
+        # Before the first consumer creates the group, every entry is waiting for it.
+        lag = self.group.get("lag") if self.group else self.length
+        return None if lag is None else int(lag)
+
+    @property
+    def entries_read(self) -> int | None:
+        read = self.group.get("entries-read") if self.group else 0
+        delivered = _text(self.group.get("last-delivered-id")) if self.group else ""
+        if read is None and self.part.index is not None and delivered == "0-0":
+            # A partition nobody has read from yet: Redis says "unknown", but it is none,
+            # and one idle partition must not hide the counters of the others.
+            read = 0
+        return None if read is None else int(read)
 
 
 @dataclass
@@ -86,10 +143,8 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._snapshot: dict[str, Any] = self._empty()
-        # dead letters by reason, counted incrementally from `_dead_cursor`
-        self._dead_reasons: Counter[str] = Counter()
-        self._dead_counted = 0
-        self._dead_cursor = "-"
+        # dead letters by reason, counted incrementally: dead-letter stream -> tally
+        self._dead: dict[str, DeadTally] = {}
         # consumers' heartbeat history: name -> (updated, processed) pairs
         self._beats: dict[str, deque[tuple[float, int]]] = {}
         # the table's row count, refreshed less often the more it costs
@@ -167,17 +222,82 @@ class Monitor:
                 self._redis = None
 
     def _sample_redis(self, now: float) -> dict[str, Any]:
-        import redis
-
         s = self.settings
         r = self._client()
+        parts = partitions(s)
         pipe = r.pipeline(transaction=False)
-        pipe.xinfo_groups(s.stream)
-        pipe.xlen(s.stream)
-        pipe.xlen(s.dead_stream)
-        pipe.xinfo_consumers(s.stream, s.group)
-        groups, length, dead_len, consumers = pipe.execute(raise_on_error=False)
-        for reply in (length, dead_len):
+        for part in parts:
+            pipe.xinfo_groups(part.stream)
+            pipe.xlen(part.stream)
+            if s.partitions:
+                # (a cluster pipeline has no eval(): the command itself, routed by its key)
+                start = self._dead_start(part.dead_stream)
+                pipe.execute_command("EVAL", DEAD_PAGE_SCRIPT, 1, part.dead_stream, start, DEAD_SCAN_COUNT)
+            else:
+                pipe.xlen(part.dead_stream)
+            pipe.xinfo_consumers(part.stream, s.group)
+        replies = pipe.execute(raise_on_error=False)
+        streams = [self._stream_sample(part, replies[4 * i : 4 * i + 4]) for i, part in enumerate(parts)]
+
+        pending = sum(st.pending for st in streams)
+        lag = sum_or_none([st.lag for st in streams])
+        entries_read = sum_or_none([st.entries_read for st in streams])
+        dead_len = sum(st.dead for st in streams)
+
+        if s.partitions:
+            # Each consumer once; its heartbeat is the same on every partition it reads.
+            members = merge_consumers(st.consumers for st in streams)[:MAX_CONSUMERS]
+            beats: list[Any] = []
+            if members:
+                hb = r.pipeline(transaction=False)
+                for member in members:
+                    hb.get(heartbeat_key(member.heartbeat_stream, member.name))
+                beats = hb.execute()
+        else:
+            members = streams[0].consumers[:MAX_CONSUMERS]
+            beats = r.mget([heartbeat_key(s.stream, m.name) for m in members]) if members else []
+        listed = self._consumers(now, members, beats)
+
+        acked: int | None = None
+        if entries_read is not None:
+            acked = max(entries_read - pending, 0)
+        elif any(c["heartbeat"] for c in listed):
+            # Without the group's read counter (Redis < 7), the live consumers' own totals.
+            acked = sum(c["inserted"] + c["dead_lettered"] for c in listed if c["heartbeat"])
+        if s.partitions:
+            for st in streams:
+                self._count_dead(st.part.dead_stream, st.dead_page, st.dead)
+        else:
+            self._scan_dead(r, s.dead_stream, dead_len)
+        self.samples.append(Sample(now, acked, dead_len))
+        tallies = [self._dead.get(part.dead_stream) or DeadTally() for part in parts]
+        reasons: Counter[str] = Counter()
+        for tally in tallies:
+            reasons.update(tally.reasons)
+        out = {
+            "stream_length": sum(st.length for st in streams),
+            "dead_letters": dead_len,
+            "pending": pending,
+            "lag": lag,
+            "group_exists": any(st.group for st in streams),
+            "acked": acked,
+            "consumers": listed,
+            "dead_reasons": reasons,
+            "dead_counted": sum(tally.counted for tally in tallies),
+        }
+        if s.partitions:
+            out["partitions"] = [
+                asdict(PartitionState(st.part.stream, st.length, st.lag, st.pending, st.dead, bool(st.group)))
+                for st in streams
+            ]
+        return out
+
+    def _stream_sample(self, part: Partition, replies: list[Any]) -> _StreamSample:
+        """One stream's figures from its four pipeline replies."""
+        import redis
+
+        groups, length, dead, consumers = replies
+        for reply in (length, dead):
             if isinstance(reply, Exception):
                 raise reply
         # A stream or group that does not exist yet is not an error: nothing was produced.
@@ -186,49 +306,32 @@ class Monitor:
             if isinstance(groups, Exception):
                 raise groups
             for g in groups:
-                if _text(g.get("name")) == s.group:
+                if _text(g.get("name")) == self.settings.group:
                     group = g
         if isinstance(consumers, redis.ResponseError):
             consumers = []
         elif isinstance(consumers, Exception):
             raise consumers
+        page: list[Any] = []
+        if isinstance(dead, list):  # the script's reply: [length, entries]
+            dead, raw = dead
+            page = [(entry_id, _pairs(flat)) for entry_id, flat in raw]
+        members = [
+            ConsumerState(
+                name=_text(c["name"]),
+                pending=int(c.get("pending", 0)),
+                idle_s=int(c.get("idle", 0)) / 1000,
+                heartbeat_stream=part.stream,
+            )
+            for c in consumers
+        ]
+        return _StreamSample(part, int(length), int(dead), group, members, page)
 
-        # Before the first consumer creates the group, every entry is waiting for it.
-        pending = int(group["pending"]) if group else 0
-        lag = group.get("lag") if group else int(length)
-        entries_read = group.get("entries-read") if group else 0
-
-        members = [(_text(c["name"]), int(c.get("pending", 0)), int(c.get("idle", 0))) for c in consumers]
-        members = members[:MAX_CONSUMERS]
-        beats: list[Any] = (
-            r.mget([heartbeat_key(s.stream, name) for name, _, _ in members]) if members else []
-        )
-        listed = self._consumers(now, members, beats)
-
-        acked: int | None = None
-        if entries_read is not None:
-            acked = max(int(entries_read) - pending, 0)
-        elif any(c["heartbeat"] for c in listed):
-            # Without the group's read counter (Redis < 7), the live consumers' own totals.
-            acked = sum(c["inserted"] + c["dead_lettered"] for c in listed if c["heartbeat"])
-        self._scan_dead(r, int(dead_len))
-        self.samples.append(Sample(now, acked, int(dead_len)))
-        return {
-            "stream_length": int(length),
-            "dead_letters": int(dead_len),
-            "pending": pending,
-            "lag": None if lag is None else int(lag),
-            "group_exists": bool(group),
-            "acked": acked,
-            "consumers": listed,
-        }
-
-    def _consumers(
-        self, now: float, members: list[tuple[str, int, int]], beats: list[Any]
-    ) -> list[dict[str, Any]]:
+    def _consumers(self, now: float, members: list[ConsumerState], beats: list[Any]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for (name, pending, idle_ms), raw in zip(members, beats, strict=True):
+        for member, raw in zip(members, beats, strict=True):
+            name, pending = member.name, member.pending
             beat: dict[str, Any] = {}
             if raw:
                 try:
@@ -260,7 +363,7 @@ class Monitor:
                     "dead_lettered": int(beat.get("dead_lettered", 0) or 0),
                     "batches": int(beat.get("batches", 0) or 0),
                     "pending": pending,
-                    "idle_s": round(idle_ms / 1000, 1),
+                    "idle_s": round(member.idle_s, 1),
                     "last_error": str(beat.get("last_error", "") or ""),
                 }
             )
@@ -286,26 +389,34 @@ class Monitor:
             return 0.0
         return round(max(n1 - n0, 0) / (t1 - t0), 2) if t1 > t0 else 0.0
 
-    def _scan_dead(self, r: Any, dead_len: int) -> None:
+    def _dead_start(self, dead_stream: str) -> str:
+        """Where the next read of `dead_stream` starts: after the last entry counted."""
+        tally = self._dead.get(dead_stream)
+        return "(" + tally.last_id if tally is not None and tally.last_id else "-"
+
+    def _scan_dead(self, r: Any, dead_stream: str, dead_len: int) -> None:
         """Counts the reasons of dead letters not seen yet, `DEAD_SCAN_COUNT` per sample.
-        The read and the length come from one MULTI/EXEC, so when they disagree at the
-        end of the stream, entries were deleted or trimmed: the count starts over."""
-        if dead_len == 0 and self._dead_counted == 0:
+        The read and the length come from one MULTI/EXEC (see `_count_dead`)."""
+        tally = self._dead.get(dead_stream)
+        if dead_len == 0 and (tally is None or tally.counted == 0):
             return
-        start = self._dead_cursor if self._dead_cursor == "-" else "(" + self._dead_cursor
         pipe = r.pipeline(transaction=True)
-        pipe.xrange(self.settings.dead_stream, start, "+", count=DEAD_SCAN_COUNT)
-        pipe.xlen(self.settings.dead_stream)
+        pipe.xrange(dead_stream, self._dead_start(dead_stream), "+", count=DEAD_SCAN_COUNT)
+        pipe.xlen(dead_stream)
         entries, length = pipe.execute()
-        for entry_id, fields in entries:
-            self._dead_reasons[_text(fields.get(b"reason", b"unknown"))] += 1
-            self._dead_cursor = _text(entry_id)
-        self._dead_counted += len(entries)
+        self._count_dead(dead_stream, entries, int(length))
+
+    def _count_dead(self, dead_stream: str, entries: list[Any], length: int) -> None:
+        """Adds the reasons of `entries`, read after the cursor of `dead_stream` at the
+        same instant as its `length`. When the two disagree at the end of the stream,
+        entries were deleted or trimmed: the count starts over."""
+        tally = self._dead.setdefault(dead_stream, DeadTally())
+        count_reasons(tally, entries)
+        if entries:
+            tally.last_id = _text(entries[-1][0])
         at_end = len(entries) < DEAD_SCAN_COUNT
-        if self._dead_counted > int(length) or (at_end and self._dead_counted != int(length)):
-            self._dead_reasons.clear()
-            self._dead_counted = 0
-            self._dead_cursor = "-"
+        if tally.counted > length or (at_end and tally.counted != length):
+            self._dead[dead_stream] = DeadTally()
 
     def _connection(self) -> Any:
         if self._pg is None or self._pg.closed:
@@ -433,7 +544,7 @@ class Monitor:
             "stream": s.stream,
             "group": s.group,
             "table": s.table,
-            "dead_stream": s.dead_stream,
+            "dead_stream": dead_stream_name(s),
             "updated": None,
             "interval": self.interval,
             "errors": {"redis": None, "postgresql": None},
@@ -448,6 +559,7 @@ class Monitor:
             "dead_by_reason": [],
             "dead_counting": False,
             "latest": [],
+            **({"partitions": []} if s.partitions else {}),
         }
 
     def _build(
@@ -470,12 +582,15 @@ class Monitor:
             summary = Counter(c["health"] for c in red["consumers"])
             snap["consumers_summary"] = {h: summary.get(h, 0) for h in ("healthy", "stalled", "gone")}
             snap["dead_by_reason"] = [
-                {"reason": reason, "count": n} for reason, n in self._dead_reasons.most_common()
+                {"reason": reason, "count": n} for reason, n in red["dead_reasons"].most_common()
             ]
-            snap["dead_counting"] = self._dead_counted < red["dead_letters"]
+            snap["dead_counting"] = red["dead_counted"] < red["dead_letters"]
+            if "partitions" in red:
+                snap["partitions"] = red["partitions"]
         else:  # keep the last known figures on screen, flagged by the error
-            for key in ("pending", "lag", "consumers", "consumers_summary", "dead_by_reason"):
-                snap[key] = previous.get(key, snap[key])
+            for key in ("pending", "lag", "consumers", "consumers_summary", "dead_by_reason", "partitions"):
+                if key in snap:
+                    snap[key] = previous.get(key, snap[key])
         if pg is not None:
             totals.update(rows=pg["rows"], rows_exact=pg["rows_exact"])
             snap["latest"] = pg["latest"]
@@ -483,6 +598,11 @@ class Monitor:
             snap["latest"] = previous.get("latest", [])
         snap["totals"] = totals
         return snap
+
+
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    """`[k1, v1, k2, v2]` (an entry's fields as a script returns them) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _iso(value: datetime | None) -> str | None:
