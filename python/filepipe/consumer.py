@@ -170,6 +170,9 @@ class Consumer:
         )
         self.binary = settings.copy_format == "binary"
         self._errors: dict[str, str] = {}
+        # (stream, entry id) of every entry read and not yet acknowledged by this process.
+        self._in_flight: set[tuple[str, bytes]] = set()
+        self._in_flight_lock = threading.Lock()
         self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._error_sink("Redis"))
         # The loader keeps retrying through a stop, until the stop deadline abandons it.
         self.abandon = threading.Event()
@@ -403,7 +406,10 @@ class Consumer:
         cursor, claimed = reply[0], reply[1]
         deleted = reply[2] if len(reply) > 2 else []
         self._claim_cursor[key] = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
-        entries: list[Entry] = list(claimed)
+        # XAUTOCLAIM cannot tell our own entries still in flight (a long outage makes them
+        # idle in Redis's eyes) from a dead consumer's: they are already being processed.
+        with self._in_flight_lock:
+            entries: list[Entry] = [e for e in claimed if (part.stream, e[0]) not in self._in_flight]
         if deleted:
             # Entries deleted from the stream while pending can never be processed.
             self._redis(lambda: self.redis.xack(part.stream, s.group, *deleted))
@@ -412,13 +418,23 @@ class Consumer:
         return entries
 
     def _submit(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> None:
+        keys = [(part.stream, e[0]) for e in entries]
+        with self._in_flight_lock:
+            self._in_flight.update(keys)
         try:
             prepared = self._prepare(part, entries, redelivered=redelivered)
         except Abandoned:
+            self._landed(part.stream, [e[0] for e in entries])
             return  # stopping: these entries stay pending and are delivered again
         while not self._put(prepared):
             if self.failed is not None or self.stopping.is_set():
+                self._landed(part.stream, [e[0] for e in entries])
                 return  # not handed over: these entries stay pending and are delivered again
+
+    def _landed(self, stream_name: str, ids: list[bytes]) -> None:
+        """These entries are no longer in this consumer's hands (acknowledged, or let go)."""
+        with self._in_flight_lock:
+            self._in_flight.difference_update((stream_name, i) for i in ids)
 
     def _put(self, prepared: Prepared) -> bool:
         try:
@@ -590,7 +606,9 @@ class Consumer:
 
     def _finish_batch(self, p: Prepared, inserted: int, row_dead: list[DeadLetter]) -> None:
         dead = p.dead + row_dead
-        self._ack(p.part or self.parts[0], p.ids, dead)
+        part = p.part or self.parts[0]
+        self._ack(part, p.ids, dead)
+        self._landed(part.stream, p.ids)
         crash_point("after_ack")
         st = self.stats
         st.batches += 1

@@ -144,7 +144,10 @@ def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> 
         configure=None if settings.pgbouncer else _configure,  # PgBouncer: no session state
         check=check_if_idle,
         timeout=max(settings.connect_timeout_s * 2, 5.0),
-        reconnect_timeout=0,  # keep trying forever: outages are waited out
+        # No background reconnection loop with its own growing delays: a load that finds
+        # no connection fails with PoolTimeout, and the consumer's backoff (capped at a
+        # few seconds) tries again, so the pool reconnects soon after the server is back.
+        reconnect_timeout=0,
         name="filepipe",
         open=False,
     )
@@ -256,15 +259,15 @@ class Loader:
         self.insert_sql = sql.SQL(
             "INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING"
         ).format(ident, staging, cols=col_list)
-        self._merge_only = 0
-        self.conflicts = 0
-
         # PgBouncer: the staging table lives and dies inside each merge transaction.
         self.staging_sql: sql.Composed | None = None
         if settings.pgbouncer:
             self.staging_sql = sql.SQL(
                 "SET LOCAL statement_timeout = {}; CREATE TEMP TABLE {} ({}) ON COMMIT DROP"
             ).format(sql.Literal(settings.statement_timeout_ms), staging, _staging_columns())
+        self._merge_only = 0
+        self.conflicts = 0
+
     def load(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
         """COPY one buffer of `rows` rows and COMMIT; returns the rows newly inserted
         (a redelivered entry's row already exists and counts 0).
@@ -294,11 +297,11 @@ class Loader:
                     crash_point("after_copy")
                 else:
                     with conn.transaction(), conn.cursor() as cur:
+                        if self.staging_sql is not None:
+                            cur.execute(self.staging_sql)
                         with cur.copy(self.copy_sql) as copy:
                             copy.write(buf)
                         crash_point("after_copy")
-                        if self.staging_sql is not None:
-                            cur.execute(self.staging_sql)
                         cur.execute(self.insert_sql)
                         inserted = cur.rowcount
                 mark_used(conn)

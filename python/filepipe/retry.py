@@ -74,7 +74,7 @@ class Backoff:
         service: str,
         *,
         base: float = 0.25,
-        cap: float = 15.0,
+        cap: float = 5.0,
         stop: threading.Event | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
