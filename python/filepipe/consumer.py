@@ -164,6 +164,9 @@ class Consumer:
         self.redis = stream.connect(settings)
         self.pool = db.create_pool(settings)
         self.loader = db.Loader(self.pool, settings)
+        # Read batches waiting to be prepared: the reader reads the next batch while the
+        # preparer parses, measures and encodes this one (measuring runs without the GIL).
+        self.raw: queue.Queue[tuple[Partition, list[Entry], bool] | None] = queue.Queue(maxsize=1)
         self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
         self.acks: queue.Queue[tuple[Prepared, int, list[DeadLetter]] | None] = queue.Queue(
             maxsize=settings.in_flight
@@ -250,6 +253,7 @@ class Consumer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
         loader = threading.Thread(target=self._load_loop, name="filepipe-loader", daemon=True)
+        preparer = threading.Thread(target=self._prepare_loop, name="filepipe-preparer", daemon=True)
         try:
             for part in self.parts:
                 self.redis_backoff.call(
@@ -257,8 +261,10 @@ class Consumer:
                     is_transient_redis,
                 )
             loader.start()
+            preparer.start()
             self._read_loop()
         finally:
+            self._finish_preparer(preparer)
             self._finish_loader(loader)
             self.progress.flush(self.stats)
             self._remove_heartbeat()
@@ -309,7 +315,7 @@ class Consumer:
                 # Nothing new: wait for the loader, then leave if nothing of ours is pending
                 # and no dead consumer's entries are waiting to be reclaimed.
                 self._wait_idle()
-                if self.failed is not None:
+                if self.failed is not None or self.stopping.is_set():
                     return
                 mine = self._redis(
                     lambda: [stream.pending_count(self.redis, p.stream, s.group, self.name) for p in parts]
@@ -418,18 +424,63 @@ class Consumer:
         return entries
 
     def _submit(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> None:
+        """Hands a batch just read to the preparer."""
         keys = [(part.stream, e[0]) for e in entries]
         with self._in_flight_lock:
             self._in_flight.update(keys)
-        try:
-            prepared = self._prepare(part, entries, redelivered=redelivered)
-        except Abandoned:
-            self._landed(part.stream, [e[0] for e in entries])
-            return  # stopping: these entries stay pending and are delivered again
-        while not self._put(prepared):
-            if self.failed is not None or self.stopping.is_set():
-                self._landed(part.stream, [e[0] for e in entries])
-                return  # not handed over: these entries stay pending and are delivered again
+        while True:
+            try:
+                self.raw.put((part, entries, redelivered), timeout=0.5)
+                return
+            except queue.Full:
+                if self.failed is not None or self.abandon.is_set():
+                    self._landed(part.stream, [e[0] for e in entries])
+                    return  # not handed over: these entries stay pending and are delivered again
+
+    def _prepare_loop(self) -> None:
+        """Prepares the batches the reader hands over, in order, for the loaders. At a stop
+        it still prepares and hands over what it was given: the batch in hand finishes."""
+        while True:
+            item = self.raw.get()
+            try:
+                if item is None:
+                    return
+                part, entries, redelivered = item
+                ids = [e[0] for e in entries]
+                if self.failed is not None or self.abandon.is_set():
+                    self._landed(part.stream, ids)
+                    continue
+                try:
+                    prepared = self._prepare(part, entries, redelivered=redelivered)
+                except Abandoned:
+                    self._landed(part.stream, ids)
+                    continue  # these entries stay pending and are delivered again
+                while not self._put(prepared):
+                    if self.failed is not None or self.abandon.is_set():
+                        self._landed(part.stream, ids)
+                        break
+            except BaseException as e:  # surfaced by run() in the reader's thread
+                self.failed = e
+                self.stopping.set()
+            finally:
+                self.raw.task_done()
+
+    def _finish_preparer(self, preparer: threading.Thread) -> None:
+        """Lets the preparer hand over what it holds, then ends it."""
+        if not preparer.is_alive():
+            return
+        deadline = time.monotonic() + self.stop_timeout
+        while preparer.is_alive():
+            try:
+                self.raw.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    self.abandon.set()
+        while preparer.is_alive():
+            preparer.join(0.2)
+            if time.monotonic() > deadline:
+                self.abandon.set()
 
     def _landed(self, stream_name: str, ids: list[bytes]) -> None:
         """These entries are no longer in this consumer's hands (acknowledged, or let go)."""
@@ -444,7 +495,8 @@ class Consumer:
             return False
 
     def _wait_idle(self) -> None:
-        while (self.queue.unfinished_tasks or self.acks.unfinished_tasks) and self.failed is None:
+        while (self.raw.unfinished_tasks or self.queue.unfinished_tasks or self.acks.unfinished_tasks) \
+                and self.failed is None and not self.stopping.is_set():
             time.sleep(0.005)
 
     # -- preparing a batch -------------------------------------------------------------
