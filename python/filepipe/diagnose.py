@@ -1689,7 +1689,7 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
             int | None,
             typer.Option(
                 "--batch-size",
-                help="Batch size to model (env: CONSUMER_BATCH_SIZE; default 1000)",
+                help="Batch size to model (env: CONSUMER_BATCH_SIZE; default 5000)",
                 show_default=False,
             ),
         ] = None,
