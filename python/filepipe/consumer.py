@@ -1,16 +1,19 @@
 """The consumer: Redis stream -> validated records -> measured files -> COPY -> ack.
 
-Two threads share the work so that Redis, the files and PostgreSQL overlap:
+Threads share the work so that Redis, the files and PostgreSQL overlap:
 
-* the reader (the caller's thread) reads a batch, parses and validates it in the
-  extension, measures its files and encodes the COPY buffer;
-* the loader commits each prepared batch and then acknowledges it (and writes
-  its dead letters) in one MULTI/EXEC round trip, strictly in the order read.
+* the reader (the caller's thread) reads batches: first its own pending entries,
+  then new ones, and entries of dead consumers reclaimed with XAUTOCLAIM;
+* the preparer parses and validates a batch in the extension, measures its files
+  and encodes the COPY buffer, while the reader reads the next one;
+* one loader per pooled connection commits prepared batches;
+* the acknowledger writes each committed batch's dead letters and acknowledges it
+  in one atomic script.
 
-At most `in_flight` prepared batches wait between them, so memory is bounded by
-batch size x in-flight batches, never by the backlog. An entry is acknowledged
-only after the row that records it is committed, or after its dead letter is
-written: a crash anywhere loses nothing, and redelivery duplicates nothing.
+At most `in_flight` batches wait between stages, so memory is bounded by batch size
+x batches in flight, never by the backlog. An entry is acknowledged only after the
+row that records it is committed, or after its dead letter is written: a crash
+anywhere loses nothing, and redelivery duplicates nothing.
 """
 
 from __future__ import annotations
@@ -675,7 +678,7 @@ class Consumer:
         self._heartbeat()
 
     def _ack(self, part: Partition, ids: list[bytes], dead: list[DeadLetter]) -> None:
-        """Writes the dead letters and acknowledges, in one MULTI/EXEC. If the reply is
+        """Writes the dead letters and acknowledges, in one atomic script. If the reply is
         lost, the transaction may or may not have run: before running it again, ask
         Redis whether the entries are still pending, so no dead letter is written twice."""
         s = self.settings
