@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +29,7 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 from tests.conftest import Env
+from tests.support.workload import wait_for
 
 from filepipe.config import Settings
 from filepipe.constants import heartbeat_key, partition_stream
@@ -89,17 +90,6 @@ def running_consumer(settings: Settings) -> Iterator[Consumer]:
         consumer.stop()
         thread.join(30)
         assert not thread.is_alive()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

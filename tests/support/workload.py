@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,4 +156,18 @@ def wait_ready(r: redis.Redis, settings: Settings, name: str, proc: subprocess.P
             raise RuntimeError(f"consumer {name} exited with {proc.returncode} before it was ready")
         if time.monotonic() > deadline:
             raise TimeoutError(f"consumer {name} not ready after {timeout} s")
+        time.sleep(0.05)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Polls `check` until it returns something true (and returns that), or fails after `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
