@@ -108,3 +108,16 @@ def test_unreachable_redis_is_reported_without_password(env: Env, tmp_path: Path
     result = run(["produce", str(src)], e, tmp_path)
     assert result.returncode == 1
     assert "cannot reach Redis" in result.stderr and "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_broken_percent_escape_never_shows_the_password(env: Env, tmp_path: Path) -> None:
+    """psycopg's message for a connection string it cannot parse quotes the password."""
+    broken = "postgresql://app:Tr0ub4dor%zz3@127.0.0.1:5432/test"
+    e = cli_env(env, PG_URI=broken)
+    for args in (["init-db"], ["status"], ["consume", "--drain"]):
+        result = run(args, e, tmp_path)
+        output = result.stdout + result.stderr
+        assert "Tr0ub4dor" not in output, (args, output)
+        assert "Traceback" not in output
+        assert result.returncode == 2, (args, output)
+        assert 'PG_URI cannot be used: invalid percent-encoded token: "***"' in result.stderr, args

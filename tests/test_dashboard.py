@@ -522,6 +522,24 @@ def test_dashboard_shows_an_outage_in_the_browser(env: Env, browser: Browser) ->
         page.close()
 
 
+def test_a_password_in_a_broken_pg_uri_never_reaches_a_page(env: Env, browser: Browser) -> None:
+    """psycopg quotes a connection string it cannot parse, password and all."""
+    settings = env.settings_with(pg_uri="postgresql://app:Tr0ub4dor%zz3@127.0.0.1:5432/test")
+    with serve(create_app(settings, interval=0.25)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["postgresql"] == 'invalid percent-encoded token: "***"'
+        snap = client.get("/api/status")
+        assert snap.json()["errors"]["postgresql"] == 'invalid percent-encoded token: "***"'
+        page = browser.new_page()
+        page.goto(f"{url}/dashboard")
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "invalid percent-encoded token" in page.inner_text("#banner")
+        for text in (ready.text, snap.text, page.content(), client.get("/metrics").text):
+            assert "Tr0ub4dor" not in text
+        page.close()
+
+
 # -- the command ----------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Settings, load_settings, mask_url
 from .constants import DEFAULT_BATCH_SIZE
 from .errors import ConfigError, FilepipeError
+from .redaction import SafeFormatter, error_line, printable, scrub
 
 app = typer.Typer(
     name="filepipe",
@@ -106,7 +107,7 @@ def handle_errors(fn: F) -> F:
         except FilepipeError as e:
             if debug:
                 raise
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {scrub(printable(str(e)))}", err=True)
             raise typer.Exit(2 if isinstance(e, ConfigError) else 1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -118,9 +119,16 @@ def _setup_logging(debug: bool) -> None:
     root.setLevel(level)
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        # Log lines quote entry fields and client libraries' messages: escaped, scrubbed.
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.propagate = False
+        # The libraries' own warnings (psycopg's pool, uvicorn) go through it too.
+        for name in ("psycopg", "uvicorn"):
+            library = logging.getLogger(name)
+            if not library.handlers:
+                library.addHandler(handler)
+                library.propagate = False
 
 
 def settings_from(**overrides: Any) -> Settings:
@@ -200,7 +208,7 @@ def _with_redis_errors(s: Settings, fn: Callable[[], int]) -> int:
     try:
         return fn()
     except redis.ConnectionError as e:
-        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {e}") from e
+        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 The environment names are the ones the seed's users already have in their `.env`
 (`REDIS_URL`, `PG_URI`, `CONSUMER_BATCH_SIZE`, ...). Secrets are never printed:
-use `mask_url` for anything shown to a person.
+use `mask_url` for a URL shown to a person, `redaction.error_line` for a library's error.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from . import constants as c
 from .errors import ConfigError
+from .redaction import mask_url as mask_url  # where every module has always found it
+from .redaction import remember, url_secrets
 
 # (setting, environment names in order of precedence)
 ENV_NAMES: dict[str, tuple[str, ...]] = {
@@ -96,6 +97,10 @@ class Settings:
     # PostgreSQL is reached through PgBouncer in transaction pooling mode: no session state.
     pgbouncer: bool = False
 
+    def __post_init__(self) -> None:
+        # Whatever filepipe later shows of a client library's message, these stay out of it.
+        remember(s for url in (self.redis_url, self.pg_uri, self.s3_endpoint_url) for s in url_secrets(url))
+
     @property
     def dead_stream(self) -> str:
         """The dead-letter stream, `<stream>:dead` unless set explicitly."""
@@ -108,23 +113,6 @@ class Settings:
             d[key] = mask_url(d[key])
         d["dead_letter_stream"] = self.dead_stream
         return d
-
-
-def mask_url(url: str) -> str:
-    """`redis://user:secret@host/0` -> `redis://user:***@host/0`; libpq key/value DSNs too."""
-    if not url:
-        return url
-    if "://" not in url:
-        return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _convert(name: str, raw: Any, target: type | str) -> Any:

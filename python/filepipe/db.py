@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -24,7 +25,8 @@ from . import _native
 from . import constants as c
 from ._faults import crash_point
 from .config import Settings, mask_url
-from .errors import DatabaseError, TransientError
+from .errors import ConfigError, DatabaseError, TransientError
+from .redaction import error_line
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,17 @@ def connect(settings: Settings, **extra: Any) -> psycopg.Connection[Any]:
     kwargs = {**connection_kwargs(settings), **extra}
     if settings.pgbouncer:
         kwargs.pop("options", None)
+    check_conninfo(settings)
     return psycopg.connect(settings.pg_uri, **kwargs)
+
+
+def check_conninfo(settings: Settings) -> None:
+    """Raises ConfigError if PG_URI cannot be parsed (a broken percent-escape, an
+    unknown option): no connection attempt could ever succeed."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(settings.pg_uri)
+    except psycopg.ProgrammingError as e:
+        raise ConfigError(f"PG_URI cannot be used: {first_line(e)}") from e
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -129,6 +141,7 @@ def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> 
     """A psycopg pool whose connections are checked before use, so it recovers after
     a database restart, and which gives up waiting for a connection after the
     connect timeout rather than hanging."""
+    check_conninfo(settings)
     pool_log = logging.getLogger("psycopg.pool")
     if pool_log.level == logging.NOTSET:
         # During an outage the pool warns at every failed connection attempt; the
@@ -224,9 +237,8 @@ def is_hypertable(conn: psycopg.Connection[Any], table: str) -> bool:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """The first line of an exception's message, passwords scrubbed (`redaction.error_line`)."""
+    return error_line(e)
 
 
 class Loader:

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import psycopg
 import redis
@@ -41,6 +40,7 @@ from .config import Settings, mask_url
 from .constants import STAGING_TABLE, heartbeat_key
 from .errors import FilepipeError
 from .partitions import partitions
+from .redaction import error_line, printable, scrub
 
 Command = Callable[..., Any]
 
@@ -844,30 +844,6 @@ def _repeat(fn: Callable[[], Any], n: int) -> list[float]:
     return [_timed(fn) for _ in range(n)]
 
 
-def _scrub(text: str, settings: Settings) -> str:
-    """`text` with every password of the settings' URLs replaced by ***."""
-    secrets: list[str] = []
-    for url in (settings.redis_url, settings.pg_uri, settings.s3_endpoint_url):
-        if not url:
-            continue
-        if "://" in url:
-            with contextlib.suppress(ValueError):
-                pw = urlsplit(url).password
-                if pw:
-                    secrets.append(pw)
-        for part in url.replace("&", " ").replace("?", " ").split():
-            if part.startswith("password="):
-                secrets.append(part.split("=", 1)[1].strip("'"))
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _first_line(e: BaseException, settings: Settings) -> str:
-    return _scrub(db.first_line(e), settings)
-
-
 def _event_fields(i: int, key: str, size: int, storage: str) -> dict[bytes, bytes]:
     return {
         b"file_id": str(uuid.uuid4()).encode(),
@@ -929,9 +905,9 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
         )
         f.recent_file_size = _recent_declared_size(r, partitions(settings)[0].stream)
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        f.status, f.error = "unreachable", f"cannot reach Redis at {f.url}: {_first_line(e, settings)}"
+        f.status, f.error = "unreachable", f"cannot reach Redis at {f.url}: {error_line(e)}"
     except redis.RedisError as e:
-        f.status, f.error = "error", f"Redis refused the benchmark: {_first_line(e, settings)}"
+        f.status, f.error = "error", f"Redis refused the benchmark: {error_line(e)}"
     finally:
         with contextlib.suppress(redis.RedisError):
             for name in (key, key + ":dead"):
@@ -977,7 +953,7 @@ def measure_postgres(
         conn = psycopg.connect(settings.pg_uri, autocommit=True, **kwargs)
         f.connect_ms = (time.perf_counter() - t0) * 1000
     except psycopg.OperationalError as e:
-        f.status, f.error = "unreachable", f"cannot reach PostgreSQL at {f.uri}: {_first_line(e, settings)}"
+        f.status, f.error = "unreachable", f"cannot reach PostgreSQL at {f.uri}: {error_line(e)}"
         return f
     try:
         with conn:
@@ -991,9 +967,9 @@ def measure_postgres(
             _measure_copy(conn, settings, f)
         _measure_load(settings, f, load_rows, tag)
     except psycopg.OperationalError as e:
-        f.status, f.error = "unreachable", f"lost PostgreSQL at {f.uri}: {_first_line(e, settings)}"
+        f.status, f.error = "unreachable", f"lost PostgreSQL at {f.uri}: {error_line(e)}"
     except psycopg.Error as e:
-        f.status, f.error = "error", f"PostgreSQL refused the benchmark: {_first_line(e, settings)}"
+        f.status, f.error = "error", f"PostgreSQL refused the benchmark: {error_line(e)}"
     return f
 
 
@@ -1074,7 +1050,7 @@ def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -
         f.load_one_ms = 2 * f.rtt_ms  # COPY: the statement, then the data
         per_row = 1000.0 / f.copy_rows_per_s if f.copy_rows_per_s else 0.0
         f.load_batch_ms = f.load_one_ms + (rows - 1) * per_row
-        f.notes.append(f"batch load estimated from COPY: {_scrub(str(e), settings)}")
+        f.notes.append(f"batch load estimated from COPY: {scrub(str(e))}")
         return
     binary = settings.copy_format == "binary"
     pool = db.create_pool(scratch, open=False)
@@ -1229,7 +1205,7 @@ def measure_local(settings: Settings, file_size: int, tag: str) -> StorageFigure
     except OSError as e:
         f.status, f.error = "error", f"cannot write scratch files in {root}: {e.strerror or e}"
     except FilepipeError as e:
-        f.status, f.error = "unreachable", _scrub(str(e), settings)
+        f.status, f.error = "unreachable", scrub(str(e))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         storage.close()
@@ -1247,7 +1223,7 @@ def measure_s3(
         storage: Any = open_storage(settings, "s3")
     except FilepipeError as e:
         return StorageFigures(
-            kind="s3", where=f"s3://{settings.s3_bucket}", status="error", error=_scrub(str(e), settings)
+            kind="s3", where=f"s3://{settings.s3_bucket}", status="error", error=scrub(str(e))
         )
     f = StorageFigures(
         kind="s3",
@@ -1276,7 +1252,7 @@ def measure_s3(
         if f.status == "error" and "could not be fetched" in f.error:
             f.status = "unreachable"
     except FilepipeError as e:
-        f.status, f.error = "unreachable", _scrub(str(e), settings)
+        f.status, f.error = "unreachable", scrub(str(e))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         _delete_s3(storage, written)
@@ -1358,9 +1334,9 @@ def run_pipeline(
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.reasons.items()))
             result.error = f"{stats.dead_lettered} events were dead-lettered ({reasons})"
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        result.error = f"cannot reach Redis at {mask_url(settings.redis_url)}: {_first_line(e, settings)}"
+        result.error = f"cannot reach Redis at {mask_url(settings.redis_url)}: {error_line(e)}"
     except (FilepipeError, psycopg.Error, redis.RedisError, OSError) as e:
-        result.error = _first_line(e, settings)
+        result.error = error_line(e)
     finally:
         with contextlib.suppress(redis.RedisError):
             for part in partitions(scratch):  # one key at a time: they may live on different cluster nodes
@@ -1617,7 +1593,7 @@ def render(report: Report) -> str:
             out.append(f"   {note}")
     elif not report.unreachable:
         out.append("✗ Not enough figures for a verdict: see the errors above.")
-    return _scrub("\n".join(out), s)
+    return scrub("\n".join(printable(line) for line in out))
 
 
 def _render_storage(out: list[str], st: StorageFigures) -> None:
@@ -1727,7 +1703,7 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) 
             progress=progress,
         )
         if as_json:
-            typer.echo(_scrub(json.dumps(report.to_json(), indent=2, default=str), s))
+            typer.echo(scrub(json.dumps(report.to_json(), indent=2, default=str)))
         else:
             typer.echo(render(report))
         raise typer.Exit(report.exit_code)

@@ -165,8 +165,9 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
             r.ping()
         except redis.ConnectionError as e:
             from .config import mask_url
+            from .redaction import error_line
 
-            raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {e}") from e
+            raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
         return r
 
     @dlq_app.command("list")

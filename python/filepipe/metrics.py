@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .config import Settings
 from .errors import ConfigError
+from .redaction import error_line
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -130,7 +131,7 @@ class ServiceProbe:
             self.redis().ping()
             return None
         except Exception as e:
-            return _first_line(e)
+            return error_line(e)
 
     def _check_pg(self) -> str | None:
         import psycopg
@@ -149,7 +150,7 @@ class ServiceProbe:
             if self._pg is not None:
                 self._pg.close()
                 self._pg = None
-            return _first_line(e)
+            return error_line(e)
 
     def check(self) -> dict[str, str | None]:
         """`{"redis": None | error, "postgresql": None | error}`."""
@@ -168,11 +169,6 @@ class ServiceProbe:
             if self._pg is not None:
                 self._pg.close()
                 self._pg = None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -- figures read at scrape time ------------------------------------------------------

@@ -15,6 +15,7 @@ from psycopg_pool import PoolTimeout
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError, TryAgainError
 
 from .errors import TransientError
+from .redaction import error_line
 
 log = logging.getLogger("filepipe")
 
@@ -95,14 +96,13 @@ class Backoff:
 
     def failed(self, e: BaseException) -> float:
         """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
-        from .db import first_line
         from .metrics import record_retry
 
         record_retry(self.service)
         self.attempt += 1
         delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 20)))
         delay = max(delay, min(self.base, self.cap))
-        message = first_line(e)
+        message = error_line(e)
         with self._lock:
             if self.down_since is None:
                 # One warning per outage; a new error during it (the server going from
@@ -155,7 +155,7 @@ class Backoff:
                     raise
                 self.failed(e)
                 if self.stop is not None and self.stop.is_set():
-                    raise Abandoned(f"{self.service}: gave up retrying ({e})") from e
+                    raise Abandoned(f"{self.service}: gave up retrying ({error_line(e)})") from e
                 continue
             self.succeeded(started)
             return result

@@ -31,6 +31,7 @@ from .config import Settings, mask_url
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import TransientError
 from .partitions import Partition, partitions
+from .redaction import printable
 
 WINDOW_S = 60  # "last minute": arrivals, dead letters, rows, throughput
 ARRIVALS_CAP = 10_000  # entries read to count the last minute's arrivals
@@ -716,7 +717,8 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
         out.append(f"{'✗ UNREACHABLE' if st.health == 'unreachable' else '⚠ DEGRADED'}")
         for p in st.problems:
             out.append(f"  - {p}")
-    return "\n".join(out)
+    # Names, hosts and errors come from Redis, written by anyone: each line escaped.
+    return "\n".join(printable(line) for line in out)
 
 
 def _trend(now: StreamState, before: StreamState, elapsed: float) -> str:

@@ -71,12 +71,14 @@ def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis
 
     from .config import mask_url
     from .errors import TransientError
+    from .redaction import error_line
 
     try:
         # Asks the node for the cluster's layout: it must answer now.
         cluster = RedisCluster.from_url(settings.redis_url, **options)
     except (redis.RedisError, RedisClusterException) as e:
-        raise TransientError(f"cannot reach Redis Cluster at {mask_url(settings.redis_url)}: {e}") from e
+        where = mask_url(settings.redis_url)
+        raise TransientError(f"cannot reach Redis Cluster at {where}: {error_line(e)}") from e
     return cluster  # type: ignore[return-value]
 
 

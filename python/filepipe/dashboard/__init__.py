@@ -149,6 +149,8 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]],
             host=host,
             port=port,
             log_level="debug" if debug else "warning",
+            # uvicorn's messages go through filepipe's handler: escaped and scrubbed.
+            log_config=None,
             access_log=debug,
             server_header=False,
             proxy_headers=False,

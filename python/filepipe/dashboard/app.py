@@ -43,6 +43,7 @@ from .. import __version__
 from ..config import Settings, mask_url
 from ..metrics import ServiceProbe, group_families
 from ..partitions import stream_for
+from ..redaction import error_line
 from ..status import dead_stream_name
 from .monitor import Monitor
 from .upload import CSRF_COOKIE, CSRF_FIELD, CsrfGuard, Uploader, UploadError, UploadLimits, human_bytes
@@ -287,11 +288,9 @@ def create_app(
         try:
             done = await anyio.to_thread.run_sync(uploader.enqueue, staged)
         except Exception as e:
-            log.warning("upload failed: %s", e)
+            log.warning("upload failed: %s", error_line(e))
             refused.labels(reason="unavailable").inc()
-            message = (
-                f"The files could not be stored and enqueued: {str(e).splitlines()[0] if str(e) else e!r}"
-            )
+            message = f"The files could not be stored and enqueued: {error_line(e)}"
             if _wants_json(request):
                 return JSONResponse({"error": message, "reason": "unavailable"}, status_code=503)
             return upload_page(request, status_code=503, error=message)

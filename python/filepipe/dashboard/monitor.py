@@ -34,6 +34,7 @@ from typing import Any
 from ..config import Settings, mask_url
 from ..constants import heartbeat_key
 from ..partitions import Partition, partitions
+from ..redaction import error_line
 from ..status import (
     ConsumerState,
     DeadTally,
@@ -105,11 +106,6 @@ class Sample:
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _rate_at(samples: list[Sample], i: int, j: int, attr: str) -> float | None:
@@ -193,13 +189,13 @@ class Monitor:
         try:
             red = self._sample_redis(now)
         except Exception as e:
-            errors["redis"] = _first_line(e)
+            errors["redis"] = error_line(e)
             self._close_redis()
             red = None
         try:
             pg = self._sample_pg()
         except Exception as e:
-            errors["postgresql"] = _first_line(e)
+            errors["postgresql"] = error_line(e)
             self._close_pg()
             pg = None
         snap = self._build(now, red, pg, errors)

@@ -41,6 +41,7 @@ from botocore.exceptions import (
 from .. import _native
 from ..config import Settings, mask_url
 from ..errors import ConfigError, StorageError
+from ..redaction import error_line
 from .base import Storage, key_problem
 
 CHUNK = 256 * 1024
@@ -202,7 +203,7 @@ class S3Storage(Storage):
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
             )
         except (BotoCoreError, ValueError) as e:
-            raise StorageError(f"cannot set up the S3 client for {self.describe()}: {e}") from e
+            raise StorageError(f"cannot set up the S3 client for {self.describe()}: {error_line(e)}") from e
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -304,9 +305,11 @@ class S3Storage(Storage):
                 "set them in the environment, the shared credentials file or an instance role"
             ) from e
         except (BotoConnectionError, ReadTimeoutError) as e:
-            raise _Failure("unreadable", f"object '{target}' could not be fetched for now: {e}", True) from e
+            raise _Failure(
+                "unreadable", f"object '{target}' could not be fetched for now: {error_line(e)}", True
+            ) from e
         except BotoCoreError as e:
-            raise _Failure("unreadable", f"object '{target}' could not be fetched: {e}") from e
+            raise _Failure("unreadable", f"object '{target}' could not be fetched: {error_line(e)}") from e
         body = response["Body"]
         try:
             length = response.get("ContentLength")
@@ -327,11 +330,11 @@ class S3Storage(Storage):
                 hasher.update(chunk)
         except _STREAM_ERRORS as e:
             raise _Failure(
-                "unreadable", f"object '{target}' was cut off while reading, for now: {e}", True
+                "unreadable", f"object '{target}' was cut off while reading, for now: {error_line(e)}", True
             ) from e
         except BotoCoreError as e:
             # e.g. a checksum that does not match what was read
-            raise _Failure("unreadable", f"object '{target}' could not be read: {e}") from e
+            raise _Failure("unreadable", f"object '{target}' could not be read: {error_line(e)}") from e
         finally:
             body.close()
         # Sniffed, as for local files: the object's Content-Type is only what the uploader
@@ -377,7 +380,7 @@ def _describe_error(e: BaseException) -> str:
         return _STORAGE_CODES.get(code, f"S3 answered {code or 'HTTP'} {status}".rstrip())
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return error_line(e)
 
 
 def _too_large(target: str, size: int, max_bytes: int) -> _Failure:
