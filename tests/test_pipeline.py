@@ -6,13 +6,17 @@ from __future__ import annotations
 import hashlib
 import random
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import conninfo
 from tests.conftest import Env
 
 from filepipe import _native
+from filepipe.db import init_db
 from filepipe.producer import Producer
 from filepipe.stream import ensure_group
 
@@ -193,3 +197,44 @@ def test_sniffing_matches_extension(env: Env) -> None:
     assert _native.sniff_content_type(b"%PDF-1.4") == "application/pdf"
     assert _native.sniff_content_type(b"just text") == "text/plain"
     assert "missing" in _native.reason_codes()
+
+
+@pytest.fixture
+def latin1_uri(env: Env) -> Iterator[str]:
+    """A database whose encoding is LATIN1: its clients default to LATIN1 too."""
+    name = f"fp_latin1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        yield conninfo.make_conninfo(env.pg_uri, dbname=name)
+    finally:
+        with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("where", ["database", "uri"])
+@pytest.mark.parametrize("copy_format", ["binary", "text"])
+def test_text_round_trips_whatever_the_client_encoding_would_be(
+    env: Env, latin1_uri: str, where: str, copy_format: str
+) -> None:
+    """A LATIN1 database (its clients' default encoding), or a URI asking for LATIN1 on a
+    UTF-8 one: the COPY buffers hold UTF-8, so filepipe's connections say UTF8 whatever
+    the default. Text LATIN1 can hold arrives as it was sent; text it cannot hold is
+    refused by the server, row by row, and dead-lettered with its reason."""
+    uri = latin1_uri if where == "database" else conninfo.make_conninfo(env.pg_uri, client_encoding="LATIN1")
+    s = env.settings_with(pg_uri=uri, copy_format=copy_format)
+    init_db(s)
+    env.write_file("a.txt", b"a")
+    latin = ["café.txt", "Ærøskøbing ½.txt", "plain.txt"]
+    other = ["日本語.txt", "emoji 🚀.txt"] if where == "database" else []
+    names = {env.xadd({"file_id": str(uuid.uuid4()), "filename": n, "key": "a.txt", "note": n}): n
+             for n in [*latin, *other]}
+    stats = env.drain(pg_uri=uri, copy_format=copy_format)
+    assert stats.inserted == len(latin) and stats.dead_lettered == len(other) and env.pending() == 0
+    with psycopg.connect(uri, client_encoding="UTF8") as conn:
+        rows = conn.execute(f"SELECT stream_id, filename, attributes->>'note' FROM {s.table}").fetchall()
+    assert sorted(rows) == sorted((i.decode(), names[i], names[i]) for i in names if names[i] in latin)
+    dead = env.dead()
+    assert sorted(f[b"filename"].decode() for _, f in dead) == sorted(other)
+    for _, f in dead:
+        assert f[b"reason"] == b"db_rejected" and b'has no equivalent in encoding "LATIN1"' in f[b"error"]

@@ -59,8 +59,11 @@ def _index_name(table: str, suffix: str) -> sql.Identifier:
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
     """libpq parameters every filepipe connection gets: timeouts and keepalives, so a
-    dead or stalled server is noticed instead of waited on forever."""
+    dead or stalled server is noticed instead of waited on forever, and UTF-8 as the
+    client encoding whatever the URI, the role or the database say: the COPY buffers hold
+    UTF-8 text, which another client encoding would store as something else."""
     kwargs: dict[str, Any] = {
+        "client_encoding": "UTF8",
         "connect_timeout": max(1, round(settings.connect_timeout_s)),
         "application_name": "filepipe",
         "keepalives": 1,
