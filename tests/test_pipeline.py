@@ -204,7 +204,9 @@ def latin1_uri(env: Env) -> Iterator[str]:
     """A database whose encoding is LATIN1: its clients default to LATIN1 too."""
     name = f"fp_latin1_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(env.pg_uri, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        conn.execute(
+            f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
     try:
         yield conninfo.make_conninfo(env.pg_uri, dbname=name)
     finally:
