@@ -156,7 +156,7 @@ def limit_files(s: Settings) -> tuple[float, list[tuple[bytes, int]]]:
         m = _native.measure_local(b, s.local_storage_dir, s.max_file_bytes, s.hash_threads)
         spent += time.perf_counter() - t0
         n += len(b)
-        bufs.append((_native.encode_copy(b, m, "limit"), len(b)))
+        bufs.append((_native.encode_copy(b, m, "limit", stream="limit"), len(b)))
     return n / spent, bufs
 
 

@@ -33,7 +33,9 @@ def buffers(binary: bool) -> list[tuple[bytes, int]]:
     out = []
     for i in range(0, len(ENTRIES), BATCH):
         batch = _native.parse_entries(ENTRIES[i : i + BATCH])
-        out.append((_native.encode_copy(batch, MEASURED[i : i + BATCH], "bench", binary), len(batch)))
+        out.append(
+            (_native.encode_copy(batch, MEASURED[i : i + BATCH], "bench", binary, stream="bench"), len(batch))
+        )
     return out
 
 

@@ -57,18 +57,18 @@ NATIVE_MEASURED = measurements_object()
 def native_parse_encode(binary: bool) -> bytes:
     """What the consumer does per batch on the CPU, besides measuring the files."""
     batch = _native.parse_entries(ENTRIES)
-    return _native.encode_copy(batch, NATIVE_MEASURED, "consumer-1", binary)
+    return _native.encode_copy(batch, NATIVE_MEASURED, "consumer-1", binary, stream="file_uploads")
 
 
 def native_parse_encode_list(binary: bool) -> bytes:
     """The same, with the measurements handed over as a Python list of tuples."""
     batch = _native.parse_entries(ENTRIES)
-    return _native.encode_copy(batch, MEASURED, "consumer-1", binary)
+    return _native.encode_copy(batch, MEASURED, "consumer-1", binary, stream="file_uploads")
 
 
 def reference_parse_encode(binary: bool) -> bytes:
     batch = reference.parse_entries(ENTRIES)
-    return reference.encode_copy(batch, MEASURED, "consumer-1", binary)
+    return reference.encode_copy(batch, MEASURED, "consumer-1", binary, stream="file_uploads")
 
 
 @pytest.mark.benchmark(group="parse+encode 10k (binary)")

@@ -1,8 +1,9 @@
 //! Encoding of records into one PostgreSQL COPY buffer for the staging table.
 //!
-//! Columns, in order (see [`COLUMNS`]): event_time, stream_id, file_id, filename,
-//! storage, storage_key, size_bytes, checksum_sha256, content_type, uploaded_at,
-//! consumer, attributes. Both COPY formats are supported: `text` with PostgreSQL's
+//! Columns, in order (see [`COLUMNS`]): event_time, stream, stream_id, file_id,
+//! filename, storage, storage_key, size_bytes, checksum_sha256, content_type,
+//! uploaded_at, consumer, attributes. `stream` and `consumer` are the same for every
+//! row of a buffer ([`BatchColumns`]): they are given once per batch. Both COPY formats are supported: `text` with PostgreSQL's
 //! exact escaping, and `binary` (the default: no escaping, and PostgreSQL parses
 //! neither timestamps nor UUIDs).
 
@@ -12,8 +13,9 @@ use crate::entry::Record;
 use crate::time::{write_pg_timestamp, PG_EPOCH_OFFSET_US};
 
 /// The staging table's columns, in the order every buffer carries them.
-pub const COLUMNS: [&str; 12] = [
+pub const COLUMNS: [&str; 13] = [
     "event_time",
+    "stream",
     "stream_id",
     "file_id",
     "filename",
@@ -35,6 +37,16 @@ pub struct Measured {
     /// Sniffed (or reported by the store); the declared type takes precedence.
     /// Sniffed types are static strings: no allocation per file.
     pub content_type: Option<Cow<'static, str>>,
+}
+
+/// The columns whose value is the same for every row of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchColumns<'a> {
+    /// The logical stream name (`STREAM_NAME`): part of the row's key, with
+    /// `stream_id` and `event_time`, so two streams loading one table never collide.
+    pub stream: &'a str,
+    /// The consumer that loads the batch.
+    pub consumer: &'a str,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,15 +168,15 @@ pub fn encode_row(
     format: Format,
     record: &Record,
     measured: &Measured,
-    consumer: &str,
+    batch: BatchColumns<'_>,
 ) {
     let content_type = record
         .content_type
         .as_deref()
         .or(measured.content_type.as_deref());
     match format {
-        Format::Text => encode_text_row(out, record, measured, content_type, consumer),
-        Format::Binary => encode_binary_row(out, record, measured, content_type, consumer),
+        Format::Text => encode_text_row(out, record, measured, content_type, batch),
+        Format::Binary => encode_binary_row(out, record, measured, content_type, batch),
     }
 }
 
@@ -173,9 +185,11 @@ fn encode_text_row(
     r: &Record,
     m: &Measured,
     content_type: Option<&str>,
-    consumer: &str,
+    batch: BatchColumns<'_>,
 ) {
     write_pg_timestamp(out, r.event_time_us);
+    out.push(b'\t');
+    escape_text(out, batch.stream.as_bytes());
     out.push(b'\t');
     escape_text(out, r.stream_id.as_bytes());
     out.push(b'\t');
@@ -198,7 +212,7 @@ fn encode_text_row(
     out.push(b'\t');
     write_pg_timestamp(out, r.uploaded_at_us);
     out.push(b'\t');
-    escape_text(out, consumer.as_bytes());
+    escape_text(out, batch.consumer.as_bytes());
     out.push(b'\t');
     let mut json = Vec::with_capacity(64);
     attributes_json(&mut json, &r.attributes);
@@ -216,10 +230,11 @@ fn encode_binary_row(
     r: &Record,
     m: &Measured,
     content_type: Option<&str>,
-    consumer: &str,
+    batch: BatchColumns<'_>,
 ) {
     out.extend_from_slice(&(COLUMNS.len() as i16).to_be_bytes());
     field(out, &(r.event_time_us - PG_EPOCH_OFFSET_US).to_be_bytes());
+    field(out, batch.stream.as_bytes());
     field(out, r.stream_id.as_bytes());
     field(out, &r.file_id);
     field(out, r.filename.as_bytes());
@@ -233,7 +248,7 @@ fn encode_binary_row(
         None => out.extend_from_slice(&(-1i32).to_be_bytes()),
     }
     field(out, &(r.uploaded_at_us - PG_EPOCH_OFFSET_US).to_be_bytes());
-    field(out, consumer.as_bytes());
+    field(out, batch.consumer.as_bytes());
     // jsonb's binary input: a version byte (1), then the JSON text.
     let len_at = out.len();
     out.extend_from_slice(&0i32.to_be_bytes());
@@ -246,14 +261,14 @@ fn encode_binary_row(
 /// Encodes every record that has a measurement into one buffer.
 pub fn encode<'a>(
     rows: impl Iterator<Item = (&'a Record, &'a Measured)>,
-    consumer: &str,
+    batch: BatchColumns<'_>,
     format: Format,
     capacity_hint: usize,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(capacity_hint * 256 + 32);
     begin(&mut out, format);
     for (record, measured) in rows {
-        encode_row(&mut out, format, record, measured, consumer);
+        encode_row(&mut out, format, record, measured, batch);
     }
     finish(&mut out, format);
     out
@@ -287,12 +302,17 @@ mod tests {
         }
     }
 
+    const BATCH: BatchColumns<'static> = BatchColumns {
+        stream: "uploads\teu",
+        consumer: "c1",
+    };
+
     #[test]
     fn text_row_is_escaped_like_postgres() {
         let mut out = Vec::new();
-        encode_row(&mut out, Format::Text, &record(), &measured(), "c1");
+        encode_row(&mut out, Format::Text, &record(), &measured(), BATCH);
         let expected = format!(
-            "2023-11-14 22:13:20.123+00\t1700000000123-0\tabababab-abab-abab-abab-abababababab\t\
+            "2023-11-14 22:13:20.123+00\tuploads\\teu\t1700000000123-0\tabababab-abab-abab-abab-abababababab\t\
              a\\tb\\nc\\\\d\\re\\b\\v\\f\x01\tlocal\tdir/a b.txt\t42\t{}\t\\N\t\
              1970-01-01 00:00:00+00\tc1\t{{\"k\\\\\"\": \"v\\\\n\"}}\n",
             "01".repeat(32)
@@ -304,13 +324,16 @@ mod tests {
     fn binary_buffer_has_header_and_trailer() {
         let buf = encode(
             [(&record(), &measured())].into_iter(),
-            "c1",
+            BATCH,
             Format::Binary,
             1,
         );
         assert!(buf.starts_with(BINARY_SIGNATURE));
         assert!(buf.ends_with(&[0xff, 0xff]));
-        assert_eq!(&buf[19..21], &12i16.to_be_bytes());
+        assert_eq!(&buf[19..21], &13i16.to_be_bytes());
+        // event_time (4 + 8 bytes), then the stream name once per row.
+        assert_eq!(&buf[33..37], &10i32.to_be_bytes());
+        assert_eq!(&buf[37..47], b"uploads\teu");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::copy::{self, Format, Measured};
+use crate::copy::{self, BatchColumns, Format, Measured};
 use crate::entry::{format_uuid, parse_entry, Record, Reject, Storage};
 use crate::error::{FileFailure, Reason};
 use crate::hash::{self, Root};
@@ -452,9 +452,10 @@ fn measurement_from_tuple(obj: &Bound<'_, PyAny>) -> PyResult<Option<Measured>> 
 /// Encodes the measured records of `batch` into one COPY buffer (binary by default,
 /// or text), with the GIL released. `measurements` is a Measurements object or a
 /// list of (size, sha256, content_type) tuples / None. `only` restricts the
-/// buffer to the given record indices.
+/// buffer to the given record indices. `stream` (the logical stream name) and
+/// `consumer` go into every row.
 #[pyfunction]
-#[pyo3(signature = (batch, measurements, consumer, binary=true, only=None))]
+#[pyo3(signature = (batch, measurements, consumer, binary=true, only=None, *, stream))]
 fn encode_copy<'py>(
     py: Python<'py>,
     batch: &Bound<'py, EntryBatch>,
@@ -462,6 +463,7 @@ fn encode_copy<'py>(
     consumer: &str,
     binary: bool,
     only: Option<Vec<usize>>,
+    stream: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let b: &EntryBatch = batch.get();
     let format = if binary { Format::Binary } else { Format::Text };
@@ -472,7 +474,11 @@ fn encode_copy<'py>(
             )));
         }
     }
-    let consumer = consumer.to_owned();
+    let (consumer, stream) = (consumer.to_owned(), stream.to_owned());
+    let columns = BatchColumns {
+        stream: &stream,
+        consumer: &consumer,
+    };
     let buf = if let Ok(m) = measurements.cast::<Measurements>() {
         let m: &Measurements = m.get();
         py.detach(|| {
@@ -482,7 +488,7 @@ fn encode_copy<'py>(
             }
             Ok(encode_selected(
                 b,
-                &consumer,
+                columns,
                 format,
                 only.as_deref(),
                 |i| match &slots[i] {
@@ -503,14 +509,14 @@ fn encode_copy<'py>(
                 "measurements and batch differ in length",
             ));
         }
-        py.detach(|| encode_selected(b, &consumer, format, only.as_deref(), |i| list[i].as_ref()))
+        py.detach(|| encode_selected(b, columns, format, only.as_deref(), |i| list[i].as_ref()))
     };
     Ok(PyBytes::new(py, &buf))
 }
 
 fn encode_selected<'a>(
     b: &'a EntryBatch,
-    consumer: &str,
+    columns: BatchColumns<'_>,
     format: Format,
     only: Option<&[usize]>,
     measured: impl Fn(usize) -> Option<&'a Measured>,
@@ -520,7 +526,7 @@ fn encode_selected<'a>(
         None => Box::new(0..b.records.len()),
     };
     let rows = indices.filter_map(|i| measured(i).map(|m| (&b.records[i], m)));
-    copy::encode(rows, consumer, format, b.records.len())
+    copy::encode(rows, columns, format, b.records.len())
 }
 
 /// The content type of a file from its first bytes.

@@ -239,10 +239,11 @@ def attributes_json(attributes: list[tuple[str, str]]) -> str:
     return json.dumps(dict(attributes), ensure_ascii=False)
 
 
-def _row_values(r: dict[str, Any], m: tuple[int, bytes, str | None], consumer: str) -> list[Any]:
+def _row_values(r: dict[str, Any], m: tuple[int, bytes, str | None], consumer: str, stream: str) -> list[Any]:
     size, digest, sniffed = m
     return [
         r["event_time_us"],
+        stream,
         r["stream_id"],
         r["file_id"],
         r["filename"],
@@ -258,9 +259,10 @@ def _row_values(r: dict[str, Any], m: tuple[int, bytes, str | None], consumer: s
 
 
 def encode_text_row(values: list[Any]) -> bytes:
-    (event, sid, fid, fname, storage, key, size, digest, ct, uploaded, consumer, attrs) = values
+    (event, stream, sid, fid, fname, storage, key, size, digest, ct, uploaded, consumer, attrs) = values
     cols = [
         format_timestamp(event),
+        escape_text(stream),
         escape_text(sid),
         fid,
         escape_text(fname),
@@ -277,14 +279,15 @@ def encode_text_row(values: list[Any]) -> bytes:
 
 
 def encode_binary_row(values: list[Any]) -> bytes:
-    (event, sid, fid, fname, storage, key, size, digest, ct, uploaded, consumer, attrs) = values
+    (event, stream, sid, fid, fname, storage, key, size, digest, ct, uploaded, consumer, attrs) = values
 
     def f(b: bytes) -> bytes:
         return struct.pack(">i", len(b)) + b
 
     parts = [
-        struct.pack(">h", 12),
+        struct.pack(">h", 13),
         f(struct.pack(">q", event - PG_EPOCH_OFFSET_US)),
+        f(stream.encode()),
         f(sid.encode()),
         f(bytes.fromhex(fid.replace("-", ""))),
         f(fname.encode()),
@@ -306,13 +309,15 @@ def encode_copy(
     consumer: str,
     binary: bool = True,
     only: Sequence[int] | None = None,
+    *,
+    stream: str,
 ) -> bytes:
     out = [b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)] if binary else []
     for i in range(len(batch.records)) if only is None else only:
         m = measurements[i]
         if m is None:
             continue
-        values = _row_values(batch.records[i], m, consumer)
+        values = _row_values(batch.records[i], m, consumer, stream)
         out.append(encode_binary_row(values) if binary else encode_text_row(values))
     if binary:
         out.append(struct.pack(">h", -1))

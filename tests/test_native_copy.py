@@ -19,7 +19,7 @@ from filepipe import _native
 UUID = "0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e01"
 COLS = ", ".join(_native.COPY_COLUMNS)
 STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS rt (event_time timestamptz, stream_id text, file_id uuid, "
+    "CREATE TEMP TABLE IF NOT EXISTS rt (event_time timestamptz, stream text, stream_id text, file_id uuid, "
     "filename text, storage text, storage_key text, size_bytes bigint, checksum_sha256 text, "
     "content_type text, uploaded_at timestamptz, consumer text, attributes jsonb)"
 )
@@ -69,15 +69,15 @@ def batches(
 
 
 @settings(max_examples=300, deadline=None)
-@given(batches(), no_nul_text.filter(bool), st.booleans())
-def test_encoder_is_byte_exact_with_reference(data: Any, consumer: str, binary: bool) -> None:
+@given(batches(), no_nul_text.filter(bool), no_nul_text.filter(bool), st.booleans())
+def test_encoder_is_byte_exact_with_reference(data: Any, consumer: str, stream: str, binary: bool) -> None:
     entries, measurements = data
     native = _native.parse_entries(entries)
     ref = reference.parse_entries(entries)
     assert native.records() == ref.records
-    assert _native.encode_copy(native, measurements, consumer, binary) == reference.encode_copy(
-        ref, measurements, consumer, binary
-    )
+    assert _native.encode_copy(
+        native, measurements, consumer, binary, stream=stream
+    ) == reference.encode_copy(ref, measurements, consumer, binary, stream=stream)
 
 
 def test_only_restricts_and_measurements_object_matches_list() -> None:
@@ -93,12 +93,16 @@ def test_only_restricts_and_measurements_object_matches_list() -> None:
         listed.append((i, digest, "text/plain"))
     m.fail(2, "missing", "gone")
     listed[2] = None
-    assert _native.encode_copy(batch, m, "c") == _native.encode_copy(batch, listed, "c")
+    assert _native.encode_copy(batch, m, "c", stream="s") == _native.encode_copy(
+        batch, listed, "c", stream="s"
+    )
     assert m.failures() == [(2, "missing", "gone", False)] and m.measured() == [0, 1, 3]
-    only = _native.encode_copy(batch, m, "c", only=[3])
-    assert only == reference.encode_copy(reference.parse_entries(entries), listed, "c", only=[3])
+    only = _native.encode_copy(batch, m, "c", only=[3], stream="s")
+    assert only == reference.encode_copy(reference.parse_entries(entries), listed, "c", only=[3], stream="s")
     with pytest.raises(IndexError):
-        _native.encode_copy(batch, m, "c", only=[9])
+        _native.encode_copy(batch, m, "c", only=[9], stream="s")
+    with pytest.raises(TypeError, match="stream"):
+        _native.encode_copy(batch, m, "c")  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         m.fail(0, "no_such_reason", "x")
     with pytest.raises(ValueError):
@@ -119,7 +123,7 @@ def copy_in(conn: psycopg.Connection[Any], buf: bytes, binary: bool) -> list[tup
         with cur.copy(f"COPY rt ({COLS}) FROM STDIN (FORMAT {'BINARY' if binary else 'TEXT'})") as copy:
             copy.write(buf)
         return cur.execute(
-            "SELECT (extract(epoch from event_time) * 1000000)::bigint, stream_id, file_id::text, "
+            "SELECT (extract(epoch from event_time) * 1000000)::bigint, stream, stream_id, file_id::text, "
             "filename, storage, storage_key, size_bytes, checksum_sha256, content_type, "
             "(extract(epoch from uploaded_at) * 1000000)::numeric::bigint, consumer, attributes FROM rt "
             "ORDER BY stream_id"
@@ -127,13 +131,13 @@ def copy_in(conn: psycopg.Connection[Any], buf: bytes, binary: bool) -> list[tup
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batches(), no_nul_text.filter(bool), st.booleans())
+@given(batches(), no_nul_text.filter(bool), no_nul_text.filter(bool), st.booleans())
 def test_round_trip_through_postgres(
-    conn: psycopg.Connection[Any], data: Any, consumer: str, binary: bool
+    conn: psycopg.Connection[Any], data: Any, consumer: str, stream: str, binary: bool
 ) -> None:
     entries, measurements = data
     batch = _native.parse_entries(entries)
-    rows = copy_in(conn, _native.encode_copy(batch, measurements, consumer, binary), binary)
+    rows = copy_in(conn, _native.encode_copy(batch, measurements, consumer, binary, stream=stream), binary)
     expected = []
     for r, m in zip(batch.records(), measurements, strict=True):
         if m is None:
@@ -141,6 +145,7 @@ def test_round_trip_through_postgres(
         expected.append(
             (
                 r["event_time_us"],
+                stream,
                 r["stream_id"],
                 r["file_id"],
                 r["filename"],
@@ -154,7 +159,7 @@ def test_round_trip_through_postgres(
                 dict(r["attributes"]),
             )
         )
-    assert rows == sorted(expected, key=lambda t: t[1])
+    assert rows == sorted(expected, key=lambda t: t[2])
 
 
 def test_text_escaping_matches_postgres_copy_out(conn: psycopg.Connection[Any]) -> None:
@@ -163,7 +168,7 @@ def test_text_escaping_matches_postgres_copy_out(conn: psycopg.Connection[Any]) 
     entries = [(b"1700000000000-0", {b"file_id": UUID.encode(), b"filename": nasty.encode(), b"key": b"k",
                                      b"note": nasty.encode()})]
     batch = _native.parse_entries(entries)
-    buf = _native.encode_copy(batch, [(5, b"\x00" * 32, "x/y")], "c", binary=False)
+    buf = _native.encode_copy(batch, [(5, b"\x00" * 32, "x/y")], "c", binary=False, stream=nasty)
     copy_in(conn, buf, binary=False)
     out = bytearray()
     with conn.cursor().copy(f"COPY rt ({COLS}) TO STDOUT") as copy:
@@ -194,16 +199,18 @@ def test_binary_and_text_load_the_same_rows(conn: psycopg.Connection[Any]) -> No
                                                    b"key": b"k", b"x": b"\\y\n"}) for i in range(50)]
     batch = _native.parse_entries(entries)
     ms = [(i, bytes([i]) * 32, None) for i in range(50)]
-    assert copy_in(conn, _native.encode_copy(batch, ms, "c", True), True) == copy_in(
-        conn, _native.encode_copy(batch, ms, "c", False), False
+    assert copy_in(conn, _native.encode_copy(batch, ms, "c", True, stream="s\t1"), True) == copy_in(
+        conn, _native.encode_copy(batch, ms, "c", False, stream="s\t1"), False
     )
 
 
 def test_null_content_type_is_sql_null(conn: psycopg.Connection[Any]) -> None:
     batch = _native.parse_entries([(b"1-0", {b"file_id": UUID.encode(), b"filename": b"f", b"key": b"k"})])
     for binary in (True, False):
-        rows = copy_in(conn, _native.encode_copy(batch, [(1, b"\x01" * 32, None)], "c", binary), binary)
-        assert rows[0][8] is None
+        rows = copy_in(
+            conn, _native.encode_copy(batch, [(1, b"\x01" * 32, None)], "c", binary, stream="s"), binary
+        )
+        assert rows[0][9] is None
 
 
 def test_timestamps_format_like_postgres(conn: psycopg.Connection[Any]) -> None:

@@ -86,9 +86,12 @@ def encode_copy(
     consumer: str,
     binary: bool = True,
     only: Sequence[int] | None = None,
+    *,
+    stream: str,
 ) -> bytes:
     """Encodes the measured records into one COPY buffer (binary or text format),
-    with the GIL released. `only` restricts it to the given record indices."""
+    with the GIL released. `only` restricts it to the given record indices. `stream`
+    (the logical stream name, part of each row's key) and `consumer` go into every row."""
 
 def sniff_content_type(head: bytes) -> str:
     """The content type of a file from its first bytes."""

@@ -155,12 +155,22 @@ def _root(
 
 @app.command("init-db")
 @handle_errors
-def init_db_cmd(pg_uri: PgUri = None, table: Table = None, debug: Debug = False) -> None:
-    """Create the events table (a hypertable when TimescaleDB is installed). Idempotent."""
+def init_db_cmd(
+    pg_uri: PgUri = None, table: Table = None, stream: Stream = None, debug: Debug = False
+) -> None:
+    """Create the events table (a hypertable when TimescaleDB is installed), or upgrade one of
+    the old layout (its rows are given the stream name). Idempotent."""
     from .db import init_db
 
-    s = settings_from(pg_uri=pg_uri, table=table)
+    s = settings_from(pg_uri=pg_uri, table=table, stream=stream)
     info = init_db(s)
+    if info.upgraded is not None:
+        up = info.upgraded
+        about = f" (about {up.rows:,})" if up.rows else ""
+        typer.echo(
+            f"✓ Table {info.table} upgraded in {up.seconds:.1f} s: rows keyed by "
+            f"(stream, stream_id, event_time); existing rows{about} are stream '{up.stream}'"
+        )
     kind = "TimescaleDB hypertable" if info.hypertable else "plain table (timescaledb not available)"
     typer.echo(f"✓ Table {info.table} ready: {kind} on {mask_url(s.pg_uri)}")
 

@@ -263,6 +263,7 @@ class Consumer:
                     lambda p=part: stream.ensure_group(self.redis, p.stream, self.settings.group),  # type: ignore[misc]
                     is_transient_redis,
                 )
+            self._check_table()
             loader.start()
             preparer.start()
             self._read_loop()
@@ -280,6 +281,16 @@ class Consumer:
         if self.failed is not None:
             raise self.failed
         return self.stats
+
+    def _check_table(self) -> None:
+        """Refuses at once a table this version cannot load (SchemaError: one line naming
+        `filepipe init-db`, exit 2). With PostgreSQL unreachable now, the first load checks
+        instead (db.Loader), so an outage at start is waited out as ever."""
+        try:
+            with db.connect(self.settings) as conn:
+                db.check_layout(conn, self.settings.table)
+        except psycopg.Error:
+            pass
 
     # -- reading ---------------------------------------------------------------------
 
@@ -564,7 +575,7 @@ class Consumer:
                     deliveries.get(entry_id, 1),
                 )
             )
-        buf = _native.encode_copy(batch, measurements, self.name, self.binary)
+        buf = _native.encode_copy(batch, measurements, self.name, self.binary, stream=s.stream)
         rows = len(measurements.measured())
         return Prepared(
             ids=[e[0] for e in entries],
@@ -726,7 +737,9 @@ class Consumer:
         )
 
     def _bisect(self, p: Prepared, indices: list[int]) -> tuple[int, list[DeadLetter]]:
-        buf = _native.encode_copy(p.batch, p.measurements, self.name, self.binary, only=indices)
+        buf = _native.encode_copy(
+            p.batch, p.measurements, self.name, self.binary, only=indices, stream=self.settings.stream
+        )
         try:
             return self._load_buffer(buf, len(indices)), []
         except psycopg.Error as e:

@@ -2,7 +2,8 @@
 
 A batch is loaded in one transaction: COPY into a per-connection temporary
 staging table, `INSERT … SELECT … ON CONFLICT DO NOTHING` into the events table,
-COMMIT. The primary key `(stream_id, event_time)` makes a redelivered entry a no-op.
+COMMIT. The primary key `(stream, stream_id, event_time)` makes a redelivered entry a
+no-op, and keeps apart the rows of two streams loading one table.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import _native
 from . import constants as c
 from ._faults import crash_point
 from .config import Settings, mask_url
-from .errors import ConfigError, DatabaseError, TransientError
+from .errors import ConfigError, DatabaseError, SchemaError, TransientError
 from .redaction import error_line
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ COLUMNS: tuple[str, ...] = tuple(_native.COPY_COLUMNS)
 
 _COLUMN_TYPES = {
     "event_time": "timestamptz NOT NULL",
+    "stream": "text NOT NULL",
     "stream_id": "text NOT NULL",
     "file_id": "uuid NOT NULL",
     "filename": "text NOT NULL",
@@ -172,16 +174,163 @@ def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> 
     return pool
 
 
+# A row's identity: the logical stream name, the entry id (behind `{i}/` for partition i)
+# and the event time (from the entry id). It contains the time column, as a TimescaleDB
+# hypertable requires of every unique key.
+PRIMARY_KEY: tuple[str, ...] = ("stream", "stream_id", "event_time")
+# The key before the stream name was part of it: two streams' equal entry ids collided.
+OLD_PRIMARY_KEY: tuple[str, ...] = ("stream_id", "event_time")
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """What `init-db` did to an old-layout table."""
+
+    stream: str  # the name the existing rows were given
+    rows: int  # the table's row count, as PostgreSQL estimates it
+    seconds: float
+
+
 @dataclass(frozen=True)
 class SchemaInfo:
     table: str
     hypertable: bool
     timescaledb: bool
+    # Set when init-db upgraded an old-layout table: what it did, for the user.
+    upgraded: Upgrade | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The events table as PostgreSQL describes it."""
+
+    columns: frozenset[str]
+    primary_key: tuple[str, ...]
+    primary_key_name: str | None
+    compression: bool  # a TimescaleDB hypertable with compression enabled
+
+    def problem(self, table: str) -> str | None:
+        """Why filepipe cannot load this table as it is (None: it can)."""
+        missing = [name for name in COLUMNS if name != "stream" and name not in self.columns]
+        if missing:
+            return f"table {table} is not a filepipe events table: it has no column {', '.join(missing)}"
+        if "stream" not in self.columns or self.primary_key != PRIMARY_KEY:
+            return (
+                f"table {table} has the old layout (rows keyed by ({', '.join(self.primary_key)}), "
+                "without the stream name): run `filepipe init-db` to upgrade it"
+            )
+        return None
+
+
+_PRIMARY_KEY_SQL = """
+SELECT c.conname, a.attname
+FROM pg_constraint c
+JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n) ON true
+JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+WHERE c.conrelid = %s::regclass AND c.contype = 'p'
+ORDER BY k.n
+"""
+
+
+def read_layout(conn: psycopg.Connection[Any], table: str) -> Layout | None:
+    """The table's columns and primary key, or None if there is no such table."""
+    row = conn.execute("SELECT to_regclass(%s)::oid", (table,)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    oid = row[0]
+    columns = frozenset(
+        name
+        for (name,) in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+            (oid,),
+        )
+    )
+    key = conn.execute(_PRIMARY_KEY_SQL, (oid,)).fetchall()
+    compression = False
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+        found = conn.execute(
+            "SELECT compression_enabled FROM timescaledb_information.hypertables "
+            "WHERE format('%%I.%%I', hypertable_schema, hypertable_name)::regclass = %s::regclass",
+            (oid,),
+        ).fetchone()
+        compression = bool(found and found[0])
+    return Layout(
+        columns=columns,
+        primary_key=tuple(name for _, name in key),
+        primary_key_name=key[0][0] if key else None,
+        compression=compression,
+    )
+
+
+def check_layout(conn: psycopg.Connection[Any], table: str) -> None:
+    """Raises SchemaError (one line naming `filepipe init-db`) if the table exists with a
+    layout this version cannot load; a missing table is reported at the first load."""
+    layout = read_layout(conn, table)
+    problem = layout.problem(table) if layout is not None else None
+    if problem:
+        raise SchemaError(problem)
+
+
+# How long init-db waits for the table's lock before giving up (a long query or a
+# loading consumer holds it): waiting longer would stall every reader queued behind it.
+UPGRADE_LOCK_TIMEOUT_MS = 10_000
+
+
+def _upgrade(conn: psycopg.Connection[Any], table: str, stream: str, layout: Layout) -> Upgrade:
+    """Brings an old-layout table to the current one in one transaction: adds `stream`
+    (the existing rows get `stream`, the configured STREAM_NAME) and rebuilds the
+    primary key as (stream, stream_id, event_time). Adding the column with a constant
+    default rewrites nothing; building the new key's index reads the whole table. The
+    table is locked (ACCESS EXCLUSIVE: no reads, no writes) until the commit."""
+    missing = [name for name in COLUMNS if name != "stream" and name not in layout.columns]
+    if missing:
+        raise DatabaseError(layout.problem(table) or f"table {table} cannot be upgraded")
+    if layout.primary_key not in (OLD_PRIMARY_KEY, PRIMARY_KEY):
+        raise DatabaseError(
+            f"table {table} has primary key ({', '.join(layout.primary_key) or 'none'}), not filepipe's "
+            f"({', '.join(OLD_PRIMARY_KEY)}): change it to ({', '.join(PRIMARY_KEY)}) by hand"
+        )
+    if layout.compression:
+        raise DatabaseError(
+            f"table {table} is a hypertable with compression enabled, and TimescaleDB cannot build its "
+            "new primary key (stream, stream_id, event_time) on compressed chunks: decompress them, "
+            "disable compression, run `filepipe init-db` again, then enable compression again"
+        )
+    ident = table_ident(table)
+    started = time.monotonic()
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(UPGRADE_LOCK_TIMEOUT_MS)))
+        conn.execute("SET LOCAL statement_timeout = 0")  # the index build takes as long as it takes
+        row = conn.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)
+        ).fetchone()
+        if "stream" not in layout.columns:
+            # The default stays: a consumer of the previous version still running (it does
+            # not send the column) keeps loading, its rows named after this stream.
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN stream text NOT NULL DEFAULT {}").format(
+                    ident, sql.Literal(stream)
+                )
+            )
+        if layout.primary_key != PRIMARY_KEY:
+            name = layout.primary_key_name or table.split(".")[-1] + "_pkey"
+            if layout.primary_key_name:
+                conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(ident, sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY ({})").format(
+                    ident, sql.Identifier(name), sql.SQL(", ").join(map(sql.Identifier, PRIMARY_KEY))
+                )
+            )
+    rows = max(0, int(row[0])) if row and row[0] is not None else 0
+    return Upgrade(stream=stream, rows=rows, seconds=time.monotonic() - started)
 
 
 def init_db(settings: Settings) -> SchemaInfo:
     """Creates the events table (a TimescaleDB hypertable on `event_time` when the
-    extension is available, a plain table with a time index otherwise). Idempotent."""
+    extension is available, a plain table with a time index otherwise). Idempotent.
+
+    An existing table of the old layout (no `stream` column, keyed by (stream_id,
+    event_time)) is upgraded in one transaction: its rows get `settings.stream`."""
     table = settings.table
     ident = table_ident(table)
     cols = sql.SQL(",\n  ").join(
@@ -190,8 +339,8 @@ def init_db(settings: Settings) -> SchemaInfo:
     create = sql.SQL(
         "CREATE TABLE IF NOT EXISTS {table} (\n  {cols},\n"
         "  processed_at timestamptz NOT NULL DEFAULT now(),\n"
-        "  PRIMARY KEY (stream_id, event_time)\n)"
-    ).format(table=ident, cols=cols)
+        "  PRIMARY KEY ({key})\n)"
+    ).format(table=ident, cols=cols, key=sql.SQL(", ").join(map(sql.Identifier, PRIMARY_KEY)))
     try:
         with connect(settings, autocommit=True) as conn:
             if "." in table:
@@ -204,6 +353,10 @@ def init_db(settings: Settings) -> SchemaInfo:
             if available:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
             conn.execute(create)
+            upgraded = None
+            layout = read_layout(conn, table)
+            if layout is not None and layout.problem(table):
+                upgraded = _upgrade(conn, table, settings.stream, layout)
             hypertable = False
             if available:
                 conn.execute(
@@ -218,7 +371,12 @@ def init_db(settings: Settings) -> SchemaInfo:
                         _index_name(table, "_event_time_idx"), ident
                     )
                 )
-            return SchemaInfo(table=table, hypertable=hypertable, timescaledb=available)
+            return SchemaInfo(table=table, hypertable=hypertable, timescaledb=available, upgraded=upgraded)
+    except psycopg.errors.LockNotAvailable as e:
+        raise DatabaseError(
+            f"table {table} is in use (its lock was not granted within {UPGRADE_LOCK_TIMEOUT_MS // 1000} s): "
+            "stop the consumers loading it and run `filepipe init-db` again"
+        ) from e
     except psycopg.OperationalError as e:
         raise DatabaseError(f"cannot reach PostgreSQL at {mask_url(settings.pg_uri)}: {first_line(e)}") from e
     except psycopg.Error as e:
@@ -282,6 +440,8 @@ class Loader:
             ).format(sql.Literal(settings.statement_timeout_ms), staging, _staging_columns())
         self._merge_only = 0
         self.conflicts = 0
+        self.table = settings.table
+        self._layout_checked = False
 
     def load(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
         """COPY one buffer of `rows` rows and COMMIT; returns the rows newly inserted
@@ -289,7 +449,14 @@ class Loader:
 
         A connection that answers nothing for `stall_timeout` seconds (a silent
         network: the server's statement timeout cannot help when its answer never
-        arrives) is cut, and the load fails with a TransientError."""
+        arrives) is cut, and the load fails with a TransientError.
+
+        The first load checks the table's layout: one this version cannot load (the old
+        key, without the stream name) raises SchemaError, and nothing is loaded."""
+        if not self._layout_checked:
+            with self.pool.connection() as conn, Watchdog(conn, self.stall_timeout):
+                check_layout(conn, self.table)
+            self._layout_checked = True
         if direct and self._merge_only <= 0:
             try:
                 self._run(buf, direct=True)

@@ -1022,7 +1022,7 @@ def _measure_copy(conn: psycopg.Connection[Any], settings: Settings, f: Postgres
     """COPY into the consumer's own temporary staging table, then roll back."""
     binary = settings.copy_format == "binary"
     batch, m = synthetic_batch(COPY_ROWS, first_id_ms=1, size=DEFAULT_FILE_SIZE)
-    buf = _native.encode_copy(batch, m, "benchmark", binary)
+    buf = _native.encode_copy(batch, m, "benchmark", binary, stream=settings.stream)
     conn.autocommit = False
     try:
         db._configure(conn)  # the staging table the consumer loads into
@@ -1062,7 +1062,7 @@ def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -
         def buffer(n: int) -> tuple[bytes, int]:
             batch, m = synthetic_batch(n, first_id_ms=next_id[0], size=DEFAULT_FILE_SIZE)
             next_id[0] += n
-            return _native.encode_copy(batch, m, "benchmark", binary), n
+            return _native.encode_copy(batch, m, "benchmark", binary, stream=settings.stream), n
 
         def median_ms(buffers: list[tuple[bytes, int]]) -> float:
             times = []
@@ -1105,7 +1105,7 @@ def measure_host(settings: Settings) -> HostFigures:
         for i in range(len(batch)):
             m.set(i, DEFAULT_FILE_SIZE, digest, "application/octet-stream")
         t2 = time.perf_counter()
-        _native.encode_copy(batch, m, "benchmark", binary)
+        _native.encode_copy(batch, m, "benchmark", binary, stream=settings.stream)
         t3 = time.perf_counter()
         best = min(best, (t1 - t0) + (t3 - t2))
     return HostFigures(cpus=os.cpu_count() or 1, parse_encode_us=best / CPU_ROWS * 1e6)

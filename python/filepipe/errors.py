@@ -11,6 +11,10 @@ class ConfigError(FilepipeError):
     """The configuration (environment, .env or options) is missing or invalid."""
 
 
+class SchemaError(ConfigError):
+    """The events table does not have the layout this version loads (`filepipe init-db` fixes it)."""
+
+
 class EntryError(FilepipeError):
     """A stream entry or a batch of them is not in the expected shape."""
 
