@@ -361,6 +361,18 @@ def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_p
     assert doc["redis"]["length"] == 300 and doc["redis"]["pending"] == 0
     assert {c["name"] for c in doc["redis"]["consumers"]} == {"cl-0", "cl-1"}
 
+    # A dead letter on partition 3 goes back to partition 3, its fields as they were.
+    part = partitions(s)[3]
+    own = {b"file_id": b"x", b"reason": b"the entry's own", b"key": b"k"}
+    added = [b"original_fields", b"3", b"error", b"e", b"reason", b"missing", b"consumer", b"cl-0",
+             b"deliveries", b"1", b"source_id", b"1-1"]
+    r.execute_command("XADD", part.dead_stream, "*", *[x for kv in own.items() for x in kv], *added)
+    replayed = subprocess.run([sys.executable, "-m", "filepipe", "dlq", "replay"], env=consumer_env(s),
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert replayed.returncode == 0 and "Replayed 1 dead letters" in replayed.stdout, replayed.stderr
+    ((_, fields),) = r.xrevrange(part.stream, count=1)
+    assert fields == own and r.xlen(part.dead_stream) == 0
+
 
 # -- PgBouncer --------------------------------------------------------------------------------
 

@@ -6,36 +6,82 @@
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 
 from .config import Settings
 from .partitions import Partition, partitions
-from .stream import id_key
+from .redaction import printable
+from .stream import FIELDS_DROPPED, INCOMPLETE_MARKERS, ORIGINAL_FIELDS, id_key
 
-# Fields the consumer adds to a dead letter; the rest are the entry's own.
-ADDED = (b"error", b"reason", b"consumer", b"deliveries", b"source_id")
 CHUNK = 500
+SHOWN = 20  # dead letters named when a replay leaves some
+# What consumers before `original_fields` added, renaming an entry field of the same name
+# to `orig_<name>`; `fields_dropped` was then the very last field when there was one.
+_OLD_ADDED = (b"error", b"reason", b"consumer", b"deliveries", b"source_id")
+# XRANGE as the server sends it: redis-py's own reply is a dict, which keeps one value per
+# name, and an entry may have a field named like one the consumer adds.
+_RANGE_SCRIPT = "return redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])"
+
+Pairs = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
 class DeadLetterEntry:
     id: bytes
-    fields: dict[bytes, bytes]
+    pairs: Pairs
+
+    @property
+    def fields(self) -> dict[bytes, bytes]:
+        """The fields by name: where the entry had a field named like one the consumer
+        adds, the consumer's (it comes last)."""
+        return dict(self.pairs)
 
     @property
     def reason(self) -> str:
         return self.fields.get(b"reason", b"unknown").decode(errors="replace")
 
-    def original(self) -> dict[bytes, bytes]:
-        """The entry's own fields, as they were when it was rejected."""
-        out = {k: v for k, v in self.fields.items() if k not in ADDED and not k.startswith(b"orig_")}
-        for k, v in self.fields.items():
-            if k.startswith(b"orig_") and k[5:] in ADDED:
-                out[k[5:]] = v
+    def _split(self) -> tuple[Pairs, Pairs] | None:
+        """(the entry's fields, the added ones) of a dead letter that says where they
+        part (`original_fields` at the position it names), None for an older one."""
+        for i in range(len(self.pairs) - 1, -1, -1):
+            name, value = self.pairs[i]
+            if name == ORIGINAL_FIELDS and value == str(i).encode():
+                return self.pairs[:i], self.pairs[i + 1 :]
+        return None
+
+    def original(self) -> Pairs:
+        """The entry's own fields, as they were when it was rejected: byte for byte, in
+        their order. From a dead letter written before `original_fields` existed, as well
+        as can be told: the consumer's fields are left out and `orig_<name>` (for error,
+        reason, consumer, deliveries, source_id) is taken back to `<name>`, so an entry
+        field that was itself named `orig_error` comes back as `error`."""
+        split = self._split()
+        if split is not None:
+            return split[0]
+        pairs = self.pairs[:-1] if self.pairs and self.pairs[-1][0] == FIELDS_DROPPED else self.pairs
+        out: Pairs = []
+        for name, value in pairs:
+            if name in _OLD_ADDED:
+                continue
+            if name.startswith(b"orig_") and name[5:] in _OLD_ADDED:
+                name = name[5:]
+            out.append((name, value))
         return out
+
+    def unreplayable(self) -> str | None:
+        """Why putting this dead letter back would not recreate its entry, or None."""
+        split = self._split()
+        added = dict(split[1]) if split is not None else dict(self.pairs[-1:])
+        for marker in INCOMPLETE_MARKERS:
+            if marker in added:
+                value = added[marker].decode(errors="replace")
+                return f"incomplete: it does not hold every field of the entry ({marker.decode()}: {value})"
+        if not self.original():
+            return "no fields to replay: the entry was deleted from the stream before it was read"
+        return None
 
     def summary(self) -> dict[str, Any]:
         f = self.fields
@@ -46,20 +92,27 @@ class DeadLetterEntry:
             "error": f.get(b"error", b"").decode(errors="replace"),
             "consumer": f.get(b"consumer", b"").decode(errors="replace"),
             "deliveries": int(f.get(b"deliveries", b"0") or 0),
-            "filename": f.get(b"filename", b"").decode(errors="replace"),
+            "filename": dict(self.original()).get(b"filename", b"").decode(errors="replace"),
         }
 
 
+def _entry(entry_id: bytes, fields: Any) -> DeadLetterEntry:
+    """A dead letter from a reply row: flat `[name, value, …]` (the script's) or a dict."""
+    if isinstance(fields, dict):
+        return DeadLetterEntry(entry_id, list(fields.items()))
+    it = iter(fields or [])
+    return DeadLetterEntry(entry_id, list(zip(it, it, strict=False)))
+
+
 def scan(r: redis.Redis, dead_stream: str) -> Iterator[DeadLetterEntry]:
-    """Every dead letter, oldest first, read in chunks."""
+    """Every dead letter, oldest first, read in chunks, with every field as stored."""
     start = b"-"
     while True:
-        reply = r.xrange(dead_stream, min=start, max="+", count=CHUNK)
-        rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", reply)
+        rows = cast("list[list[Any]]", r.eval(_RANGE_SCRIPT, 1, dead_stream, start, CHUNK))
         if not rows:
             return
         for entry_id, fields in rows:
-            yield DeadLetterEntry(entry_id, fields)
+            yield _entry(entry_id, fields)
         if len(rows) < CHUNK:
             return
         start = b"(" + rows[-1][0]
@@ -89,7 +142,7 @@ def summarize(r: redis.Redis, dead_stream: str | list[str], recent: int = 10) ->
     latest = sorted(rows, key=lambda row: id_key(row[0]), reverse=True)[:recent]
     name = dead_stream if isinstance(dead_stream, str) else _shown(streams)
     return {"stream": name, "total": sum(counts.values()), "by_reason": dict(counts.most_common()),
-            "recent": [DeadLetterEntry(i, f).summary() for i, f in latest]}
+            "recent": [_entry(i, f).summary() for i, f in latest]}
 
 
 def _shown(streams: list[str]) -> str:
@@ -97,34 +150,57 @@ def _shown(streams: list[str]) -> str:
     return streams[0] if len(streams) == 1 else f"{streams[0]} … {streams[-1]}"
 
 
-def replay(r: redis.Redis, settings: Settings, entries: Iterator[DeadLetterEntry],
-           part: Partition | None = None) -> int:
+@dataclass
+class Replayed:
+    """What a replay did: how many dead letters went back on the stream, and those left
+    in the dead-letter stream with the reason they cannot be replayed."""
+
+    count: int = 0
+    refused: list[tuple[DeadLetterEntry, str]] = field(default_factory=list)
+
+
+def replay(
+    r: redis.Redis,
+    settings: Settings,
+    entries: Iterator[DeadLetterEntry],
+    part: Partition | None = None,
+    result: Replayed | None = None,
+) -> Replayed:
     """Puts dead letters back on the stream with their original fields and removes them
     from the dead-letter stream, each chunk in one MULTI/EXEC: a crash replays a chunk
     entirely or not at all. With partitions, `part` says which: its dead letters go back
-    to it (the same hash slot, so the transaction stays on one node)."""
+    to it (the same hash slot, so the transaction stays on one node).
+
+    A dead letter that would not recreate its entry (one that holds only part of the
+    entry's fields, or none: the entry was deleted before it was read) is left where it
+    is, with the reason, in `refused`; the others are replayed all the same."""
     target, dead_stream = (part.stream, part.dead_stream) if part else (settings.stream, settings.dead_stream)
-    total = 0
+    result = result if result is not None else Replayed()
     chunk: list[DeadLetterEntry] = []
 
     def flush() -> None:
-        nonlocal total
         if not chunk:
             return
         pipe = r.pipeline(transaction=True)
         for d in chunk:
-            pipe.xadd(target, d.original())  # type: ignore[arg-type]
+            # XADD itself: the entry's fields may repeat a name, which a dict cannot hold.
+            flat = [x for pair in d.original() for x in pair]
+            pipe.execute_command("XADD", target, "*", *flat)  # type: ignore[no-untyped-call]
         pipe.xdel(dead_stream, *[d.id for d in chunk])
         pipe.execute()
-        total += len(chunk)
+        result.count += len(chunk)
         chunk.clear()
 
     for d in entries:
+        why = d.unreplayable()
+        if why is not None:
+            result.refused.append((d, why))
+            continue
         chunk.append(d)
         if len(chunk) >= CHUNK:
             flush()
     flush()
-    return total
+    return result
 
 
 def purge(r: redis.Redis, dead_stream: str, entries: Iterator[DeadLetterEntry] | None) -> int:
@@ -188,13 +264,19 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
             return
-        typer.echo(f"DEAD LETTERS in {summary['stream']}: {summary['total']}")
+
+        def echo(line: str) -> None:
+            # Reasons, ids and errors are whatever the dead-letter stream holds: escaped.
+            typer.echo(printable(line))
+
+        echo(f"DEAD LETTERS in {summary['stream']}: {summary['total']}")
         for reason, n in summary["by_reason"].items():
-            typer.echo(f"  {reason:<18} {n:>8}")
+            echo(f"  {reason:<18} {n:>8}")
         if summary["recent"]:
-            typer.echo("\nMost recent:")
+            typer.echo("")
+            echo("Most recent:")
             for d in summary["recent"]:
-                typer.echo(f"  {d['id']}  (source {d['source_id']})  {d['reason']}: {d['error']}")
+                echo(f"  {d['id']}  (source {d['source_id']})  {d['reason']}: {d['error']}")
 
     @dlq_app.command("replay")
     @handle_errors
@@ -209,10 +291,22 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         """Put dead letters back on the stream (after fixing what rejected them)."""
         s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
         r = connect(s)
-        parts = partitions(s)
-        n = sum(replay(r, s, matching(r, p.dead_stream, reason, ids), p) for p in parts)
+        result = Replayed()
+        for p in partitions(s):
+            replay(r, s, matching(r, p.dead_stream, reason, ids), p, result)
         where = s.stream if not s.partitions else f"{s.stream} ({s.partitions} partitions)"
-        typer.echo(f"✓ Replayed {n} dead letters onto {where}")
+        typer.echo(f"✓ Replayed {result.count} dead letters onto {where}")
+        if result.refused:
+            n = len(result.refused)
+            typer.echo(f"✗ Left {n} dead letter{'s' if n != 1 else ''} that cannot be replayed:", err=True)
+            for d, why in result.refused[:SHOWN]:
+                source = d.fields.get(b"source_id", b"?")
+                typer.echo(printable(f"  {d.id.decode()} (source {source.decode(errors='replace')}): {why}"),
+                           err=True)
+            if n > SHOWN:
+                typer.echo(f"  … and {n - SHOWN} more", err=True)
+            typer.echo("  (`filepipe dlq purge --id ID` deletes one)", err=True)
+            raise typer.Exit(1)
 
     @dlq_app.command("purge")
     @handle_errors

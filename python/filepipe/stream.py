@@ -154,21 +154,42 @@ class DeadLetter:
     deliveries: int = 1
 
 
-def dead_letter_fields(d: DeadLetter, consumer: str) -> dict[bytes, bytes]:
-    """The original fields plus error, reason, consumer, deliveries, source_id.
+# A dead letter is the entry's own fields, exactly as they were (names, values, order),
+# followed by the fields the consumer adds. The first added one, `original_fields`, says
+# how many fields came before it: it sits at that very position, which is how a reader
+# tells it from an entry field of the same name. Whatever names the entry used (`error`,
+# `reason`, `orig_x`, `original_fields`), its fields come back byte for byte; a reader by
+# name (a dict of the fields) sees the added values, which come last.
+ORIGINAL_FIELDS = b"original_fields"
+# Added when a dead letter could not keep every field of its entry: such a dead letter
+# cannot be replayed faithfully.
+FIELDS_DROPPED = b"fields_dropped"
+INCOMPLETE_MARKERS = (FIELDS_DROPPED,)
 
-    An original field with one of those names is kept under `orig_<name>`."""
-    extra = {
-        b"error": d.error.encode(),
-        b"reason": d.reason.encode(),
-        b"consumer": consumer.encode(),
-        b"deliveries": str(d.deliveries).encode(),
-        b"source_id": d.source_id,
-    }
-    out: dict[bytes, bytes] = {}
-    for k, v in d.fields.items():
-        out[b"orig_" + k if k in extra else k] = v
-    out.update(extra)
+
+def dead_letter_fields(
+    d: DeadLetter, consumer: str, max_items: int | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The dead letter's fields: the entry's own, then `original_fields`, error, reason,
+    consumer, deliveries and source_id. With `max_items` (names and values counted
+    apart), only as many of the entry's fields as fit are kept, and `fields_dropped`
+    says how many were not."""
+    original = list(d.fields.items())
+    added = [
+        (b"error", d.error.encode()),
+        (b"reason", d.reason.encode()),
+        (b"consumer", consumer.encode()),
+        (b"deliveries", str(d.deliveries).encode()),
+        (b"source_id", d.source_id),
+    ]
+    dropped = 0
+    if max_items is not None and 2 * (len(original) + len(added) + 1) > max_items:
+        keep = max(0, max_items // 2 - len(added) - 2)
+        dropped = len(original) - keep
+        original = original[:keep]
+    out = [*original, (ORIGINAL_FIELDS, str(len(original)).encode()), *added]
+    if dropped:
+        out.append((FIELDS_DROPPED, str(dropped).encode()))
     return out
 
 
@@ -193,13 +214,8 @@ def ack(
         return 0
     args: list[Any] = [group, len(dead)]
     for d in dead:
-        items = [x for kv in dead_letter_fields(d, consumer).items() for x in kv]
-        if len(items) > _MAX_DEAD_ITEMS:
-            # Lua's unpack() has a limit: keep the added fields (the last 10 items) and
-            # as many original ones as fit, and say how many were dropped.
-            kept = items[: _MAX_DEAD_ITEMS - 12]
-            dropped = (len(items) - 10 - len(kept)) // 2
-            items = kept + items[-10:] + [b"fields_dropped", str(dropped).encode()]
+        # Lua's unpack() has a limit: as many of the entry's fields as fit under it.
+        items = [x for kv in dead_letter_fields(d, consumer, _MAX_DEAD_ITEMS) for x in kv]
         args += [d.source_id, len(items), *items]
     args += list(ids)
     try:
