@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import hypothesis
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 from playwright.sync_api import Browser, Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -772,3 +775,249 @@ def test_partitions_on_a_redis_cluster(env: Env) -> None:
     assert [(c["name"], c["pending"], c["health"]) for c in snap["consumers"]] == [("reader", 3, "healthy")]
     assert {row["reason"]: row["count"] for row in snap["dead_by_reason"]} == {"missing": 2, "bad_uuid": 1}
     assert snap["totals"]["acked"] == 0
+
+
+# -- exposure: who may reach the page, and how much they may send -------------------------
+
+LOGIN = ("ops", "correct horse battery")
+
+
+def test_a_login_guards_every_path_but_healthz(env: Env, browser: Browser) -> None:
+    app = create_app(env.settings, allow_upload=True, interval=0.25, login=LOGIN)
+    with serve(app) as url:
+        with httpx.Client(base_url=url) as anyone:
+            assert anyone.get("/healthz").status_code == 200
+            for path in (
+                "/dashboard",
+                "/api/status",
+                "/metrics",
+                "/readyz",
+                "/upload",
+                "/static/dashboard.js",
+            ):
+                r = anyone.get(path)
+                assert r.status_code == 401, path
+                assert r.headers["www-authenticate"] == 'Basic realm="filepipe", charset="UTF-8"'
+                assert env.settings.stream not in r.text
+            assert anyone.post("/upload", files=[("files", ("a.txt", b"a"))]).status_code == 401
+            assert anyone.get("/api/status", auth=("ops", "wrong")).status_code == 401
+            assert anyone.get("/api/status", headers={"authorization": "Basic !!!"}).status_code == 401
+        with httpx.Client(base_url=url, auth=LOGIN) as ops:
+            assert ops.get("/api/status").json()["stream"] == env.settings.stream
+            token = upload_token(ops)
+            assert ops.post("/upload", **multipart(token, [("a.txt", b"a")])).status_code == 303
+        assert env.redis.xlen(env.settings.stream) == 1
+
+        # The browser asks once, then its polls carry the login.
+        context = browser.new_context(http_credentials={"username": LOGIN[0], "password": LOGIN[1]})
+        page = context.new_page()
+        problems = watch_console(page)
+        page.goto(f"{url}/dashboard")
+        page.wait_for_function("() => document.getElementById('live').dataset.state === 'live'")
+        page.wait_for_function("() => document.getElementById('lag').dataset.value === '1'")
+        assert problems == []
+        context.close()
+
+
+def test_failed_logins_are_limited_per_client(env: Env) -> None:
+    with serve(create_app(env.settings, interval=0.25, login=LOGIN)) as url, httpx.Client(base_url=url) as c:
+        codes = [c.get("/api/status", auth=("ops", f"guess {i}")).status_code for i in range(12)]
+        assert codes == [401] * 10 + [429] * 2
+        # Even the right password waits now: guessing gains nothing.
+        r = c.get("/api/status", auth=LOGIN)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert c.get("/healthz").status_code == 200
+
+
+def test_uploads_are_limited_per_client(env: Env) -> None:
+    app = create_app(
+        env.settings, allow_upload=True, interval=0.25, uploads_per_minute=3, upload_quota_bytes=100 * 1024
+    )
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        token = upload_token(client)
+        js = {"accept": "application/json"}
+        ok = [
+            client.post("/upload", **multipart(token, [(f"{i}.txt", b"x" * 30_000)]), headers=js)
+            for i in range(3)
+        ]
+        assert [r.status_code for r in ok] == [200, 200, 200]
+        fourth = client.post("/upload", **multipart(token, [("3.txt", b"x")]), headers=js)
+        assert fourth.status_code == 429 and fourth.json()["reason"] == "rate_limited"
+        assert 1 <= int(fourth.headers["retry-after"]) <= 21
+        metrics = client.get("/metrics").text
+        assert 'filepipe_upload_rejected_total{reason="rate_limited"} 1.0' in metrics
+    assert env.redis.xlen(env.settings.stream) == 3
+
+    app = create_app(env.settings, allow_upload=True, interval=0.25, upload_quota_bytes=100 * 1024)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        token = upload_token(client)
+        first = client.post("/upload", **multipart(token, [("a.bin", b"a" * 60_000)]))
+        assert first.status_code == 303
+        # Declared beyond what is left of the quota: refused before the body is read.
+        second = client.post("/upload", **multipart(token, [("b.bin", b"b" * 60_000)]))
+        assert second.status_code == 429 and "Upload quota reached: 100.0 KiB an hour" in second.text
+
+        # Not declared (chunked): refused once the bytes received pass the quota.
+        boundary = "fpquota"
+
+        def body() -> Iterator[bytes]:
+            yield (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n{token}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="c.bin"\r\n\r\n'
+            ).encode()
+            for _ in range(10):
+                yield b"c" * 8192
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        third = client.post(
+            "/upload",
+            content=body(),
+            headers={
+                "content-type": f"multipart/form-data; boundary={boundary}",
+                "accept": "application/json",
+            },
+        )
+        assert third.status_code == 429 and third.json()["reason"] == "quota"
+    assert env.redis.xlen(env.settings.stream) == 4
+    assert staged_files(env) == []
+
+
+def test_oversized_part_headers_and_too_many_parts_are_refused(env: Env, web: str) -> None:
+    with httpx.Client(base_url=web, timeout=30) as client:
+        token = upload_token(client)
+        boundary = "fpparts"
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n{token}\r\n'
+        file_part = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\nabc\r\n'
+        )
+        headers = {"content-type": f"multipart/form-data; boundary={boundary}", "accept": "application/json"}
+        long_header = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="b.txt"\r\n'
+            f"X-Padding: {'p' * 10_000}\r\n\r\nabc\r\n"
+        )
+        many_headers = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="c.txt"\r\n'
+            + "".join(f"X-H{i}: v\r\n" for i in range(20))
+            + "\r\nabc\r\n"
+        )
+        for part in (long_header, many_headers):
+            r = client.post(
+                "/upload", content=(head + file_part + part + f"--{boundary}--\r\n").encode(), headers=headers
+            )
+            assert r.status_code == 400 and "headers" in r.json()["error"], r.text
+        fields = "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nv\r\n' for i in range(1100)
+        )
+        r = client.post(
+            "/upload", content=(head + file_part + fields + f"--{boundary}--\r\n").encode(), headers=headers
+        )
+        assert r.status_code == 413 and r.json()["reason"] == "too_many_parts"
+        assert client.get("/healthz").status_code == 200
+    assert env.redis.xlen(env.settings.stream) == 0
+    assert staged_files(env) == []
+
+
+@hypothesis.settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(query=st.dictionaries(st.sampled_from(["enqueued", "bytes", "x"]), st.text(max_size=30), max_size=3))
+def test_any_query_on_the_upload_page_gives_a_page(web: str, query: dict[str, str]) -> None:
+    with httpx.Client(base_url=web) as client:
+        for q in ({"enqueued": "²"}, {"enqueued": "1", "bytes": "²"}, query):
+            r = client.get("/upload", params=q)
+            assert r.status_code == 200, (q, r.text[:200])
+            shown = 'id="result"' in r.text
+            assert shown == bool(re.fullmatch(r"[0-9]{1,15}", q.get("enqueued", "")))
+
+
+def test_dns_rebinding_is_refused_on_every_bind(env: Env) -> None:
+    app = create_app(env.settings, interval=0.25, allowed_hosts=["dash.example.com", "*.ops.example"])
+    with serve(app) as url, httpx.Client(base_url=url) as client:
+        for host in (
+            "dash.example.com",
+            "a.ops.example",
+            "localhost:8080",
+            "127.0.0.1",
+            "[::1]:1",
+            "10.1.2.3",
+        ):
+            assert client.get("/api/status", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "dash.example.com.evil.example", "ops.example.evil", ""):
+            assert client.get("/api/status", headers={"host": host}).status_code == 400, host
+        assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
+
+
+def dashboard_command(env: Env, tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen[str]:
+    s = env.settings
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))}
+    e.update(
+        {
+            "REDIS_URL": s.redis_url,
+            "PG_URI": s.pg_uri,
+            "STREAM_NAME": s.stream,
+            "FILEPIPE_TABLE": s.table,
+            "LOCAL_STORAGE_DIR": str(env.storage),
+            **extra,
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "filepipe", "dashboard", *args],
+        env=e,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_public_address_needs_a_login(env: Env, tmp_path: Path) -> None:
+    port = free_port()
+    refused = dashboard_command(env, tmp_path, "--host", "0.0.0.0", "--port", str(port))
+    try:
+        out, err = refused.communicate(timeout=30)
+    finally:
+        if refused.poll() is None:
+            refused.kill()
+            refused.communicate()
+    assert refused.returncode == 2
+    assert err.strip().splitlines() == [
+        "error: the dashboard on 0.0.0.0 would be open to anyone who can reach it: set "
+        "FILEPIPE_DASHBOARD_PASSWORD (and FILEPIPE_DASHBOARD_USER, default filepipe) to require a login, "
+        "or listen on 127.0.0.1"
+    ]
+    proc = dashboard_command(
+        env,
+        tmp_path,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--allow-upload",
+        FILEPIPE_DASHBOARD_USER="ops",
+        FILEPIPE_DASHBOARD_PASSWORD="s3cret-Dash-77",
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+
+            def up() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                with contextlib.suppress(httpx.TransportError):
+                    return client.get("/healthz").status_code == 200
+                return False
+
+            wait_for(up, timeout=30, what="the dashboard to listen")
+            assert client.get("/api/status").status_code == 401
+            assert client.post("/upload", files=[("files", ("a.txt", b"a"))]).status_code == 401
+            assert client.get("/api/status", auth=("ops", "s3cret-Dash-77")).status_code == 200
+            # Bound to every interface, a name not given is still refused.
+            assert (
+                client.get(
+                    "/api/status", auth=("ops", "s3cret-Dash-77"), headers={"host": "evil.example"}
+                ).status_code
+                == 400
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "behind a login" in err and "s3cret-Dash-77" not in out + err

@@ -170,6 +170,21 @@ def test_health_and_readiness_follow_the_services(env: Env) -> None:
         assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["postgresql"] != "ok"
 
 
+def test_the_metrics_server_answers_only_its_own_names(env: Env) -> None:
+    """A page served as evil.example that resolves to this host (DNS rebinding) gets
+    nothing; Prometheus scraping by address, a loopback name or a given name does."""
+    with serve_metrics(0, settings=env.settings, allowed_hosts=["consumer-7.internal"]) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        for host in ("evil.example", "consumer-7.internal.evil.example", ""):
+            for path in ("/metrics", "/readyz", "/healthz"):
+                r = httpx.get(f"{base}{path}", headers={"host": host})
+                assert r.status_code == 400 and "filepipe" not in r.text, (host, path)
+        for host in ("127.0.0.1", f"localhost:{server.port}", "consumer-7.internal:9108", "10.0.0.5:9108"):
+            assert httpx.get(f"{base}/metrics", headers={"host": host}).status_code == 200, host
+    with pytest.raises(ConfigError, match="would accept any Host header"):
+        serve_metrics(0, settings=env.settings, allowed_hosts=["*"])
+
+
 def test_a_busy_port_is_a_clear_error(env: Env) -> None:
     with (
         serve_metrics(0, settings=env.settings) as server,
@@ -216,7 +231,8 @@ def test_consume_command_serves_metrics(env: Env, tmp_path: Path) -> None:
     )
     add_good(env, 8)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "filepipe", "consume", "--quiet", "--metrics-port", str(port)],
+        [sys.executable, "-m", "filepipe", "consume", "--quiet", "--metrics-port", str(port),
+         "--metrics-allowed-host", "scraper.example"],
         env=e,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -237,6 +253,8 @@ def test_consume_command_serves_metrics(env: Env, tmp_path: Path) -> None:
         wait_for(processed, timeout=30, what="8 entries processed")
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/readyz").status_code == 200
+        assert httpx.get(f"{base}/metrics", headers={"host": "scraper.example"}).status_code == 200
+        assert httpx.get(f"{base}/metrics", headers={"host": "evil.example"}).status_code == 400
         families, samples = scrape(f"{base}/metrics")
         assert families["filepipe_consumer_info"].samples[0].labels["name"] == "metrics-cli"
         assert ("filepipe_lag_entries", (("group", s.group), ("stream", s.stream))) in samples

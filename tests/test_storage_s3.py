@@ -648,3 +648,34 @@ def test_entry_naming_s3_on_a_consumer_without_s3_stops_it_loudly(env: Env) -> N
     with pytest.raises(ConfigError, match="S3_BUCKET is not set"):
         env.drain()
     assert env.rows() == 0 and env.dead() == [] and env.pending() == 2
+
+
+def test_dashboard_uploads_to_s3_through_a_private_staging_directory(
+    env: Env, s3: MotoS3, bucket: str
+) -> None:
+    """Each dashboard process stages S3 uploads in a directory of its own, mode 0700 and
+    unguessable, never a shared /tmp/filepipe-incoming another user could own or watch."""
+    import stat
+    import tempfile
+
+    import httpx
+    from tests.test_dashboard import multipart, serve, upload_token
+
+    from filepipe.dashboard.app import create_app
+
+    settings = s3_settings(env, s3, bucket, storage_mode="s3")
+    apps = [create_app(settings, allow_upload=True, interval=0.5) for _ in range(2)]
+    with serve(apps[0]) as url, serve(apps[1]), httpx.Client(base_url=url) as client:
+        dirs = [app.state.uploader.staging_dir() for app in apps]
+        assert dirs[0] != dirs[1]
+        for d in dirs:
+            assert d.parent == Path(tempfile.gettempdir()) and d.name.startswith("filepipe-incoming-")
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.getuid()
+        token = upload_token(client)
+        js = {"accept": "application/json"}
+        r = client.post("/upload", **multipart(token, [("a.txt", b"to the bucket")]), headers=js)
+        assert r.status_code == 200, r.text
+        assert list(dirs[0].iterdir()) == []  # staged, stored, removed
+    assert not any(d.exists() for d in dirs)
+    ((_, fields),) = env.redis.xrange(settings.stream)
+    assert fields[b"storage"] == b"s3"

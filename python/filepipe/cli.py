@@ -285,6 +285,15 @@ def consume(
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="Address for --metrics-port.")
     ] = "127.0.0.1",
+    metrics_allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metrics-allowed-host",
+            help="A Host name the metrics may be scraped by, besides loopback names and IP addresses "
+            "(repeatable; *.example.com for its subdomains).",
+            show_default=False,
+        ),
+    ] = None,
     processes: Annotated[
         int | None,
         typer.Option(
@@ -345,11 +354,16 @@ def consume(
         redis_cluster=redis_cluster,
         pgbouncer=pgbouncer,
     )
+    from .metrics import check_host_names
+
+    metrics_names = check_host_names(metrics_allowed_host or [])
     if processes is not None:
         from .supervisor import Supervisor
 
         worker_args = [*(["--quiet"] if quiet else []), *(["--debug"] if debug else []),
                        "--metrics-host", metrics_host]
+        for name in metrics_names:
+            worker_args += ["--metrics-allowed-host", name]
         supervisor = Supervisor(s, processes, drain=drain, worker_args=worker_args, metrics_port=metrics_port)
         raise typer.Exit(supervisor.run())
     where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
@@ -367,7 +381,7 @@ def consume(
     if metrics_port is not None:
         from .metrics import serve_metrics
 
-        serve_metrics(metrics_port, metrics_host, consumer=consumer)
+        serve_metrics(metrics_port, metrics_host, consumer=consumer, allowed_hosts=metrics_names)
     stats = consumer.run()
     if not quiet:
         typer.echo(

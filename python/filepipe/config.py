@@ -49,6 +49,8 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "partitions": ("STREAM_PARTITIONS",),
     "redis_cluster": ("REDIS_CLUSTER",),
     "pgbouncer": ("FILEPIPE_PGBOUNCER",),
+    "dashboard_user": ("FILEPIPE_DASHBOARD_USER",),
+    "dashboard_password": ("FILEPIPE_DASHBOARD_PASSWORD",),
 }
 
 _TRUE = ("1", "true", "yes", "on")
@@ -96,10 +98,14 @@ class Settings:
     redis_cluster: bool = False
     # PostgreSQL is reached through PgBouncer in transaction pooling mode: no session state.
     pgbouncer: bool = False
+    # The dashboard's login (HTTP basic authentication); required on a non-loopback address.
+    dashboard_user: str = "filepipe"
+    dashboard_password: str = ""
 
     def __post_init__(self) -> None:
         # Whatever filepipe later shows of a client library's message, these stay out of it.
         remember(s for url in (self.redis_url, self.pg_uri, self.s3_endpoint_url) for s in url_secrets(url))
+        remember([self.dashboard_password])
 
     @property
     def dead_stream(self) -> str:
@@ -112,6 +118,8 @@ class Settings:
         for key in ("redis_url", "pg_uri", "s3_endpoint_url"):
             d[key] = mask_url(d[key])
         d["dead_letter_stream"] = self.dead_stream
+        if d["dashboard_password"]:
+            d["dashboard_password"] = "***"
         return d
 
 
@@ -228,6 +236,10 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"FILEPIPE_COPY_FORMAT must be 'binary' or 'text', not {s.copy_format!r}")
     if not _IDENT.match(s.table):
         raise ConfigError(f"FILEPIPE_TABLE must be a plain [schema.]table name, not {s.table!r}")
+    if not s.dashboard_user or ":" in s.dashboard_user or any(ch.isspace() for ch in s.dashboard_user):
+        raise ConfigError(
+            f"FILEPIPE_DASHBOARD_USER must be a name without ':' or spaces, not {s.dashboard_user!r}"
+        )
     for name in ("stream", "group", "consumer_name"):
         value = getattr(s, name)
         if not value or len(value) > 200 or any(ch.isspace() for ch in value):

@@ -11,6 +11,7 @@ seconds, by a collector with its own connections.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import socketserver
@@ -265,6 +266,50 @@ class ConsumerCollector(Collector):
         yield from pool_families(self.consumer.pool)
 
 
+# -- which Host names are answered (DNS rebinding) ------------------------------------
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def check_host_names(names: Iterable[str]) -> list[str]:
+    """The names given with --allowed-host, lower-cased; `*.example.com` allows its
+    subdomains. A bare `*` would switch the check off: ConfigError."""
+    out = []
+    for name in names:
+        name = name.strip().lower()
+        if name in ("*", "") or (name.startswith("*") and not name.startswith("*.")):
+            raise ConfigError(
+                f"--allowed-host {name!r} would accept any Host header: name the host(s) "
+                "the page is reached by (example.com, *.example.com)"
+            )
+        out.append(name.strip("[]"))
+    return out
+
+
+def host_allowed(header: str | None, names: Iterable[str]) -> bool:
+    """Whether a request's Host header names this server: a loopback name, an IP address
+    (a page can be made to reach one only by its address, which DNS rebinding cannot
+    fake), or one of `names` (see `check_host_names`). A port is ignored."""
+    if not header:
+        return False
+    host = header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.rstrip(".")
+    if not host:
+        return False
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return any(name == host or (name.startswith("*.") and host.endswith(name[1:])) for name in names)
+
+
 # -- the HTTP server -----------------------------------------------------------------
 
 
@@ -282,13 +327,18 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def metrics_wsgi_app(
-    registry: CollectorRegistry, probe: ServiceProbe | None
+    registry: CollectorRegistry, probe: ServiceProbe | None, allowed_hosts: Iterable[str] = ()
 ) -> Callable[..., Iterable[bytes]]:
     """`/metrics` (and any other path, like prometheus_client), `/healthz` (the process
-    serves), `/readyz` (200 only when Redis and PostgreSQL answer, 503 otherwise)."""
+    serves), `/readyz` (200 only when Redis and PostgreSQL answer, 503 otherwise). A
+    request whose Host header is not one of this server's names gets 400."""
     metrics = make_wsgi_app(registry)
+    names = check_host_names(allowed_hosts)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not host_allowed(environ.get("HTTP_HOST"), names):
+            start_response("400 Bad Request", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"Invalid host header\n"]
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
@@ -353,10 +403,13 @@ def serve_metrics(
     consumer: Consumer | None = None,
     settings: Settings | None = None,
     registry: CollectorRegistry = REGISTRY,
+    allowed_hosts: Iterable[str] = (),
 ) -> MetricsServer:
     """Serves `/metrics`, `/healthz` and `/readyz` on `host:port` from a daemon thread
     (port 0 picks a free one). With `consumer`, its pending, lag and pool usage are
-    exported too, and readiness checks its Redis and PostgreSQL."""
+    exported too, and readiness checks its Redis and PostgreSQL. Requests must name the
+    server by a loopback name, an IP address or one of `allowed_hosts`."""
+    allowed_hosts = check_host_names(allowed_hosts)  # a bad name fails before anything starts
     settings = settings or (consumer.settings if consumer is not None else None)
     probe = ServiceProbe(settings) if settings is not None else None
     collector: Collector | None = None
@@ -368,7 +421,7 @@ def serve_metrics(
         server = make_server(
             host.strip("[]"),
             port,
-            metrics_wsgi_app(registry, probe),
+            metrics_wsgi_app(registry, probe, allowed_hosts),
             server_class,
             handler_class=_QuietHandler,
         )

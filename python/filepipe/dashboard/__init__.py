@@ -16,18 +16,25 @@ from typing import Annotated, Any
 import typer
 
 DEFAULT_PORT = 8080
+DEFAULT_UPLOADS_PER_MINUTE = 30
+DEFAULT_UPLOAD_QUOTA_BYTES = 1024 * 1024 * 1024
 
 
 def default_allowed_hosts(host: str, extra: list[str]) -> list[str]:
-    """The Host header values the app answers: the loopback names, the bound address,
-    and any given. Bound to every interface with none given: any host (said in a warning)."""
-    from .app import LOOPBACK_HOSTS
+    """The Host names the app answers besides loopback names and IP addresses: those
+    given, and the name it listens on if it is one."""
+    names = list(extra)
+    if host not in ("0.0.0.0", "::", "") and not _is_ip(host) and host != "localhost":
+        names.append(host)
+    return names
 
-    if extra:
-        return [*LOOPBACK_HOSTS, *extra]
-    if host in ("0.0.0.0", "::", ""):
-        return ["*"]
-    return [*LOOPBACK_HOSTS, host] if host not in LOOPBACK_HOSTS else list(LOOPBACK_HOSTS)
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def _is_loopback(host: str) -> bool:
@@ -80,10 +87,19 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]],
             list[str] | None,
             typer.Option(
                 "--allowed-host",
-                help="A Host name the page may be reached by (repeatable).",
+                help="A Host name the page may be reached by, besides loopback names and IP addresses "
+                "(repeatable; *.example.com for its subdomains).",
                 show_default=False,
             ),
         ] = None,
+        upload_rate: Annotated[
+            float,
+            typer.Option("--upload-rate", min=0.1, help="Uploads a minute, per client address."),
+        ] = DEFAULT_UPLOADS_PER_MINUTE,
+        upload_quota_mb: Annotated[
+            float,
+            typer.Option("--upload-quota-mb", min=0.001, help="MiB uploaded an hour, per client address."),
+        ] = DEFAULT_UPLOAD_QUOTA_BYTES / (1024 * 1024),
         interval: Annotated[
             float, typer.Option("--interval", min=0.2, max=60.0, help="Seconds between samples.")
         ] = 1.0,
@@ -107,6 +123,7 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]],
 
         from ..config import mask_url
         from ..errors import ConfigError
+        from ..metrics import check_host_names
         from .app import create_app
 
         s = settings_from(
@@ -122,20 +139,29 @@ def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]],
             s3_endpoint_url=s3_endpoint_url,
         )
         log = logging.getLogger("filepipe")
-        hosts = default_allowed_hosts(host, allowed_host or [])
+        hosts = check_host_names(default_allowed_hosts(host, allowed_host or []))
+        login = (s.dashboard_user, s.dashboard_password) if s.dashboard_password else None
         if not _is_loopback(host):
-            log.warning("listening on %s: the dashboard is reachable from other machines", host)
-            if hosts == ["*"]:
-                log.warning(
-                    "any Host header is accepted; name the host(s) with --allowed-host "
-                    "to guard against DNS rebinding"
+            if login is None:
+                raise ConfigError(
+                    f"the dashboard on {host} would be open to anyone who can reach it: set "
+                    "FILEPIPE_DASHBOARD_PASSWORD (and FILEPIPE_DASHBOARD_USER, default filepipe) "
+                    "to require a login, or listen on 127.0.0.1"
                 )
+            log.warning(
+                "listening on %s: reachable from other machines, behind a login (basic authentication "
+                "sends the password as it is: serve it through TLS or on a private network)",
+                host,
+            )
         web = create_app(
             s,
             allow_upload=allow_upload,
             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
             allowed_hosts=hosts,
             interval=interval,
+            login=login,
+            uploads_per_minute=upload_rate,
+            upload_quota_bytes=int(upload_quota_mb * 1024 * 1024),
         )
         shown = f"[{host}]" if ":" in host else host
         typer.echo(

@@ -12,8 +12,12 @@ Prometheus metrics and the health probes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -41,18 +44,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings, mask_url
-from ..metrics import ServiceProbe, group_families
+from ..metrics import ServiceProbe, check_host_names, group_families, host_allowed
 from ..partitions import stream_for
 from ..redaction import error_line
 from ..status import dead_stream_name
+from . import DEFAULT_UPLOAD_QUOTA_BYTES, DEFAULT_UPLOADS_PER_MINUTE
 from .monitor import Monitor
-from .upload import CSRF_COOKIE, CSRF_FIELD, CsrfGuard, Uploader, UploadError, UploadLimits, human_bytes
+from .upload import (
+    CSRF_COOKIE,
+    CSRF_FIELD,
+    ClientBudget,
+    CsrfGuard,
+    Uploader,
+    UploadError,
+    UploadLimits,
+    client_of,
+    human_bytes,
+)
 
 log = logging.getLogger("filepipe")
 
 HERE = Path(__file__).parent
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
-LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+LOGIN_FAILURES_PER_MINUTE = 10  # per client; past them, every request is refused for a while
+REALM = 'Basic realm="filepipe", charset="UTF-8"'
+_COUNT = re.compile(r"[0-9]{1,15}")
 
 # No inline script or style, nothing from elsewhere: the page works offline and an
 # injected tag would not run.
@@ -86,6 +102,80 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class HostGuard:
+    """Answers only requests that name this server in their Host header (a loopback
+    name, an IP address, or one of `names`): a page served from another name that
+    resolves here (DNS rebinding) gets 400, on every path."""
+
+    def __init__(self, app: ASGIApp, names: list[str]) -> None:
+        self.app = app
+        self.names = names
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not host_allowed(host, self.names):
+                await PlainTextResponse("Invalid host header", status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BasicAuth:
+    """HTTP basic authentication against one user and password (compared in constant
+    time) on every path but /healthz. A client with `LOGIN_FAILURES_PER_MINUTE` failed
+    attempts is refused (429) until its budget refills."""
+
+    OPEN_PATHS = ("/healthz",)
+
+    def __init__(self, app: ASGIApp, user: str, password: str, failures: ClientBudget) -> None:
+        self.app = app
+        self.user = user.encode()
+        self.password = password.encode()
+        self.failures = failures
+
+    def _valid(self, header: bytes) -> bool:
+        scheme, _, encoded = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+        except (ValueError, binascii.Error):
+            return False
+        # Both compared, whatever the first says.
+        same_user = hmac.compare_digest(user, self.user)
+        same_password = hmac.compare_digest(password, self.password)
+        return bool(sep) and same_user and same_password
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        wait = self.failures.wait(client)
+        if wait > 0:
+            response: Response = PlainTextResponse(
+                f"Too many failed logins: try again in {wait:.0f} s.\n",
+                status_code=429,
+                headers={"retry-after": str(int(wait) + 1)},
+            )
+            await response(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if not self._valid(header):
+            if header:
+                self.failures.spend(client, 1)
+                log.warning("dashboard: failed login from %s", client)
+            response = PlainTextResponse(
+                "Log in with the dashboard's user and password (FILEPIPE_DASHBOARD_USER, "
+                "FILEPIPE_DASHBOARD_PASSWORD).\n",
+                status_code=401,
+                headers={"www-authenticate": REALM, "cache-control": "no-store"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class DashboardCollector(Collector):
@@ -157,9 +247,14 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     allowed_hosts: list[str] | None = None,
     interval: float = 1.0,
+    login: tuple[str, str] | None = None,
+    uploads_per_minute: float = DEFAULT_UPLOADS_PER_MINUTE,
+    upload_quota_bytes: int = DEFAULT_UPLOAD_QUOTA_BYTES,
 ) -> Starlette:
-    """The dashboard app. `allowed_hosts` guards against DNS rebinding (default: the
-    loopback names); uploads are off unless `allow_upload`."""
+    """The dashboard app. Requests must name it in their Host header by a loopback name,
+    an IP address or one of `allowed_hosts` (DNS rebinding); with `login` (user,
+    password), every path but /healthz needs it. Uploads are off unless `allow_upload`;
+    each client may send `uploads_per_minute` of them and `upload_quota_bytes` per hour."""
     monitor = Monitor(settings, interval=interval)
     probe = ServiceProbe(settings)
     guard = CsrfGuard()
@@ -167,6 +262,8 @@ def create_app(
         max_request_bytes=max_upload_bytes, max_file_bytes=min(max_upload_bytes, settings.max_file_bytes)
     )
     uploader = Uploader(settings, limits, guard) if allow_upload else None
+    upload_rate = ClientBudget(uploads_per_minute, 60.0)
+    upload_volume = ClientBudget(upload_quota_bytes, 3600.0)
 
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -270,21 +367,64 @@ def create_app(
 
     async def upload_get(request: Request) -> Response:
         result = None
+        # The redirect after an upload says what was enqueued; anything else is ignored
+        # (str.isdigit() would take '²', which int() refuses).
         enqueued = request.query_params.get("enqueued", "")
-        if enqueued.isdigit():
+        if _COUNT.fullmatch(enqueued):
             size = request.query_params.get("bytes", "")
-            result = {"files": int(enqueued), "bytes": int(size) if size.isdigit() else None}
+            result = {"files": int(enqueued), "bytes": int(size) if _COUNT.fullmatch(size) else None}
         return upload_page(request, result=result)
+
+    def refuse(request: Request, e: UploadError) -> Response:
+        refused.labels(reason=e.reason).inc()
+        headers = {"retry-after": str(e.retry_after)} if e.retry_after else None
+        if _wants_json(request):
+            body = {"error": e.message, "reason": e.reason}
+            return JSONResponse(body, status_code=e.status, headers=headers)
+        response = upload_page(request, status_code=e.status, error=e.message)
+        if headers:
+            response.headers.update(headers)
+        return response
+
+    def check_budget(client: str, declared: int) -> None:
+        """Refuses an upload when the client sent too many lately or too many bytes."""
+        wait = upload_rate.wait(client)
+        if wait > 0:
+            raise UploadError(
+                429,
+                "rate_limited",
+                f"Too many uploads: at most {uploads_per_minute:g} a minute. Try again in {wait:.0f} s.",
+                retry_after=int(wait) + 1,
+            )
+        need = min(max(declared, 1), upload_quota_bytes)
+        wait = upload_volume.wait(client, need)
+        if wait > 0:
+            raise UploadError(
+                429,
+                "quota",
+                f"Upload quota reached: {human_bytes(upload_quota_bytes)} an hour. "
+                f"Try again in {wait / 60:.0f} min.",
+                retry_after=int(wait) + 1,
+            )
+        upload_rate.spend(client, 1)
 
     async def upload_post(request: Request) -> Response:
         assert uploader is not None
+        client = client_of(request)
+        declared = request.headers.get("content-length", "")
+
+        def budget(n: int) -> None:
+            if upload_volume.spend(client, n) < 0:
+                raise UploadError(
+                    429, "quota", f"Upload quota reached: {human_bytes(upload_quota_bytes)} an hour.",
+                    retry_after=60,
+                )
+
         try:
-            staged = await uploader.receive(request)
+            check_budget(client, int(declared) if _COUNT.fullmatch(declared) else 0)
+            staged = await uploader.receive(request, budget)
         except UploadError as e:
-            refused.labels(reason=e.reason).inc()
-            if _wants_json(request):
-                return JSONResponse({"error": e.message, "reason": e.reason}, status_code=e.status)
-            return upload_page(request, status_code=e.status, error=e.message)
+            return refuse(request, e)
         try:
             done = await anyio.to_thread.run_sync(uploader.enqueue, staged)
         except Exception as e:
@@ -343,12 +483,15 @@ def create_app(
             Route("/upload", upload_get, methods=["GET"]),
             Route("/upload", upload_post, methods=["POST"]),
         ]
-    hosts = allowed_hosts if allowed_hosts is not None else LOOPBACK_HOSTS
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        middleware=[Middleware(SecurityHeaders), Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
-    )
+    middleware = [
+        Middleware(SecurityHeaders),
+        Middleware(HostGuard, names=check_host_names(allowed_hosts or [])),
+    ]
+    if login is not None:
+        failures = ClientBudget(LOGIN_FAILURES_PER_MINUTE, 60.0)
+        middleware.append(Middleware(BasicAuth, user=login[0], password=login[1], failures=failures))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.monitor = monitor
+    app.state.uploader = uploader
     app.state.registry = registry
     return app

@@ -20,9 +20,12 @@ import hmac
 import os
 import re
 import secrets
+import shutil
 import tempfile
+import threading
+import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -49,6 +52,11 @@ CSRF_HEADER = "x-csrf-token"
 _COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
 MAX_FIELD_BYTES = 1024
 MAX_NAME_CHARS = 255
+# Form fields (the token, a few more) allowed beside the files of one upload.
+MAX_FORM_FIELDS = 8
+# Headers of one part, and bytes of one header line: python-multipart refuses more.
+MAX_PART_HEADERS = 8
+MAX_PART_HEADER_BYTES = 4096
 STAGING_DIR = ".filepipe-incoming"
 # A refused body is read on (and discarded) up to this much, so that the browser
 # gets the error page rather than a reset connection; past it, the connection closes.
@@ -58,11 +66,12 @@ DRAIN_BYTES = 32 << 20
 class UploadError(Exception):
     """A refused upload: the HTTP status, a stable reason code and a message for the user."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
 
 
 # -- cross-site request protection -------------------------------------------------
@@ -109,6 +118,62 @@ def same_origin(request: Request) -> bool:
     if referer:
         return urlsplit(referer).netloc.lower() == host
     return True
+
+
+# -- how much one client may send ----------------------------------------------------
+
+
+class ClientBudget:
+    """A token bucket per client (its IP address): up to `capacity` units at once,
+    refilled at `capacity` per `period` seconds. At most `max_clients` are remembered;
+    when more come, those whose bucket is full again are forgotten first."""
+
+    def __init__(
+        self, capacity: float, period: float, *, max_clients: int = 10_000, clock: Any = time.monotonic
+    ) -> None:
+        self.capacity = float(capacity)
+        self.rate = self.capacity / period
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (level, at)
+        self._lock = threading.Lock()
+
+    def _level(self, client: str, now: float) -> float:
+        level, at = self._buckets.get(client, (self.capacity, now))
+        return min(self.capacity, level + (now - at) * self.rate)
+
+    def wait(self, client: str, amount: float = 1.0) -> float:
+        """Seconds until `client` has `amount` units (0: it has them now)."""
+        with self._lock:
+            missing = min(amount, self.capacity) - self._level(client, self.clock())
+        return max(0.0, missing / self.rate)
+
+    def available(self, client: str) -> float:
+        with self._lock:
+            return self._level(client, self.clock())
+
+    def spend(self, client: str, amount: float) -> float:
+        """Takes `amount` units (the level may go below zero: what was received was
+        received) and returns what is left."""
+        with self._lock:
+            now = self.clock()
+            level = self._level(client, now) - amount
+            self._buckets[client] = (level, now)
+            if len(self._buckets) > self.max_clients:
+                self._forget(now)
+            return level
+
+    def _forget(self, now: float) -> None:
+        for client in [c for c in self._buckets if self._level(c, now) >= self.capacity]:
+            del self._buckets[client]
+        while len(self._buckets) > self.max_clients:
+            oldest = min(self._buckets, key=lambda c: self._buckets[c][1])
+            del self._buckets[oldest]
+
+
+def client_of(request: Request) -> str:
+    """The address a request came from (the TCP peer: proxy headers are not trusted)."""
+    return request.client.host if request.client is not None else "unknown"
 
 
 # -- names -------------------------------------------------------------------------
@@ -165,6 +230,7 @@ class _MultipartReceiver:
         self._field_data = bytearray()
         self._file: StagedFile | None = None
         self._skip = False
+        self.parts = 0
 
     def callbacks(self) -> MultipartCallbacks:
         return {
@@ -178,6 +244,11 @@ class _MultipartReceiver:
         }
 
     def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.limits.max_files + MAX_FORM_FIELDS:
+            raise UploadError(
+                413, "too_many_parts", f"At most {self.limits.max_files} files (and a few fields) per upload."
+            )
         self._headers = {}
         self._field = None
         self._field_data = bytearray()
@@ -276,6 +347,7 @@ class Uploader:
         self.guard = guard
         self._storage: Storage | None = None
         self._redis: redis.Redis | None = None
+        self._private_staging: Path | None = None
 
     def open(self) -> None:
         from .. import stream
@@ -283,8 +355,12 @@ class Uploader:
         self._storage = open_storage(self.settings)
         if isinstance(self._storage, LocalStorage):
             self._storage.ensure_root()
+            self.staging_dir().mkdir(parents=True, exist_ok=True)
+        else:
+            # This process's own directory (mode 0700, a name nobody can guess), not a
+            # shared one in /tmp that another user could create first or watch.
+            self._private_staging = Path(tempfile.mkdtemp(prefix="filepipe-incoming-"))
         self._redis = stream.connect(self.settings, socket_timeout=10.0)
-        self.staging_dir().mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
         if self._redis is not None:
@@ -293,6 +369,9 @@ class Uploader:
         if self._storage is not None:
             self._storage.close()
             self._storage = None
+        if self._private_staging is not None:
+            shutil.rmtree(self._private_staging, ignore_errors=True)
+            self._private_staging = None
 
     def storage_description(self) -> str:
         """Where uploaded files go, for the page (no secrets)."""
@@ -300,14 +379,19 @@ class Uploader:
 
     def staging_dir(self) -> Path:
         """Inside the local storage root, so that storing a file is a hard link, not a
-        copy; in the system's temporary directory for S3."""
+        copy; for S3, a private directory this process made in the system's temporary
+        directory."""
         if isinstance(self._storage, LocalStorage):
             return self._storage.root / STAGING_DIR
-        return Path(tempfile.gettempdir()) / "filepipe-incoming"
+        assert self._private_staging is not None, "Uploader.open() first"
+        return self._private_staging
 
-    async def receive(self, request: Request) -> list[StagedFile]:
-        """Checks the request, then streams its files to staging files. Raises
-        UploadError (the staging files already removed) when it is refused."""
+    async def receive(
+        self, request: Request, budget: Callable[[int], None] | None = None
+    ) -> list[StagedFile]:
+        """Checks the request, then streams its files to staging files; `budget` is told
+        of every chunk received (and may refuse it). Raises UploadError (the staging
+        files already removed) when it is refused."""
         if not same_origin(request):
             raise UploadError(403, "cross_site", "Cross-site upload refused.")
         ctype, options = parse_options_header(request.headers.get("content-type", ""))
@@ -318,7 +402,12 @@ class Uploader:
         receiver = _MultipartReceiver(
             self.staging_dir(), self.limits, lambda t: self.guard.verify(request, t), token_ok
         )
-        parser = MultipartParser(options[b"boundary"], receiver.callbacks())
+        parser = MultipartParser(
+            options[b"boundary"],
+            receiver.callbacks(),
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
         body = request.stream().__aiter__()
         received = 0
         try:
@@ -331,6 +420,8 @@ class Uploader:
                 )
             async for chunk in body:
                 received += len(chunk)
+                if budget is not None:
+                    budget(len(chunk))
                 if received > self.limits.max_request_bytes:
                     raise UploadError(
                         413,
@@ -348,6 +439,13 @@ class Uploader:
             with contextlib.suppress(Exception):
                 await _drain(body, DRAIN_BYTES)
             if isinstance(e, FormParserError):
+                if str(e).startswith("Maximum header"):
+                    raise UploadError(
+                        400,
+                        "bad_request",
+                        f"A part of the upload has more than {MAX_PART_HEADERS} headers, or one longer "
+                        f"than {MAX_PART_HEADER_BYTES} bytes.",
+                    ) from e
                 raise UploadError(400, "bad_request", "The upload is not valid multipart/form-data.") from e
             raise
         except BaseException:
