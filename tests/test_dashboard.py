@@ -1021,3 +1021,27 @@ def test_a_public_address_needs_a_login(env: Env, tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "behind a login" in err and "s3cret-Dash-77" not in out + err
+
+
+@pytest.mark.parametrize("parts", [0, 2])
+def test_live_consumers_show_among_hundreds_departed(env: Env, parts: int) -> None:
+    """Restarts leave a group entry per departed consumer (no heartbeat, nothing pending).
+    The live ones, whatever their names, are never cut off by them."""
+    settings = env.settings_with(partitions=parts)
+    for part in partitions(settings):
+        env.redis.xgroup_create(part.stream, settings.group, id="0", mkstream=True)
+        pipe = env.redis.pipeline(transaction=False)
+        for i in range(600):
+            pipe.xgroup_createconsumer(part.stream, settings.group, f"departed-{i:04d}")
+        pipe.xgroup_createconsumer(part.stream, settings.group, "zz-live")
+        pipe.execute()
+    write_heartbeat(env.redis, settings, "zz-live", inserted=7)
+    monitor = Monitor(settings, interval=0.25)
+    try:
+        snap = monitor.sample()
+    finally:
+        monitor.stop()
+        for part in partitions(settings):
+            env.redis.delete(part.stream, heartbeat_key(part.stream, "zz-live"))
+    assert [(c["name"], c["health"], c["inserted"]) for c in snap["consumers"]] == [("zz-live", "healthy", 7)]
+    assert snap["consumers_summary"] == {"healthy": 1, "stalled": 0, "gone": 0}

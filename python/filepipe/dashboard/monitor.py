@@ -51,7 +51,8 @@ FRESH_S = 10.0  # a heartbeat older than this: the consumer is stalled (it expir
 RATE_WINDOW_S = 5.0  # each chart point is the rate over this many seconds
 HEADLINE_WINDOW_S = 10.0
 DEAD_SCAN_COUNT = 2000
-MAX_CONSUMERS = 500
+MAX_CONSUMERS = 500  # listed in a snapshot (the summary counts them all)
+BEATS_PER_MGET = 1000
 
 # One partition's dead letters after a cursor (ARGV[1]), at most ARGV[2] of them, and
 # its length, read in one atomic step: when the two disagree at the end of the
@@ -240,26 +241,33 @@ class Monitor:
         entries_read = sum_or_none([st.entries_read for st in streams])
         dead_len = sum(st.dead for st in streams)
 
+        beats: list[Any] = []
         if s.partitions:
             # Each consumer once; its heartbeat is the same on every partition it reads.
-            members = merge_consumers(st.consumers for st in streams)[:MAX_CONSUMERS]
-            beats: list[Any] = []
+            members = merge_consumers(st.consumers for st in streams)
             if members:
                 hb = r.pipeline(transaction=False)
                 for member in members:
                     hb.get(heartbeat_key(member.heartbeat_stream, member.name))
                 beats = hb.execute()
         else:
-            members = streams[0].consumers[:MAX_CONSUMERS]
-            beats = r.mget([heartbeat_key(s.stream, m.name) for m in members]) if members else []
-        listed = self._consumers(now, members, beats)
+            members = streams[0].consumers
+            if members:
+                hb = r.pipeline(transaction=False)
+                for i in range(0, len(members), BEATS_PER_MGET):
+                    hb.mget([heartbeat_key(s.stream, m.name) for m in members[i : i + BEATS_PER_MGET]])
+                beats = [beat for chunk in hb.execute() for beat in chunk]
+        # Departed consumers (no heartbeat, nothing pending) are left out before the list is
+        # cut to MAX_CONSUMERS: the group entries of hundreds of restarts cannot hide a live one.
+        everyone = self._consumers(now, members, beats)
+        listed = everyone[:MAX_CONSUMERS]
 
         acked: int | None = None
         if entries_read is not None:
             acked = max(entries_read - pending, 0)
-        elif any(c["heartbeat"] for c in listed):
+        elif any(c["heartbeat"] for c in everyone):
             # Without the group's read counter (Redis < 7), the live consumers' own totals.
-            acked = sum(c["inserted"] + c["dead_lettered"] for c in listed if c["heartbeat"])
+            acked = sum(c["inserted"] + c["dead_lettered"] for c in everyone if c["heartbeat"])
         if s.partitions:
             for st in streams:
                 self._count_dead(st.part.dead_stream, st.dead_page, st.dead)
@@ -278,6 +286,7 @@ class Monitor:
             "group_exists": any(st.group for st in streams),
             "acked": acked,
             "consumers": listed,
+            "consumer_health": Counter(c["health"] for c in everyone),
             "dead_reasons": reasons,
             "dead_counted": sum(tally.counted for tally in tallies),
         }
@@ -575,7 +584,7 @@ class Monitor:
             )
             snap["pending"], snap["lag"] = red["pending"], red["lag"]
             snap["consumers"] = red["consumers"]
-            summary = Counter(c["health"] for c in red["consumers"])
+            summary = red["consumer_health"]
             snap["consumers_summary"] = {h: summary.get(h, 0) for h in ("healthy", "stalled", "gone")}
             snap["dead_by_reason"] = [
                 {"reason": reason, "count": n} for reason, n in red["dead_reasons"].most_common()
