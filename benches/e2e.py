@@ -33,6 +33,7 @@ import redis
 from benches.baselines import fast_consumer, old_consumer
 from filepipe import _native, stream
 from filepipe.config import Settings, load_settings
+from filepipe.constants import dead_letter_ids_key
 from filepipe.consumer import Consumer
 from filepipe.db import Loader, create_pool, init_db
 from filepipe.embedded import PostgresServer, RedisServer
@@ -94,7 +95,7 @@ def replace(s: Settings, **changes: Any) -> Settings:
 
 def cleanup(s: Settings) -> None:
     r = redis.Redis.from_url(s.redis_url)
-    r.delete(s.stream, s.dead_stream)
+    r.delete(s.stream, s.dead_stream, dead_letter_ids_key(s.stream))
     r.close()
     with psycopg.connect(s.pg_uri, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {s.table}")

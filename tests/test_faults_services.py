@@ -453,8 +453,10 @@ def test_an_ack_run_twice_writes_each_dead_letter_once(redis_server: RedisServer
     r.xreadgroup(g, "a", {s: ">"}, count=100)
     dead = [DeadLetter(ids[3], {b"file_id": b"x", b"reason": b"own"}, "bad_uuid", "not a uuid"),
             DeadLetter(ids[-1], wide, "missing_field", "no filename")]
-    assert stream.ack(r, s, g, ids, dead, dead_stream=dead_stream, consumer="a") == 51
-    assert stream.ack(r, s, g, ids, dead, dead_stream=dead_stream, consumer="b") == 0
+    first = stream.ack(r, s, g, ids, dead, dead_stream=dead_stream, consumer="a")
+    assert first.acked == 51 and first.written == dead
+    again = stream.ack(r, s, g, ids, dead, dead_stream=dead_stream, consumer="b")
+    assert again.acked == 0 and not again.written and again.skipped == dead
     letters = dead_letters(r, dead_stream)
     assert [f[b"source_id"] for f in letters] == [ids[3], ids[-1]]
     assert letters[0][b"reason"] == b"bad_uuid" and letters[0][b"consumer"] == b"a"

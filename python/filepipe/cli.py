@@ -386,7 +386,8 @@ def consume(
     if not quiet:
         typer.echo(
             f"Stopped: {stats.inserted} inserted, {stats.duplicates} already present, "
-            f"{stats.dead_lettered} dead-lettered, {stats.acked} acknowledged"
+            f"{stats.dead_lettered} dead-lettered, {stats.deleted} deleted while pending, "
+            f"{stats.acked} acknowledged"
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 DEFAULT_STREAM = "file_uploads"
 DEFAULT_GROUP = "file_processors"
 DEAD_LETTER_SUFFIX = ":dead"
+# Beside each stream (in its hash slot): the ids of its entries already dead-lettered.
+DEAD_LETTER_IDS_SUFFIX = ":dead-letter-ids"
 DEFAULT_TABLE = "file_events"
 STAGING_TABLE = "filepipe_staging"
 
@@ -26,6 +28,15 @@ HEARTBEAT_TTL_S = 30
 def dead_letter_stream(stream: str) -> str:
     """The dead-letter stream of `stream`: `file_uploads` -> `file_uploads:dead`."""
     return stream + DEAD_LETTER_SUFFIX
+
+
+def dead_letter_ids_key(stream: str) -> str:
+    """The sorted set of the entry ids of `stream` that have been dead-lettered (zero-padded,
+    so that they sort as ids do), which makes a dead letter exactly-once per entry even when the
+    consumer group is destroyed and created again: `file_uploads:dead-letter-ids`,
+    `file_uploads:{3}:dead-letter-ids`. The acknowledgement script keeps it bounded: it
+    drops the ids older than the stream's first entry, which can never be delivered again."""
+    return stream + DEAD_LETTER_IDS_SUFFIX
 
 
 def partition_stream(stream: str, index: int) -> str:

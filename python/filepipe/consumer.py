@@ -44,17 +44,26 @@ from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import DatabaseError, FilepipeError, StorageError, TransientError
 from .partitions import Partition, partitions
-from .retry import Abandoned, Backoff, is_transient_pg, is_transient_redis
+from .retry import Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
-from .stream import DeadLetter, Entry
+from .stream import AckResult, DeadLetter, Entry
 
 log = logging.getLogger("filepipe")
+
+# Dead letters a full Redis refused are kept (their entries pending) up to this many bytes
+# while later batches are acknowledged; past it, acknowledging waits for Redis to have room.
+HELD_MAX_BYTES = 32 * 1024 * 1024
 
 # SQLSTATE classes caused by one row's value: isolate the row, load the rest.
 _ROW_ERROR_CLASSES = ("22", "23", "54")
 
 
 _EMPTY_BATCH = _native.parse_entries([])
+
+
+# A batch just read: its stream, its entries, whether they were delivered before, and the
+# ids of those read again without fields (deleted from the stream while pending).
+RawBatch = tuple[Partition, list[Entry], bool, list[bytes]]
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Prepared:
     dead: list[DeadLetter]
     read_at: float
     redelivered: bool = False
+    deleted: int = 0  # entries among `ids` deleted from the stream while pending (nothing to load)
 
     def release(self) -> None:
         """Drops what only loading needed (the raw entries, the parsed batch, the buffer)."""
@@ -88,8 +98,9 @@ class Stats:
     batches: int = 0
     inserted: int = 0
     duplicates: int = 0
-    dead_lettered: int = 0
-    acked: int = 0
+    dead_lettered: int = 0  # dead letters written (not those skipped as written before)
+    acked: int = 0  # entries acknowledged, as the acknowledgement script counted them
+    deleted: int = 0  # entries deleted from the stream while pending: acknowledged, nothing to load
     reasons: Counter[str] = field(default_factory=Counter)
     last_error: str = ""
 
@@ -169,7 +180,7 @@ class Consumer:
         self.loader = db.Loader(self.pool, settings)
         # Read batches waiting to be prepared: the reader reads the next batch while the
         # preparer parses, measures and encodes this one (measuring runs without the GIL).
-        self.raw: queue.Queue[tuple[Partition, list[Entry], bool] | None] = queue.Queue(maxsize=1)
+        self.raw: queue.Queue[RawBatch | None] = queue.Queue(maxsize=1)
         self.queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=settings.in_flight)
         self.acks: queue.Queue[tuple[Prepared, int, list[DeadLetter]] | None] = queue.Queue(
             maxsize=settings.in_flight
@@ -179,10 +190,19 @@ class Consumer:
         # (stream, entry id) of every entry read and not yet acknowledged by this process.
         self._in_flight: set[tuple[str, bytes]] = set()
         self._in_flight_lock = threading.Lock()
-        self.redis_backoff = Backoff("Redis", stop=self.stopping, on_error=self._error_sink("Redis"))
+        # One Redis outage is one warning, whichever threads wait it out.
+        self.redis_outage = Outage("Redis", self._error_sink("Redis"))
+        self.redis_backoff = Backoff("Redis", stop=self.stopping, outage=self.redis_outage)
         # The loader keeps retrying through a stop, until the stop deadline abandons it.
         self.abandon = threading.Event()
-        self.ack_backoff = Backoff("Redis", stop=self.abandon, on_error=self._error_sink("Redis"))
+        self.ack_backoff = Backoff("Redis", stop=self.abandon, outage=self.redis_outage)
+        # Dead letters a full Redis refused, by stream, waiting (their entries pending) to be
+        # written again while later batches are acknowledged; retried on this backoff.
+        self._held: dict[str, list[DeadLetter]] = {}
+        self._held_bytes = 0
+        self._held_retry_at = 0.0
+        self._held_touched = 0.0
+        self.held_backoff = Backoff("Redis", stop=self.abandon, outage=self.redis_outage)
         self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._error_sink("PostgreSQL"))
         self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._error_sink("Storage"))
         # Every stream this consumer reads: the stream, or each of its partitions.
@@ -430,26 +450,47 @@ class Consumer:
         # idle in Redis's eyes) from a dead consumer's: they are already being processed.
         with self._in_flight_lock:
             entries: list[Entry] = [e for e in claimed if (part.stream, e[0]) not in self._in_flight]
+            # Ours in flight are counted with their batch.
+            gone = [i for i in deleted if (part.stream, i) not in self._in_flight]
         if deleted:
-            # Entries deleted from the stream while pending can never be processed.
-            self._redis(lambda: self.redis.xack(part.stream, s.group, *deleted))
+            # Entries deleted from the stream while pending: XAUTOCLAIM (Redis 7) has removed
+            # them from the group's pending list, which acknowledges them. (Before 7.0 it
+            # returned them among the claimed entries, without fields, like a history read.)
+            self.stats.acked += len(deleted)
+            metrics.record_acked(len(deleted), [])
+        if gone:
+            self._log_deleted(part, gone)
+            self.stats.deleted += len(gone)
+            metrics.record_deleted(len(gone))
         if entries:
             log.info("reclaimed %d entries idle for more than %d ms", len(entries), s.claim_idle_ms)
         return entries
 
     def _submit(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> None:
-        """Hands a batch just read to the preparer."""
+        """Hands a batch just read to the preparer. An entry read again without its fields
+        (this consumer's history, a claim) was deleted from the stream while pending: there
+        is nothing to load or to dead-letter, it is only acknowledged, and counted."""
         keys = [(part.stream, e[0]) for e in entries]
+        gone = [e[0] for e in entries if not e[1]]  # nil (or, parsed by redis-py, empty)
+        if gone:
+            entries = [e for e in entries if e[1]]
+            self._log_deleted(part, gone)
         with self._in_flight_lock:
             self._in_flight.update(keys)
         while True:
             try:
-                self.raw.put((part, entries, redelivered), timeout=0.5)
+                self.raw.put((part, entries, redelivered, gone), timeout=0.5)
                 return
             except queue.Full:
                 if self.failed is not None or self.abandon.is_set():
                     self._landed(part.stream, [e[0] for e in entries])
                     return  # not handed over: these entries stay pending and are delivered again
+
+    def _log_deleted(self, part: Partition, ids: list[bytes]) -> None:
+        shown = ", ".join(i.decode(errors="replace") for i in ids[:3]) + (" …" if len(ids) > 3 else "")
+        log.warning("%d entr%s of %s deleted from the stream while pending (%s): acknowledged, "
+                    "with nothing to load or dead-letter", len(ids), "y" if len(ids) == 1 else "ies",
+                    part.stream, shown)
 
     def _prepare_loop(self) -> None:
         """Prepares the batches the reader hands over, in order, for the loaders. At a stop
@@ -459,13 +500,13 @@ class Consumer:
             try:
                 if item is None:
                     return
-                part, entries, redelivered = item
-                ids = [e[0] for e in entries]
+                part, entries, redelivered, gone = item
+                ids = [e[0] for e in entries] + gone
                 if self.failed is not None or self.abandon.is_set():
                     self._landed(part.stream, ids)
                     continue
                 try:
-                    prepared = self._prepare(part, entries, redelivered=redelivered)
+                    prepared = self._prepare(part, entries, redelivered=redelivered, gone=gone)
                 except Abandoned:
                     self._landed(part.stream, ids)
                     continue  # these entries stay pending and are delivered again
@@ -509,9 +550,11 @@ class Consumer:
             return False
 
     def _wait_idle(self) -> None:
-        while (self.raw.unfinished_tasks or self.queue.unfinished_tasks or self.acks.unfinished_tasks) \
-                and self.failed is None and not self.stopping.is_set():
+        while (self.raw.unfinished_tasks or self.queue.unfinished_tasks or self.acks.unfinished_tasks
+               or self._held) and self.failed is None and not self.stopping.is_set():
             time.sleep(0.005)
+            if self._held:
+                self._heartbeat()
 
     # -- preparing a batch -------------------------------------------------------------
 
@@ -530,11 +573,13 @@ class Consumer:
         )
         return {r["message_id"]: int(r["times_delivered"]) for r in rows or []}
 
-    def _prepare(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> Prepared:
+    def _prepare(self, part: Partition, entries: list[Entry], *, redelivered: bool,
+                 gone: list[bytes] | None = None) -> Prepared:
         s = self.settings
+        gone = gone or []
         read_at = time.monotonic()
         dead: list[DeadLetter] = []
-        deliveries: dict[bytes, int] = self._deliveries(part, entries) if redelivered else {}
+        deliveries: dict[bytes, int] = self._deliveries(part, entries) if redelivered and entries else {}
         if deliveries:
             over = [e for e in entries if deliveries.get(e[0], 0) > s.max_deliveries]
             if over:
@@ -578,7 +623,7 @@ class Consumer:
         buf = _native.encode_copy(batch, measurements, self.name, self.binary, stream=s.stream)
         rows = len(measurements.measured())
         return Prepared(
-            ids=[e[0] for e in entries],
+            ids=[e[0] for e in entries] + gone,
             batch=batch,
             measurements=measurements,
             entries=entries_ok,
@@ -587,6 +632,7 @@ class Consumer:
             dead=dead,
             read_at=read_at,
             redelivered=redelivered,
+            deleted=len(gone),
             part=part,
         )
 
@@ -656,12 +702,23 @@ class Consumer:
 
     def _ack_loop(self) -> None:
         while True:
-            item = self.acks.get()
+            try:
+                item = self.acks.get(timeout=self._held_wait())
+            except queue.Empty:
+                self._retry_held()
+                continue
             try:
                 if item is None:
+                    # The last batch is in: dead letters still held back get the stop
+                    # timeout to be written, then their entries stay pending.
+                    while self._held and self.failed is None and not self.abandon.is_set():
+                        self._retry_held(wait=True)
                     return
                 if self.failed is None and not self.abandon.is_set():
                     self._finish_batch(*item)
+                    # Many held back: wait for Redis to take them before acknowledging more.
+                    while self._held_bytes > HELD_MAX_BYTES and not self.abandon.is_set():
+                        self._retry_held(wait=True)
             except Abandoned:
                 pass
             except BaseException as e:
@@ -673,32 +730,136 @@ class Consumer:
     def _finish_batch(self, p: Prepared, inserted: int, row_dead: list[DeadLetter]) -> None:
         dead = p.dead + row_dead
         part = p.part or self.parts[0]
-        self._ack(part, p.ids, dead)
-        self._landed(part.stream, p.ids)
+        result = self._ack(part, p.ids, dead)
+        held = {d.source_id for d in result.held}
+        self._landed(part.stream, [i for i in p.ids if i not in held])
         crash_point("after_ack")
         st = self.stats
         st.batches += 1
         st.inserted += inserted
         st.duplicates += p.rows - len(row_dead) - inserted
-        st.dead_lettered += len(dead)
-        st.acked += len(p.ids)
-        st.reasons.update(d.reason for d in dead)
-        metrics.record_batch(len(p.ids), inserted, p.rows - len(row_dead) - inserted, dead,
-                             time.monotonic() - p.read_at)
-        self.progress.batch(inserted, dead, st)
+        st.deleted += p.deleted
+        self._count(result)
+        self._hold(part, result)
+        metrics.record_batch(len(p.ids), result.acked, inserted, p.rows - len(row_dead) - inserted,
+                             result.written, time.monotonic() - p.read_at)
+        metrics.record_deleted(p.deleted)
+        self.progress.batch(inserted, result.written, st)
         self._heartbeat()
 
-    def _ack(self, part: Partition, ids: list[bytes], dead: list[DeadLetter]) -> None:
-        """Writes the dead letters and acknowledges, in one atomic script. If the reply is
-        lost, the transaction may or may not have run: before running it again, ask
-        Redis whether the entries are still pending, so no dead letter is written twice."""
+    def _count(self, result: AckResult) -> None:
+        """Adds what the acknowledgement script did to the totals."""
+        st = self.stats
+        st.dead_lettered += len(result.written)
+        st.acked += result.acked
+        st.reasons.update(d.reason for d in result.written)
+
+    def _hold(self, part: Partition, result: AckResult) -> None:
+        """Keeps the dead letters a full Redis refused, to write them once it has room;
+        their entries stay pending (and in this consumer's hands) until then."""
+        if not result.held:
+            return
+        self._put_held(part.stream, result.held)
+        error = redis.exceptions.OutOfMemoryError(result.refusal.removeprefix("OOM "))
+        self._held_retry_at = time.monotonic() + self.held_backoff.record(error)
+
+    def _put_held(self, stream_name: str, dead: list[DeadLetter]) -> None:
+        if dead:
+            self._held.setdefault(stream_name, []).extend(dead)
+            self._held_bytes += sum(d.size() for d in dead)
+
+    def _take_held(self, stream_name: str, n: int | None = None) -> list[DeadLetter]:
+        """Removes and returns (up to `n` of) the dead letters held for `stream_name`."""
+        held = self._held.pop(stream_name, [])
+        if n is not None and len(held) > n:
+            self._held[stream_name] = held[n:]
+            held = held[:n]
+        self._held_bytes -= sum(d.size() for d in held)
+        return held
+
+    def _held_count(self) -> int:
+        return sum(len(v) for v in self._held.values())
+
+    def _held_wait(self) -> float | None:
+        """How long the acknowledger may wait for a batch before retrying held dead letters."""
+        if not self._held:
+            return None
+        return max(0.0, self._held_retry_at - time.monotonic())
+
+    def _retry_held(self, *, wait: bool = False) -> None:
+        """Tries again to write the dead letters a full Redis refused (and to acknowledge
+        their entries). With `wait`, first waits for the backoff's delay."""
+        if wait:
+            self.abandon.wait(self._held_wait() or 0.0)
+        if time.monotonic() < self._held_retry_at or self.abandon.is_set():
+            return
+        self._keep_held()
+        for part in self.parts:
+            held = self._take_held(part.stream, self.settings.batch_size)  # the rest: next retry
+            if not held:
+                continue
+            ids = [d.source_id for d in held]
+            result = self._ack(part, ids, held)
+            still = {d.source_id for d in result.held}
+            self._landed(part.stream, [i for i in ids if i not in still])
+            self._count(result)
+            metrics.record_acked(result.acked, result.written)
+            self.progress.batch(0, result.written, self.stats)
+            self._hold(part, result)
+        if not self._held:
+            self.held_backoff.succeeded()
+        self._heartbeat()
+
+    def _keep_held(self) -> None:
+        """Claims the held entries again (XCLAIM JUSTID: their delivery count stays, and a
+        full Redis allows it), so that no other consumer takes over entries that are only
+        waiting for Redis to have room."""
+        now = time.monotonic()
+        if now - self._held_touched < self.settings.claim_idle_ms / 2000:
+            return
+        self._held_touched = now
         s = self.settings
+        for part in self.parts:
+            held = self._held.get(part.stream)
+            if not held:
+                continue
+            try:
+                kept = set(self.redis.xclaim(part.stream, s.group, self.name, 0,
+                                             [d.source_id for d in held], justid=True))
+            except (redis.RedisError, RedisClusterException) as e:
+                if not is_transient_redis(e):
+                    raise
+                continue  # tried again at the next retry
+            gone = [d.source_id for d in held if d.source_id not in kept]
+            if gone:
+                # XCLAIM drops entries deleted from the stream from the pending list; the others
+                # were acknowledged elsewhere. Neither needs its dead letter any more.
+                held = self._take_held(part.stream)
+                self._put_held(part.stream, [d for d in held if d.source_id in kept])
+                self._landed(part.stream, gone)
+                deleted = [i for i in gone if not self.redis.xrange(part.stream, i, i, count=1)]
+                if deleted:
+                    # XCLAIM removes them from the pending list: acknowledged.
+                    self._log_deleted(part, deleted)
+                    self.stats.deleted += len(deleted)
+                    self.stats.acked += len(deleted)
+                    metrics.record_deleted(len(deleted))
+                    metrics.record_acked(len(deleted), [])
+
+    def _ack(self, part: Partition, ids: list[bytes], dead: list[DeadLetter]) -> AckResult:
+        """Writes the dead letters and acknowledges, in one atomic script. If the reply is
+        lost, the script may or may not have run: before running it again, ask Redis which
+        entries are still pending, and run it for those (it would write no dead letter
+        twice anyway). Entries no longer pending then are counted as the lost run's."""
+        s = self.settings
+        done = AckResult()
         while True:
             try:
-                metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, part.stream, s.group, ids, dead,
-                              dead_stream=part.dead_stream, consumer=self.name)
+                result = metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, part.stream, s.group, ids,
+                                       dead, dead_stream=part.dead_stream, consumer=self.name)
                 self.ack_backoff.succeeded()
-                return
+                done.add(result)
+                return done
             except Exception as e:
                 if not is_transient_redis(e):
                     raise
@@ -707,9 +868,7 @@ class Consumer:
                     raise Abandoned("Redis: gave up acknowledging") from e
             while True:
                 try:
-                    if not stream.still_pending(self.redis, part.stream, s.group, ids):
-                        self.ack_backoff.succeeded()
-                        return  # the lost transaction did run
+                    pending = stream.still_pending(self.redis, part.stream, s.group, ids)
                     break
                 except Exception as e:
                     if not is_transient_redis(e):
@@ -717,6 +876,14 @@ class Consumer:
                     self.ack_backoff.failed(e)
                     if self.abandon.is_set():
                         raise Abandoned("Redis: gave up acknowledging") from e
+            # What is no longer pending, the lost run (or another consumer) has done.
+            done.acked += sum(1 for i in ids if i not in pending)
+            done.written += [d for d in dead if d.source_id not in pending]
+            ids = [i for i in ids if i in pending]
+            dead = [d for d in dead if d.source_id in pending]
+            if not ids:
+                self.ack_backoff.succeeded()
+                return done
 
     def _load(self, p: Prepared) -> tuple[int, list[DeadLetter]]:
         """Loads the batch, waiting out outages. A value PostgreSQL refuses is isolated
@@ -775,18 +942,18 @@ class Consumer:
             "updated": time.time(),
             "inserted": st.inserted,
             "dead_lettered": st.dead_lettered,
+            "dead_letters_waiting": self._held_count(),
+            "deleted": st.deleted,
             "batches": st.batches,
             "rate": round(st.rate(), 2),
             "last_error": st.last_error,
         }
         # One heartbeat per stream read, beside it (on a cluster, in its hash slot).
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for part in self.parts:
-                pipe.set(heartbeat_key(part.stream, self.name), json.dumps(beat), ex=HEARTBEAT_TTL_S)
-            pipe.execute()
-        except (redis.RedisError, RedisClusterException):
-            pass  # liveness is best effort; the read loop reports Redis outages
+        value = json.dumps(beat)
+        # Liveness is best effort; the read loop reports Redis outages.
+        with contextlib.suppress(redis.RedisError, RedisClusterException):
+            stream.set_heartbeats(self.redis, {heartbeat_key(p.stream, self.name): value for p in self.parts},
+                                  HEARTBEAT_TTL_S)
 
     def _remove_heartbeat(self) -> None:
         try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import load_settings, mask_url
+from .constants import dead_letter_ids_key
 
 SAMPLE_NAMES = [
     "report {i}.pdf", "photo_{i}.jpg", "notes-{i}.txt", "data {i}.json", "über straße {i}.txt",
@@ -101,7 +102,7 @@ def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
             import redis as _redis
 
             r = _redis.Redis.from_url(settings.redis_url)
-            r.delete(settings.stream, settings.dead_stream)
+            r.delete(settings.stream, settings.dead_stream, dead_letter_ids_key(settings.stream))
             r.close()
     finally:
         stack.close()

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from . import _native, db, stream
 from .config import Settings, mask_url
-from .constants import STAGING_TABLE, heartbeat_key
+from .constants import STAGING_TABLE, dead_letter_ids_key, heartbeat_key
 from .errors import FilepipeError
 from .partitions import partitions
 from .redaction import error_line, printable, scrub
@@ -1340,7 +1340,8 @@ def run_pipeline(
     finally:
         with contextlib.suppress(redis.RedisError):
             for part in partitions(scratch):  # one key at a time: they may live on different cluster nodes
-                for key in (part.stream, part.dead_stream, heartbeat_key(part.stream, scratch.consumer_name)):
+                for key in (part.stream, part.dead_stream, dead_letter_ids_key(part.stream),
+                            heartbeat_key(part.stream, scratch.consumer_name)):
                     r.delete(key)
         r.close()
         with contextlib.suppress(psycopg.Error), db.connect(scratch, autocommit=True) as conn:

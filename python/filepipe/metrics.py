@@ -46,7 +46,11 @@ DUPLICATES = Counter("filepipe_duplicates_total", "Redelivered stream entries wh
 REJECTED = Counter(
     "filepipe_rejected_total", "Stream entries written to the dead-letter stream, by reason.", ["reason"]
 )
-ACKED = Counter("filepipe_acked_total", "Stream entries acknowledged (loaded or dead-lettered).")
+ACKED = Counter("filepipe_acked_total", "Stream entries acknowledged (loaded, dead-lettered or deleted).")
+DELETED = Counter(
+    "filepipe_deleted_total",
+    "Stream entries deleted from the stream while pending (XDEL, a trim): acknowledged with nothing to load.",
+)
 RETRIES = Counter("filepipe_retries_total", "Retries after a passing failure, by service.", ["service"])
 BATCH_SECONDS = Histogram(
     "filepipe_batch_duration_seconds",
@@ -71,21 +75,34 @@ ACK_SECONDS = Histogram(
 
 
 def record_batch(
-    entries: int, inserted: int, duplicates: int, dead: Iterable[DeadLetter], seconds: float
+    entries: int, acked: int, inserted: int, duplicates: int, dead: Iterable[DeadLetter], seconds: float
 ) -> None:
-    """Counts one acknowledged batch: a handful of increments, whatever its size."""
+    """Counts one acknowledged batch: a handful of increments, whatever its size. `acked`
+    and `dead` are what the acknowledgement script did (the dead letters it wrote)."""
     BATCH_ENTRIES.observe(entries)
     BATCH_SECONDS.observe(seconds)
-    ACKED.inc(entries)
+    record_acked(acked, dead)
     if inserted:
         PROCESSED.inc(inserted)
     if duplicates > 0:
         DUPLICATES.inc(duplicates)
+
+
+def record_acked(acked: int, dead: Iterable[DeadLetter]) -> None:
+    """Counts entries acknowledged and dead letters written."""
+    if acked:
+        ACKED.inc(acked)
     reasons: dict[str, int] = {}
     for d in dead:
         reasons[d.reason] = reasons.get(d.reason, 0) + 1
     for reason, n in reasons.items():
         REJECTED.labels(reason=reason).inc(n)
+
+
+def record_deleted(n: int) -> None:
+    """Counts entries found deleted from the stream while pending."""
+    if n:
+        DELETED.inc(n)
 
 
 def record_retry(service: str) -> None:

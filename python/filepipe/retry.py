@@ -12,7 +12,14 @@ from typing import TypeVar
 import psycopg
 import redis
 from psycopg_pool import PoolTimeout
-from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from .errors import TransientError
 from .redaction import error_line
@@ -28,6 +35,8 @@ T = TypeVar("T")
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03")
 _REDIS_TRANSIENT_REPLIES = ("LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY ")
+# Replies of a Redis that answers but takes no write for now, and how the log says it.
+_REDIS_REFUSALS = {"OOM": "is full", "READONLY": "is read-only", "MISCONF": "refuses writes"}
 
 
 class Abandoned(Exception):
@@ -47,10 +56,37 @@ def is_transient_pg(e: BaseException) -> bool:
     return isinstance(e, (ConnectionError, TimeoutError))
 
 
+def redis_refusal(e: BaseException) -> str | None:
+    """The reply code when Redis answered but refused a write for now: `OOM` (full, at
+    `maxmemory`), `READONLY` (a replica, as after a failover), `MISCONF` (its last snapshot
+    failed and it stops writes until one succeeds). None for any other error."""
+    if isinstance(e, OutOfMemoryError):
+        return "OOM"
+    if isinstance(e, ReadOnlyError):
+        return "READONLY"
+    if isinstance(e, redis.ResponseError):
+        code = str(e).split(" ", 1)[0]
+        if code in _REDIS_REFUSALS:  # redis-py leaves the code in when it has no class for it
+            return code
+    return None
+
+
+def redis_reply(e: BaseException) -> str:
+    """The first line of a Redis error as the server sent it: redis-py drops the code of
+    the replies it has a class for (`OOM`, `READONLY`), which is what names them."""
+    text = error_line(e)
+    code = redis_refusal(e)
+    return text if code is None or text.startswith(code) else f"{code} {text}"
+
+
 def is_transient_redis(e: BaseException) -> bool:
-    """Whether a Redis error is a connection problem or a server that is not ready yet
-    (on a cluster too: a master down, a slot not served or migrating)."""
+    """Whether a Redis error is a connection problem, a server that is not ready yet (on
+    a cluster too: a master down, a slot not served or migrating), or a server that
+    refuses writes for now (full, a read-only replica, a failed snapshot): each passes
+    without anything the consumer could do but wait."""
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        return True
+    if redis_refusal(e) is not None:
         return True
     if isinstance(e, (ClusterDownError, TryAgainError, SlotNotCoveredError)):
         return True
@@ -66,6 +102,63 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, TransientError) or is_transient_pg(e) or is_transient_redis(e)
 
 
+class Outage:
+    """One service's outage as the log and the heartbeat tell it, shared by the backoffs of
+    the threads that use the service (the reader's, the acknowledger's): the first to fail
+    logs the warning, the last to recover logs the recovery, so one outage is one pair of
+    lines however many threads wait it out."""
+
+    def __init__(self, service: str, on_error: Callable[[str], None] | None = None) -> None:
+        """`on_error` hears the error when the outage starts (or its message changes) and ""
+        when it ends."""
+        self.service = service
+        self.on_error = on_error
+        self.since: float | None = None
+        self.last_message = ""
+        self._failing: set[int] = set()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def failed(self, who: int, e: BaseException, delay: float) -> None:
+        """Backoff `who` failed with `e` and waits `delay` seconds."""
+        code = redis_refusal(e)
+        message = redis_reply(e) if code else error_line(e)
+        state = _REDIS_REFUSALS[code] if code else "unreachable"
+        with self._lock:
+            self._failing.add(who)
+            if self.since is None:
+                # One warning per outage; a new error during it (the server going from
+                # "shutting down" to "refused", a pool timing out) is logged once, at INFO, and
+                # only the first few, so errors that alternate or vary cannot flood the log.
+                self.since = time.monotonic()
+                self._seen = {message}
+                log.warning("%s %s (%s), retrying in %.1f s", self.service, state, message, delay)
+            elif message not in self._seen and len(self._seen) < 4:
+                self._seen.add(message)
+                log.info("%s still %s (%s), retrying in %.1f s", self.service,
+                         state.removeprefix("is "), message, delay)
+            else:
+                log.debug("%s still %s, retrying in %.1f s", self.service, state.removeprefix("is "), delay)
+            changed = message != self.last_message
+            self.last_message = message
+        if changed and self.on_error is not None:
+            self.on_error(f"{self.service}: {message}")
+
+    def recovered(self, who: int) -> None:
+        """Backoff `who` succeeded; the outage ends when no backoff is failing any more."""
+        with self._lock:
+            if who not in self._failing:
+                return
+            self._failing.discard(who)
+            if self._failing or self.since is None:
+                return
+            log.warning("%s is back after %.1f s", self.service, time.monotonic() - self.since)
+            self.since = None
+            self.last_message = ""
+        if self.on_error is not None:
+            self.on_error("")  # the outage is over: no current error
+
+
 class Backoff:
     """Exponential backoff with full jitter, capped; logs one line per change of state
     ("PostgreSQL unreachable, retrying in 2.0 s" ... "PostgreSQL is back after 12.3 s")."""
@@ -78,49 +171,44 @@ class Backoff:
         cap: float = 5.0,
         stop: threading.Event | None = None,
         on_error: Callable[[str], None] | None = None,
+        outage: Outage | None = None,
     ) -> None:
         """`stop`, once set, cuts the current wait short and makes `call` give up
         (raising Abandoned) instead of retrying again. `on_error` hears the error when an
-        outage starts (or its message changes) and "" when it ends."""
+        outage starts (or its message changes) and "" when it ends. Backoffs given one
+        `outage` (and then its `on_error`) log and report it together."""
         self.service = service
         self.base = base
         self.cap = cap
         self.stop = stop
-        self.on_error = on_error
+        self.outage = outage or Outage(service, on_error)
         self.attempt = 0
         self.down_since: float | None = None
-        self.last_message = ""
-        self._seen: set[str] = set()
         # Several threads may share one backoff (one loader per pooled connection).
         self._lock = threading.Lock()
 
-    def failed(self, e: BaseException) -> float:
-        """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
+    @property
+    def last_message(self) -> str:
+        return self.outage.last_message
+
+    def record(self, e: BaseException) -> float:
+        """Records a failure and logs it if it is news; returns how long to wait before
+        the next attempt (without waiting)."""
         from .metrics import record_retry
 
         record_retry(self.service)
-        self.attempt += 1
-        delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 20)))
-        delay = max(delay, min(self.base, self.cap))
-        message = error_line(e)
         with self._lock:
+            self.attempt += 1
+            delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 20)))
+            delay = max(delay, min(self.base, self.cap))
             if self.down_since is None:
-                # One warning per outage; a new error during it (the server going from
-                # "shutting down" to "refused", a pool timing out) is logged once, at INFO, and
-                # only the first few, so errors that alternate or vary cannot flood the log.
                 self.down_since = time.monotonic()
-                self._seen = {message}
-                log.warning("%s unreachable (%s), retrying in %.1f s", self.service, message, delay)
-            elif message not in self._seen and len(self._seen) < 4:
-                self._seen.add(message)
-                log.info("%s still unreachable (%s), retrying in %.1f s", self.service, message, delay)
-            changed = message != self.last_message
-            self.last_message = message
-        if changed:
-            if self.on_error is not None:
-                self.on_error(f"{self.service}: {message}")
-        else:
-            log.debug("%s still unreachable, retrying in %.1f s", self.service, delay)
+        self.outage.failed(id(self), e, delay)
+        return delay
+
+    def failed(self, e: BaseException) -> float:
+        """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
+        delay = self.record(e)
         if self.stop is not None:
             self.stop.wait(delay)
         else:
@@ -135,13 +223,9 @@ class Backoff:
         with self._lock:
             if self.down_since is not None and started is not None and started < self.down_since:
                 return
-            if self.down_since is not None:
-                log.warning("%s is back after %.1f s", self.service, time.monotonic() - self.down_since)
-                if self.on_error is not None:
-                    self.on_error("")  # the outage is over: no current error
             self.attempt = 0
             self.down_since = None
-            self.last_message = ""
+        self.outage.recovered(id(self))
 
     def call(self, fn: Callable[[], T], transient: Callable[[BaseException], bool]) -> T:
         """Calls `fn` until it succeeds or raises a non-transient error (or `stop` is set:

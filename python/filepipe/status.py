@@ -104,6 +104,7 @@ class StreamState:
     dead_last_minute: int = 0
     dead_last_minute_by_reason: dict[str, int] = field(default_factory=dict)
     groups_missing: list[str] = field(default_factory=list)  # streams with entries and no group
+    writes_refused: str = ""  # why Redis refuses writes now (a read-only replica, a failed snapshot)
     partitions: list[PartitionState] = field(default_factory=list)  # STREAM_PARTITIONS > 0
 
 
@@ -241,7 +242,40 @@ class Collector:
             else []
         )
         self._collect_heartbeats(out)
+        out.writes_refused = self._collect_write_refusal()
         return out
+
+    def _collect_write_refusal(self) -> str:
+        """Why Redis takes no write now, from its own state: a replica (as during a
+        failover), or a failed snapshot with `stop-writes-on-bgsave-error` (MISCONF).
+        A full Redis is seen in the consumers' heartbeats, which still get through."""
+        replies = self.redis.info("replication"), self.redis.info("persistence")
+        nodes: list[list[dict[str, Any]]] = []
+        for reply in replies:
+            # A cluster client asks every node: one dict per node.
+            values = list(reply.values()) if "role" not in reply and "loading" not in reply else [reply]
+            nodes.append([v for v in values if isinstance(v, dict)])
+        for info in nodes[0]:
+            if info.get("role") == "slave":
+                master = f"{info.get('master_host')}:{info.get('master_port')}"
+                link = info.get("master_link_status", "down")
+                return (f"Redis is a read only replica (of {master}, link {link}): it refuses writes "
+                        "(READONLY), and consumers wait for a writable master")
+        if any(info.get("rdb_last_bgsave_status") == "err" for info in nodes[1]):
+            try:
+                config = self.redis.config_get("stop-writes-on-bgsave-error")
+                config.update(self.redis.config_get("save"))
+            except (redis.RedisError, RedisClusterException):
+                config = {}  # CONFIG is often disabled on managed servers
+            first = next(iter(config.values()), None)
+            if isinstance(first, dict):  # a cluster client: one node's
+                config = first
+            refusing = _text(config.get("stop-writes-on-bgsave-error", "")) == "yes" and bool(
+                _text(config.get("save", "")).strip())
+            if refusing or not config:
+                return ("Redis refuses writes (MISCONF)" + ("" if refusing else ", if snapshots are on") +
+                        ": its last RDB snapshot failed; consumers wait until one succeeds")
+        return ""
 
     def _collect_partition(self, part: Partition, now_ms: int) -> StreamState:
         r = self.redis
@@ -544,6 +578,15 @@ def assess(st: Status, settings: Settings) -> None:
     if e is not None and not e.exists:
         problems.append(f"table {st.table} does not exist (run `filepipe init-db`)")
     if t is not None:
+        if t.writes_refused:
+            problems.append(t.writes_refused)
+        reported: dict[str, list[str]] = {}
+        for c in t.consumers:
+            if c.last_error and c.heartbeat_age_s is not None:
+                reported.setdefault(c.last_error, []).append(c.name)
+        for error, names in reported.items():
+            who = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"consumer{'s' if len(names) > 1 else ''} {who} waiting: {error}")
         for c in t.consumers:
             c.silent = (
                 c.pending > 0

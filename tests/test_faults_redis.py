@@ -1,0 +1,278 @@
+"""A Redis that refuses writes: full (`OOM command not allowed`), a read-only replica after a
+failover (`READONLY`), or unable to save its snapshot (`MISCONF`). The consumer waits each
+one out like an outage, says so once, shows it in its heartbeat and in `filepipe status`,
+and never dead-letters an entry because Redis refused a write. While Redis is full it keeps
+acknowledging the entries it loaded (XACK is allowed then, and acknowledging is what lets
+trimming free memory); only the dead letters wait.
+
+Every test runs its own redis-server, so filling it or turning it into a replica touches
+nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import psycopg
+import pytest
+import redis
+from tests.support.proxy import TcpProxy
+from tests.support.workload import Workload, seed, wait_for
+
+from filepipe import stream
+from filepipe.config import Settings, load_settings
+from filepipe.constants import heartbeat_key
+from filepipe.consumer import Consumer, Stats
+from filepipe.db import init_db
+from filepipe.embedded import RedisServer
+from filepipe.status import collect_status
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    # Protected configs: the MISCONF test moves the snapshot directory.
+    args = ["--maxmemory-policy", "noeviction", "--enable-protected-configs", "yes"]
+    with RedisServer(extra_args=args) as server:
+        yield server
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="filepipe")
+    return caplog
+
+
+class Site:
+    """A private Redis, the shared PostgreSQL (a table of its own) and a storage root."""
+
+    def __init__(self, server: RedisServer, pg_uri: str, root: Path, *, redis_port: int | None = None,
+                 **overrides: Any) -> None:
+        tag = uuid.uuid4().hex[:10]
+        self.pg_uri = pg_uri
+        self.redis = redis.Redis.from_url(server.url, socket_timeout=10)
+        self.storage = root / "storage"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.settings: Settings = load_settings(
+            {
+                "redis_url": f"redis://127.0.0.1:{redis_port or server.port}/0",
+                "pg_uri": pg_uri,
+                "stream": f"fp_full_{tag}",
+                "table": f"fp_full_{tag}",
+                "local_storage_dir": str(self.storage),
+                "consumer_name": f"full-{tag}",
+                "batch_size": 100,
+                "block_ms": 100,
+                "claim_idle_ms": 1000,
+                "max_file_bytes": 64 * 1024,
+                "connect_timeout_s": 2,
+                **overrides,
+            },
+            environ={},
+            dotenv_path=None,
+        )
+        init_db(self.settings)
+
+    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.pg_uri, connect_timeout=5) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def rows(self) -> int:
+        return int(self.sql(f"SELECT count(*) FROM {self.settings.table}")[0][0])
+
+    def pending(self) -> int:
+        return int(self.redis.xpending(self.settings.stream, self.settings.group)["pending"])
+
+    def dead(self) -> list[dict[bytes, bytes]]:
+        rows = cast(list[tuple[bytes, dict[bytes, bytes]]], self.redis.xrange(self.settings.dead_stream))
+        return [f for _, f in rows]
+
+    def heartbeat(self) -> dict[str, Any] | None:
+        raw = self.redis.get(heartbeat_key(self.settings.stream, self.settings.consumer_name))
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
+    def close(self) -> None:
+        with psycopg.connect(self.pg_uri, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {self.settings.table}")
+        self.redis.close()
+
+
+def assert_exact(site: Site, w: Workload) -> None:
+    """Every good event a row once, every poison entry one dead letter with its reason,
+    nothing pending."""
+    loaded = [r[0].encode() for r in site.sql(f"SELECT stream_id FROM {site.settings.table}")]
+    assert len(loaded) == w.good, f"{len(loaded)} rows for {w.good} good events"
+    assert len(set(loaded)) == len(loaded), "a row was loaded twice"
+    assert set(loaded) == set(w.ids) - set(w.poison)
+    assert site.pending() == 0
+    sources = [f[b"source_id"] for f in site.dead()]
+    assert len(sources) == len(set(sources)), "a dead letter was written twice"
+    assert {f[b"source_id"]: f[b"reason"].decode() for f in site.dead()} == w.poison
+
+
+class Draining:
+    """`Consumer(settings, drain=True).run()` in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.consumer = Consumer(settings, drain=True, write=None)
+        self.stats: Stats | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="consumer-under-test", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.consumer.run()
+        except BaseException as e:  # reported by finish()
+            self.error = e
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def finish(self, timeout: float = 60) -> Stats:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.consumer.stop()
+            self.thread.join(10)
+            raise AssertionError(f"the consumer did not finish draining within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        assert self.stats is not None
+        return self.stats
+
+
+def messages(logs: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in logs.records if text in r.getMessage()]
+
+
+# -- the faults: each makes the private Redis refuse writes, and undoes it -----------------
+
+
+def fill(r: redis.Redis) -> None:
+    """Full: a 16 MiB filler key (appended in small pieces, so that no big request buffer
+    is counted), then maxmemory 2 MiB below what is used, until the filler is deleted."""
+    chunk = b"x" * 256 * 1024
+    for _ in range(64):
+        r.append("filler", chunk)
+    used = int(cast(dict[str, Any], r.info("memory"))["used_memory"])
+    r.config_set("maxmemory", used - 2 * 1024 * 1024)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        r.set("probe", b"1")
+
+
+def unfill(r: redis.Redis) -> None:
+    r.delete("filler")
+
+
+def demote(r: redis.Redis) -> None:
+    """Read-only: a replica of a master that cannot be reached (it keeps its data and
+    serves reads, as a replica does during a failover)."""
+    from filepipe.embedded import free_port
+
+    r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # type: ignore[no-untyped-call]
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        r.set("probe", b"1")
+
+
+def promote(r: redis.Redis) -> None:
+    r.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+
+
+_broken_dirs: list[str] = []
+
+
+def break_saving(r: redis.Redis) -> None:
+    """MISCONF: snapshots configured, and the last one failed (its directory is gone), so
+    Redis refuses writes (stop-writes-on-bgsave-error)."""
+    d = tempfile.mkdtemp(prefix="filepipe-rdb-")
+    r.config_set("dir", d)
+    r.config_set("save", "3600 1")
+    shutil.rmtree(d)
+    r.bgsave()
+    wait_for(lambda: cast(dict[str, Any], r.info("persistence"))["rdb_last_bgsave_status"] == "err",
+             10, "the snapshot to fail")
+    with pytest.raises(redis.ResponseError, match="MISCONF"):
+        r.set("probe", b"1")
+
+
+def fix_saving(r: redis.Redis) -> None:
+    d = tempfile.mkdtemp(prefix="filepipe-rdb-")
+    _broken_dirs.append(d)
+    r.config_set("dir", d)
+    r.bgsave()
+    wait_for(lambda: cast(dict[str, Any], r.info("persistence"))["rdb_last_bgsave_status"] == "ok",
+             10, "the snapshot to succeed")
+
+
+FAULTS = {
+    "full": (fill, unfill, "OOM"),
+    "read-only": (demote, promote, "read only replica"),
+    "misconf": (break_saving, fix_saving, "MISCONF"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_redis_refusing_writes_is_waited_out(fault: str, redis_server: RedisServer, pg_uri: str,
+                                             tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    """A full Redis meets a consumer (re)starting with entries to read; a replica and a
+    failed snapshot meet one in the middle of a drain, batches in hand. (Through a proxy
+    that adds 5 ms each way, so that the drain lasts long enough to be interrupted.)"""
+    start, end, error_text = FAULTS[fault]
+    with TcpProxy(redis_server.port, delay_ms=5 if fault != "full" else 0) as proxy:
+        site = Site(redis_server, pg_uri, tmp_path, redis_port=proxy.port, batch_size=20)
+        try:
+            w = seed(site.redis, site.settings, site.storage, 2000 if fault == "full" else 4000,
+                     poison_every=10)
+            if fault == "full":
+                stream.ensure_group(site.redis, site.settings.stream, site.settings.group)
+                start(site.redis)
+            c = Draining(site.settings)
+            if fault == "full":
+                # XACK is allowed on a full Redis: everything that can be loaded is loaded and
+                # acknowledged; only the poison entries stay pending, their dead letters waiting.
+                wait_for(lambda: site.rows() == w.good and site.pending() == len(w.poison), 60,
+                         "every good entry acknowledged while Redis is full")
+                # The consumer keeps publishing its heartbeat (it overwrites a key of the same
+                # size), naming the refusal and what waits.
+                wait_for(lambda: error_text in str((site.heartbeat() or {}).get("last_error", "")), 15,
+                         "the refusal in the heartbeat")
+                assert (site.heartbeat() or {}).get("dead_letters_waiting") == len(w.poison)
+            else:
+                wait_for(lambda: site.rows() > 0, 30, "first rows")
+                start(site.redis)
+                assert site.rows() < w.good, "drained before the fault: the backlog is too small"
+                # A replica or a Redis that cannot save takes no write at all (no heartbeat
+                # either): `status` sees the refusal in the server's own state.
+            dead = len(site.dead())
+            wait_for(lambda: messages(logs, error_text), 15, "the refusal logged")
+            status = collect_status(site.settings)
+            assert status.health == "degraded", status.problems
+            assert any(error_text in p for p in status.problems), status.problems
+            # It waits: alive, nothing dead-lettered (and, when no write is allowed, nothing
+            # acknowledged) while Redis refuses. The batches in hand are loaded, then it waits.
+            time.sleep(1.0)
+            rows, pending = site.rows(), site.pending()
+            for _ in range(10):
+                assert c.alive()
+                assert len(site.dead()) == dead
+                assert site.rows() == rows and site.pending() == pending
+                time.sleep(0.3)
+            end(site.redis)
+            stats = c.finish(120)
+            assert_exact(site, w)
+            assert stats.dead_lettered == len(w.poison)
+            assert stats.acked == len(w.ids) and stats.deleted == 0
+            warnings = [r.getMessage() for r in logs.records
+                        if r.levelno >= logging.WARNING and error_text in r.getMessage()]
+            assert len(warnings) == 1, warnings
+            assert len(messages(logs, "Redis is back")) == 1
+        finally:
+            site.close()
