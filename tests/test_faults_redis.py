@@ -276,3 +276,33 @@ def test_redis_refusing_writes_is_waited_out(fault: str, redis_server: RedisServ
             assert len(messages(logs, "Redis is back")) == 1
         finally:
             site.close()
+
+
+def test_held_dead_letters_of_deleted_entries_are_gone(
+    redis_server: RedisServer, pg_uri: str, tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    """While a full Redis holds dead letters back, the consumer claims their entries again
+    now and then (so that no other consumer takes them over); an entry deleted meanwhile
+    drops out of that claim, and is counted as deleted, not dead-lettered."""
+    site = Site(redis_server, pg_uri, tmp_path, batch_size=50)
+    try:
+        w = seed(site.redis, site.settings, site.storage, 500, poison_every=5)
+        stream.ensure_group(site.redis, site.settings.stream, site.settings.group)
+        fill(site.redis)
+        c = Draining(site.settings)
+        wait_for(lambda: site.rows() == w.good and site.pending() == len(w.poison), 60,
+                 "every good entry acknowledged while Redis is full")
+        deleted = sorted(w.poison, key=stream.id_key)[::4]
+        assert site.redis.xdel(site.settings.stream, *deleted) == len(deleted) == 25
+        wait_for(lambda: site.pending() == len(w.poison) - len(deleted), 15, "the deleted entries dropped")
+        assert c.alive() and site.dead() == []
+        unfill(site.redis)
+        stats = c.finish(60)
+        assert {f[b"source_id"]: f[b"reason"].decode() for f in site.dead()} == {
+            i: r for i, r in w.poison.items() if i not in deleted}
+        assert site.pending() == 0
+        assert stats.deleted == len(deleted) and stats.dead_lettered == len(w.poison) - len(deleted)
+        assert stats.acked == len(w.ids)
+        assert messages(logs, "deleted from the stream while pending")
+    finally:
+        site.close()
