@@ -75,7 +75,8 @@ def write_dead_letter(
         entry_id, stream.fields_dict(read_fields), reason, f"entry {entry_id.decode()}: refused"
     )
     assert (
-        stream.ack(r, s.stream, s.group, [entry_id], [dead], dead_stream=s.dead_stream, consumer="prop") == 1
+        stream.ack(r, s.stream, s.group, [entry_id], [dead], dead_stream=s.dead_stream, consumer="prop").acked
+        == 1
     )
     return entry_id
 
