@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 from tests.conftest import Env
-from tests.support.workload import wait_for
+from tests.support.workload import consumer_env, wait_for
 
 from filepipe.config import Settings
 from filepipe.constants import heartbeat_key, partition_stream
@@ -546,37 +546,35 @@ def test_a_password_in_a_broken_pg_uri_never_reaches_a_page(env: Env, browser: B
 # -- the command ----------------------------------------------------------------------------
 
 
-def test_dashboard_command_serves_until_sigterm(env: Env, tmp_path: Path) -> None:
-    s = env.settings
-    port = free_port()
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))}
-    e.update(
-        {
-            "REDIS_URL": s.redis_url,
-            "PG_URI": s.pg_uri,
-            "STREAM_NAME": s.stream,
-            "FILEPIPE_TABLE": s.table,
-            "LOCAL_STORAGE_DIR": str(env.storage),
-        }
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "filepipe", "dashboard", "--port", str(port), "--allow-upload"],
-        env=e,
+def dashboard_command(env: Env, tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen[str]:
+    """`filepipe dashboard` as a real subprocess, on this test's stream and table."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "filepipe", "dashboard", *args],
+        env=consumer_env(env.settings, **extra),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def wait_listening(proc: subprocess.Popen[str], client: httpx.Client) -> None:
+    def up() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        with contextlib.suppress(httpx.TransportError):
+            return client.get("/healthz").status_code == 200
+        return False
+
+    wait_for(up, timeout=30, what="the dashboard to listen")
+
+
+def test_dashboard_command_serves_until_sigterm(env: Env, tmp_path: Path) -> None:
+    s = env.settings
+    port = free_port()
+    proc = dashboard_command(env, tmp_path, "--port", str(port), "--allow-upload")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-
-            def up() -> bool:
-                assert proc.poll() is None, proc.communicate()
-                with contextlib.suppress(httpx.TransportError):
-                    return client.get("/healthz").status_code == 200
-                return False
-
-            wait_for(up, timeout=30, what="the dashboard to listen")
+            wait_listening(proc, client)
             assert client.get("/readyz").status_code == 200
             assert client.get("/upload").status_code == 200
             assert s.stream in client.get("/dashboard").text
@@ -947,29 +945,6 @@ def test_dns_rebinding_is_refused_on_every_bind(env: Env) -> None:
         assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
 
 
-def dashboard_command(env: Env, tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen[str]:
-    s = env.settings
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))}
-    e.update(
-        {
-            "REDIS_URL": s.redis_url,
-            "PG_URI": s.pg_uri,
-            "STREAM_NAME": s.stream,
-            "FILEPIPE_TABLE": s.table,
-            "LOCAL_STORAGE_DIR": str(env.storage),
-            **extra,
-        }
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "filepipe", "dashboard", *args],
-        env=e,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_a_public_address_needs_a_login(env: Env, tmp_path: Path) -> None:
     port = free_port()
     refused = dashboard_command(env, tmp_path, "--host", "0.0.0.0", "--port", str(port))
@@ -998,14 +973,7 @@ def test_a_public_address_needs_a_login(env: Env, tmp_path: Path) -> None:
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-
-            def up() -> bool:
-                assert proc.poll() is None, proc.communicate()
-                with contextlib.suppress(httpx.TransportError):
-                    return client.get("/healthz").status_code == 200
-                return False
-
-            wait_for(up, timeout=30, what="the dashboard to listen")
+            wait_listening(proc, client)
             assert client.get("/api/status").status_code == 401
             assert client.post("/upload", files=[("files", ("a.txt", b"a"))]).status_code == 401
             assert client.get("/api/status", auth=("ops", "s3cret-Dash-77")).status_code == 200

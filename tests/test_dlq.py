@@ -81,6 +81,18 @@ def write_dead_letter(
     return entry_id
 
 
+def dlq_command(env: Env, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "filepipe", "dlq", *args],
+        capture_output=True,
+        text=True,
+        env=consumer_env(env.settings),
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.fixture
 def r(env: Env) -> Any:
     client = stream.connect(env.settings, socket_timeout=10)
@@ -138,15 +150,7 @@ def test_an_unreplayable_dead_letter_does_not_stop_the_others(env: Env, r: Any, 
     )
     write_dead_letter(r, env, good[2])
     r.delete(s.stream)
-    result = subprocess.run(
-        [sys.executable, "-m", "filepipe", "dlq", "replay"],
-        capture_output=True,
-        text=True,
-        env=consumer_env(s),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    result = dlq_command(env, tmp_path, "replay")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert f"✓ Replayed 4 dead letters onto {s.stream}" in result.stdout
@@ -195,15 +199,7 @@ def test_dlq_list_and_the_log_escape_what_an_entry_holds(env: Env, tmp_path: Pat
     assert sorted(f[b"reason"] for _, f in env.dead()) == [b"db_rejected", b"nul_byte"]
     logged = log.read_text()
     assert "will not take refuse \\x1b]0;owned\\x07\\x1b[2Jevil" in logged
-    listed = subprocess.run(
-        [sys.executable, "-m", "filepipe", "dlq", "list"],
-        capture_output=True,
-        text=True,
-        env=consumer_env(s),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    listed = dlq_command(env, tmp_path, "list")
     assert listed.returncode == 0, listed.stderr
     assert "field '\\x1b]0;owned\\x07\\x1b[2Jevil' contains a NUL byte" in listed.stdout
     for text in (logged, listed.stdout, listed.stderr):
