@@ -20,11 +20,7 @@ pyo3::import_exception!(filepipe.errors, EntryError);
 pyo3::import_exception!(filepipe.errors, StorageError);
 
 fn reason_from_str(s: &str) -> PyResult<Reason> {
-    Reason::ALL
-        .iter()
-        .copied()
-        .find(|r| r.as_str() == s)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown reason code '{s}'")))
+    Reason::from_code(s).ok_or_else(|| PyValueError::new_err(format!("unknown reason code '{s}'")))
 }
 
 /// The validated entries of one XREADGROUP reply, kept on the Rust side.

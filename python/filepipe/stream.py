@@ -12,11 +12,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from . import _native
 from .config import Settings
 from .constants import dead_letter_ids_key
 from .retry import redis_refusal
 
 Fields = dict[bytes, bytes]
+# Every reason a dead letter can give: the extension's one registry of them.
+REASON_CODES: frozenset[str] = frozenset(_native.reason_codes())
 Entry = tuple[bytes, Fields]
 
 
@@ -166,6 +169,10 @@ class DeadLetter:
     reason: str
     error: str
     deliveries: int = 1
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASON_CODES:
+            raise ValueError(f"unknown reason code {self.reason!r}: add it to rust/error.rs")
 
     def size(self) -> int:
         """About how many bytes it holds."""
