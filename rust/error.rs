@@ -29,6 +29,10 @@ macro_rules! reasons {
 reasons! {
     /// The entry id is not `<ms>-<seq>`.
     BadEntryId => "bad_entry_id",
+    /// More fields than FILEPIPE_MAX_ENTRY_FIELDS.
+    TooManyFields => "too_many_fields",
+    /// More bytes (id, field names and values) than FILEPIPE_MAX_ENTRY_BYTES.
+    EntryTooLarge => "entry_too_large",
     MissingField => "missing_field",
     BadUuid => "bad_uuid",
     BadTimestamp => "bad_timestamp",

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::copy::{self, BatchColumns, Format, Measured};
-use crate::entry::{format_uuid, parse_entry, Record, Reject, Storage};
+use crate::entry::{format_uuid, parse_entry, Limits, Record, Reject, Storage};
 use crate::error::{FileFailure, Reason};
 use crate::hash::{self, Root};
 use crate::time::write_pg_timestamp;
@@ -31,6 +31,8 @@ pub struct EntryBatch {
     positions: Vec<usize>,
     /// (position in the input, reject).
     rejects: Vec<(usize, Reject)>,
+    /// Bytes of every input entry's id, field names and values.
+    input_bytes: usize,
 }
 
 #[pymethods]
@@ -67,6 +69,13 @@ impl EntryBatch {
     #[getter]
     fn positions(&self) -> Vec<usize> {
         self.positions.clone()
+    }
+
+    /// The bytes of the input entries' ids, field names and values, rejected entries
+    /// included: what the batch held when it was read.
+    #[getter]
+    fn input_bytes(&self) -> usize {
+        self.input_bytes
     }
 
     /// (storage, key) of each accepted record.
@@ -228,19 +237,10 @@ fn as_bytes<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a [u8]> {
     )))
 }
 
-/// An entry's fields as one flat [name, value, name, value, …] vector of objects.
-fn collect_fields<'py>(
-    fields: &Bound<'py, PyAny>,
-    flat: &mut Vec<Bound<'py, PyAny>>,
-) -> PyResult<()> {
-    flat.clear();
+/// How many fields an entry has, from its dict's or flat list's length alone.
+fn field_count(fields: &Bound<'_, PyAny>) -> PyResult<usize> {
     if let Ok(d) = fields.cast::<PyDict>() {
-        flat.reserve(d.len() * 2);
-        for (k, v) in d.iter() {
-            flat.push(k);
-            flat.push(v);
-        }
-        return Ok(());
+        return Ok(d.len());
     }
     if let Ok(l) = fields.cast::<PyList>() {
         // A flat [name, value, name, value, …] list, as RESP sends it.
@@ -249,8 +249,7 @@ fn collect_fields<'py>(
                 "a flat field list must have an even length",
             ));
         }
-        flat.extend(l.iter());
-        return Ok(());
+        return Ok(l.len() / 2);
     }
     Err(EntryError::new_err(format!(
         "entry fields must be a dict or a flat list, not {}",
@@ -258,26 +257,204 @@ fn collect_fields<'py>(
     )))
 }
 
+/// Calls `f(name, value)` for each field of a dict or flat list (`field_count` has
+/// checked which it is).
+fn for_each_field(fields: &Bound<'_, PyAny>, mut f: impl FnMut(&[u8], &[u8])) -> PyResult<()> {
+    if let Ok(d) = fields.cast::<PyDict>() {
+        for (k, v) in d.iter() {
+            f(
+                as_bytes(&k, "a field name")?,
+                as_bytes(&v, "a field value")?,
+            );
+        }
+    } else if let Ok(l) = fields.cast::<PyList>() {
+        let mut items = l.iter();
+        while let (Some(k), Some(v)) = (items.next(), items.next()) {
+            f(
+                as_bytes(&k, "a field name")?,
+                as_bytes(&v, "a field value")?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One input entry, copied out of the Python objects into [`Copied::arena`], so it can
+/// be parsed with the GIL released: its id, then name, value, name, value, …, one after
+/// the other from `start`, each ending where [`Copied::ends`]`[ends.0..ends.1]` says.
+enum Input {
+    Entry {
+        pos: usize,
+        start: usize,
+        ends: (usize, usize),
+    },
+    /// Rejected before parsing (deleted, or over a cap).
+    Rejected { pos: usize, reject: Reject },
+}
+
+/// A whole batch's entries in owned buffers: the bytes of every id, field name and
+/// value in one arena, and where each ends.
+#[derive(Default)]
+struct Copied {
+    arena: Vec<u8>,
+    ends: Vec<usize>,
+    inputs: Vec<Input>,
+    /// Ids, field names and values of every input entry, rejected ones included.
+    input_bytes: usize,
+}
+
+/// Room reserved per entry of a batch whose length is known: what the producer's entries
+/// take, so a batch of them is copied without growing the arena.
+const ENTRY_BYTES_HINT: usize = 320;
+const ENTRY_FIELDS_HINT: usize = 8;
+
+impl Copied {
+    fn with_capacity(entries: usize) -> Self {
+        Copied {
+            arena: Vec::with_capacity(entries * ENTRY_BYTES_HINT),
+            ends: Vec::with_capacity(entries * (2 * ENTRY_FIELDS_HINT + 1)),
+            inputs: Vec::with_capacity(entries),
+            input_bytes: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.arena.extend_from_slice(bytes);
+        self.ends.push(self.arena.len());
+    }
+
+    /// Copies one entry, unless it is over a cap. The field count is known before any
+    /// field is looked at; the bytes are counted as they are copied, and copying stops
+    /// at the cap, so an entry over a cap costs no more than counting it.
+    fn add(
+        &mut self,
+        pos: usize,
+        id: &[u8],
+        fields: &Bound<'_, PyAny>,
+        limits: Limits,
+    ) -> PyResult<()> {
+        self.input_bytes += id.len();
+        let count = field_count(fields)?;
+        if let Err(reject) = limits.check_fields(id, count) {
+            let mut bytes = 0;
+            for_each_field(fields, |n, v| bytes += n.len() + v.len())?;
+            self.input_bytes += bytes;
+            self.inputs.push(Input::Rejected { pos, reject });
+            return Ok(());
+        }
+        let (start, ends_mark) = (self.arena.len(), self.ends.len());
+        self.push(id);
+        let mut bytes = id.len();
+        let mut over = false;
+        self.ends.reserve(count * 2);
+        for_each_field(fields, |n, v| {
+            bytes += n.len() + v.len();
+            over = over || bytes > limits.max_bytes;
+            if !over {
+                self.push(n);
+                self.push(v);
+            }
+        })?;
+        self.input_bytes += bytes - id.len();
+        if let Err(reject) = limits.check_bytes(id, bytes) {
+            self.arena.truncate(start);
+            self.ends.truncate(ends_mark);
+            self.inputs.push(Input::Rejected { pos, reject });
+            return Ok(());
+        }
+        self.inputs.push(Input::Entry {
+            pos,
+            start,
+            ends: (ends_mark, self.ends.len()),
+        });
+        Ok(())
+    }
+
+    /// Parses every copied entry (pure Rust: runs with the GIL released).
+    fn parse(
+        mut self,
+        default_storage: Storage,
+        id_prefix: &str,
+        panic_key: Option<std::ffi::OsString>,
+    ) -> EntryBatch {
+        let mut batch = EntryBatch {
+            records: Vec::new(),
+            positions: Vec::new(),
+            rejects: Vec::new(),
+            input_bytes: self.input_bytes,
+        };
+        let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
+        for input in std::mem::take(&mut self.inputs) {
+            let (pos, start, spans) = match input {
+                Input::Rejected { pos, reject } => {
+                    batch.rejects.push((pos, reject));
+                    continue;
+                }
+                Input::Entry { pos, start, ends } => (pos, start, ends),
+            };
+            let ends = &self.ends[spans.0..spans.1];
+            let id = &self.arena[start..ends[0]];
+            fields.clear();
+            for pair in ends.windows(3).step_by(2) {
+                fields.push((&self.arena[pair[0]..pair[1]], &self.arena[pair[1]..pair[2]]));
+            }
+            let parsed = catch_unwind(AssertUnwindSafe(|| {
+                test_panic(&panic_key, &fields);
+                parse_entry(id, &fields, default_storage, id_prefix)
+            }))
+            .unwrap_or_else(|_| {
+                Err(Reject::new(
+                    id,
+                    Reason::Internal,
+                    "internal error while parsing (a bug: please report it)",
+                ))
+            });
+            match parsed {
+                Ok(record) => {
+                    batch.positions.push(pos);
+                    batch.records.push(record);
+                }
+                Err(reject) => batch.rejects.push((pos, reject)),
+            }
+        }
+        batch
+    }
+}
+
+/// Below this many copied bytes a batch is parsed without releasing the GIL: taking
+/// it back can wait for another thread's switch interval, which costs more than such
+/// a parse.
+const DETACH_BYTES: usize = 32 * 1024;
+
+fn limit(value: Option<usize>) -> usize {
+    value.unwrap_or(usize::MAX)
+}
+
 /// Validates a batch of stream entries: `[(id, {field: value}), …]` as redis-py's
 /// XREADGROUP/XAUTOCLAIM replies hold them (bytes or str).
+///
+/// The entries are copied into owned buffers with the GIL held (an entry over a cap
+/// is rejected without being copied), then parsed with the GIL released.
 #[pyfunction]
-#[pyo3(signature = (entries, default_storage="local", id_prefix=""))]
+#[pyo3(signature = (entries, default_storage="local", id_prefix="", max_fields=None, max_bytes=None))]
 fn parse_entries(
+    py: Python<'_>,
     entries: &Bound<'_, PyAny>,
     default_storage: &str,
     id_prefix: &str,
+    max_fields: Option<usize>,
+    max_bytes: Option<usize>,
 ) -> PyResult<EntryBatch> {
     let default_storage = Storage::parse(default_storage).ok_or_else(|| {
         PyValueError::new_err(format!(
             "default_storage must be 'local' or 's3', not '{default_storage}'"
         ))
     })?;
-    let mut batch = EntryBatch {
-        records: Vec::new(),
-        positions: Vec::new(),
-        rejects: Vec::new(),
+    let limits = Limits {
+        max_fields: limit(max_fields),
+        max_bytes: limit(max_bytes),
     };
-    let panic_key = std::env::var_os(hash::TEST_PANIC_ENV);
+    let mut copied = Copied::with_capacity(entries.len().unwrap_or(0));
     for (pos, entry) in entries.try_iter()?.enumerate() {
         let entry = entry?;
         let not_a_pair =
@@ -298,51 +475,22 @@ fn parse_entries(
         let id = as_bytes(&id_obj, "an entry id")?;
         if fields_obj.is_none() {
             // XAUTOCLAIM/XCLAIM name entries deleted since delivery with no fields.
-            batch.rejects.push((
+            copied.input_bytes += id.len();
+            copied.inputs.push(Input::Rejected {
                 pos,
-                Reject {
-                    entry_id: String::from_utf8_lossy(id).into_owned(),
-                    reason: Reason::MissingField,
-                    message: format!(
-                        "entry {}: was deleted from the stream",
-                        String::from_utf8_lossy(id)
-                    ),
-                },
-            ));
+                reject: Reject::new(id, Reason::MissingField, "was deleted from the stream"),
+            });
             continue;
         }
-        let mut flat = Vec::new();
-        collect_fields(&fields_obj, &mut flat)?;
-        let mut fields = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks_exact(2) {
-            fields.push((
-                as_bytes(&pair[0], "a field name")?,
-                as_bytes(&pair[1], "a field value")?,
-            ));
-        }
-        let parsed = catch_unwind(AssertUnwindSafe(|| {
-            test_panic(&panic_key, &fields);
-            parse_entry(id, &fields, default_storage, id_prefix)
-        }))
-        .unwrap_or_else(|_| {
-            let entry_id = String::from_utf8_lossy(id).into_owned();
-            Err(Reject {
-                message: format!(
-                    "entry {entry_id}: internal error while parsing (a bug: please report it)"
-                ),
-                entry_id,
-                reason: Reason::Internal,
-            })
-        });
-        match parsed {
-            Ok(record) => {
-                batch.positions.push(pos);
-                batch.records.push(record);
-            }
-            Err(reject) => batch.rejects.push((pos, reject)),
-        }
+        copied.add(pos, id, &fields_obj, limits)?;
     }
-    Ok(batch)
+    let panic_key = std::env::var_os(hash::TEST_PANIC_ENV);
+    let prefix = id_prefix.to_owned();
+    Ok(if copied.arena.len() < DETACH_BYTES {
+        copied.parse(default_storage, &prefix, panic_key)
+    } else {
+        py.detach(move || copied.parse(default_storage, &prefix, panic_key))
+    })
 }
 
 /// Fault injection for the test suite: an entry whose `key` equals the value of

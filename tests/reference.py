@@ -38,6 +38,7 @@ class RefBatch:
     records: list[dict[str, Any]] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     rejects: list[tuple[int, str, str, str]] = field(default_factory=list)
+    input_bytes: int = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -193,17 +194,32 @@ def parse_entry(
 
 
 def parse_entries(
-    entries: Iterable[tuple[bytes | str, Mapping[bytes, bytes] | None]],
+    entries: Iterable[tuple[bytes | str, Mapping[bytes, bytes] | Sequence[bytes] | None]],
     default_storage: str = "local",
     id_prefix: str = "",
+    max_fields: int | None = None,
+    max_bytes: int | None = None,
 ) -> RefBatch:
     batch = RefBatch()
     for pos, (entry_id, fields) in enumerate(entries):
         eid = _b(entry_id)
+        batch.input_bytes += len(eid)
         if fields is None:
             batch.rejects.append((pos, eid.decode("utf-8", "replace"), "missing_field", "was deleted"))
             continue
-        pairs = [(_b(k), _b(v)) for k, v in fields.items()]
+        if isinstance(fields, Mapping):
+            pairs = [(_b(k), _b(v)) for k, v in fields.items()]
+        else:  # a flat [name, value, …] list, as RESP sends it: names may repeat
+            it = iter(fields)
+            pairs = [(_b(k), _b(v)) for k, v in zip(it, it, strict=True)]
+        size = sum(len(k) + len(v) for k, v in pairs)
+        batch.input_bytes += size
+        if max_fields is not None and len(pairs) > max_fields:
+            batch.rejects.append((pos, eid.decode("utf-8", "replace"), "too_many_fields", "too many fields"))
+            continue
+        if max_bytes is not None and len(eid) + size > max_bytes:
+            batch.rejects.append((pos, eid.decode("utf-8", "replace"), "entry_too_large", "too many bytes"))
+            continue
         try:
             record = parse_entry(eid, pairs, default_storage, id_prefix)
         except _Reject as r:

@@ -3,7 +3,11 @@ pure-Python reference on generated entries."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -210,3 +214,135 @@ def test_timestamp_parser_agrees_with_reference(text: str) -> None:
     native = _native.parse_entries([entry]).records()
     ref = reference.parse_entries([entry]).records
     assert native == ref
+
+
+# -- caps on fields and bytes, the batch's input size, wide entries -----------------------------
+
+
+def size_of(entry_id: bytes, fields: dict[bytes, bytes]) -> int:
+    return len(entry_id) + sum(len(k) + len(v) for k, v in fields.items())
+
+
+def test_an_entry_over_the_field_cap_is_rejected_naming_its_count_and_the_setting() -> None:
+    wide = good(**{f"a{i}": b"v" for i in range(10)})  # 13 fields
+    b = _native.parse_entries([(b"1-0", wide), (b"2-0", good())], max_fields=12)
+    ((pos, entry_id, reason, message),) = b.rejects
+    assert (pos, entry_id, reason) == (0, "1-0", "too_many_fields")
+    assert message == "entry 1-0: has 13 fields, more than FILEPIPE_MAX_ENTRY_FIELDS=12"
+    assert b.positions == [1]
+    assert len(_native.parse_entries([(b"1-0", wide)], max_fields=13)) == 1  # at the cap: accepted
+
+
+def test_an_entry_over_the_byte_cap_is_rejected_naming_its_size_and_the_setting() -> None:
+    fields = good(note=b"x" * 1000)
+    size = size_of(b"1-0", fields)
+    assert len(_native.parse_entries([(b"1-0", fields)], max_bytes=size)) == 1
+    ((_, _, reason, message),) = _native.parse_entries([(b"1-0", fields)], max_bytes=size - 1).rejects
+    assert reason == "entry_too_large"
+    assert message == (
+        f"entry 1-0: is {size} bytes (id, field names and values), "
+        f"more than FILEPIPE_MAX_ENTRY_BYTES={size - 1}"
+    )
+    # The cap is on the entry's bytes as Redis holds them, whatever their kind: a flat list too.
+    flat = [x for kv in fields.items() for x in kv]
+    assert _native.parse_entries([(b"1-0", flat)], max_bytes=size - 1).rejects[0][2] == "entry_too_large"
+
+
+def test_input_bytes_counts_every_input_entry() -> None:
+    wide = good(**{f"a{i}": b"v" * i for i in range(20)})
+    entries: list[tuple[bytes, dict[bytes, bytes] | None]] = [
+        (b"1-0", good()), (b"2-0", None), (b"nope", good()), (b"3-0", wide), (b"4-0", good(note=b"y" * 500)),
+    ]
+    expected = sum(size_of(i, f) if f is not None else len(i) for i, f in entries)
+    for caps in ({}, {"max_fields": 10}, {"max_bytes": 300}):
+        native = _native.parse_entries(entries, **caps)
+        assert native.input_bytes == expected == reference.parse_entries(entries, **caps).input_bytes
+    assert _native.parse_entries([]).input_bytes == 0
+
+
+def free_share_during(fn: Callable[[], object]) -> float:
+    """The share of `fn`'s run during which another Python thread could run: it ticks
+    every millisecond while it holds the GIL, so the longest gap between its ticks is
+    how long it was kept waiting."""
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    other = threading.Thread(target=tick)
+    other.start()
+    time.sleep(0.02)
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    stop.set()
+    other.join()
+    edges = [t0, *(t for t in ticks if t0 < t < t1), t1]
+    return 1 - max(b - a for a, b in itertools.pairwise(edges)) / (t1 - t0)
+
+
+def test_a_wide_entry_is_parsed_with_the_gil_released() -> None:
+    """200,000 fields (names repeating, as a flat RESP list can): the parse is linear and
+    runs without the GIL, so the consumer's other threads (heartbeat, loaders,
+    acknowledger, /healthz) keep running meanwhile. Only copying the entry out of its
+    Python objects holds the GIL."""
+    flat = [b"file_id", UUID.encode(), b"filename", b"a", b"key", b"a"]
+    for i in range(200_000):
+        flat += [b"attr_%d" % (i % 150_000), b"v%d" % i]
+    result: list[_native.EntryBatch] = []
+    share = max(free_share_during(lambda: result.append(_native.parse_entries([(b"1-0", flat)])))
+                for _ in range(3))
+    assert share > 0.5, f"another thread ran during only {share:.0%} of the parse"
+    (record,) = result[0].records()
+    attributes = record["attributes"]
+    assert len(attributes) == 150_000
+    assert attributes[0] == ("attr_0", "v150000") and attributes[-1] == ("attr_149999", "v149999")
+
+
+# -- property: arbitrary field sets agree with the reference ----------------------------------
+
+_any_name = st.one_of(
+    _field_names,
+    st.binary(max_size=8),  # non-UTF-8, NUL, empty
+    st.text(max_size=8).map(str.encode),
+    st.sampled_from([b"a\x00", b"\xff", b"\xc3(", b"", b"attr"]),
+)
+_any_value = st.one_of(
+    _values, st.binary(max_size=20), st.sampled_from([b"\x00", b"x\x00y", b"\xed\xa0\x80"])
+)
+
+
+@st.composite
+def field_sets(draw: st.DrawFn) -> list[bytes]:
+    """A flat [name, value, …] list: any names and values, names repeating, sometimes a
+    required field missing, sometimes a few fields repeated many times over."""
+    flat: list[bytes] = []
+    if draw(st.booleans()):
+        flat += [b"file_id", draw(st.uuids()).hex.encode(), b"filename", b"f", b"key", b"k"]
+    pairs = draw(st.lists(st.tuples(_any_name, _any_value), max_size=12))
+    repeat = draw(st.sampled_from([1, 1, 1, 50, 400]))
+    for name, value in pairs * repeat:
+        flat += [name, value]
+    if draw(st.booleans()):
+        flat += [b"file_id", draw(st.uuids()).hex.encode(), b"filename", b"g", b"key", b"j"]
+    return flat
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([b"1-0", b"2-5", b"7-x", b"17000000-1"]), field_sets()), max_size=5),
+    st.one_of(st.none(), st.integers(3, 500)),
+    st.one_of(st.none(), st.integers(40, 20_000)),
+)
+def test_arbitrary_field_sets_agree_with_reference(
+    batch: list[tuple[bytes, list[bytes]]], max_fields: int | None, max_bytes: int | None
+) -> None:
+    native = _native.parse_entries(batch, max_fields=max_fields, max_bytes=max_bytes)
+    ref = reference.parse_entries(batch, max_fields=max_fields, max_bytes=max_bytes)
+    assert native.records() == ref.records
+    assert native.positions == ref.positions
+    assert [(p, i, r) for p, i, r, _ in native.rejects] == [(p, i, r) for p, i, r, _ in ref.rejects]
+    assert native.input_bytes == ref.input_bytes

@@ -38,6 +38,9 @@ class EntryBatch:
     @property
     def positions(self) -> list[int]:
         """Input position of each accepted record."""
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the input entries' ids, field names and values, rejected entries included."""
     def locations(self) -> list[tuple[str, str]]:
         """(storage, key) of each accepted record."""
     def records(self) -> list[dict[str, object]]:
@@ -66,8 +69,13 @@ def parse_entries(
     entries: Iterable[tuple[bytes | str, _Fields] | list[object]],
     default_storage: str = "local",
     id_prefix: str = "",
+    max_fields: int | None = None,
+    max_bytes: int | None = None,
 ) -> EntryBatch:
-    """Validates a batch of stream entries against the event contract.
+    """Validates a batch of stream entries against the event contract, in time linear in
+    its size, with the GIL released for the parse. An entry with more than `max_fields`
+    fields or more than `max_bytes` bytes (id, field names and values) is rejected
+    (`too_many_fields`, `entry_too_large`) without being copied; None: no cap.
 
     Raises EntryError if the batch itself is malformed (not (id, fields) pairs);
     a bad entry is a reject, never an exception."""

@@ -269,6 +269,22 @@ def consume(
             "--max-file-bytes", help="Largest file accepted (env: MAX_FILE_BYTES)", show_default=False
         ),
     ] = None,
+    max_entry_fields: Annotated[
+        int | None,
+        typer.Option(
+            "--max-entry-fields",
+            help="Dead-letter an entry with more fields (env: FILEPIPE_MAX_ENTRY_FIELDS; default 1000)",
+            show_default=False,
+        ),
+    ] = None,
+    max_entry_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-entry-bytes",
+            help="Dead-letter an entry with more bytes (env: FILEPIPE_MAX_ENTRY_BYTES; default 1048576)",
+            show_default=False,
+        ),
+    ] = None,
     copy_format: Annotated[
         str | None,
         typer.Option("--copy-format", help="binary or text (env: FILEPIPE_COPY_FORMAT)", show_default=False),
@@ -339,6 +355,8 @@ def consume(
         claim_idle_ms=claim_idle_ms,
         max_deliveries=max_deliveries,
         max_file_bytes=max_file_bytes,
+        max_entry_fields=max_entry_fields,
+        max_entry_bytes=max_entry_bytes,
         copy_format=copy_format,
         redis_url=redis_url,
         pg_uri=pg_uri,

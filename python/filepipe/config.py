@@ -38,6 +38,8 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "dead_letter_stream": ("DEAD_LETTER_STREAM", "FILEPIPE_DEAD_LETTER_STREAM"),
     "table": ("FILEPIPE_TABLE",),
     "max_file_bytes": ("MAX_FILE_BYTES",),
+    "max_entry_fields": ("FILEPIPE_MAX_ENTRY_FIELDS",),
+    "max_entry_bytes": ("FILEPIPE_MAX_ENTRY_BYTES",),
     "claim_idle_ms": ("CLAIM_IDLE_MS",),
     "max_deliveries": ("MAX_DELIVERIES",),
     "hash_threads": ("FILEPIPE_HASH_THREADS",),
@@ -84,6 +86,9 @@ class Settings:
     dead_letter_stream: str = ""
     table: str = c.DEFAULT_TABLE
     max_file_bytes: int = c.DEFAULT_MAX_FILE_BYTES
+    # An entry with more fields, or more bytes (id, names and values), is dead-lettered.
+    max_entry_fields: int = c.DEFAULT_MAX_ENTRY_FIELDS
+    max_entry_bytes: int = c.DEFAULT_MAX_ENTRY_BYTES
     claim_idle_ms: int = c.DEFAULT_CLAIM_IDLE_MS
     max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
     hash_threads: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
@@ -197,6 +202,9 @@ def validate(s: Settings) -> None:
     positive = {
         "batch_size": (1, 100_000),
         "max_file_bytes": (1, 1 << 62),
+        # An entry needs three fields (file_id, filename, key) and some bytes for them.
+        "max_entry_fields": (3, 100_000_000),
+        "max_entry_bytes": (256, 1 << 40),
         "max_deliveries": (1, 1_000_000),
         "hash_threads": (1, 64),
         "s3_max_concurrency": (1, 256),

@@ -20,6 +20,11 @@ DEFAULT_MAX_FILE_BYTES = 100 * 1024 * 1024
 DEFAULT_CLAIM_IDLE_MS = 60_000
 DEFAULT_MAX_DELIVERIES = 5
 DEFAULT_LOCAL_STORAGE_DIR = "./uploads"
+# Per-entry caps. The contract has eight fields and the producer adds a few attributes;
+# a thousand fields and a mebibyte leave ample room for rich metadata, while keeping
+# the parse of one entry under a millisecond and a batch of them within memory.
+DEFAULT_MAX_ENTRY_FIELDS = 1000
+DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 
 HEARTBEAT_PREFIX = "filepipe:consumer:"
 HEARTBEAT_TTL_S = 30

@@ -601,7 +601,8 @@ class Consumer:
                 entries_ok = entries
         else:
             entries_ok = entries
-        batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix)
+        batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix,
+                                      max_fields=s.max_entry_fields, max_bytes=s.max_entry_bytes)
         for pos, _entry_id, reason, message in batch.rejects:
             fields = stream.fields_dict(entries_ok[pos][1])
             dead.append(
