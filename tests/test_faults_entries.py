@@ -81,6 +81,12 @@ def test_entries_over_the_caps_are_dead_lettered_and_the_rest_loads(env: Env) ->
     assert dead[big][b"reason"] == b"entry_too_large"
     assert dead[big][b"error"].decode().startswith(f"entry {big.decode()}: is 2097")
     assert dead[big][b"error"].decode().endswith("more than FILEPIPE_MAX_ENTRY_BYTES=1048576")
+    # Their dead letters are bounded excerpts, marked as such.
+    assert int(dead[wide][b"original_fields"]) == 1000 and len(dead[wide]) == 1000 + 7
+    assert json.loads(dead[wide][b"truncated"])["fields"] == 200_000
+    assert dead[big][b"note"].endswith(b"(cut: 2097152 bytes)") and len(dead[big][b"note"]) < 1100
+    assert json.loads(dead[big][b"truncated"])["cut"] == [["note", 2 * 1024 * 1024]]
+    assert sum(len(k) + len(v) for k, v in dead[big].items()) < 4096
 
 
 def test_a_consumer_parsing_a_wide_entry_keeps_its_heartbeat(env: Env, tmp_path: Path) -> None:
