@@ -638,16 +638,66 @@ def test_cli_produce_to_s3_then_consume(env: Env, s3: MotoS3, bucket: str, tmp_p
         assert TEST_SECRET_KEY not in text
 
 
-def test_entry_naming_s3_on_a_consumer_without_s3_stops_it_loudly(env: Env) -> None:
-    """A consumer with no S3_BUCKET that meets an S3 entry stops with one clear line and
-    leaves the entry pending (another, configured consumer reclaims it): it is a setup
-    problem, not a bad entry."""
+def test_entry_naming_s3_on_a_consumer_without_s3_is_dead_lettered(env: Env, tmp_path: Path) -> None:
+    """An entry naming a storage this consumer cannot serve is that entry's problem: it is
+    dead-lettered (`bad_storage`, naming the storage and why) and everything else loads.
+    Under the supervisor too, which must not take it for a configuration error of its
+    own and stop every worker (nor would every host that reclaimed the entry stop)."""
+    from tests.support.workload import consumer_env
+
     env.write_file("a.txt", b"a")
-    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
-    env.xadd({"file_id": str(uuid.uuid4()), "filename": "b.txt", "key": "b.txt", "storage": "s3"})
-    with pytest.raises(ConfigError, match="S3_BUCKET is not set"):
-        env.drain()
-    assert env.rows() == 0 and env.dead() == [] and env.pending() == 2
+
+    def event(name: str, **more: str) -> bytes:
+        return env.xadd({"file_id": str(uuid.uuid4()), "filename": name, "key": name, **more})
+
+    good = [event("a.txt") for _ in range(30)]
+    remote = [event("b.txt", storage="s3") for _ in range(3)]
+    run = subprocess.run(
+        [sys.executable, "-m", "filepipe", "consume", "--processes", "2", "--drain", "-q"],
+        env=consumer_env(env.settings), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert env.rows() == len(good) and env.pending() == 0
+    dead = {f[b"source_id"]: f for _, f in env.dead()}
+    assert sorted(dead) == sorted(remote)
+    for f in dead.values():
+        assert f[b"reason"] == b"bad_storage"
+        assert b"storage 's3'" in f[b"error"] and b"S3_BUCKET is not set" in f[b"error"], f[b"error"]
+
+
+def test_entry_naming_local_on_an_s3_consumer_without_a_local_root(
+    env: Env, s3: MotoS3, bucket: str, tmp_path: Path
+) -> None:
+    """An S3-only consumer whose local storage root does not exist dead-letters the
+    entries that name local storage, rather than waiting for that directory forever."""
+    put_object(s3, bucket, "uploads/remote.txt", b"in the bucket\n")
+    ok = [env.xadd({"file_id": str(uuid.uuid4()), "filename": "r", "key": "remote.txt"}) for _ in range(5)]
+    local = env.xadd({"file_id": str(uuid.uuid4()), "filename": "l.txt", "key": "l.txt", "storage": "local"})
+    missing_root = str(tmp_path / "no-such-dir")
+    settings = s3_settings(env, s3, bucket, storage_mode="s3", local_storage_dir=missing_root)
+    done: list[Any] = []
+    drainer = threading.Thread(target=lambda: done.append(Consumer(settings, drain=True, write=None).run()),
+                               daemon=True)
+    drainer.start()
+    drainer.join(60)
+    assert done, "the consumer waited for a local storage root it was never given"
+    assert done[0].inserted == len(ok) and done[0].dead_lettered == 1
+    ((_, fields),) = env.dead()
+    assert fields[b"source_id"] == local and fields[b"reason"] == b"bad_storage"
+    assert b"storage 'local'" in fields[b"error"] and b"no-such-dir" in fields[b"error"], fields[b"error"]
+    assert env.pending() == 0
+
+
+def test_a_consumer_whose_own_storage_is_misconfigured_stops_before_reading(env: Env) -> None:
+    """The storage the consumer is configured for is checked when it starts: a bad S3
+    setting is a configuration error (exit 2) before any entry is read."""
+    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt", "storage": "s3"})
+    bad = env.settings_with(storage_mode="s3", s3_bucket="b", s3_prefix="../up", s3_endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="S3_PREFIX"):
+        Consumer(bad, drain=True, write=None).run()
+    assert env.dead() == [] and env.rows() == 0
+    assert env.redis.xinfo_groups(env.settings.stream) == []  # nothing read: not even a group made
 
 
 def test_dashboard_uploads_to_s3_through_a_private_staging_directory(

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -42,7 +43,7 @@ from . import _native, db, metrics, stream
 from ._faults import crash_point
 from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
-from .errors import DatabaseError, FilepipeError, StorageError, TransientError
+from .errors import ConfigError, DatabaseError, FilepipeError, StorageError, TransientError
 from .partitions import Partition, partitions
 from .retry import Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
@@ -269,6 +270,26 @@ class Consumer:
             self._storages[mode] = open_storage(self.settings, mode)
         return self._storages[mode]
 
+    def _unservable(self, mode: str) -> str | None:
+        """Why this consumer cannot serve entries that name storage `mode`, or None. Its
+        own STORAGE_MODE it always serves (a fault there is waited out); another one only
+        if it is set up for it: S3 with S3_BUCKET, local files with an existing
+        LOCAL_STORAGE_DIR. An entry it cannot serve is dead-lettered, not waited for."""
+        s = self.settings
+        if mode == s.storage_mode:
+            return None
+        why = f"storage '{mode}' is not available on this consumer (its STORAGE_MODE is {s.storage_mode})"
+        if mode == "s3":
+            if not s.s3_bucket:
+                return f"{why}: S3_BUCKET is not set"
+            try:
+                self.storage(mode)
+            except ConfigError as e:
+                return f"{why}: {e}"
+        elif mode == "local" and not Path(s.local_storage_dir).is_dir():
+            return f"{why}: LOCAL_STORAGE_DIR {s.local_storage_dir} does not exist"
+        return None
+
     def run(self) -> Stats:
         """Consumes until stopped (or drained). Returns the totals."""
         previous: dict[signal.Signals, Any] = {}
@@ -278,6 +299,9 @@ class Consumer:
         loader = threading.Thread(target=self._load_loop, name="filepipe-loader", daemon=True)
         preparer = threading.Thread(target=self._prepare_loop, name="filepipe-preparer", daemon=True)
         try:
+            # The configured storage: a setting it refuses is a configuration error, told
+            # before anything is read.
+            self.storage(self.settings.storage_mode)
             for part in self.parts:
                 self.redis_backoff.call(
                     lambda p=part: stream.ensure_group(self.redis, p.stream, self.settings.group),  # type: ignore[misc]
@@ -647,6 +671,11 @@ class Consumer:
             m = _native.Measurements(len(batch))
             try:
                 for mode, indices in by_storage.items():
+                    problem = self._unservable(mode)
+                    if problem is not None:
+                        for i in indices:
+                            m.fail(i, "bad_storage", problem)
+                        continue
                     self.storage(mode).measure(batch, indices, m, self.settings.max_file_bytes)
             except StorageError as e:
                 self.storage_backoff.failed(e)
