@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("filepipe")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0"
-
-from .config import Settings, load_settings
 from .errors import (
     ConfigError,
     DatabaseError,
@@ -18,6 +12,11 @@ from .errors import (
     StorageError,
     TransientError,
 )
+
+if TYPE_CHECKING:
+    from .config import Settings, load_settings
+
+__version__: str
 
 __all__ = [
     "ConfigError",
@@ -30,3 +29,23 @@ __all__ = [
     "__version__",
     "load_settings",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`__version__`, `Settings` and `load_settings`, loaded when first asked for: importing
+    the package stays quick, so that `filepipe consume` has its signal handlers within
+    milliseconds of starting (see `shutdown`)."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("filepipe")
+        except PackageNotFoundError:  # running from a source tree without installing
+            value = "0.0.0"
+        globals()["__version__"] = value
+        return value
+    if name in ("Settings", "load_settings"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'filepipe' has no attribute {name!r}")

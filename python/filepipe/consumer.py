@@ -32,14 +32,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psycopg
 import redis
 from redis.exceptions import RedisClusterException
 
-from . import _native, db, metrics, stream
+from . import _native, db, metrics, shutdown, stream
 from ._faults import crash_point
 from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
@@ -170,9 +169,13 @@ class Consumer:
         self.progress = Progress(write, progress_interval)
         self.stopping = threading.Event()
         self.failed: BaseException | None = None
-        self.install_signals = install_signals
         self.stop_timeout = stop_timeout
-        self._signals = 0
+        # SIGTERM/SIGINT: a stop request (`filepipe consume` installs it before anything
+        # else; a signal that came already stops this consumer before it reads).
+        self._own_signals = install_signals and shutdown.installed() is None
+        self._stop_request = shutdown.install() if install_signals else None
+        if self._stop_request is not None:
+            self._stop_request.listen(self._on_signal)
         self._storages: dict[str, Storage] = {}
         if storage is not None:
             self._storages[storage.name] = storage
@@ -220,12 +223,9 @@ class Consumer:
         """Asks the consumer to finish the batches in hand and return."""
         self.stopping.set()
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self._signals += 1
-        if self._signals > 1:
-            # A second signal: leave now. Unacknowledged entries stay pending and are
-            # redelivered, so nothing is lost.
-            os._exit(128 + signum)
+    def _on_signal(self, signum: int) -> None:
+        # A second signal leaves at once (shutdown.StopRequest): unacknowledged entries
+        # stay pending and are redelivered, so nothing is lost.
         log.warning("%s received: finishing the batch in hand, then stopping", signal.Signals(signum).name)
         self.stop()
 
@@ -292,10 +292,6 @@ class Consumer:
 
     def run(self) -> Stats:
         """Consumes until stopped (or drained). Returns the totals."""
-        previous: dict[signal.Signals, Any] = {}
-        if self.install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, self._on_signal)
         loader = threading.Thread(target=self._load_loop, name="filepipe-loader", daemon=True)
         preparer = threading.Thread(target=self._prepare_loop, name="filepipe-preparer", daemon=True)
         try:
@@ -303,14 +299,20 @@ class Consumer:
             # before anything is read.
             self.storage(self.settings.storage_mode)
             for part in self.parts:
+                if self.stopping.is_set():
+                    break
                 self.redis_backoff.call(
                     lambda p=part: stream.ensure_group(self.redis, p.stream, self.settings.group),  # type: ignore[misc]
                     is_transient_redis,
                 )
-            self._check_table()
-            loader.start()
-            preparer.start()
-            self._read_loop()
+            if not self.stopping.is_set():
+                self._check_table()
+            if not self.stopping.is_set():
+                loader.start()
+                preparer.start()
+                self._read_loop()
+        except Abandoned:
+            pass  # stopped while waiting for Redis at the start: nothing was read
         finally:
             self._finish_preparer(preparer)
             self._finish_loader(loader)
@@ -320,8 +322,10 @@ class Consumer:
             self.redis.close()
             for st in self._storages.values():
                 st.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if self._stop_request is not None:
+                self._stop_request.unlisten(self._on_signal)
+                if self._own_signals:
+                    shutdown.uninstall()
         if self.failed is not None:
             raise self.failed
         return self.stats

@@ -8,7 +8,9 @@ supervisor
 * restarts a worker that dies abnormally (a crash, a kill, an unexpected exit code),
   with backoff, under the same name;
 * forwards SIGTERM and SIGINT to every worker, which finish the batch in hand and
-  exit; a second signal is forwarded too (the workers then leave at once);
+  exit; a second signal is forwarded too (the workers then leave at once); a worker
+  starts with both signals blocked until its handlers are installed, so one told to
+  stop while it starts stops cleanly;
 * exits 0 when every worker stopped cleanly (exit code 0), 1 otherwise; with
   `--drain` each worker exits 0 once the whole group is drained, and so does the
   supervisor.
@@ -32,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import FrameType
 
+from . import shutdown
 from .config import ENV_NAMES, Settings
+from .shutdown import SIGNALS
 
 log = logging.getLogger("filepipe")
 
@@ -74,7 +78,10 @@ class Worker:
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (Linux), so
     no worker is left behind; own process group, so a terminal's Ctrl+C reaches the
-    supervisor alone, which forwards it once."""
+    supervisor alone, which forwards it once. SIGTERM and SIGINT start blocked: one that
+    arrives before the worker has its handlers waits for them (shutdown.install unblocks
+    both) instead of killing it half-started."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     os.setpgrp()
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -104,6 +111,7 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.workers = [Worker(i, worker_name(settings.consumer_name, i)) for i in range(processes)]
         self.stopping = False
+        self.stop_signal: int = signal.SIGTERM
         self.stop_deadline: float | None = None
         self.signals = 0
         self.fatal = False
@@ -128,6 +136,11 @@ class Supervisor:
         w.proc = self._spawn(w, self.command(w), {**self._env, "CONSUMER_NAME": w.name})
         w.started_at = time.monotonic()
         log.info("worker %s started (pid %d)", w.name, w.proc.pid)
+        if self.stopping:
+            # The stop came while it was being started: it is told too, and waited for.
+            w.exit_code = None
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(self.stop_signal)
 
     def _reap(self, w: Worker, code: int) -> None:
         assert w.proc is not None
@@ -159,6 +172,7 @@ class Supervisor:
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Asks every worker to finish its batch in hand and exit; no more restarts."""
         self.stopping = True
+        self.stop_signal = signum
         if self.stop_deadline is None:
             self.stop_deadline = time.monotonic() + self.stop_grace_s
         for w in self.workers:
@@ -179,10 +193,17 @@ class Supervisor:
     def run(self) -> int:
         """Runs until every worker has stopped. Returns the exit code: 0 if every
         worker exited 0, 2 after a configuration error, 1 otherwise."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+        early = shutdown.installed()
+        if early is not None and early.signum is not None:
+            # A signal before the supervisor was ready (`filepipe consume` took it): stop now.
+            self.signals = early.count
+            self.stop(early.signum)
         try:
             log.info("supervising %d workers: %s", len(self.workers), ", ".join(w.name for w in self.workers))
             for w in self.workers:
+                if self.stopping:
+                    break
                 self._start(w)
             while any(w.exit_code is None for w in self.workers):
                 now = time.monotonic()
