@@ -44,7 +44,7 @@ from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import ConfigError, DatabaseError, FilepipeError, StorageError, TransientError
 from .partitions import Partition, partitions
-from .retry import Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
+from .retry import QUERY_CANCELED, Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
 from .stream import AckResult, DeadLetter, Entry
 
@@ -54,8 +54,13 @@ log = logging.getLogger("filepipe")
 # while later batches are acknowledged; past it, acknowledging waits for Redis to have room.
 HELD_MAX_BYTES = 32 * 1024 * 1024
 
-# SQLSTATE classes caused by one row's value: isolate the row, load the rest.
-_ROW_ERROR_CLASSES = ("22", "23", "54")
+# What a table refuses a write with, because of a row's values or because of the table
+# itself (a probe tells which, see Consumer._load): 22 data exception, 23 integrity
+# constraint (a CHECK, a NOT NULL column), 54 program limit, P0 raised by a PL/pgSQL
+# trigger, 38/39 by another routine, 44 a view's check option; a read-only transaction, a
+# missing privilege (or a row security policy), a statement timeout.
+_REFUSAL_CLASSES = ("22", "23", "54", "P0", "38", "39", "44")
+_REFUSAL_STATES = (db.READ_ONLY, db.NO_PRIVILEGE, QUERY_CANCELED)
 
 
 _EMPTY_BATCH = _native.parse_entries([])
@@ -207,7 +212,14 @@ class Consumer:
         self._held_retry_at = 0.0
         self._held_touched = 0.0
         self.held_backoff = Backoff("Redis", stop=self.abandon, outage=self.redis_outage)
-        self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._error_sink("PostgreSQL"))
+        self.pg_backoff = Backoff("PostgreSQL", stop=self.abandon, on_error=self._error_sink("PostgreSQL"),
+                                  on_wait=self._heartbeat)
+        # A table that refuses every row (a constraint, trigger or NOT NULL column no row
+        # satisfies, a revoked privilege, a read-only database) is waited out like an outage.
+        table = f"PostgreSQL table {settings.table}"
+        refusal = Outage(table, self._error_sink("table"), state="refuses rows",
+                         recovery="accepts rows again")
+        self.table_backoff = Backoff(table, stop=self.abandon, outage=refusal, on_wait=self._heartbeat)
         self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._error_sink("Storage"))
         # Every stream this consumer reads: the stream, or each of its partitions.
         self.parts = partitions(settings)
@@ -920,16 +932,39 @@ class Consumer:
                 return done
 
     def _load(self, p: Prepared) -> tuple[int, list[DeadLetter]]:
-        """Loads the batch, waiting out outages. A value PostgreSQL refuses is isolated
-        by bisection: the rest of the batch loads, that entry is dead-lettered."""
+        """Loads the batch, waiting out outages and a table that refuses every row.
+
+        When the table refuses the batch, the consumer asks whether it still takes a row
+        it took before (`Loader.probe`: the table's newest row again, rolled back). If it
+        does not, the table has changed, not the entries: the whole batch stays pending and
+        is tried again after a backoff, with one log line when this starts and one when it
+        ends; nothing is dead-lettered. If it does, the batch is bisected: the rows that
+        load are committed, and a row refused alone is dead-lettered (`db_rejected`), but
+        only once the table has been seen taking rows after it was refused (a neighbour
+        loading, or the probe again), so that a table changing halfway through does not
+        dead-letter the rest. A row that runs out of statement time alone, twice, is
+        dead-lettered too; a table that runs every probe out of time waits."""
         if p.rows == 0:
             return 0, []
-        try:
-            return self._load_buffer(p.buf, p.rows, direct=not p.redelivered), []
-        except psycopg.Error as e:
-            if not _is_row_error(e):
-                raise _fatal_db_error(e, self.settings) from e
-        return self._bisect(p, p.measurements.measured())
+        inserted = 0
+        direct = not p.redelivered
+        waiting = False
+        while True:
+            started = time.monotonic()
+            try:
+                if waiting:
+                    self._probe_table()  # one row, rolled back: cheaper than the batch
+                loaded, dead = self._load_isolating(p, direct=direct)
+            except _TableRefuses as e:
+                inserted += e.inserted
+                direct = False  # part of the batch may be in already
+                waiting = True
+                self.table_backoff.failed(e)
+                if self.abandon.is_set():
+                    raise Abandoned("PostgreSQL table: gave up waiting at stop") from e
+                continue
+            self.table_backoff.succeeded(started)
+            return inserted + loaded, dead
 
     def _load_buffer(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
         return self.pg_backoff.call(
@@ -937,25 +972,80 @@ class Consumer:
             is_transient_pg,
         )
 
-    def _bisect(self, p: Prepared, indices: list[int]) -> tuple[int, list[DeadLetter]]:
+    def _probe_table(self) -> None:
+        """Raises _TableRefuses unless the table takes a row like the ones it holds."""
+        try:
+            self.pg_backoff.call(lambda: self.loader.probe(self.name), is_transient_pg)
+        except psycopg.Error as e:
+            if not _is_refusal(e):
+                raise _fatal_db_error(e, self.settings) from e
+            raise _TableRefuses(e) from e
+
+    def _load_isolating(self, p: Prepared, *, direct: bool) -> tuple[int, list[DeadLetter]]:
+        try:
+            return self._load_buffer(p.buf, p.rows, direct=direct), []
+        except psycopg.Error as e:
+            if not _is_refusal(e):
+                raise _fatal_db_error(e, self.settings) from e
+            first = e
+        found = _Isolation()
+        try:
+            self._probe_table()
+            indices = p.measurements.measured()
+            if len(indices) == 1:
+                self._refused_alone(p, indices, p.buf, first, found)
+            else:
+                mid = len(indices) // 2
+                self._bisect(p, indices[:mid], found)
+                self._bisect(p, indices[mid:], found)
+            if found.unconfirmed:
+                self._probe_table()
+        except _TableRefuses as e:
+            e.inserted = found.inserted
+            raise
+        return found.inserted, [self._rejected(p, index, message) for index, message in found.refused]
+
+    def _bisect(self, p: Prepared, indices: list[int], found: _Isolation) -> None:
         buf = _native.encode_copy(
             p.batch, p.measurements, self.name, self.binary, only=indices, stream=self.settings.stream
         )
         try:
-            return self._load_buffer(buf, len(indices)), []
+            found.loaded(self._load_buffer(buf, len(indices)))
+            return
         except psycopg.Error as e:
-            if not _is_row_error(e):
+            if not _is_refusal(e):
                 raise _fatal_db_error(e, self.settings) from e
             if len(indices) == 1:
-                entry_id, raw_fields = p.entries[p.batch.positions[indices[0]]]
-                fields = stream.fields_dict(raw_fields)
-                message = f"entry {entry_id.decode()}: PostgreSQL refused the row: {db.first_line(e)}"
-                log.warning("%s", message)
-                return 0, [DeadLetter(entry_id, fields, "db_rejected", message)]
+                self._refused_alone(p, indices, buf, e, found)
+                return
         mid = len(indices) // 2
-        a_rows, a_dead = self._bisect(p, indices[:mid])
-        b_rows, b_dead = self._bisect(p, indices[mid:])
-        return a_rows + b_rows, a_dead + b_dead
+        self._bisect(p, indices[:mid], found)
+        self._bisect(p, indices[mid:], found)
+
+    def _refused_alone(self, p: Prepared, indices: list[int], buf: bytes, e: psycopg.Error,
+                       found: _Isolation) -> None:
+        """One row the table refused on its own. Out of time, it is tried once more (a lock
+        or a burst of load may have been the cause)."""
+        message = db.first_line(e)
+        if e.sqlstate == QUERY_CANCELED:
+            try:
+                found.loaded(self._load_buffer(buf, 1))
+                return
+            except psycopg.Error as again:
+                if not _is_refusal(again):
+                    raise _fatal_db_error(again, self.settings) from again
+                message = db.first_line(again)
+                if again.sqlstate == QUERY_CANCELED:
+                    message = (f"it took longer than the statement timeout (FILEPIPE_STATEMENT_TIMEOUT_MS="
+                               f"{self.settings.statement_timeout_ms}) twice on its own: {message}")
+        found.refused.append((indices[0], message))
+        found.unconfirmed = True
+
+    def _rejected(self, p: Prepared, index: int, message: str) -> DeadLetter:
+        entry_id, raw_fields = p.entries[p.batch.positions[index]]
+        text = f"entry {entry_id.decode()}: PostgreSQL refused the row: {message}"
+        log.warning("%s", text)
+        return DeadLetter(entry_id, stream.fields_dict(raw_fields), "db_rejected", text)
 
     # -- liveness ---------------------------------------------------------------------
 
@@ -999,8 +1089,31 @@ class Consumer:
             pass
 
 
-def _is_row_error(e: psycopg.Error) -> bool:
-    return (e.sqlstate or "")[:2] in _ROW_ERROR_CLASSES
+@dataclass
+class _Isolation:
+    """What bisecting one refused batch has found so far."""
+
+    inserted: int = 0
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (record index, the server's reason)
+    # A row was refused and the table has not been seen taking a row since.
+    unconfirmed: bool = False
+
+    def loaded(self, inserted: int) -> None:
+        self.inserted += inserted
+        self.unconfirmed = False
+
+
+class _TableRefuses(Exception):
+    """The table refuses rows like the ones it holds: the batch waits."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(f"SQLSTATE {error.sqlstate or '?'}: {db.first_line(error)}")
+        self.inserted = 0  # rows of the batch committed before the refusal was found
+
+
+def _is_refusal(e: psycopg.Error) -> bool:
+    state = e.sqlstate or ""
+    return state[:2] in _REFUSAL_CLASSES or state in _REFUSAL_STATES
 
 
 def _fatal_db_error(e: psycopg.Error, settings: Settings) -> FilepipeError:

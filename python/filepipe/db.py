@@ -8,12 +8,16 @@ no-op, and keeps apart the rows of two streams loading one table.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,14 +107,36 @@ def check_conninfo(settings: Settings) -> None:
         raise ConfigError(f"PG_URI cannot be used: {first_line(e)}") from e
 
 
-def _configure(conn: psycopg.Connection[Any]) -> None:
+# SQLSTATEs with which a server refuses a write whatever the data: a read-only
+# transaction (a read-only database or a hot standby) and a missing privilege.
+READ_ONLY = "25006"
+NO_PRIVILEGE = "42501"
+
+# The pooled connections that have their staging table.
+_staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+
+
+def _create_staging() -> sql.Composed:
     # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
     # empties it at every commit, so no DDL runs per batch.
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-            sql.Identifier(c.STAGING_TABLE), _staging_columns()
-        )
+    return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+        sql.Identifier(c.STAGING_TABLE), _staging_columns()
     )
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    try:
+        conn.execute(_create_staging())
+    except psycopg.Error as e:
+        # A read-only server (a hot standby after a failover) or a role without the TEMP
+        # privilege: the connection is still handed out, so that the load reports the
+        # server's own refusal and the consumer waits it out, rather than the pool
+        # failing to connect with no reason given. The merge creates the staging table
+        # when it can.
+        if e.sqlstate not in (READ_ONLY, NO_PRIVILEGE):
+            raise
+        return
+    _staged.add(conn)
 
 
 def _staging_columns() -> sql.Composed:
@@ -432,6 +458,10 @@ class Loader:
         self.insert_sql = sql.SQL(
             "INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING"
         ).format(ident, staging, cols=col_list)
+        self.ident = ident
+        self.col_list = col_list
+        self.stream = settings.stream
+        self.statement_timeout_ms = settings.statement_timeout_ms
         # PgBouncer: the staging table lives and dies inside each merge transaction.
         self.staging_sql: sql.Composed | None = None
         if settings.pgbouncer:
@@ -469,31 +499,97 @@ class Loader:
             self._merge_only -= 1
         return self._run(buf, direct=False)
 
-    def _run(self, buf: bytes, *, direct: bool) -> int:
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection guarded by a watchdog. A connection found read-only is
+        closed (the pool replaces it): a database's default is fixed for the life of a
+        session, and after a failover a new connection may reach the new primary."""
         with self.pool.connection() as conn, Watchdog(conn, self.stall_timeout) as dog:
             try:
-                inserted = -1
-                if direct:
-                    with conn.cursor() as cur, cur.copy(self.direct_copy_sql) as copy:
-                        copy.write(buf)
-                    crash_point("after_copy")
-                else:
-                    with conn.transaction(), conn.cursor() as cur:
-                        if self.staging_sql is not None:
-                            cur.execute(self.staging_sql)
-                        with cur.copy(self.copy_sql) as copy:
-                            copy.write(buf)
-                        crash_point("after_copy")
-                        cur.execute(self.insert_sql)
-                        inserted = cur.rowcount
+                yield conn
                 mark_used(conn)
             except psycopg.Error as e:
                 if dog.fired:
                     raise TransientError(
                         f"PostgreSQL did not answer within {self.stall_timeout:.0f} s: connection cut"
                     ) from e
+                if e.sqlstate == READ_ONLY:
+                    conn.close()
                 raise
+
+    def _stage(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> None:
+        """Makes sure the merge's staging table exists, inside the open transaction."""
+        if self.staging_sql is not None:
+            cur.execute(self.staging_sql)
+        elif conn not in _staged:
+            cur.execute(_create_staging())
+
+    def _run(self, buf: bytes, *, direct: bool) -> int:
+        with self._connection() as conn:
+            inserted = -1
+            if direct:
+                with conn.cursor() as cur, cur.copy(self.direct_copy_sql) as copy:
+                    copy.write(buf)
+                crash_point("after_copy")
+            else:
+                with conn.transaction(), conn.cursor() as cur:
+                    self._stage(conn, cur)
+                    with cur.copy(self.copy_sql) as copy:
+                        copy.write(buf)
+                    crash_point("after_copy")
+                    cur.execute(self.insert_sql)
+                    inserted = cur.rowcount
+                if self.staging_sql is None:
+                    _staged.add(conn)
         return max(inserted, 0)
+
+    def probe(self, consumer: str) -> None:
+        """Checks that the table still takes a row it took before; raises the server's
+        refusal (a psycopg error) if it does not.
+
+        The row tried is the table's newest, under a key of its own and written by
+        `consumer` from this stream, inserted in a transaction that is rolled back: nothing is left
+        behind. A table that takes it accepts rows like the ones it holds, so what it
+        refuses of a batch is the entries' own values. A table that refuses it has
+        changed (a constraint, trigger or NOT NULL column no row satisfies, a privilege
+        revoked, a read-only database, a lock held past the statement timeout). An empty
+        table is tried with a row made up here (a plain file record)."""
+        key = f"filepipe-probe/{uuid.uuid4().hex}"
+        values = sql.SQL(", ").join(
+            sql.Literal({"stream_id": key, "consumer": consumer, "stream": self.stream}[name])
+            if name in ("stream_id", "consumer", "stream")
+            else sql.Identifier(name)
+            for name in COLUMNS
+        )
+        again = sql.SQL(
+            "INSERT INTO {t} ({cols}) SELECT {values} FROM {t} ORDER BY event_time DESC LIMIT 1 "
+            "ON CONFLICT DO NOTHING"
+        ).format(t=self.ident, cols=self.col_list, values=values)
+        with self._connection() as conn, conn.transaction(force_rollback=True), conn.cursor() as cur:
+            if self.staging_sql is not None:
+                cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(self.statement_timeout_ms))
+            cur.execute(again)
+            if cur.rowcount == 1:
+                return
+            # Nothing inserted: the table is empty, or the row met a unique key (after
+            # its checks and triggers had passed).
+            cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(self.ident))
+            row = cur.fetchone()
+            if row is not None and row[0]:
+                return
+            self._stage(conn, cur)
+            with cur.copy(self.copy_sql) as copy:
+                copy.write(self._made_up_row(consumer))
+            cur.execute(self.insert_sql)
+
+    def _made_up_row(self, consumer: str) -> bytes:
+        """A COPY buffer of one plausible row: an empty file stored locally, now."""
+        entry_id = f"{time.time_ns() // 1_000_000}-0".encode()
+        fields = {b"file_id": str(uuid.uuid4()).encode(), b"filename": b"filepipe probe", b"key": b"probe"}
+        batch = _native.parse_entries([(entry_id, fields)], "local", id_prefix="filepipe-probe/")
+        measured = _native.Measurements(1)
+        measured.set(0, 0, hashlib.sha256(b"").digest(), "application/octet-stream")
+        return _native.encode_copy(batch, measured, consumer, self.binary, stream=self.stream)
 
 
 class Watchdog:

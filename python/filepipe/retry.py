@@ -30,10 +30,13 @@ T = TypeVar("T")
 
 # SQLSTATE classes that mean "the server or the link is in trouble", not "this data is bad":
 # 08 connection exception, 53 insufficient resources, 57 operator intervention
-# (shutdown, statement timeout as query_canceled 57014), 58 system error; plus
-# serialization failures and deadlocks, which succeed when retried.
+# (shutdown, crash, cannot connect now), 58 system error; plus serialization failures and
+# deadlocks, which succeed when retried.
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 _TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03")
+# A statement cancelled by the statement timeout (or by an operator) is not passing: the
+# same statement runs out of time again. The loader splits the batch instead.
+QUERY_CANCELED = "57014"
 _REDIS_TRANSIENT_REPLIES = ("LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY ")
 # Replies of a Redis that answers but takes no write for now, and how the log says it.
 _REDIS_REFUSALS = {"OOM": "is full", "READONLY": "is read-only", "MISCONF": "refuses writes"}
@@ -49,11 +52,15 @@ def is_transient_pg(e: BaseException) -> bool:
         return True
     if isinstance(e, (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError)):
         state = getattr(getattr(e, "diag", None), "sqlstate", None) or getattr(e, "sqlstate", None)
-        return state is None or state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
-    if isinstance(e, psycopg.Error):
+        if state is None:
+            return True
+    elif isinstance(e, psycopg.Error):
         state = e.sqlstate or ""
-        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
-    return isinstance(e, (ConnectionError, TimeoutError))
+    else:
+        return isinstance(e, (ConnectionError, TimeoutError))
+    if state == QUERY_CANCELED:
+        return False
+    return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
 
 
 def redis_refusal(e: BaseException) -> str | None:
@@ -108,11 +115,16 @@ class Outage:
     logs the warning, the last to recover logs the recovery, so one outage is one pair of
     lines however many threads wait it out."""
 
-    def __init__(self, service: str, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, service: str, on_error: Callable[[str], None] | None = None, *,
+                 state: str = "unreachable", recovery: str = "is back") -> None:
         """`on_error` hears the error when the outage starts (or its message changes) and ""
-        when it ends."""
+        when it ends. `state` and `recovery` word the lines for a wait that is not an outage
+        ("PostgreSQL table t refuses rows (…)" … "PostgreSQL table t accepts rows again after
+        8.1 s")."""
         self.service = service
         self.on_error = on_error
+        self.state = state
+        self.recovery = recovery
         self.since: float | None = None
         self.last_message = ""
         self._failing: set[int] = set()
@@ -123,7 +135,7 @@ class Outage:
         """Backoff `who` failed with `e` and waits `delay` seconds."""
         code = redis_refusal(e)
         message = redis_reply(e) if code else error_line(e)
-        state = _REDIS_REFUSALS[code] if code else "unreachable"
+        state = _REDIS_REFUSALS[code] if code else self.state
         with self._lock:
             self._failing.add(who)
             if self.since is None:
@@ -142,7 +154,7 @@ class Outage:
             changed = message != self.last_message
             self.last_message = message
         if changed and self.on_error is not None:
-            self.on_error(f"{self.service}: {message}")
+            self.on_error(f"{self.service} {state}: {message}")
 
     def recovered(self, who: int) -> None:
         """Backoff `who` succeeded; the outage ends when no backoff is failing any more."""
@@ -152,7 +164,7 @@ class Outage:
             self._failing.discard(who)
             if self._failing or self.since is None:
                 return
-            log.warning("%s is back after %.1f s", self.service, time.monotonic() - self.since)
+            log.warning("%s %s after %.1f s", self.service, self.recovery, time.monotonic() - self.since)
             self.since = None
             self.last_message = ""
         if self.on_error is not None:
@@ -172,12 +184,15 @@ class Backoff:
         stop: threading.Event | None = None,
         on_error: Callable[[str], None] | None = None,
         outage: Outage | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> None:
         """`stop`, once set, cuts the current wait short and makes `call` give up
         (raising Abandoned) instead of retrying again. `on_error` hears the error when an
         outage starts (or its message changes) and "" when it ends. Backoffs given one
-        `outage` (and then its `on_error`) log and report it together."""
+        `outage` (and then its `on_error`) log and report it together. `on_wait` is called
+        after every wait (to keep a heartbeat fresh through a long one)."""
         self.service = service
+        self.on_wait = on_wait
         self.base = base
         self.cap = cap
         self.stop = stop
@@ -213,6 +228,8 @@ class Backoff:
             self.stop.wait(delay)
         else:
             time.sleep(delay)
+        if self.on_wait is not None:
+            self.on_wait()
         return delay
 
     def succeeded(self, started: float | None = None) -> None:
@@ -236,6 +253,7 @@ class Backoff:
                 result = fn()
             except Exception as e:
                 if not transient(e):
+                    self.succeeded(started)  # the service answered, if only to refuse
                     raise
                 self.failed(e)
                 if self.stop is not None and self.stop.is_set():
