@@ -10,14 +10,17 @@ change the table use a table of their own on the shared server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -30,8 +33,10 @@ from tests.test_faults_services import SVC_SETTINGS, Draining, assert_exact, rep
 from filepipe import status
 from filepipe.config import load_settings
 from filepipe.constants import heartbeat_key
+from filepipe.consumer import Consumer
 from filepipe.db import init_db
 from filepipe.embedded import PostgresServer
+from filepipe.metrics import serve_metrics
 
 REFUSING = "refuses rows"
 ACCEPTING = "accepts rows again after"
@@ -108,7 +113,7 @@ def admin(uri: str, *statements: str) -> None:
 
 def waits_out_refusal(env: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
                       refuse: Callable[[], None], accept: Callable[[], None], sqlstate: str, *,
-                      loaded_before: int = 50, events: int = 1000) -> None:
+                      loaded_before: int = 50, events: int = 1000, metrics: bool = False) -> None:
     """Rows load; the table starts refusing every row; the consumer waits, keeps every
     entry pending, shows why, and once the table accepts rows again loads everything:
     exact counts, no entry dead-lettered for the refusal."""
@@ -138,8 +143,20 @@ def waits_out_refusal(env: Env, logs: pytest.LogCaptureFixture, capsys: pytest.C
     assert shown and sqlstate in shown[0], st.problems
     text = status.render(st)
     assert REFUSING in text and sqlstate in text
-    accept()
-    stats = c.finish(120)
+    with contextlib.ExitStack() as stack:
+        if metrics:
+            server = stack.enter_context(serve_metrics(0, consumer=c.consumer))
+            base = f"http://127.0.0.1:{server.port}"
+            assert httpx.get(f"{base}/healthz").status_code == 200  # alive: a restart would not help
+            ready = httpx.get(f"{base}/readyz", timeout=10)
+            assert ready.status_code == 503 and sqlstate in ready.json()["checks"]["table"], ready.text
+            assert "filepipe_table_refusing_rows 1.0" in httpx.get(f"{base}/metrics", timeout=10).text
+        accept()
+        stats = c.finish(120)
+        if metrics:
+            ready = httpx.get(f"{base}/readyz", timeout=10)
+            assert ready.json()["checks"]["table"] == "ok", ready.text
+            assert "filepipe_table_refusing_rows 0.0" in httpx.get(f"{base}/metrics", timeout=10).text
     assert stats.inserted == w.good
     lines = [r.getMessage() for r in logs.records]
     refused = [x for x in lines if REFUSING in x]
@@ -163,6 +180,7 @@ def test_a_check_constraint_no_row_satisfies_is_waited_out(tenv: Env, logs: pyte
         lambda: tenv.sql(f"ALTER TABLE {t} ADD CONSTRAINT {t}_frozen CHECK (size_bytes < 0) NOT VALID"),
         lambda: tenv.sql(f"ALTER TABLE {t} DROP CONSTRAINT {t}_frozen"),
         "23514",
+        metrics=True,
     )
 
 
@@ -260,6 +278,27 @@ def test_consume_waits_out_a_read_only_database_then_drains_and_exits_0(
     assert len(text.splitlines()) < 8, f"a flood of log lines:\n{text}"
     assert_exact(penv, combined(first, w))
     report(capsys, "\n  ".join(text.splitlines()))
+
+
+def test_a_stop_while_the_table_refuses_rows_leaves_the_batches_pending(tenv: Env) -> None:
+    t = tenv.settings.table
+    seed(tenv.redis, tenv.settings, tenv.storage, 10)
+    Draining(tenv.settings).finish(60)
+    tenv.sql(f"ALTER TABLE {t} ADD CONSTRAINT {t}_frozen CHECK (size_bytes < 0) NOT VALID")
+    w = seed(tenv.redis, tenv.settings, tenv.storage, 300)
+    consumer = Consumer(tenv.settings, write=None, stop_timeout=2.0)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    wait_for("the refusal", lambda: bool(consumer.table_refusal()), 30)
+    t0 = time.monotonic()
+    consumer.stop()
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - t0 < 10
+    assert tenv.rows() == 10 and tenv.redis.xlen(tenv.settings.dead_stream) == 0
+    assert tenv.pending() > 0 and acked(tenv) == 10
+    tenv.sql(f"ALTER TABLE {t} DROP CONSTRAINT {t}_frozen")
+    Draining(tenv.settings).finish(60)
+    assert tenv.rows() == 10 + w.good and tenv.pending() == 0
 
 
 def test_a_database_made_read_only_for_new_sessions_is_waited_out(

@@ -277,6 +277,11 @@ class Consumer:
             self._errors.pop(service, None)
         self.stats.last_error = "; ".join(self._errors.values())
 
+    def table_refusal(self) -> str:
+        """Why the events table refuses every row right now ("" when it does not)."""
+        b = self.table_backoff
+        return b.last_message if b.down_since is not None else ""
+
     def storage(self, mode: str) -> Storage:
         if mode not in self._storages:
             self._storages[mode] = open_storage(self.settings, mode)

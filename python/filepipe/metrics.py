@@ -270,6 +270,7 @@ class ConsumerCollector(Collector):
         yield InfoMetricFamily("filepipe_consumer", "This consumer.")
         yield from group_families(s.stream, s.group, None, None)
         yield from pool_families(None)
+        yield _refusing_family(None)
 
     def collect(self) -> Iterator[Any]:
         s = self.consumer.settings
@@ -281,6 +282,17 @@ class ConsumerCollector(Collector):
         pending, lag = self._group_figures()
         yield from group_families(s.stream, s.group, pending, lag)
         yield from pool_families(self.consumer.pool)
+        yield _refusing_family(bool(self.consumer.table_refusal()))
+
+
+def _refusing_family(refusing: bool | None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "filepipe_table_refusing_rows",
+        "1 while the events table refuses every row of the batches in hand (they wait, pending), else 0.",
+    )
+    if refusing is not None:
+        family.add_metric([], int(refusing))
+    return family
 
 
 # -- which Host names are answered (DNS rebinding) ------------------------------------
@@ -344,11 +356,16 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def metrics_wsgi_app(
-    registry: CollectorRegistry, probe: ServiceProbe | None, allowed_hosts: Iterable[str] = ()
+    registry: CollectorRegistry,
+    probe: ServiceProbe | None,
+    allowed_hosts: Iterable[str] = (),
+    consumer: Consumer | None = None,
 ) -> Callable[..., Iterable[bytes]]:
     """`/metrics` (and any other path, like prometheus_client), `/healthz` (the process
-    serves), `/readyz` (200 only when Redis and PostgreSQL answer, 503 otherwise). A
-    request whose Host header is not one of this server's names gets 400."""
+    serves), `/readyz` (200 only when Redis and PostgreSQL answer and, with `consumer`,
+    while its table accepts rows; 503 otherwise). A request whose Host header is not one
+    of this server's names gets 400. A table refusing rows leaves `/healthz` alone:
+    restarting the consumer would not help, it waits by itself."""
     metrics = make_wsgi_app(registry)
     names = check_host_names(allowed_hosts)
 
@@ -362,6 +379,8 @@ def metrics_wsgi_app(
             return [b"ok\n"]
         if path == "/readyz":
             checks = probe.check() if probe is not None else {}
+            if consumer is not None:
+                checks["table"] = consumer.table_refusal() or None
             ready = all(v is None for v in checks.values())
             body = json.dumps({"ready": ready, "checks": {k: v or "ok" for k, v in checks.items()}}).encode()
             start_response(
@@ -438,7 +457,7 @@ def serve_metrics(
         server = make_server(
             host.strip("[]"),
             port,
-            metrics_wsgi_app(registry, probe, allowed_hosts),
+            metrics_wsgi_app(registry, probe, allowed_hosts, consumer),
             server_class,
             handler_class=_QuietHandler,
         )
