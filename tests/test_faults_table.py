@@ -34,6 +34,7 @@ from filepipe import status
 from filepipe.config import load_settings
 from filepipe.constants import heartbeat_key
 from filepipe.consumer import Consumer
+from filepipe.dashboard.monitor import Monitor
 from filepipe.db import init_db
 from filepipe.embedded import PostgresServer
 from filepipe.metrics import serve_metrics
@@ -143,6 +144,12 @@ def waits_out_refusal(env: Env, logs: pytest.LogCaptureFixture, capsys: pytest.C
     assert shown and sqlstate in shown[0], st.problems
     text = status.render(st)
     assert REFUSING in text and sqlstate in text
+    monitor = Monitor(s)  # what the dashboard shows
+    try:
+        [shown_live] = [x for x in monitor.sample()["consumers"] if x["name"] == s.consumer_name]
+    finally:
+        monitor.stop()
+    assert REFUSING in shown_live["last_error"] and sqlstate in shown_live["last_error"], shown_live
     with contextlib.ExitStack() as stack:
         if metrics:
             server = stack.enter_context(serve_metrics(0, consumer=c.consumer))

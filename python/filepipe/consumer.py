@@ -276,6 +276,8 @@ class Consumer:
         else:
             self._errors.pop(service, None)
         self.stats.last_error = "; ".join(self._errors.values())
+        if service != "Redis":  # (a heartbeat cannot tell of Redis's own outage)
+            self._heartbeat(force=True)  # `status` hears of it now, not a few backoffs later
 
     def table_refusal(self) -> str:
         """Why the events table refuses every row right now ("" when it does not)."""
