@@ -14,7 +14,7 @@ import redis
 from .config import Settings
 from .partitions import Partition, partitions
 from .redaction import printable
-from .stream import FIELDS_DROPPED, INCOMPLETE_MARKERS, ORIGINAL_FIELDS, id_key
+from .stream import FIELDS_DROPPED, INCOMPLETE_MARKERS, ORIGINAL_FIELDS, TRUNCATED_FIELD, id_key
 
 CHUNK = 500
 SHOWN = 20  # dead letters named when a replay leaves some
@@ -75,9 +75,14 @@ class DeadLetterEntry:
         """Why putting this dead letter back would not recreate its entry, or None."""
         split = self._split()
         added = dict(split[1]) if split is not None else dict(self.pairs[-1:])
+        if TRUNCATED_FIELD in added:
+            return f"incomplete: it holds an excerpt of the entry ({_excerpt(added[TRUNCATED_FIELD])})"
+        if FIELDS_DROPPED in added:
+            dropped = added[FIELDS_DROPPED].decode(errors="replace")
+            return f"incomplete: {dropped} of the entry's fields were left out of it (fields_dropped)"
         for marker in INCOMPLETE_MARKERS:
             if marker in added:
-                value = added[marker].decode(errors="replace")
+                value = added[marker].decode(errors="replace")[:200]
                 return f"incomplete: it does not hold every field of the entry ({marker.decode()}: {value})"
         if not self.original():
             return "no fields to replay: the entry was deleted from the stream before it was read"
@@ -94,6 +99,18 @@ class DeadLetterEntry:
             "deliveries": int(f.get(b"deliveries", b"0") or 0),
             "filename": dict(self.original()).get(b"filename", b"").decode(errors="replace"),
         }
+
+
+def _excerpt(marker: bytes) -> str:
+    """`kept 1,000 of its 4,000 fields (22,890 bytes), 3 cut`, from a `truncated` field."""
+    try:
+        what = json.loads(marker)
+        kept, count, size = int(what["kept"]), int(what["fields"]), int(what["bytes"])
+        cut = int(what.get("cut_count", 0))
+    except (ValueError, TypeError, KeyError):
+        return "truncated: " + marker.decode(errors="replace")[:200]
+    text = f"kept {kept:,} of its {count:,} fields ({size:,} bytes)"
+    return text + (f", {cut:,} names or values cut short" if cut else "")
 
 
 def _entry(entry_id: bytes, fields: Any) -> DeadLetterEntry:
