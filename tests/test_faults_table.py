@@ -65,14 +65,15 @@ def pg_server() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture
-def penv(redis_url: str, pg_server: PostgresServer, tmp_path: Path) -> Iterator[Env]:
-    """A stream of its own on the shared Redis, a private PostgreSQL."""
+@contextlib.contextmanager
+def private_env(redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path) -> Iterator[Env]:
+    """A stream of its own on the shared Redis; a consumer's PostgreSQL at `pg_uri` (a
+    private server, maybe through a proxy), checked at `check_uri`."""
     tag = uuid.uuid4().hex[:10]
     storage = tmp_path / "storage"
     storage.mkdir()
     settings = load_settings(
-        {"redis_url": redis_url, "pg_uri": pg_server.uri, "stream": f"fp_table_{tag}",
+        {"redis_url": redis_url, "pg_uri": pg_uri, "stream": f"fp_table_{tag}",
          "group": "file_processors", "table": f"fp_table_{tag}", "local_storage_dir": str(storage),
          "consumer_name": f"table-{tag}", **TABLE_SETTINGS},
         environ={}, dotenv_path=None,
@@ -80,11 +81,17 @@ def penv(redis_url: str, pg_server: PostgresServer, tmp_path: Path) -> Iterator[
     init_db(settings)
     r = redis.Redis.from_url(redis_url)
     try:
-        yield Env(settings=settings, redis=r, pg_uri=pg_server.uri, storage=storage)
+        yield Env(settings=settings, redis=r, pg_uri=check_uri, storage=storage)
     finally:
         for key in r.scan_iter(match=f"*fp_table_{tag}*"):
             r.delete(key)
         r.close()
+
+
+@pytest.fixture
+def penv(redis_url: str, pg_server: PostgresServer, tmp_path: Path) -> Iterator[Env]:
+    with private_env(redis_url, pg_server.uri, pg_server.uri, tmp_path) as env:
+        yield env
 
 
 def acked(env: Env) -> int:
@@ -93,6 +100,18 @@ def acked(env: Env) -> int:
         if g["name"] in (env.settings.group, env.settings.group.encode()):
             return int(g["entries-read"] or 0) - int(g["pending"])
     return 0
+
+
+def holds_still(env: Env, alive: Callable[[], bool], seconds: float = 2.0) -> int:
+    """For `seconds`, the consumer keeps running and neither acknowledges nor dead-letters
+    anything; returns the entries acknowledged."""
+    done, dead = acked(env), env.redis.xlen(env.settings.dead_stream)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        assert alive(), "the consumer stopped while the table refused rows"
+        assert acked(env) == done and env.redis.xlen(env.settings.dead_stream) == dead
+        time.sleep(0.2)
+    return done
 
 
 def combined(a: Workload, b: Workload) -> Workload:
@@ -130,13 +149,8 @@ def waits_out_refusal(env: Env, logs: pytest.LogCaptureFixture, capsys: pytest.C
     wait_for("the refusal in the heartbeat", lambda: REFUSING in heartbeat(env).get("last_error", ""), 15)
     last_error = heartbeat(env)["last_error"]
     assert sqlstate in last_error, last_error
-    done = acked(env)
-    assert done == loaded_before and env.redis.xlen(s.dead_stream) == 0
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 2.0:
-        assert c.alive(), "the consumer stopped while the table refused rows"
-        assert acked(env) == done and env.redis.xlen(s.dead_stream) == 0
-        time.sleep(0.2)
+    assert env.redis.xlen(s.dead_stream) == 0
+    assert holds_still(env, c.alive) == loaded_before
     assert env.pending() > 0
     st = status.collect_status(s)
     assert st.health == "degraded", st.problems
@@ -267,11 +281,7 @@ def test_consume_waits_out_a_read_only_database_then_drains_and_exits_0(
     proc = start_consumer(s, s.consumer_name, "--drain", log=log)
     try:
         wait_for("the refusal logged", lambda: REFUSING in log.read_text(), 30)
-        done = acked(penv)
-        for _ in range(10):
-            assert proc.poll() is None, log.read_text()
-            assert acked(penv) == done and penv.redis.xlen(s.dead_stream) == 0
-            time.sleep(0.2)
+        assert holds_still(penv, lambda: proc.poll() is None) == 50
         admin(pg_server.uri, "ALTER SYSTEM RESET default_transaction_read_only", "SELECT pg_reload_conf()")
         assert proc.wait(120) == 0, log.read_text()
     finally:
@@ -332,18 +342,9 @@ def test_a_failover_to_a_read_only_standby_is_waited_out_until_it_is_promoted(
     with PostgresServer() as primary, TcpProxy(primary.port) as proxy:
         standby = start_standby(primary)
         try:
-            tag = uuid.uuid4().hex[:10]
-            storage = tmp_path / "storage"
-            settings = load_settings(
-                {"redis_url": redis_url, "pg_uri": f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
-                 "stream": f"fp_table_{tag}", "group": "file_processors", "table": f"fp_table_{tag}",
-                 "local_storage_dir": str(storage), "consumer_name": f"table-{tag}", **TABLE_SETTINGS},
-                environ={}, dotenv_path=None,
-            )
-            init_db(settings)
-            r = redis.Redis.from_url(redis_url)
-            env = Env(settings=settings, redis=r, pg_uri=primary.uri, storage=storage)
-            try:
+            through = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+            with private_env(redis_url, through, primary.uri, tmp_path) as env:
+                r, settings, storage = env.redis, env.settings, env.storage
                 w = seed(r, settings, storage, 20_000, poison_every=10)
                 c = Draining(settings)
                 wait_for("first rows", lambda: env.rows() > 0, 30)
@@ -354,22 +355,13 @@ def test_a_failover_to_a_read_only_standby_is_waited_out_until_it_is_promoted(
                 proxy.target_port = standby.port  # the address now leads to the standby
                 proxy.resume()
                 wait_for("the refusal logged", lambda: bool(warnings_with(logs, REFUSING)), 60)
-                done, dead = acked(env), r.xlen(settings.dead_stream)
-                t0 = time.monotonic()
-                while time.monotonic() - t0 < 2.0:
-                    assert c.alive()
-                    assert acked(env) == done and r.xlen(settings.dead_stream) == dead
-                    time.sleep(0.2)
+                done = holds_still(env, c.alive)
                 assert done < len(w.ids)
                 wait_for("the refusal in the heartbeat",
                          lambda: "25006" in heartbeat(env).get("last_error", ""), 15)
                 admin(standby.uri, "SELECT pg_promote()")
                 c.finish(120)
                 assert_exact(env, w)
-            finally:
-                for key in r.scan_iter(match=f"*fp_table_{tag}*"):
-                    r.delete(key)
-                r.close()
         finally:
             standby.close()
     lines = [rec.getMessage() for rec in logs.records]
