@@ -448,7 +448,8 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
         snap = wait_for(settled, what="the sampler to see the stream")
         assert snap["errors"] == {"redis": None, "postgresql": None}
         assert snap["pending"] == 2
-        assert snap["totals"]["dead_letters"] == 3 and snap["totals"]["stream_length"] == 11
+        # The seven entries loaded or dead-lettered first were trimmed by the consumer.
+        assert snap["totals"]["dead_letters"] == 3 and snap["totals"]["stream_length"] == 4
         assert {r["reason"]: r["count"] for r in snap["dead_by_reason"]} == dict(expected)
         crashed = [c for c in snap["consumers"] if c["name"] == "crashed-consumer"]
         assert crashed and crashed[0]["health"] == "gone" and crashed[0]["pending"] == 2
@@ -642,7 +643,7 @@ def test_partitioned_stream_is_one_view(env: Env, caplog: pytest.LogCaptureFixtu
         r.xreadgroup(settings.group, "crashed-consumer", {names[0]: ">"}, count=1)
         r.xreadgroup(settings.group, "reader", {names[1]: ">", names[2]: ">"})
         write_heartbeat(r, settings, "reader", inserted=7, dead_lettered=1, batches=2, rate=1.5)
-        lengths = [uploaded[names[0]] + 1 + 3, uploaded[names[1]] + 1, uploaded[names[2]] + 2 + 2]
+        lengths = [3, 1, 2]  # what was consumed before was trimmed
 
         def settled() -> dict[str, Any] | None:
             snap: dict[str, Any] = client.get("/api/status").json()
@@ -653,7 +654,7 @@ def test_partitioned_stream_is_one_view(env: Env, caplog: pytest.LogCaptureFixtu
         snap = wait_for(settled, what="the sampler to see every partition")
         assert snap["errors"] == {"redis": None, "postgresql": None}
         assert snap["stream"] == settings.stream and snap["dead_stream"] == f"{settings.stream}:{{i}}:dead"
-        assert snap["totals"]["stream_length"] == sum(lengths) == 9 + 3 + 6
+        assert snap["totals"]["stream_length"] == sum(lengths) == 6
         assert snap["totals"]["dead_letters"] == 3 and not snap["dead_counting"]
         assert snap["totals"]["acked"] == 9 + 3  # read by the group, minus the 4 pending
         assert [
@@ -1013,3 +1014,49 @@ def test_live_consumers_show_among_hundreds_departed(env: Env, parts: int) -> No
             env.redis.delete(part.stream, heartbeat_key(part.stream, "zz-live"))
     assert [(c["name"], c["health"], c["inserted"]) for c in snap["consumers"]] == [("zz-live", "healthy", 7)]
     assert snap["consumers_summary"] == {"healthy": 1, "stalled": 0, "gone": 0}
+def test_redis_memory_and_what_holds_it(env: Env, browser: Browser) -> None:
+    """On its own Redis, 85 % full, the stream held back by another application's group."""
+    from tests.support.workload import seed
+
+    from filepipe.embedded import RedisServer
+
+    with RedisServer() as server:
+        settings = env.settings_with(redis_url=server.url)
+        import redis as redis_lib
+
+        r = redis_lib.Redis.from_url(server.url)
+        seed(r, settings, env.storage, 20_000)
+        r.xgroup_create(settings.stream, "slow_app", id="0")
+        Consumer(settings, drain=True, write=None).run()
+        r.config_set("maxmemory", str(int(int(r.info("memory")["used_memory"]) / 0.85)))
+        with serve(create_app(settings, interval=0.25)) as url, httpx.Client(base_url=url) as client:
+
+            def sampled() -> dict[str, Any] | None:
+                snap: dict[str, Any] = client.get("/api/status").json()
+                return snap if snap["retention"] and snap["retention"]["memory"]["max_bytes"] else None
+
+            kept = wait_for(sampled, what="a sample with the new maxmemory")["retention"]
+            assert kept["length"] == 20_000 and kept["memory_bytes"] > 1_000_000
+            assert kept["held"] == {"stream": settings.stream, "why": "unread", "group": "slow_app"}
+            assert kept["reason"] == "group slow_app has not read 20,000 entries"
+            assert 0.8 < kept["memory"]["share"] < 0.9
+            values = {
+                (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+                for f in text_string_to_metric_families(client.get("/metrics").text)
+                for smp in f.samples
+            }
+            labels = (("group", "slow_app"), ("reason", "unread"), ("stream", settings.stream))
+            assert values[("filepipe_stream_kept_entries", labels)] == 20_000
+            assert values[("filepipe_redis_memory_max_bytes", (("node", ""),))] > 0
+
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.goto(f"{url}/dashboard")
+            page.wait_for_function("() => document.getElementById('kept').textContent.includes('slow_app')")
+            assert "group slow_app has not read 20,000 entries" in page.inner_text("#kept")
+            assert "maxmemory (8" in page.inner_text("#memory") and int(figure(page, "memory")) > 0
+            assert "warn" in (page.get_attribute("#memory-fill", "class") or "")
+            assert "20,000 entries" in page.inner_text("#stream-size")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-redis-memory.png"), full_page=True)
+            page.close()
+        r.close()

@@ -332,3 +332,20 @@ def test_redis_cluster_with_partitions(env: Env) -> None:
     assert report.pipeline is not None and report.pipeline.inserted == 150, report.pipeline
     assert report.verdict is not None and report.exit_code == 0
     assert leftovers == []
+
+
+def test_memory_and_what_the_stream_keeps(env: Env) -> None:
+    s = env.settings
+    for i in range(30):
+        fid = f"00000000-0000-4000-8000-{i:012d}"
+        env.xadd({"file_id": fid, "filename": "f", "key": "k", "size": "4096"})
+    env.redis.xgroup_create(s.stream, "other_app", id="0")
+    report = run(s)
+    r = report.redis
+    assert (r.stream_entries, r.kept) == (30, "group other_app has not read 30 entries")
+    assert r.stream_memory_bytes and r.memory_used_bytes and r.memory_max_bytes is not None
+    text = diagnose.render(report)
+    assert f"Stream {s.stream}:" in text and "30 entries" in text and "kept: group other_app" in text
+    assert "  Memory:" in text
+    doc = report.to_json()["redis"]
+    assert doc["stream_entries"] == 30 and doc["memory_used_bytes"] > 0

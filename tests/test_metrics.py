@@ -46,6 +46,19 @@ def scrape(url: str) -> tuple[dict[str, Any], Samples]:
     return families, samples
 
 
+def scrape_until(url: str, check: Any, what: str) -> Samples:
+    """Scrapes until `check(samples)` holds (figures read from Redis are at most 5 s old)."""
+    found: list[Samples] = []
+
+    def ok() -> bool:
+        samples = scrape(url)[1]
+        found[:] = [samples]
+        return bool(check(samples))
+
+    wait_for(ok, 15, what)
+    return found[0]
+
+
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -264,3 +277,37 @@ def test_consume_command_serves_metrics(env: Env, tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert env.rows() == 8
+
+
+def test_consumer_metrics_show_what_is_kept_and_what_is_trimmed(env: Env) -> None:
+    s = env.settings
+    add_good(env, 50)
+    env.redis.xgroup_create(s.stream, "other_app", id="0")
+    consumer = Consumer(s, write=None)
+    server = serve_metrics(0, consumer=consumer)
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        _, before = scrape(url)
+        with running(consumer):
+            wait_for(lambda: env.rows() == 50, 20, "the rows")
+
+            def kept(samples: Samples) -> float:
+                return value(samples, "filepipe_stream_kept_entries", stream=s.stream, reason="unread",
+                             group="other_app")
+
+            held = scrape_until(url, lambda smp: kept(smp) == 50, "the entries held by the other group")
+            assert value(held, "filepipe_stream_entries", stream=s.stream) == 50
+            assert value(held, "filepipe_stream_memory_bytes", stream=s.stream) > 0
+            assert value(held, "filepipe_redis_memory_used_bytes", node="") > 0
+            assert value(held, "filepipe_dead_letter_cap_entries", stream=s.stream) == 10_000
+            # The other application reads and acknowledges: the next pass trims all 50.
+            got = env.redis.xreadgroup("other_app", "o", {s.stream: ">"}, count=100)
+            env.redis.xack(s.stream, "other_app", *[e[0] for e in got[0][1]])
+            trimmed = "filepipe_trimmed_entries_total"
+            wait_for(lambda: value(scrape(url)[1], trimmed) - value(before, trimmed) == 50, 10, "the trim")
+            after = scrape_until(
+                url, lambda smp: value(smp, "filepipe_stream_entries", stream=s.stream) == 0, "a new reading"
+            )
+            assert not [k for k in after if k[0] == "filepipe_stream_kept_entries"]
+    finally:
+        server.close()

@@ -43,14 +43,14 @@ def test_ten_thousand_events_every_column_matches(env: Env, tmp_path: Path) -> N
     assert producer.produce([tmp_path / "src"]) == 10_000
     producer.close()
 
-    stats = env.drain()
-    assert stats.inserted == 10_000 and stats.dead_lettered == 0
-    assert env.pending() == 0
-
     events = {
         fields[b"file_id"].decode(): (entry_id.decode(), fields)
         for entry_id, fields in env.redis.xrange(env.settings.stream)
     }
+    # Kept in the stream after loading (STREAM_RETENTION=all), to be replayed below.
+    stats = env.drain(stream_retention="all")
+    assert stats.inserted == 10_000 and stats.dead_lettered == 0
+    assert env.pending() == 0
     rows = env.sql(
         f"SELECT stream_id, (extract(epoch from event_time) * 1000)::bigint, file_id::text, "
         f"filename, storage, storage_key, size_bytes, checksum_sha256, content_type, uploaded_at, consumer, "
@@ -84,9 +84,9 @@ def test_ten_thousand_events_every_column_matches(env: Env, tmp_path: Path) -> N
         assert consumer == env.settings.consumer_name and attrs == {}
 
     # Running again adds nothing; replaying the whole stream duplicates nothing.
-    assert env.drain().inserted == 0
+    assert env.drain(stream_retention="all").inserted == 0
     env.redis.xgroup_setid(env.settings.stream, env.settings.group, "0")
-    again = env.drain(consumer_name="second")
+    again = env.drain(consumer_name="second", stream_retention="all")
     assert again.inserted == 0 and again.duplicates == 10_000
     assert env.rows() == 10_000 and env.pending() == 0
     assert env.sql(f"SELECT count(DISTINCT file_id) FROM {env.settings.table}")[0][0] == 10_000

@@ -358,7 +358,7 @@ def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_p
         check=False,
     )
     doc = json.loads(status.stdout)
-    assert doc["redis"]["length"] == 300 and doc["redis"]["pending"] == 0
+    assert doc["redis"]["length"] == 0 and doc["redis"]["pending"] == 0  # loaded, then trimmed
     assert {c["name"] for c in doc["redis"]["consumers"]} == {"cl-0", "cl-1"}
 
     # A dead letter on partition 3 goes back to partition 3, its fields as they were.
@@ -390,14 +390,14 @@ def bouncer(pg_uri: str) -> Iterator[PgBouncer]:
 def test_through_pgbouncer_in_transaction_pooling_mode(senv: Env, bouncer: PgBouncer) -> None:
     s = senv.settings_with(pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200)
     w = seed(senv.redis, s, senv.storage, 4000, poison_every=50)
-    first = senv.drain(pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200)
+    options: dict[str, Any] = {"pg_uri": bouncer.uri, "pgbouncer": True, "pool_size": 3, "in_flight": 3,
+                               "batch_size": 200, "stream_retention": "all"}  # kept, to be replayed
+    first = senv.drain(**options)
     assert first.inserted == w.good
     # Replay the whole stream: every batch is merged through a staging table, dozens of
     # times per connection (psycopg would prepare the INSERT after 5).
     senv.redis.xgroup_setid(s.stream, s.group, "0")
-    again = senv.drain(
-        pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200, consumer_name="replayer"
-    )
+    again = senv.drain(**options, consumer_name="replayer")
     # The poison entries were dead-lettered the first time: not again.
     assert again.inserted == 0 and again.duplicates == w.good and again.dead_lettered == 0
     assert_exact(senv.redis, s, senv.pg_uri, w)

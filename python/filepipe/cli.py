@@ -324,6 +324,15 @@ def consume(
     ] = None,
     partitions: Partitions = None,
     redis_cluster: RedisClusterFlag = None,
+    stream_retention: Annotated[
+        str | None,
+        typer.Option(
+            "--stream-retention",
+            help="Keep acknowledged entries for replay: a count (100000), an age (24h) or both "
+            "(100000,24h: whichever is less), or 'all' (env: STREAM_RETENTION; default: none kept)",
+            show_default=False,
+        ),
+    ] = None,
     pgbouncer: Annotated[
         bool | None,
         typer.Option(
@@ -370,6 +379,7 @@ def consume(
         s3_endpoint_url=s3_endpoint_url,
         partitions=partitions,
         redis_cluster=redis_cluster,
+        stream_retention=stream_retention,
         pgbouncer=pgbouncer,
     )
     from .metrics import check_host_names

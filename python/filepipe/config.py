@@ -53,6 +53,8 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "pgbouncer": ("FILEPIPE_PGBOUNCER",),
     "dashboard_user": ("FILEPIPE_DASHBOARD_USER",),
     "dashboard_password": ("FILEPIPE_DASHBOARD_PASSWORD",),
+    "stream_retention": ("STREAM_RETENTION",),
+    "dead_letter_retention": ("DEAD_LETTER_RETENTION",),
 }
 
 _TRUE = ("1", "true", "yes", "on")
@@ -103,6 +105,10 @@ class Settings:
     redis_cluster: bool = False
     # PostgreSQL is reached through PgBouncer in transaction pooling mode: no session state.
     pgbouncer: bool = False
+    # What stays in the stream once every consumer group has acknowledged it (`Window`).
+    stream_retention: str = c.DEFAULT_STREAM_RETENTION
+    # How many dead letters (and of which age) each dead-letter stream keeps.
+    dead_letter_retention: str = c.DEFAULT_DEAD_LETTER_RETENTION
     # The dashboard's login (HTTP basic authentication); required on a non-loopback address.
     dashboard_user: str = "filepipe"
     dashboard_password: str = ""
@@ -111,6 +117,16 @@ class Settings:
         # Whatever filepipe later shows of a client library's message, these stay out of it.
         remember(s for url in (self.redis_url, self.pg_uri, self.s3_endpoint_url) for s in url_secrets(url))
         remember([self.dashboard_password])
+
+    @property
+    def stream_window(self) -> Window:
+        """STREAM_RETENTION, parsed."""
+        return parse_window("stream_retention", self.stream_retention)
+
+    @property
+    def dead_window(self) -> Window:
+        """DEAD_LETTER_RETENTION, parsed."""
+        return parse_window("dead_letter_retention", self.dead_letter_retention)
 
     @property
     def dead_stream(self) -> str:
@@ -126,6 +142,73 @@ class Settings:
         if d["dashboard_password"]:
             d["dashboard_password"] = "***"
         return d
+
+
+@dataclass(frozen=True)
+class Window:
+    """How much of a stream is kept once nothing needs it any more: at most the newest
+    `count` entries (0: no count limit) and at most `age_s` seconds of them (0: no age
+    limit); an entry goes as soon as either limit says so. `keep_all`: nothing is ever
+    trimmed. No limit at all: nothing is kept."""
+
+    count: int = 0
+    age_s: int = 0
+    keep_all: bool = False
+
+    @property
+    def keeps_nothing(self) -> bool:
+        return not (self.count or self.age_s or self.keep_all)
+
+    @property
+    def age_text(self) -> str:
+        """The age limit as written back: `90m`, `24h`, `7d`."""
+        return _age_text(self.age_s)
+
+    def describe(self) -> str:
+        """`100,000 entries`, `24h`, `100,000 entries or 24h, whichever is less`, `everything`."""
+        if self.keep_all:
+            return "everything"
+        parts = [f"{self.count:,} entries"] if self.count else []
+        if self.age_s:
+            parts.append(self.age_text)
+        if not parts:
+            return "nothing acknowledged"
+        return parts[0] if len(parts) == 1 else f"{parts[0]} or {parts[1]}, whichever is less"
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_WINDOW_PART = re.compile(r"^(\d+)([smhd]?)$")
+
+
+def _age_text(seconds: int) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds % _AGE_UNITS[unit] == 0:
+            return f"{seconds // _AGE_UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def parse_window(name: str, text: str) -> Window:
+    """`""`, `0` or `none`: keep nothing; `all`: keep everything; `100000`: a count;
+    `24h` (s, m, h, d): an age; `100000,24h`: both. Raises ConfigError naming the setting."""
+    raw = text.strip().lower()
+    if raw in ("", "0", "none"):
+        return Window()
+    if raw == "all":
+        return Window(keep_all=True)
+    count = age = 0
+    for part in raw.split(","):
+        m = _WINDOW_PART.match(part.strip())
+        twice = m is not None and bool(age if m.group(2) else count)
+        if m is None or int(m.group(1)) == 0 or twice:
+            raise ConfigError(
+                f"{ENV_NAMES[name][0]} must be a count of entries (100000), an age (24h; s, m, h or d), "
+                f"both (100000,24h), 'all' or 'none', not {text!r}"
+            )
+        if m.group(2):
+            age = int(m.group(1)) * _AGE_UNITS[m.group(2)]
+        else:
+            count = int(m.group(1))
+    return Window(count=count, age_s=age)
 
 
 def _convert(name: str, raw: Any, target: type | str) -> Any:
@@ -244,6 +327,12 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"FILEPIPE_COPY_FORMAT must be 'binary' or 'text', not {s.copy_format!r}")
     if not _IDENT.match(s.table):
         raise ConfigError(f"FILEPIPE_TABLE must be a plain [schema.]table name, not {s.table!r}")
+    s.stream_window  # noqa: B018 (parses: raises ConfigError)
+    if s.dead_window.keeps_nothing:
+        raise ConfigError(
+            f"DEAD_LETTER_RETENTION must keep something: a count (10000), an age (7d), "
+            f"both, or 'all', not {s.dead_letter_retention!r}"
+        )
     if not s.dashboard_user or ":" in s.dashboard_user or any(ch.isspace() for ch in s.dashboard_user):
         raise ConfigError(
             f"FILEPIPE_DASHBOARD_USER must be a name without ':' or spaces, not {s.dashboard_user!r}"

@@ -35,6 +35,26 @@ DEAD_LETTER_EXCERPT_BYTES = 1024
 HEARTBEAT_PREFIX = "filepipe:consumer:"
 HEARTBEAT_TTL_S = 30
 
+# Trimming (retention.py). A running consumer trims each stream every TRIM_INTERVAL_S, and
+# sooner once it has acknowledged TRIM_AFTER_ENTRIES entries since its last pass; a lease
+# of TRIM_LEASE_MS per stream keeps N consumers from trimming it at the same moment.
+TRIM_LEASE_PREFIX = "filepipe:trim:"
+RETENTION_MARKS_PREFIX = "filepipe:retention:"
+ARRIVALS_PREFIX = "filepipe:arrivals:"
+ARRIVALS_KEEP_MS = 150_000  # samples of entries added, for status's "arrived in the last minute"
+ARRIVALS_SLACK_MS = 15_000  # a sample this much older than the minute still measures it
+TRIM_INTERVAL_S = 2.0
+TRIM_AFTER_ENTRIES = 10_000
+TRIM_LEASE_MS = 500
+# How often a consumer looks for departed consumers of its group (to remove them).
+DEPARTED_CHECK_S = 10.0
+# STREAM_RETENTION: "" keeps only what some consumer group has not acknowledged yet.
+DEFAULT_STREAM_RETENTION = ""
+DEFAULT_DEAD_LETTER_RETENTION = "10000"
+# Shares at which status warns: of the dead-letter cap, and of Redis's maxmemory.
+DEAD_LETTER_WARN_SHARE = 0.8
+MEMORY_WARN_SHARE = 0.8
+
 
 def dead_letter_stream(stream: str) -> str:
     """The dead-letter stream of `stream`: `file_uploads` -> `file_uploads:dead`."""
@@ -70,3 +90,26 @@ def partition_id_prefix(index: int) -> str:
 def heartbeat_key(stream: str, consumer: str) -> str:
     """The Redis key where a consumer of `stream` publishes its liveness."""
     return f"{HEARTBEAT_PREFIX}{stream}:{consumer}"
+
+
+def trim_lease_key(stream: str) -> str:
+    """The lease a consumer holds while it trims `stream` (`filepipe:trim:file_uploads:{3}`:
+    in the partition's hash slot, like everything else that belongs to it)."""
+    return f"{TRIM_LEASE_PREFIX}{stream}"
+
+
+def retention_marks_key(stream: str) -> str:
+    """With a count in STREAM_RETENTION: a sorted set of (entries added so far -> last
+    entry id) marks, from which the trim point of "keep the newest N" is read."""
+    return f"{RETENTION_MARKS_PREFIX}{stream}"
+
+
+def arrivals_key(stream: str) -> str:
+    """Samples (time -> entries added so far) that each trim writes: a trimmed stream no
+    longer shows what arrived in the last minute, these do."""
+    return f"{ARRIVALS_PREFIX}{stream}"
+
+
+def trim_keys(stream: str) -> list[str]:
+    """Every key the trimming keeps beside `stream` (to remove with a scratch stream)."""
+    return [trim_lease_key(stream), retention_marks_key(stream), arrivals_key(stream)]

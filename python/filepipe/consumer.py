@@ -44,6 +44,7 @@ from .config import Settings
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import ConfigError, DatabaseError, FilepipeError, StorageError, TransientError
 from .partitions import Partition, partitions
+from .retention import Housekeeper
 from .retry import QUERY_CANCELED, Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
 from .stream import AckResult, DeadLetter, Entry
@@ -228,6 +229,9 @@ class Consumer:
         self._claim_cursor: dict[int, bytes] = {}
         self._last_heartbeat = 0.0
         self.host = socket.gethostname()
+        # Trims what every group has acknowledged, caps dead letters, removes departed consumers.
+        self.housekeeper = Housekeeper(settings, self.redis, self.parts, self.name,
+                                       on_error=self._error_sink("Trimming"))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -329,12 +333,14 @@ class Consumer:
             if not self.stopping.is_set():
                 loader.start()
                 preparer.start()
+                self.housekeeper.start()
                 self._read_loop()
         except Abandoned:
             pass  # stopped while waiting for Redis at the start: nothing was read
         finally:
             self._finish_preparer(preparer)
             self._finish_loader(loader)
+            self.housekeeper.stop()
             self.progress.flush(self.stats)
             self._remove_heartbeat()
             self.pool.close()
@@ -786,6 +792,7 @@ class Consumer:
         result = self._ack(part, p.ids, dead)
         held = {d.source_id for d in result.held}
         self._landed(part.stream, [i for i in p.ids if i not in held])
+        self.housekeeper.acked(result.acked)
         crash_point("after_ack")
         st = self.stats
         st.batches += 1

@@ -102,7 +102,10 @@ def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
             import redis as _redis
 
             r = _redis.Redis.from_url(settings.redis_url)
-            r.delete(settings.stream, settings.dead_stream, dead_letter_ids_key(settings.stream))
+            from .constants import trim_keys
+
+            r.delete(settings.stream, settings.dead_stream, dead_letter_ids_key(settings.stream),
+                     *trim_keys(settings.stream))
             r.close()
     finally:
         stack.close()

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from . import _native, db, stream
 from .config import Settings, mask_url
-from .constants import STAGING_TABLE, dead_letter_ids_key, heartbeat_key
+from .constants import MEMORY_WARN_SHARE, STAGING_TABLE, dead_letter_ids_key, heartbeat_key, trim_keys
 from .errors import FilepipeError
 from .partitions import partitions
 from .redaction import error_line, printable, scrub
@@ -101,6 +101,13 @@ class RedisFigures:
     batch_read_ms: float = 0.0
     batch_ack_ms: float = 0.0
     recent_file_size: int | None = None  # declared sizes of the latest stream entries
+    # What the configured stream keeps and why, and Redis's memory (status.read_retention).
+    stream_entries: int | None = None
+    stream_memory_bytes: int | None = None
+    kept: str = ""
+    memory_used_bytes: int | None = None
+    memory_max_bytes: int | None = None  # 0: no maxmemory
+    memory_policy: str = ""
 
     @property
     def rtt_ms(self) -> float:
@@ -904,6 +911,7 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
             * 1000
         )
         f.recent_file_size = _recent_declared_size(r, partitions(settings)[0].stream)
+        _measure_memory(r, settings, f)
     except (redis.ConnectionError, redis.TimeoutError) as e:
         f.status, f.error = "unreachable", f"cannot reach Redis at {f.url}: {error_line(e)}"
     except redis.RedisError as e:
@@ -914,6 +922,17 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
                 r.delete(name)
         r.close()
     return f
+
+
+def _measure_memory(r: redis.Redis, settings: Settings, f: RedisFigures) -> None:
+    """The stream's length, memory and what keeps its entries, and Redis's memory."""
+    from .status import read_retention
+
+    kept = read_retention(r, settings)
+    f.stream_entries, f.stream_memory_bytes, f.kept = kept.length, kept.memory_bytes, kept.reason()
+    if kept.memory is not None:
+        f.memory_used_bytes, f.memory_max_bytes = kept.memory.used_bytes, kept.memory.max_bytes
+        f.memory_policy = kept.memory.policy
 
 
 def _recent_declared_size(r: redis.Redis, stream_name: str, count: int = 200) -> int | None:
@@ -1340,8 +1359,9 @@ def run_pipeline(
     finally:
         with contextlib.suppress(redis.RedisError):
             for part in partitions(scratch):  # one key at a time: they may live on different cluster nodes
-                for key in (part.stream, part.dead_stream, dead_letter_ids_key(part.stream),
-                            heartbeat_key(part.stream, scratch.consumer_name)):
+                keys = [part.stream, part.dead_stream, dead_letter_ids_key(part.stream),
+                        heartbeat_key(part.stream, scratch.consumer_name)]
+                for key in keys + trim_keys(part.stream):
                     r.delete(key)
         r.close()
         with contextlib.suppress(psycopg.Error), db.connect(scratch, autocommit=True) as conn:
@@ -1447,6 +1467,7 @@ def render(report: Report) -> str:
             )
         )
         out.append(_line(f"XACK {r.batch}", f"{r.batch_ack_ms:.2f} ms"))
+        out += _render_memory(r, s.stream)
     out.append("")
 
     pg = report.postgres
@@ -1595,6 +1616,22 @@ def render(report: Report) -> str:
     elif not report.unreachable:
         out.append("✗ Not enough figures for a verdict: see the errors above.")
     return scrub("\n".join(printable(line) for line in out))
+
+
+def _render_memory(r: RedisFigures, stream_name: str) -> list[str]:
+    out = []
+    if r.memory_used_bytes is not None:
+        if r.memory_max_bytes:
+            share = r.memory_used_bytes / r.memory_max_bytes
+            mark = "⚠ nearly full" if share >= MEMORY_WARN_SHARE else "✓"
+            limit = f"of {_size(r.memory_max_bytes)} maxmemory ({share:.0%}, {r.memory_policy})  {mark}"
+        else:
+            limit = "(no maxmemory)"
+        out.append(_line("Memory", _size(r.memory_used_bytes), limit))
+    if r.stream_entries is not None:
+        out.append(_line(f"Stream {stream_name}", f"{r.stream_entries:,} entries",
+                         f"{_size(r.stream_memory_bytes or 0)}; kept: {r.kept}"))
+    return out
 
 
 def _render_storage(out: list[str], st: StorageFigures) -> None:

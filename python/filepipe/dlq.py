@@ -162,6 +162,24 @@ def summarize(r: redis.Redis, dead_stream: str | list[str], recent: int = 10) ->
             "recent": [_entry(i, f).summary() for i, f in latest]}
 
 
+def retention_summary(r: redis.Redis, settings: Settings, streams: list[str], total: int) -> dict[str, Any]:
+    """What DEAD_LETTER_RETENTION keeps, against what is there: `kept` of `cap` (per
+    dead-letter stream), no older than `age_s`, and the memory they take in Redis."""
+    w = settings.dead_window
+    memory = 0
+    for s in streams:
+        memory += int(r.memory_usage(s) or 0)
+    if w.keep_all:
+        rule = "never trimmed"
+    else:
+        parts = [f"the newest {w.count:,} entries"] if w.count else []
+        if w.age_s:
+            parts.append(f"none older than {w.age_text}")
+        rule = ", ".join(parts)
+    return {"setting": settings.dead_letter_retention, "cap": w.count or None, "age_s": w.age_s or None,
+            "kept": total, "memory_bytes": memory, "rule": rule}
+
+
 def _shown(streams: list[str]) -> str:
     """`file_uploads:{0}:dead … file_uploads:{7}:dead`, or the one name."""
     return streams[0] if len(streams) == 1 else f"{streams[0]} … {streams[-1]}"
@@ -233,6 +251,12 @@ def purge(r: redis.Redis, dead_stream: str, entries: Iterator[DeadLetterEntry] |
     return total
 
 
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
+
+
 def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
     """Adds `filepipe dlq list|replay|purge`."""
     from typing import Annotated
@@ -277,7 +301,10 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
     ) -> None:
         """Dead letters by reason, and the most recent ones."""
         s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
-        summary = summarize(connect(s), [p.dead_stream for p in partitions(s)], recent)
+        r = connect(s)
+        streams = [p.dead_stream for p in partitions(s)]
+        summary = summarize(r, streams, recent)
+        kept = summary["retention"] = retention_summary(r, s, streams, summary["total"])
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
             return
@@ -287,6 +314,9 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
             typer.echo(printable(line))
 
         echo(f"DEAD LETTERS in {summary['stream']}: {summary['total']}")
+        of = f" of {kept['cap']:,}" + (" each" if len(streams) > 1 else "") if kept["cap"] else ""
+        echo(f"  Kept: {kept['kept']:,}{of} (DEAD_LETTER_RETENTION={kept['setting']}: {kept['rule']}), "
+             f"{_size(kept['memory_bytes'])} in Redis")
         for reason, n in summary["by_reason"].items():
             echo(f"  {reason:<18} {n:>8}")
         if summary["recent"]:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
     from .consumer import Consumer
+    from .status import RetentionState
     from .stream import DeadLetter
 
 T = TypeVar("T")
@@ -71,6 +72,18 @@ ACK_SECONDS = Histogram(
     "filepipe_ack_duration_seconds",
     "One XACK (with the batch's dead letters) round trip to Redis (successful attempts).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+TRIMMED = Counter(
+    "filepipe_trimmed_entries_total",
+    "Stream entries trimmed by this consumer once every consumer group had acknowledged them.",
+)
+DEAD_DROPPED = Counter(
+    "filepipe_dead_letters_dropped_total",
+    "Dead letters dropped by this consumer because DEAD_LETTER_RETENTION was exceeded.",
+)
+CONSUMERS_REMOVED = Counter(
+    "filepipe_consumers_removed_total",
+    "Departed consumers (nothing pending, no heartbeat) removed from the group by this consumer.",
 )
 
 
@@ -233,6 +246,46 @@ def group_families(stream: str, group: str, pending: int | None, lag: int | None
     return out
 
 
+def retention_families(stream: str, kept: RetentionState | None) -> list[GaugeMetricFamily]:
+    """What the stream keeps (entries by reason and group, bytes), its dead letters' cap,
+    and Redis's memory against maxmemory (on a cluster, the fullest master). Without a
+    reading, the families alone."""
+    entries = GaugeMetricFamily(
+        "filepipe_stream_kept_entries",
+        "Entries the stream keeps, by why they are kept (pending, unread, retention, no_group) and the group "
+        "that holds them.",
+        labels=["stream", "reason", "group"],
+    )
+    memory = GaugeMetricFamily(
+        "filepipe_stream_memory_bytes", "Memory of the stream in Redis (MEMORY USAGE).", labels=["stream"]
+    )
+    cap = GaugeMetricFamily(
+        "filepipe_dead_letter_cap_entries",
+        "DEAD_LETTER_RETENTION's cap on each dead-letter stream (0: no count limit).",
+        labels=["stream"],
+    )
+    used = GaugeMetricFamily("filepipe_redis_memory_used_bytes", "Redis used_memory.", labels=["node"])
+    limit = GaugeMetricFamily(
+        "filepipe_redis_memory_max_bytes", "Redis maxmemory (0: no limit).", labels=["node"]
+    )
+    out = [entries, memory, cap, used, limit]
+    if kept is None:
+        return out
+    by: dict[tuple[str, str], int] = {}
+    for k in kept.streams:
+        if k.length:
+            key = (k.why, k.holder if k.why in ("pending", "unread") else "")
+            by[key] = by.get(key, 0) + k.length
+    for (why, group), n in sorted(by.items()):
+        entries.add_metric([stream, why, group], n)
+    memory.add_metric([stream], kept.memory_bytes)
+    cap.add_metric([stream], kept.dead_cap)
+    if kept.memory is not None:
+        used.add_metric([kept.memory.node], kept.memory.used_bytes)
+        limit.add_metric([kept.memory.node], kept.memory.max_bytes)
+    return out
+
+
 class ConsumerCollector(Collector):
     """Pending, lag and pool usage of one consumer, read when scraped. Redis is asked
     at most every `refresh` seconds (on the probe's connection, not the consumer's)."""
@@ -245,9 +298,11 @@ class ConsumerCollector(Collector):
         self._at = 0.0
         self._pending: int | None = None
         self._lag: int | None = None
+        self._kept: RetentionState | None = None
 
-    def _group_figures(self) -> tuple[int | None, int | None]:
+    def _group_figures(self) -> tuple[int | None, int | None, RetentionState | None]:
         from . import stream
+        from .status import read_retention
 
         with self._lock:
             if time.monotonic() - self._at >= self.refresh:
@@ -259,10 +314,11 @@ class ConsumerCollector(Collector):
                     self._pending = sum(stream.pending_count(r, p.stream, s.group) for p in parts)
                     lags = [stream.group_lag(r, p.stream, s.group) for p in parts]
                     self._lag = None if None in lags else sum(lag or 0 for lag in lags)
+                    self._kept = read_retention(r, s)
                     self._at = time.monotonic()
                 except Exception:
-                    self._pending = self._lag = None  # unknown is better than stale
-            return self._pending, self._lag
+                    self._pending = self._lag = self._kept = None  # unknown is better than stale
+            return self._pending, self._lag, self._kept
 
     def describe(self) -> Iterator[Any]:
         # Lets the registry check names without asking Redis at registration time.
@@ -271,6 +327,10 @@ class ConsumerCollector(Collector):
         yield from group_families(s.stream, s.group, None, None)
         yield from pool_families(None)
         yield _refusing_family(None)
+        yield GaugeMetricFamily(
+            "filepipe_stream_entries", "Entries in the stream (XLEN).", labels=["stream"]
+        )
+        yield from retention_families(s.stream, None)
 
     def collect(self) -> Iterator[Any]:
         s = self.consumer.settings
@@ -279,10 +339,17 @@ class ConsumerCollector(Collector):
             [], {"name": s.consumer_name, "stream": s.stream, "group": s.group, "version": __version__}
         )
         yield info
-        pending, lag = self._group_figures()
+        pending, lag, kept = self._group_figures()
         yield from group_families(s.stream, s.group, pending, lag)
         yield from pool_families(self.consumer.pool)
         yield _refusing_family(bool(self.consumer.table_refusal()))
+        length = GaugeMetricFamily(
+            "filepipe_stream_entries", "Entries in the stream (XLEN).", labels=["stream"]
+        )
+        if kept is not None:
+            length.add_metric([s.stream], kept.length)
+        yield length
+        yield from retention_families(s.stream, kept)
 
 
 def _refusing_family(refusing: bool | None) -> GaugeMetricFamily:

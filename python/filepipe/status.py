@@ -26,7 +26,7 @@ from psycopg import sql
 from redis.exceptions import RedisClusterException
 
 from . import constants as c
-from . import db, stream
+from . import db, retention, stream
 from .config import Settings, mask_url
 from .constants import HEARTBEAT_TTL_S, heartbeat_key
 from .errors import TransientError
@@ -109,6 +109,93 @@ class StreamState:
 
 
 @dataclass
+class KeptState:
+    """What one (partition) stream keeps in Redis, and why."""
+
+    stream: str
+    length: int = 0
+    memory_bytes: int = 0
+    oldest_id: str = ""
+    oldest_age_s: float | None = None
+    point: str = ""  # what is below it goes at the next trim
+    why: str = ""  # pending | unread | retention | no_group (see retention.TrimResult)
+    holder: str = ""  # the group that holds the entries (why pending or unread)
+    holder_pending: int = 0
+    holder_lag: int | None = None
+    trimmable: bool = False  # entries below the point wait for the next pass
+    dead_letters: int = 0
+    dead_memory_bytes: int = 0
+
+
+@dataclass
+class RedisMemory:
+    """Redis's memory against its `maxmemory` (on a cluster: the fullest master)."""
+
+    used_bytes: int = 0
+    max_bytes: int = 0  # 0: no maxmemory
+    policy: str = ""
+    node: str = ""  # on a cluster, which master
+
+    @property
+    def share(self) -> float | None:
+        return self.used_bytes / self.max_bytes if self.max_bytes else None
+
+
+@dataclass
+class RetentionState:
+    """What the stream (every partition) keeps, what Redis has left, and the settings
+    that decide it. Read by `read_retention`: status, the dashboard, both /metrics and
+    the benchmark all show this one reading."""
+
+    streams: list[KeptState] = field(default_factory=list)
+    memory: RedisMemory | None = None
+    stream_retention: str = ""  # STREAM_RETENTION as set
+    kept_by_retention: str = ""  # what it keeps, in words
+    dead_letter_retention: str = ""
+    dead_cap: int = 0  # 0: no count limit
+
+    @property
+    def length(self) -> int:
+        return sum(k.length for k in self.streams)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(k.memory_bytes for k in self.streams)
+
+    @property
+    def dead_memory_bytes(self) -> int:
+        return sum(k.dead_memory_bytes for k in self.streams)
+
+    @property
+    def held(self) -> KeptState | None:
+        """The stream that keeps the most entries, if it keeps any."""
+        kept = [k for k in self.streams if k.length]
+        return max(kept, key=lambda k: k.length) if kept else None
+
+    def reason(self) -> str:
+        """Why the entries are kept, in words: `group audit has 5,000 pending (…)`."""
+        k = self.held
+        if k is None:
+            return "nothing: every acknowledged entry is trimmed"
+        where = f" on {k.stream}" if len(self.streams) > 1 else ""
+        if k.why == "pending":
+            age = f", the oldest from {_duration(k.oldest_age_s)} ago" if k.oldest_age_s is not None else ""
+            text = f"group {k.holder} has {_entries(k.holder_pending)} pending{where}{age}"
+        elif k.why == "unread":
+            lag = _entries(k.holder_lag) if k.holder_lag is not None else "entries"
+            text = f"group {k.holder} has not read {lag}{where}"
+        elif k.why == "retention":
+            text = f"STREAM_RETENTION={self.stream_retention} keeps {self.kept_by_retention}"
+        elif k.why == "no_group":
+            text = f"no consumer group has read {k.stream} yet"
+        else:
+            text = "-"
+        if k.trimmable:
+            text += " (the rest goes at the next trim)"
+        return text
+
+
+@dataclass
 class TableState:
     exists: bool = False
     rows_total: int = 0
@@ -134,6 +221,7 @@ class Status:
     taken_at: str
     redis: StreamState | None = None
     events: TableState | None = None
+    retention: RetentionState | None = None
     partitions: int = 0
     redis_error: str = ""
     pg_error: str = ""
@@ -150,6 +238,8 @@ class Status:
         d["exit_code"] = self.exit_code
         if self.events is not None:
             d["events"]["throughput"] = self.events.throughput
+        if self.retention is not None:
+            d["retention"] = retention_json(self.retention)
         return d
 
 
@@ -206,6 +296,7 @@ class Collector:
         )
         try:
             st.redis = self._collect_redis()
+            st.retention = read_retention(self.redis, s)
         except (redis.ConnectionError, redis.TimeoutError, TransientError, RedisClusterException) as e:
             st.redis_error = f"cannot reach Redis at {st.redis_url}: {db.first_line(e)}"
             st.unreachable.append("redis")
@@ -296,11 +387,18 @@ class Collector:
             added = info.get("entries-added")
             out.entries_added = None if added is None else int(added)
             self._collect_group(out, part, now_ms)
-            arrivals = (
-                r.xrange(part.stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP) or []
+            since = now_ms - WINDOW_S * 1000
+            sampled = (
+                None
+                if out.entries_added is None
+                else retention.arrivals_since(r, part.stream, since, out.entries_added, ARRIVALS_CAP)
             )
-            out.arrivals_last_minute = len(arrivals)
-            out.arrivals_capped = len(arrivals) >= ARRIVALS_CAP
+            if sampled is not None:
+                out.arrivals_last_minute = sampled
+            else:
+                arrivals = r.xrange(part.stream, min=f"{since}-0", max="+", count=ARRIVALS_CAP) or []
+                out.arrivals_last_minute = len(arrivals)
+                out.arrivals_capped = len(arrivals) >= ARRIVALS_CAP
             if out.length and not out.group_exists:
                 out.groups_missing = [part.stream]
         self._collect_dead(out, part.dead_stream, now_ms)
@@ -450,6 +548,83 @@ class Collector:
         if row:
             out.rows_last_minute, out.rows_last_hour = int(row[0]), int(row[1])
         return out
+
+
+def read_retention(r: Any, settings: Settings, now_ms: int | None = None) -> RetentionState:
+    """What every stream of `settings` keeps and why (the plan script, read-only), their
+    memory (MEMORY USAGE) and Redis's against maxmemory (INFO memory; on a cluster, the
+    fullest master): one pipeline, and one INFO."""
+    if now_ms is None:
+        reply = r.time()
+        if isinstance(reply, dict):  # a cluster client asks one node and names it
+            reply = next(iter(reply.values()))
+        now_ms = int(reply[0]) * 1000 + int(reply[1]) // 1000
+    parts = partitions(settings)
+    pipe = r.pipeline(transaction=False)
+    for part in parts:
+        pipe.execute_command(*retention.plan_command(part, settings))
+        pipe.execute_command("MEMORY", "USAGE", part.stream)
+        pipe.execute_command("MEMORY", "USAGE", part.dead_stream)
+    replies = pipe.execute()
+    out = RetentionState(
+        memory=read_memory(r),
+        stream_retention=settings.stream_retention or "none",
+        kept_by_retention=settings.stream_window.describe(),
+        dead_letter_retention=settings.dead_letter_retention,
+        dead_cap=0 if settings.dead_window.keep_all else settings.dead_window.count,
+    )
+    for i, part in enumerate(parts):
+        plan = retention.parse_plan(part.stream, replies[3 * i])
+        kept = KeptState(
+            stream=part.stream,
+            length=plan.length,
+            memory_bytes=int(replies[3 * i + 1] or 0),
+            oldest_id=plan.first_id,
+            point=plan.point,
+            why=plan.why if plan.length else "",
+            holder=plan.holder,
+            holder_pending=plan.holder_pending,
+            holder_lag=plan.holder_lag,
+            trimmable=plan.trimmable,
+            dead_letters=plan.dead_letters,
+            dead_memory_bytes=int(replies[3 * i + 2] or 0),
+        )
+        if plan.first_id:
+            kept.oldest_age_s = max(0.0, (now_ms - _id_ms(plan.first_id)) / 1000)
+        out.streams.append(kept)
+    return out
+
+
+def read_memory(r: Any) -> RedisMemory:
+    """INFO memory: used against maxmemory; on a cluster, of the fullest master."""
+    if stream.is_cluster(r):
+        replies = r.info("memory", target_nodes=r.PRIMARIES)
+        nodes = replies.items() if isinstance(replies, dict) and "used_memory" not in replies else []
+    else:
+        nodes = [("", r.info("memory"))]
+    best: RedisMemory | None = None
+    for name, info in nodes:
+        m = RedisMemory(
+            used_bytes=int(info.get("used_memory", 0)),
+            max_bytes=int(info.get("maxmemory", 0)),
+            policy=str(info.get("maxmemory_policy", "")),
+            node=_text(name),
+        )
+        if best is None or (m.share or 0.0, m.used_bytes) > (best.share or 0.0, best.used_bytes):
+            best = m
+    return best or RedisMemory()
+
+
+def retention_json(state: RetentionState) -> dict[str, Any]:
+    """`state` as JSON, with its totals and the reason in words."""
+    d = asdict(state)
+    d.update(length=state.length, memory_bytes=state.memory_bytes, dead_memory_bytes=state.dead_memory_bytes,
+             reason=state.reason())
+    if state.memory is not None:
+        d["memory"]["share"] = state.memory.share
+    held = state.held
+    d["held"] = None if held is None else {"stream": held.stream, "why": held.why, "group": held.holder}
+    return d
 
 
 def count_reasons(tally: DeadTally, page: list[Any]) -> None:
@@ -625,6 +800,7 @@ def assess(st: Status, settings: Settings) -> None:
         if t.dead_last_minute:
             detail = ", ".join(f"{r}: {n}" for r, n in t.dead_last_minute_by_reason.items())
             problems.append(f"dead letters rising: {t.dead_last_minute} in the last minute ({detail})")
+    problems += retention_problems(st.retention)
     st.problems = problems
     if st.unreachable:
         st.health = "unreachable"
@@ -632,7 +808,45 @@ def assess(st: Status, settings: Settings) -> None:
         st.health = "degraded" if problems else "healthy"
 
 
+def retention_problems(kept: RetentionState | None) -> list[str]:
+    """Redis memory above MEMORY_WARN_SHARE of maxmemory (naming what holds the entries),
+    and dead-letter streams above DEAD_LETTER_WARN_SHARE of their cap."""
+    if kept is None:
+        return []
+    problems = []
+    m = kept.memory
+    if m is not None and m.share is not None and m.share >= c.MEMORY_WARN_SHARE:
+        node = f" on {m.node}" if m.node else ""
+        if kept.held is not None:
+            why = f"the stream keeps {_entries(kept.length)} ({_bytes(kept.memory_bytes)}): {kept.reason()}"
+        else:
+            why = "the stream keeps nothing: other keys use the memory"
+        problems.append(
+            f"Redis memory at {m.share:.0%} of maxmemory ({_bytes(m.used_bytes)} of {_bytes(m.max_bytes)}"
+            f"{node}): {why}"
+        )
+    if kept.dead_cap:
+        for k in kept.streams:
+            if k.dead_letters >= c.DEAD_LETTER_WARN_SHARE * kept.dead_cap:
+                problems.append(
+                    f"dead letters near their cap: {k.dead_letters:,} of {kept.dead_cap:,} in {k.stream}"
+                    f"{c.DEAD_LETTER_SUFFIX} (DEAD_LETTER_RETENTION={kept.dead_letter_retention}: the oldest "
+                    "are dropped beyond it; replay or purge them with `filepipe dlq`)"
+                )
+    return problems
+
+
 # -- output -----------------------------------------------------------------------------------
+
+
+def _bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+    return f"{n:.1f} GiB"
 
 
 def _duration(seconds: float) -> str:
@@ -698,6 +912,8 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
         out.append(_line("Arrived (last minute)", f"{cap}{t.arrivals_last_minute:,}"))
         if previous is not None and previous.redis is not None and elapsed:
             out.append(_trend(t, previous.redis, elapsed))
+    if t is not None and st.retention is not None:
+        out += render_retention(st.retention, stream_exists=t.exists)
     out.append("")
 
     if t is not None and t.group_exists:
@@ -726,6 +942,13 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
             reasons += f" (reasons of the newest {t.dead_counted:,})"
         out.append(_line("Total", f"{t.dead_total:,}", reasons))
         out.append(_line("Last minute", f"{t.dead_last_minute:,}"))
+        if st.retention is not None:
+            kept = st.retention
+            each = " each" if len(kept.streams) > 1 else ""
+            cap = f"at most {kept.dead_cap:,}{each}" if kept.dead_cap else "no count limit"
+            out.append(_line("Kept", cap,
+                             f"DEAD_LETTER_RETENTION={kept.dead_letter_retention}, "
+                             f"{_bytes(kept.dead_memory_bytes)} in Redis"))
         out.append("")
 
     e = st.events
@@ -762,6 +985,24 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
             out.append(f"  - {p}")
     # Names, hosts and errors come from Redis, written by anyone: each line escaped.
     return "\n".join(printable(line) for line in out)
+
+
+def render_retention(kept: RetentionState, *, stream_exists: bool = True) -> list[str]:
+    """The stream's memory, what is kept and why, and Redis's memory."""
+    oldest = [k.oldest_age_s for k in kept.streams if k.oldest_age_s is not None]
+    age = f"oldest entry from {_duration(max(oldest))} ago" if oldest else ""
+    out = []
+    if stream_exists:
+        out = [_line("Memory", _bytes(kept.memory_bytes), age), _line("Kept", kept.reason())]
+    m = kept.memory
+    if m is not None:
+        node = f" on {m.node}" if m.node else ""
+        if m.max_bytes:
+            limit = f"of {_bytes(m.max_bytes)} maxmemory ({m.share or 0:.0%}, {m.policy}){node}"
+        else:
+            limit = f"(no maxmemory){node}"
+        out.append(_line("Redis memory", _bytes(m.used_bytes), limit))
+    return out
 
 
 def _trend(now: StreamState, before: StreamState, elapsed: float) -> str:

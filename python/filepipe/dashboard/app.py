@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings, mask_url
-from ..metrics import ServiceProbe, check_host_names, group_families, host_allowed
+from ..metrics import ServiceProbe, check_host_names, group_families, host_allowed, retention_families
 from ..partitions import stream_for
 from ..redaction import error_line
 from ..status import dead_stream_name
@@ -203,6 +203,7 @@ class DashboardCollector(Collector):
             length.add_metric([s.stream], totals["stream_length"])
         yield length
         yield from group_families(s.stream, s.group, snap.get("pending"), snap.get("lag"))
+        yield from retention_families(s.stream, self.monitor.retention)
         acked = CounterMetricFamily(
             "filepipe_group_acked",
             "Entries acknowledged by the consumer group, all consumers.",

@@ -13,6 +13,9 @@ PostgreSQL. One sample costs a handful of cheap round trips:
   with the stream's length, atomically (a MULTI/EXEC cannot span the hash slots of
   different partitions); then one pipeline of GETs of the heartbeats. The figures
   are summed over the partitions, each consumer shown once;
+* what the stream keeps and why, its memory and Redis's against maxmemory: the
+  reading `filepipe status` makes (`status.read_retention`: one more pipeline and
+  one INFO);
 * PostgreSQL: the latest rows by `event_time` (indexed, LIMIT), and a row count
   whose interval grows with its cost (an estimate when counting is too slow).
 
@@ -39,9 +42,12 @@ from ..status import (
     ConsumerState,
     DeadTally,
     PartitionState,
+    RetentionState,
     count_reasons,
     dead_stream_name,
     merge_consumers,
+    read_retention,
+    retention_json,
     sum_or_none,
 )
 
@@ -149,6 +155,8 @@ class Monitor:
         self._rows_exact = True
         self._rows_at = 0.0
         self._next_count = 0.0
+        # What the stream keeps and why, and Redis's memory, from the last sample.
+        self.retention: RetentionState | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -278,7 +286,7 @@ class Monitor:
         reasons: Counter[str] = Counter()
         for tally in tallies:
             reasons.update(tally.reasons)
-        out = {
+        out: dict[str, Any] = {
             "stream_length": sum(st.length for st in streams),
             "dead_letters": dead_len,
             "pending": pending,
@@ -295,6 +303,8 @@ class Monitor:
                 asdict(PartitionState(st.part.stream, st.length, st.lag, st.pending, st.dead, bool(st.group)))
                 for st in streams
             ]
+        self.retention = read_retention(r, s)
+        out["retention"] = retention_json(self.retention)
         return out
 
     def _stream_sample(self, part: Partition, replies: list[Any]) -> _StreamSample:
@@ -564,6 +574,7 @@ class Monitor:
             "dead_by_reason": [],
             "dead_counting": False,
             "latest": [],
+            "retention": None,
             **({"partitions": []} if s.partitions else {}),
         }
 
@@ -592,8 +603,10 @@ class Monitor:
             snap["dead_counting"] = red["dead_counted"] < red["dead_letters"]
             if "partitions" in red:
                 snap["partitions"] = red["partitions"]
+            snap["retention"] = red["retention"]
         else:  # keep the last known figures on screen, flagged by the error
-            for key in ("pending", "lag", "consumers", "consumers_summary", "dead_by_reason", "partitions"):
+            kept = ("pending", "lag", "consumers", "consumers_summary", "dead_by_reason", "partitions")
+            for key in (*kept, "retention"):
                 if key in snap:
                     snap[key] = previous.get(key, snap[key])
         if pg is not None:

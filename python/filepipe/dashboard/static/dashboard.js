@@ -80,6 +80,20 @@
 
     chart.update(s.series, s.updated, 300);
 
+    var k = s.retention;
+    if (k) {
+      var m = k.memory || {};
+      var share = m.share === null || m.share === undefined ? null : m.share;
+      setFigure("memory", m.used_bytes, m.max_bytes
+        ? bytes(m.used_bytes) + " of " + bytes(m.max_bytes) + " maxmemory (" + Math.round(share * 100) + "%)"
+        : bytes(m.used_bytes) + " (no maxmemory)");
+      var fill = $("memory-fill");
+      fill.style.width = share === null ? "0" : Math.min(100, Math.max(1, share * 100)) + "%";
+      fill.classList.toggle("warn", share !== null && share >= 0.8);
+      $("stream-size").textContent = "stream: " + num(k.length) + " entries · " + bytes(k.memory_bytes);
+      $("kept").textContent = "Kept: " + k.reason;
+    }
+
     fillTable("consumers", s.consumers || [], function (tr, c) {
       cell(tr, c.name, "name", c.host ? c.host + (c.pid ? " · pid " + c.pid : "") : "");
       var td = document.createElement("td");
