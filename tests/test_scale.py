@@ -308,6 +308,36 @@ def test_redis_cluster_with_a_master_restarted_mid_run(
     assert_exact(r, s, env.pg_uri, w)
 
 
+def test_partitions_on_the_cluster_are_trimmed_each_on_its_own(
+    cenv: tuple[Env, redis.Redis], cluster: RedisClusterServers
+) -> None:
+    from filepipe.constants import trim_lease_key
+    from filepipe.status import collect_status
+
+    env, r = cenv
+    s = env.settings
+    w = seed(r, s, env.storage, 6000)
+    parts = partitions(s)
+    held = parts[2]
+    r.xgroup_create(held.stream, "other_app", id="0")  # another application, on one partition
+    kept = int(r.xlen(held.stream))
+    assert env.drain().inserted == w.good
+    assert [int(r.xlen(p.stream)) for p in parts] == [0, 0, kept, 0, 0, 0]
+    # Each partition's lease lives in the partition's slot, on its master.
+    assert all(cluster.port_of(trim_lease_key(p.stream)) == cluster.port_of(p.stream) for p in parts)
+    st = collect_status(s)
+    assert st.retention is not None and st.retention.length == kept
+    held_state = st.retention.held
+    assert held_state is not None and (held_state.stream, held_state.why, held_state.holder) == (
+        held.stream, "unread", "other_app")
+    assert st.retention.memory is not None and st.retention.memory.node  # the fullest master, named
+    # The other application reads and acknowledges its partition: the next pass trims it.
+    got = r.xreadgroup("other_app", "o1", {held.stream: ">"}, count=10_000)
+    r.xack(held.stream, "other_app", *[e[0] for e in got[0][1]])
+    assert env.drain(consumer_name="second").inserted == 0
+    assert [int(r.xlen(p.stream)) for p in parts] == [0] * 6
+
+
 def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_path: Path) -> None:
     env, r = cenv
     s = env.settings
