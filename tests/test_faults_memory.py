@@ -307,11 +307,6 @@ def test_status_names_the_group_that_holds_redis_memory(site: tuple[Settings, re
     assert "Kept:                   nothing: every acknowledged entry is trimmed" in render(st)
 
 
-@pytest.mark.xfail(
-    reason="needs the acknowledgement script to wait out 'OOM command not allowed' (dead letters are "
-    "XADDed while Redis is full)",
-    strict=False,
-)
 def test_a_full_redis_is_waited_out_with_nothing_lost(
     site: tuple[Settings, redis.Redis], tmp_path: Path
 ) -> None:
