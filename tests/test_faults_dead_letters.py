@@ -67,12 +67,13 @@ def recreate_group(env: Env) -> None:
 def test_group_destroyed_and_recreated_dead_letters_once(denv: Env) -> None:
     w = seed(denv.redis, denv.settings, denv.storage, 1200, poison_every=2)
     assert len(w.poison) == 600
-    first = denv.drain()
+    # The entries stay in the stream after loading (STREAM_RETENTION=all), to be delivered again.
+    first = denv.drain(stream_retention="all")
     assert (first.inserted, first.dead_lettered, first.acked) == (600, 600, 1200)
     rejected = metric("filepipe_rejected_total", reason="bad_uuid")
     # A second life of the group: every entry is delivered again, to a new consumer.
     recreate_group(denv)
-    second = denv.drain(consumer_name=f"second-{uuid.uuid4().hex[:6]}")
+    second = denv.drain(consumer_name=f"second-{uuid.uuid4().hex[:6]}", stream_retention="all")
     assert dead_by_source(denv) == w.poison
     assert sorted(rows_by_id(denv)) == sorted(set(w.ids) - set(w.poison))
     assert denv.pending() == 0
@@ -87,12 +88,12 @@ def test_group_recreated_mid_run_after_a_crash(denv: Env, tmp_path: Path) -> Non
     recreated by hand, and everything is delivered again."""
     w = seed(denv.redis, denv.settings, denv.storage, 1000, poison_every=5)
     proc = start_consumer(denv.settings, "dies", "--drain", log=tmp_path / "dies.log",
-                          FILEPIPE_CRASH_AT="after_ack:4")
+                          FILEPIPE_CRASH_AT="after_ack:4", STREAM_RETENTION="all")
     assert proc.wait(60) == -signal.SIGKILL
     written_before = len(denv.dead())
     assert 0 < written_before < len(w.poison)
     recreate_group(denv)
-    stats = denv.drain(consumer_name="after")
+    stats = denv.drain(consumer_name="after", stream_retention="all")
     assert dead_by_source(denv) == w.poison
     assert sorted(rows_by_id(denv)) == sorted(set(w.ids) - set(w.poison))
     assert denv.pending() == 0
@@ -104,21 +105,21 @@ def test_dead_letter_ids_stay_bounded_by_the_stream(denv: Env) -> None:
     stream: once the stream is trimmed past them, the next dead letter drops them."""
     s = denv.settings
     w = seed(denv.redis, s, denv.storage, 400, poison_every=4)
-    denv.drain()
+    denv.drain(stream_retention="all")  # trimmed by hand below
     marks = dead_letter_ids_key(s.stream)
     assert denv.redis.zcard(marks) == len(w.poison) == 100
     # Trim all but the last 40 entries (10 of them poison), then one more poison entry.
     keep = w.ids[-40:]
     denv.redis.xtrim(s.stream, minid=keep[0], approximate=False)
     late = denv.xadd({"file_id": "not-a-uuid", "filename": "late", "key": "data/0000.txt"})
-    denv.drain()
+    denv.drain(stream_retention="all")
     left = {padded(m) for m in cast(list[bytes], denv.redis.zrange(marks, 0, -1))}
     assert left == {i for i in keep if i in w.poison} | {late}
     # An empty stream needs none.
     denv.redis.xtrim(s.stream, maxlen=0, approximate=False)
     denv.xadd({"file_id": "not-a-uuid", "filename": "later", "key": "data/0000.txt"})
     denv.redis.xtrim(s.stream, maxlen=1, approximate=False)
-    denv.drain()
+    denv.drain(stream_retention="all")
     assert denv.redis.zcard(marks) == 1
 
 

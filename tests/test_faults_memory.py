@@ -12,21 +12,26 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 import redis
-from tests.support.workload import POISON_KINDS, prepare_storage, start_consumer, wait_for
+from tests.support.workload import (
+    MemoryWatch,
+    Produced,
+    prepare_storage,
+    start_consumer,
+    wait_for,
+    write_data_files,
+)
+from tests.support.workload import produce_paced as produce
 
 from filepipe.config import Settings, load_settings
 from filepipe.db import init_db
 from filepipe.embedded import RedisServer
 
 MAXMEMORY = 8 * 1024 * 1024
-FILES = 200
 
 
 @pytest.fixture
@@ -42,10 +47,7 @@ def site(small_redis: RedisServer, pg_uri: str, tmp_path: Path) -> Iterator[tupl
     tag = uuid.uuid4().hex[:10]
     storage = tmp_path / "storage"
     prepare_storage(storage)
-    for i in range(FILES):
-        p = storage / "data" / f"{i:04d}.txt"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(f"file {i}\n".encode() * (16 + i % 64))
+    write_data_files(storage)
     s = load_settings(
         {"redis_url": small_redis.url, "pg_uri": pg_uri, "stream": f"fp_mem_{tag}", "table": f"fp_mem_{tag}",
          "local_storage_dir": str(storage), "max_file_bytes": 64 * 1024},
@@ -59,101 +61,6 @@ def site(small_redis: RedisServer, pg_uri: str, tmp_path: Path) -> Iterator[tupl
         r.close()
         with psycopg.connect(pg_uri, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {s.table}")
-
-
-@dataclass
-class Produced:
-    ids: list[bytes] = field(default_factory=list)
-    poison: dict[bytes, str] = field(default_factory=dict)
-    refusals: int = 0  # XADDs refused with OOM
-    peak_memory: int = 0
-
-    @property
-    def good(self) -> int:
-        return len(self.ids) - len(self.poison)
-
-
-def backlog(r: redis.Redis, stream: str) -> int:
-    """Entries some group has not acknowledged yet (the most of any group): what a producer
-    that keeps pace with its consumers lets wait."""
-    try:
-        groups = r.xinfo_groups(stream)
-    except redis.ResponseError:
-        return 0
-    if not groups:
-        return int(r.xlen(stream))
-    return max(int(g["pending"]) + int(g["lag"] if g["lag"] is not None else r.xlen(stream)) for g in groups)
-
-
-def produce(r: redis.Redis, s: Settings, n: int, *, max_backlog: int, poison_every: int = 0,
-            give_up_s: float = 15.0, chunk: int = 500) -> Produced:
-    """XADDs `n` events in pipelined chunks, never more than `max_backlog` waiting; an
-    XADD refused for memory is counted and sent again. Gives up once refused for
-    `give_up_s` in a row."""
-    out = Produced()
-    i = 0
-    refused_since: float | None = None
-    while i < n:
-        while backlog(r, s.stream) > max_backlog:
-            time.sleep(0.005)
-        batch: list[tuple[dict[str, Any], str | None]] = []
-        for k in range(i, min(n, i + chunk)):
-            fields: dict[str, Any] = {"file_id": str(uuid.uuid4()), "filename": f"file {k}.txt",
-                                      "key": f"data/{k % FILES:04d}.txt", "size": "0"}
-            reason = None
-            if poison_every and k % poison_every == poison_every - 1:
-                reason, spoil = POISON_KINDS[(k // poison_every) % 9]  # the kinds that need no special file
-                fields.update({f: v for f, v in spoil.items() if v is not None})
-                for f in [f for f, v in spoil.items() if v is None]:
-                    fields.pop(f)
-            batch.append((fields, reason))
-        while batch:
-            pipe = r.pipeline(transaction=False)
-            for fields, _ in batch:
-                pipe.xadd(s.stream, fields)
-            retry = []
-            for (fields, reason), reply in zip(batch, pipe.execute(raise_on_error=False), strict=True):
-                if isinstance(reply, redis.ResponseError):
-                    if "maxmemory" not in str(reply) and not str(reply).startswith("OOM"):
-                        raise reply
-                    out.refusals += 1
-                    retry.append((fields, reason))
-                    continue
-                out.ids.append(reply)
-                if reason is not None:
-                    out.poison[reply] = reason
-            i += len(batch) - len(retry)
-            batch = retry
-            if retry:
-                refused_since = refused_since or time.monotonic()
-                if time.monotonic() - refused_since > give_up_s:
-                    return out
-                time.sleep(0.05)
-            else:
-                refused_since = None
-    return out
-
-
-class MemoryWatch:
-    """Samples Redis's used_memory every 50 ms and keeps the peak."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self.r = r
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, int(self.r.info("memory")["used_memory"]))
-
-    def __enter__(self) -> MemoryWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def fill(r: redis.Redis) -> None:

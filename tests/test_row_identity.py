@@ -41,14 +41,16 @@ def test_two_streams_into_one_table_keep_every_row(env: Env) -> None:
         add_entries(env.redis, name, ids)
     try:
         for name in streams:
-            stats = env.drain(stream=name, consumer_name=f"{name}-1", batch_size=500)
+            # Kept after loading (STREAM_RETENTION=all), to be replayed below.
+            stats = env.drain(stream=name, consumer_name=f"{name}-1", batch_size=500, stream_retention="all")
             assert stats.inserted == N and stats.duplicates == 0 and stats.dead_lettered == 0
         assert env.rows() == 2 * N
         by_stream = dict(env.sql(f"SELECT stream, count(*) FROM {env.settings.table} GROUP BY stream"))
         assert by_stream == {streams[0]: N, streams[1]: N}
         # Replaying one stream from the start adds nothing: the key still holds.
         env.redis.xgroup_setid(streams[1], env.settings.group, "0")
-        again = env.drain(stream=streams[1], consumer_name=f"{streams[1]}-2", batch_size=500)
+        again = env.drain(stream=streams[1], consumer_name=f"{streams[1]}-2", batch_size=500,
+                          stream_retention="all")
         assert again.inserted == 0 and again.duplicates == N
         assert env.rows() == 2 * N
     finally:

@@ -465,6 +465,7 @@ class Housekeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error = ""
+        self._reported = False  # the error is in the heartbeat's last_error
         self._next_departed = time.monotonic() + min(c.DEPARTED_CHECK_S, settings.claim_idle_ms / 1000)
         self._dead_warned: set[str] = set()
 
@@ -558,18 +559,22 @@ class Housekeeper:
         from .db import first_line
 
         message = first_line(e).split(" script: ")[0]  # not the script's sha and line
-        if message != self._error:
-            self._error = message
-            down = is_transient_redis(e) or isinstance(e, RedisClusterException)
-            what = "Redis unreachable: " if down else ""
-            log.warning("trimming paused (%s%s): acknowledged entries stay in Redis until it works again",
-                        what, message)
-            if self.on_error is not None:
-                self.on_error(f"trimming: {message}")
+        if message == self._error:
+            return
+        self._error = message
+        if is_transient_redis(e) or isinstance(e, RedisClusterException):
+            # The reader and the acknowledger already say that Redis is down or refusing.
+            log.info("trimming paused while Redis is unreachable or refuses writes (%s)", message)
+            return
+        log.warning("trimming failed (%s): acknowledged entries stay in Redis until it works", message)
+        self._reported = True
+        if self.on_error is not None:
+            self.on_error(f"trimming: {message}")
 
     def _recovered(self) -> None:
         if self._error:
             log.info("trimming works again")
             self._error = ""
-            if self.on_error is not None:
+            if self._reported and self.on_error is not None:
                 self.on_error("")
+            self._reported = False

@@ -7,6 +7,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,17 +62,22 @@ def prepare_storage(root: Path, *, max_file_bytes: int = 64 * 1024) -> None:
         os.mkfifo(fifo)
 
 
+def write_data_files(root: Path, files: int = 200) -> None:
+    """`root/data/0000.txt` … : the small files good events point at (0.5-1.5 KiB)."""
+    for i in range(files):
+        p = root / "data" / f"{i:04d}.txt"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(f"file {i}\n".encode() * (64 + i % 128))
+
+
 def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every: int = 0,
          files: int = 200, chunk: int = 2000) -> Workload:
     """XADDs `n` events; every `poison_every`-th is poison (cycling through the kinds).
     Good events point at `files` distinct small files, written under `root`. With
     partitions, each event goes to the partition of its file id, like the producer's."""
     prepare_storage(root)
-    for i in range(files):
-        p = root / "data" / f"{i:04d}.txt"
-        if not p.exists():
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(f"file {i}\n".encode() * (64 + i % 128))
+    write_data_files(root, files)
     w = Workload()
     pipe = r.pipeline(transaction=False)
     pending_kinds: list[str | None] = []
@@ -105,6 +112,114 @@ def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every
                     w.poison[key] = kind
             pending_kinds, prefixes = [], []
     return w
+
+
+@dataclass
+class Produced:
+    """What `produce_paced` added, and how often Redis refused it for memory."""
+
+    ids: list[bytes] = field(default_factory=list)
+    poison: dict[bytes, str] = field(default_factory=dict)
+    refusals: int = 0  # XADDs refused with OOM (each sent again)
+
+    @property
+    def good(self) -> int:
+        return len(self.ids) - len(self.poison)
+
+
+def backlog(r: redis.Redis, stream: str) -> int:
+    """Entries some group has not acknowledged yet (the most of any group): what a producer
+    that keeps pace with its consumers lets wait. Before any group, the stream's length."""
+    try:
+        groups = r.xinfo_groups(stream)
+    except redis.ResponseError:
+        return 0
+    if not groups:
+        return int(r.xlen(stream))
+    return max(int(g["pending"]) + int(g["lag"] if g["lag"] is not None else r.xlen(stream)) for g in groups)
+
+
+def produce_paced(r: redis.Redis, settings: Settings, n: int, *, max_backlog: int, poison_every: int = 0,
+                  files: int = 200, give_up_s: float = 15.0, chunk: int = 500) -> Produced:
+    """XADDs `n` events (pointing at `write_data_files`' files) in pipelined chunks, never
+    letting more than `max_backlog` wait: a producer as fast as its consumers. An XADD
+    refused for memory is counted and sent again; after `give_up_s` of refusals in a row,
+    returns what it has. Poison kinds are the first nine (they need no special file)."""
+    out = Produced()
+    i = 0
+    refused_since: float | None = None
+    while i < n:
+        while backlog(r, settings.stream) > max_backlog:
+            time.sleep(0.005)
+        batch: list[tuple[dict[str, Any], str | None]] = []
+        for k in range(i, min(n, i + chunk)):
+            fields: dict[str, Any] = {"file_id": str(uuid.uuid4()), "filename": f"file {k}.txt",
+                                      "key": f"data/{k % files:04d}.txt", "size": "0"}
+            reason = None
+            if poison_every and k % poison_every == poison_every - 1:
+                reason, spoil = POISON_KINDS[(k // poison_every) % 9]
+                for name, v in spoil.items():
+                    if v is None:
+                        fields.pop(name)
+                    else:
+                        fields[name] = v
+            batch.append((fields, reason))
+        while batch:
+            pipe = r.pipeline(transaction=False)
+            for fields, _ in batch:
+                pipe.xadd(settings.stream, fields)
+            retry = []
+            for (fields, reason), reply in zip(batch, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, redis.ResponseError):
+                    if "maxmemory" not in str(reply) and not str(reply).startswith("OOM"):
+                        raise reply
+                    out.refusals += 1
+                    retry.append((fields, reason))
+                    continue
+                out.ids.append(reply)
+                if reason is not None:
+                    out.poison[reply] = reason
+            i += len(batch) - len(retry)
+            batch = retry
+            if retry:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > give_up_s:
+                    return out
+                time.sleep(0.05)
+            else:
+                refused_since = None
+    return out
+
+
+class MemoryWatch:
+    """Samples Redis's used_memory every `interval` seconds (with `progress()`, what the
+    run had done by then) and keeps the peak."""
+
+    def __init__(self, r: redis.Redis, interval: float = 0.05,
+                 progress: Callable[[], int] | None = None) -> None:
+        self.r = r
+        self.interval = interval
+        self.progress = progress
+        self.peak = 0
+        self.samples: list[tuple[float, int, int]] = []  # (seconds, progress, used_memory)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.interval):
+            used = int(self.r.info("memory")["used_memory"])
+            self.peak = max(self.peak, used)
+            done = self.progress() if self.progress is not None else 0
+            self.samples.append((time.monotonic() - t0, done, used))
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:

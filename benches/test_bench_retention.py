@@ -1,0 +1,155 @@
+"""Redis memory over a long drain, with trimming (the default) and without it
+(`STREAM_RETENTION=all`), in the same run: a producer keeps 50,000 entries waiting (as
+fast as the consumer goes, so the consumer never waits for work) while one `filepipe
+consume` with default settings loads them, and Redis's `used_memory` is sampled every
+half second. With trimming it stays flat; without, it grows with every event. The cost
+of trimming is the ratio of the two rates (files/s over the span of `processed_at`).
+
+The normal test run does 20,000 events; `make bench` (FILEPIPE_BENCH_FULL=1) does
+2,000,000, and also reports what Redis held after the first 1,000,000 in each mode.
+Runs on its own Redis (a throwaway server: the baseline fills it) and the suite's
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from tests.support.workload import MemoryWatch, produce_paced, start_consumer, wait_for, write_data_files
+
+from filepipe.config import Settings, load_settings
+from filepipe.db import init_db
+from filepipe.embedded import RedisServer
+
+FULL = os.environ.get("FILEPIPE_BENCH_FULL", "") not in ("", "0")
+EVENTS = 2_000_000 if FULL else 20_000
+MILESTONE = 1_000_000 if FULL else EVENTS // 2  # "the memory a million events took"
+BACKLOG = 50_000 if FULL else 5_000
+GROUP = f"retention: {EVENTS:,} events through one consumer, with and without trimming"
+MODES = {"trimming (default)": "", "no trimming (STREAM_RETENTION=all)": "all"}
+MB = 1024 * 1024
+
+
+@dataclass
+class Drain:
+    rate: float = 0.0  # files/s over the span of processed_at
+    baseline: int = 0  # used_memory before the first event
+    at_milestone: int = 0  # used_memory once MILESTONE events were acknowledged
+    peak: int = 0
+    final_length: int = 0
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def peak_between(self, low: float, high: float) -> int:
+        """The highest used_memory while between `low` and `high` of the events were done."""
+        inside = [used for _, done, used in self.samples if low * EVENTS <= done <= high * EVENTS]
+        return max(inside, default=0)
+
+
+RESULTS: dict[str, Drain] = {}
+
+
+@pytest.fixture(scope="module")
+def bench_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def acknowledged(r: redis.Redis, s: Settings) -> int:
+    try:
+        for g in r.xinfo_groups(s.stream):
+            return int(g["entries-read"] or 0) - int(g["pending"])
+    except redis.ResponseError:
+        pass
+    return 0
+
+
+def drain(redis_url: str, pg_uri: str, root: Path, retention: str) -> Drain:
+    tag = uuid.uuid4().hex[:8]
+    s = load_settings(
+        {"redis_url": redis_url, "pg_uri": pg_uri, "stream": f"fp_ret_{tag}", "table": f"fp_ret_{tag}",
+         "local_storage_dir": str(root)},
+        environ={}, dotenv_path=None,
+    )
+    init_db(s)
+    r = redis.Redis.from_url(redis_url, socket_timeout=30)
+    out = Drain(baseline=int(r.info("memory")["used_memory"]))
+    proc = start_consumer(s, f"bench-{tag}", log=root.parent / f"consumer-{tag}.log", STREAM_RETENTION=retention)
+    try:
+        with MemoryWatch(r, interval=0.5, progress=lambda: acknowledged(r, s)) as watch:
+            produced = produce_paced(r, s, EVENTS, max_backlog=BACKLOG, chunk=1000)
+            assert produced.refusals == 0 and len(produced.ids) == EVENTS
+            wait_for(lambda: acknowledged(r, s) == EVENTS, 600, "every event to be acknowledged")
+            time.sleep(2.5)  # one more pass of the housekeeper
+        out.samples, out.peak = watch.samples, watch.peak
+        out.at_milestone = next((used for _, done, used in watch.samples if done >= MILESTONE), 0)
+        out.final_length = int(r.xlen(s.stream))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        with psycopg.connect(pg_uri, autocommit=True) as conn:
+            rows, span = conn.execute(
+                f"SELECT count(*), extract(epoch FROM max(processed_at) - min(processed_at)) FROM {s.table}"
+            ).fetchone()  # type: ignore[misc]
+            conn.execute(f"DROP TABLE {s.table}")
+        for key in r.scan_iter(match=f"*{s.stream}*"):
+            r.delete(key)
+        r.close()
+    assert rows == EVENTS
+    out.rate = EVENTS / float(span)
+    return out
+
+
+@pytest.mark.benchmark(group=GROUP)
+def test_memory_stays_flat_and_trimming_costs_little(
+    benchmark: pytest.FixtureRequest, bench_redis: RedisServer, pg_uri: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "storage"
+    write_data_files(root)
+
+    def both() -> None:
+        for name, retention in MODES.items():
+            RESULTS[name] = drain(bench_redis.url, pg_uri, root, retention)
+
+    benchmark.pedantic(both, rounds=1, iterations=1)  # type: ignore[attr-defined]
+    trim, keep = RESULTS["trimming (default)"], RESULTS["no trimming (STREAM_RETENTION=all)"]
+    assert trim.final_length == 0 and keep.final_length == EVENTS
+    # Flat: the second half of the drain needs no more memory than the first (plus 2 MiB).
+    assert trim.peak_between(0.5, 1.0) <= trim.peak_between(0.0, 0.5) + 2 * MB, trim.samples
+    # Without trimming, every event stays: memory grows by far more than the backlog.
+    assert keep.peak - keep.baseline > 2 * (trim.peak - trim.baseline)
+    benchmark.extra_info.update(  # type: ignore[attr-defined]
+        {
+            "files_per_s_trimming": round(trim.rate),
+            "files_per_s_no_trimming": round(keep.rate),
+            "ratio": round(trim.rate / keep.rate, 3),
+            "peak_mb_trimming": round((trim.peak - trim.baseline) / MB, 1),
+            "peak_mb_no_trimming": round((keep.peak - keep.baseline) / MB, 1),
+        }
+    )
+
+
+def test_report() -> None:
+    """The table of the closing measurements."""
+    if len(RESULTS) < 2:
+        pytest.skip("the retention bench did not run")
+    keep = RESULTS["no trimming (STREAM_RETENTION=all)"]
+    lines = [
+        f"\n{GROUP}",
+        f"| mode | files/s | vs no trimming | Redis memory after {MILESTONE:,} events | peak | at the end |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, d in RESULTS.items():
+        end = d.samples[-1][2] if d.samples else 0
+        lines.append(
+            f"| {name} | {d.rate:,.0f} | {d.rate / keep.rate:.3f} | {(d.at_milestone - d.baseline) / MB:,.1f} MiB "
+            f"| {(d.peak - d.baseline) / MB:,.1f} MiB | {(end - d.baseline) / MB:,.1f} MiB |"
+        )
+    print("\n".join(lines))
