@@ -5,8 +5,10 @@ consume` with default settings loads them, and Redis's `used_memory` is sampled 
 half second. With trimming it stays flat; without, it grows with every event. The cost
 of trimming is the ratio of the two rates (files/s over the span of `processed_at`).
 
-The normal test run does 20,000 events; `make bench` (FILEPIPE_BENCH_FULL=1) does
-2,000,000, and also reports what Redis held after the first 1,000,000 in each mode.
+The normal test run does 20,000 events once in each mode; `make bench`
+(FILEPIPE_BENCH_FULL=1) does 2,000,000, twice in each mode (in the order with, without,
+without, with: the best rate of each), and reports what Redis held after the first
+1,000,000 events in each mode.
 Runs on its own Redis (a throwaway server: the baseline fills it) and the suite's
 PostgreSQL.
 """
@@ -34,7 +36,9 @@ EVENTS = 2_000_000 if FULL else 20_000
 MILESTONE = 1_000_000 if FULL else EVENTS // 2  # "the memory a million events took"
 BACKLOG = 50_000 if FULL else 5_000
 GROUP = f"retention: {EVENTS:,} events through one consumer, with and without trimming"
-MODES = {"trimming (default)": "", "no trimming (STREAM_RETENTION=all)": "all"}
+TRIM, KEEP = "trimming (default)", "no trimming (STREAM_RETENTION=all)"
+MODES = {TRIM: "", KEEP: "all"}
+ORDER = [TRIM, KEEP, KEEP, TRIM] if FULL else [TRIM, KEEP]
 MB = 1024 * 1024
 
 
@@ -81,7 +85,8 @@ def drain(redis_url: str, pg_uri: str, root: Path, retention: str) -> Drain:
     init_db(s)
     r = redis.Redis.from_url(redis_url, socket_timeout=30)
     out = Drain(baseline=int(r.info("memory")["used_memory"]))
-    proc = start_consumer(s, f"bench-{tag}", log=root.parent / f"consumer-{tag}.log", STREAM_RETENTION=retention)
+    log = root.parent / f"consumer-{tag}.log"
+    proc = start_consumer(s, f"bench-{tag}", log=log, STREAM_RETENTION=retention)
     try:
         with MemoryWatch(r, interval=0.5, progress=lambda: acknowledged(r, s)) as watch:
             produced = produce_paced(r, s, EVENTS, max_backlog=BACKLOG, chunk=1000)
@@ -115,16 +120,22 @@ def test_memory_stays_flat_and_trimming_costs_little(
     write_data_files(root)
 
     def both() -> None:
-        for name, retention in MODES.items():
-            RESULTS[name] = drain(bench_redis.url, pg_uri, root, retention)
+        for name in ORDER:
+            d = drain(bench_redis.url, pg_uri, root, MODES[name])
+            if name not in RESULTS:
+                RESULTS[name] = d
+            else:
+                RESULTS[name].rate = max(RESULTS[name].rate, d.rate)
 
     benchmark.pedantic(both, rounds=1, iterations=1)  # type: ignore[attr-defined]
-    trim, keep = RESULTS["trimming (default)"], RESULTS["no trimming (STREAM_RETENTION=all)"]
+    trim, keep = RESULTS[TRIM], RESULTS[KEEP]
     assert trim.final_length == 0 and keep.final_length == EVENTS
     # Flat: the second half of the drain needs no more memory than the first (plus 2 MiB).
     assert trim.peak_between(0.5, 1.0) <= trim.peak_between(0.0, 0.5) + 2 * MB, trim.samples
-    # Without trimming, every event stays: memory grows by far more than the backlog.
-    assert keep.peak - keep.baseline > 2 * (trim.peak - trim.baseline)
+    # Without trimming, every event stays (about 100 bytes each).
+    assert keep.peak - keep.baseline > EVENTS * 50
+    if FULL:
+        assert keep.peak - keep.baseline > 10 * (trim.peak - trim.baseline)
     benchmark.extra_info.update(  # type: ignore[attr-defined]
         {
             "files_per_s_trimming": round(trim.rate),
@@ -140,7 +151,7 @@ def test_report() -> None:
     """The table of the closing measurements."""
     if len(RESULTS) < 2:
         pytest.skip("the retention bench did not run")
-    keep = RESULTS["no trimming (STREAM_RETENTION=all)"]
+    keep = RESULTS[KEEP]
     lines = [
         f"\n{GROUP}",
         f"| mode | files/s | vs no trimming | Redis memory after {MILESTONE:,} events | peak | at the end |",
@@ -148,8 +159,9 @@ def test_report() -> None:
     ]
     for name, d in RESULTS.items():
         end = d.samples[-1][2] if d.samples else 0
+        mib = [(x - d.baseline) / MB for x in (d.at_milestone, d.peak, end)]
         lines.append(
-            f"| {name} | {d.rate:,.0f} | {d.rate / keep.rate:.3f} | {(d.at_milestone - d.baseline) / MB:,.1f} MiB "
-            f"| {(d.peak - d.baseline) / MB:,.1f} MiB | {(end - d.baseline) / MB:,.1f} MiB |"
+            f"| {name} | {d.rate:,.0f} | {d.rate / keep.rate:.3f} | {mib[0]:,.1f} MiB | {mib[1]:,.1f} MiB "
+            f"| {mib[2]:,.1f} MiB |"
         )
     print("\n".join(lines))
