@@ -106,6 +106,22 @@ def test_reference_parse(benchmark: Any) -> None:
     benchmark(reference.parse_entries, ENTRIES)
 
 
+# One hostile entry: 100,000 fields, as a flat list (names repeating), parsed with no cap.
+WIDE = [(b"1700000000000-0", [b"file_id", str(uuid.UUID(int=1)).encode(), b"filename", b"a", b"key", b"a",
+                              *(x for i in range(100_000) for x in (b"attr_%d" % (i % 90_000), b"v%d" % i))])]
+
+
+@pytest.mark.benchmark(group="parse one 100k-field entry")
+def test_native_parse_wide(benchmark: Any) -> None:
+    batch = benchmark(_native.parse_entries, WIDE)
+    assert batch.records() == reference.parse_entries(WIDE).records
+
+
+@pytest.mark.benchmark(group="parse one 100k-field entry")
+def test_reference_parse_wide(benchmark: Any) -> None:
+    benchmark(reference.parse_entries, WIDE)
+
+
 def best_of(fn: Callable[[], Any], rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
