@@ -12,10 +12,10 @@ about 0 when the parse holds the GIL throughout, most of it when the GIL is rele
 from __future__ import annotations
 
 import argparse
-import itertools
-import threading
-import time
+import functools
 import uuid
+
+from tests.support.gil import timed_with_free_share
 
 from filepipe import _native
 from filepipe.constants import DEFAULT_MAX_ENTRY_BYTES, DEFAULT_MAX_ENTRY_FIELDS
@@ -28,32 +28,6 @@ def wide_entry(fields: int) -> list[tuple[bytes, list[bytes]]]:
     return [(b"1700000000000-0", flat)]
 
 
-def timed(fn: object, *args: object, **kwargs: object) -> tuple[float, float]:
-    """(seconds, share of them another thread was running)."""
-    ticks: list[float] = []
-    stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=spin)
-    t.start()
-    time.sleep(0.05)
-    t0 = time.perf_counter()
-    fn(*args, **kwargs)  # type: ignore[operator]
-    t1 = time.perf_counter()
-    stop.set()
-    t.join()
-    during = [x for x in ticks if t0 <= x <= t1]
-    # The other thread ticks every ~1 ms while it can run: the longest gap it saw is
-    # how long it was kept from running.
-    edges = [t0, *during, t1]
-    longest = max(b - a for a, b in itertools.pairwise(edges))
-    return t1 - t0, 1 - longest / (t1 - t0) if t1 > t0 else 0.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, nargs="+", default=[1_000_000])
@@ -61,15 +35,19 @@ def main() -> None:
     capped = "max_fields" in (_native.parse_entries.__text_signature__ or "")
     for n in args.fields:
         batch = wide_entry(n)
-        seconds, free = min(timed(_native.parse_entries, batch) for _ in range(3))
+        seconds, free = min(
+            timed_with_free_share(functools.partial(_native.parse_entries, batch)) for _ in range(3)
+        )
         line = f"{n:>9,} fields: parse {seconds * 1000:9.1f} ms (other thread free {free:4.0%} of it)"
         if capped:
             capped_s, _ = min(
-                timed(
-                    _native.parse_entries,
-                    batch,
-                    max_fields=DEFAULT_MAX_ENTRY_FIELDS,
-                    max_bytes=DEFAULT_MAX_ENTRY_BYTES,
+                timed_with_free_share(
+                    functools.partial(
+                        _native.parse_entries,
+                        batch,
+                        max_fields=DEFAULT_MAX_ENTRY_FIELDS,
+                        max_bytes=DEFAULT_MAX_ENTRY_BYTES,
+                    )
                 )
                 for _ in range(3)
             )

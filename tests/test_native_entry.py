@@ -3,16 +3,13 @@ pure-Python reference on generated entries."""
 
 from __future__ import annotations
 
-import itertools
-import threading
-import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests import reference
+from tests.support.gil import timed_with_free_share
 
 from filepipe import _native
 from filepipe.errors import EntryError
@@ -260,30 +257,6 @@ def test_input_bytes_counts_every_input_entry() -> None:
     assert _native.parse_entries([]).input_bytes == 0
 
 
-def free_share_during(fn: Callable[[], object]) -> float:
-    """The share of `fn`'s run during which another Python thread could run: it ticks
-    every millisecond while it holds the GIL, so the longest gap between its ticks is
-    how long it was kept waiting."""
-    ticks: list[float] = []
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.001)
-
-    other = threading.Thread(target=tick)
-    other.start()
-    time.sleep(0.02)
-    t0 = time.perf_counter()
-    fn()
-    t1 = time.perf_counter()
-    stop.set()
-    other.join()
-    edges = [t0, *(t for t in ticks if t0 < t < t1), t1]
-    return 1 - max(b - a for a, b in itertools.pairwise(edges)) / (t1 - t0)
-
-
 def test_a_wide_entry_is_parsed_with_the_gil_released() -> None:
     """200,000 fields (names repeating, as a flat RESP list can): the parse is linear and
     runs without the GIL, so the consumer's other threads (heartbeat, loaders,
@@ -293,7 +266,7 @@ def test_a_wide_entry_is_parsed_with_the_gil_released() -> None:
     for i in range(200_000):
         flat += [b"attr_%d" % (i % 150_000), b"v%d" % i]
     result: list[_native.EntryBatch] = []
-    share = max(free_share_during(lambda: result.append(_native.parse_entries([(b"1-0", flat)])))
+    share = max(timed_with_free_share(lambda: result.append(_native.parse_entries([(b"1-0", flat)])))[1]
                 for _ in range(3))
     assert share > 0.5, f"another thread ran during only {share:.0%} of the parse"
     (record,) = result[0].records()
