@@ -26,9 +26,10 @@ from psycopg_pool import ConnectionPool
 from filepipe.config import Settings
 
 INSERT = (
-    "INSERT INTO {table} (event_time, stream_id, file_id, filename, storage, storage_key, size_bytes, "
+    "INSERT INTO {table} (event_time, stream, stream_id, file_id, filename, storage, storage_key, "
+    "size_bytes, "
     "checksum_sha256, content_type, uploaded_at, consumer, attributes) "
-    "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '{{}}')"
+    "VALUES (to_timestamp(%s / 1000.0), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '{{}}')"
 )
 
 
@@ -45,11 +46,12 @@ def process_file(root: Path, fields: dict[bytes, bytes]) -> tuple[int, str, str]
 
 
 def _row(
-    entry_id: bytes, fields: dict[bytes, bytes], measured: tuple[int, str, str], consumer: str
+    s: Settings, entry_id: bytes, fields: dict[bytes, bytes], measured: tuple[int, str, str], consumer: str
 ) -> tuple[Any, ...]:
     size, digest, ctype = measured
     return (
         int(entry_id.split(b"-")[0]),
+        s.stream,
         entry_id.decode(),
         fields[b"file_id"].decode(),
         fields[b"filename"].decode(),
@@ -87,7 +89,7 @@ def old_consumer(s: Settings, limit: int, *, idle_exit_s: float = 6.0) -> tuple[
             measured = process_file(root, fields)
             conn = psycopg.connect(s.pg_uri)  # NEW CONNECTION for every file
             cur = conn.cursor()
-            cur.execute(sql, _row(entry_id, fields, measured, "old_consumer"))
+            cur.execute(sql, _row(s, entry_id, fields, measured, "old_consumer"))
             conn.commit()
             conn.close()
             r.xack(s.stream, s.group, entry_id)
@@ -113,7 +115,7 @@ def fast_consumer(s: Settings, limit: int, *, idle_exit_s: float = 3.0) -> tuple
             if time.perf_counter() - last > idle_exit_s:
                 break
             continue
-        rows = [_row(i, f, process_file(root, f), "fast_consumer") for i, f in entries]
+        rows = [_row(s, i, f, process_file(root, f), "fast_consumer") for i, f in entries]
         with pool.connection() as conn, conn.cursor() as cur:
             for row in rows:  # psycopg2's executemany: one statement per row
                 cur.execute(sql, row)

@@ -70,12 +70,12 @@ def add_at(env: Env, ms: int, seq: int, fields: dict[str, str]) -> bytes:
 
 def insert_rows(env: Env, n: int, processed_ago: str) -> None:
     env.sql(
-        f"""INSERT INTO {env.settings.table} (event_time, stream_id, file_id, filename, storage, storage_key,
-            size_bytes, checksum_sha256, uploaded_at, consumer, processed_at)
-        SELECT now() - %s::interval - g * interval '1 ms', %s || '-' || g, gen_random_uuid(), 'f',
+        f"""INSERT INTO {env.settings.table} (event_time, stream, stream_id, file_id, filename, storage,
+            storage_key, size_bytes, checksum_sha256, uploaded_at, consumer, processed_at)
+        SELECT now() - %s::interval - g * interval '1 ms', %s, %s || '-' || g, gen_random_uuid(), 'f',
                'local', 'k', 1, 'x', now(), 'c', now() - %s::interval
         FROM generate_series(1, %s) g""",
-        (processed_ago, f"{processed_ago}-{uuid.uuid4().hex[:6]}", processed_ago, n),
+        (processed_ago, env.settings.stream, f"{processed_ago}-{uuid.uuid4().hex[:6]}", processed_ago, n),
     )
 
 
