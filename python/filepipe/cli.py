@@ -235,6 +235,15 @@ def consume(
             show_default=False,
         ),
     ] = None,
+    batch_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-bytes",
+            help="Bytes of entries per batch, about: reads shrink when entries are big "
+            "(env: FILEPIPE_BATCH_BYTES; default 16777216, 16 MiB)",
+            show_default=False,
+        ),
+    ] = None,
     block_ms: Annotated[
         int | None,
         typer.Option(
@@ -359,6 +368,7 @@ def consume(
 
     s = settings_from(
         batch_size=batch_size,
+        batch_bytes=batch_bytes,
         block_ms=block_ms,
         consumer_name=consumer_name,
         claim_idle_ms=claim_idle_ms,

@@ -26,6 +26,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "pg_uri": ("PG_URI", "DATABASE_URL"),
     "consumer_name": ("CONSUMER_NAME",),
     "batch_size": ("CONSUMER_BATCH_SIZE",),
+    "batch_bytes": ("FILEPIPE_BATCH_BYTES",),
     "block_ms": ("CONSUMER_BLOCK_MS",),
     "storage_mode": ("STORAGE_MODE",),
     "local_storage_dir": ("LOCAL_STORAGE_DIR",),
@@ -76,6 +77,7 @@ class Settings:
     pg_uri: str = c.DEFAULT_PG_URI
     consumer_name: str = field(default_factory=default_consumer_name)
     batch_size: int = c.DEFAULT_BATCH_SIZE
+    batch_bytes: int = c.DEFAULT_BATCH_BYTES
     block_ms: int = c.DEFAULT_BLOCK_MS
     storage_mode: str = "local"
     local_storage_dir: str = c.DEFAULT_LOCAL_STORAGE_DIR
@@ -284,6 +286,7 @@ def validate(s: Settings) -> None:
         )
     positive = {
         "batch_size": (1, 100_000),
+        "batch_bytes": (64 * 1024, 1 << 40),
         "max_file_bytes": (1, 1 << 62),
         # An entry needs three fields (file_id, filename, key) and some bytes for them.
         "max_entry_fields": (3, 100_000_000),

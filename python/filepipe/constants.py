@@ -15,6 +15,17 @@ DEFAULT_PG_URI = "postgresql://localhost:5432/postgres"
 
 # The seed's consumer used 10 and then 50; larger batches amortise every round trip.
 DEFAULT_BATCH_SIZE = 5000
+# Bytes of stream entries per batch, about. A batch of 5000 typical entries (300-500 bytes:
+# a uuid, a name, a key, a few attributes) is under 2.5 MB, so this never cuts one short
+# unless entries average over 3 KiB; it keeps a consumer of big entries (a large attribute
+# each) at a few hundred MB, with a handful of batches in the pipeline, each held as the
+# reply, the parsed batch and the COPY buffer.
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
+# What the readers that sample a stream (status, the dashboard, dlq) ask for at once, in
+# bytes, about; and how much `status` reads at most to count arrivals or dead letters by
+# reason (past it, the counts are shown as lower bounds).
+SAMPLE_PAGE_BYTES = 4 * 1024 * 1024
+STATUS_SCAN_BYTES = 64 * 1024 * 1024
 DEFAULT_BLOCK_MS = 1000
 DEFAULT_MAX_FILE_BYTES = 100 * 1024 * 1024
 DEFAULT_CLAIM_IDLE_MS = 60_000

@@ -47,7 +47,7 @@ from .partitions import Partition, partitions
 from .retention import Housekeeper
 from .retry import QUERY_CANCELED, Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
 from .storage import Storage, open_storage
-from .stream import AckResult, DeadLetter, Entry
+from .stream import AckResult, DeadLetter, Entry, ReadSize
 
 log = logging.getLogger("filepipe")
 
@@ -86,6 +86,7 @@ class Prepared:
     read_at: float
     redelivered: bool = False
     deleted: int = 0  # entries among `ids` deleted from the stream while pending (nothing to load)
+    input_bytes: int = 0  # of the entries read (ids, names and values)
 
     def release(self) -> None:
         """Drops what only loading needed (the raw entries, the parsed batch, the buffer)."""
@@ -176,6 +177,7 @@ class Consumer:
         self.stopping = threading.Event()
         self.failed: BaseException | None = None
         self.stop_timeout = stop_timeout
+        self._stopped_at: float | None = None
         # SIGTERM/SIGINT: a stop request (`filepipe consume` installs it before anything
         # else; a signal that came already stops this consumer before it reads).
         self._own_signals = install_signals and shutdown.installed() is None
@@ -224,6 +226,7 @@ class Consumer:
         self.storage_backoff = Backoff("Storage", stop=self.stopping, on_error=self._error_sink("Storage"))
         # Every stream this consumer reads: the stream, or each of its partitions.
         self.parts = partitions(settings)
+        self.read_size = ReadSize(settings.batch_size, settings.batch_bytes, settings.max_entry_bytes)
         self._turn = 0  # the partition whose turn it is to be read first
         self._last_claim = 0.0
         self._claim_cursor: dict[int, bytes] = {}
@@ -237,7 +240,15 @@ class Consumer:
 
     def stop(self) -> None:
         """Asks the consumer to finish the batches in hand and return."""
+        self._stop_deadline()
         self.stopping.set()
+
+    def _stop_deadline(self) -> float:
+        """When a stop gives up on the batches in hand (they stay pending and are delivered
+        again): `stop_timeout` after it began, one deadline for every stage."""
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        return self._stopped_at + self.stop_timeout
 
     def _on_signal(self, signum: int) -> None:
         # A second signal leaves at once (shutdown.StopRequest): unacknowledged entries
@@ -250,7 +261,7 @@ class Consumer:
         timeout; past it, abandons the rest (it stays pending and is redelivered)."""
         if not loader.is_alive():
             return
-        deadline = time.monotonic() + self.stop_timeout
+        deadline = self._stop_deadline()
         while True:
             try:
                 self.queue.put(None, timeout=0.2)
@@ -378,7 +389,7 @@ class Consumer:
                 i, after = next(iter(history.items()))
                 entries = self._redis(
                     lambda p=parts[i], h=after: stream.read_own_pending(  # type: ignore[misc]
-                        self.redis, p.stream, s.group, self.name, s.batch_size, h
+                        self.redis, p.stream, s.group, self.name, self.read_size.count, h
                     )
                 )
                 if entries is None:
@@ -434,13 +445,16 @@ class Consumer:
         if len(parts) == 1:
             block = min(s.block_ms, 200) if self.drain else s.block_ms
             entries = self._redis(
-                lambda: stream.read_new(self.redis, parts[0].stream, s.group, self.name, s.batch_size, block)
+                lambda: stream.read_new(self.redis, parts[0].stream, s.group, self.name, self.read_size.count,
+                                        block)
             )
             return None if entries is None else (parts[0], entries)
         for k in range(len(parts)):
             part = parts[(self._turn + k) % len(parts)]
             entries = self._redis(
-                lambda p=part: stream.read_new(self.redis, p.stream, s.group, self.name, s.batch_size, 0)  # type: ignore[misc]
+                lambda p=part: stream.read_new(  # type: ignore[misc]
+                    self.redis, p.stream, s.group, self.name, self.read_size.count, 0
+                )
             )
             if entries is None or entries:
                 # After a fault too, the next read starts at the next partition: one whose
@@ -453,7 +467,7 @@ class Consumer:
             return part, []
         block = min(s.block_ms, 100)
         entries = self._redis(
-            lambda: stream.read_new(self.redis, part.stream, s.group, self.name, s.batch_size, block)
+            lambda: stream.read_new(self.redis, part.stream, s.group, self.name, self.read_size.count, block)
         )
         return None if entries is None else (part, entries)
 
@@ -491,7 +505,7 @@ class Consumer:
         reply = self._redis(
             lambda: self.redis.xautoclaim(
                 part.stream, s.group, self.name, min_idle_time=s.claim_idle_ms,
-                start_id=self._claim_cursor.get(key, b"0-0"), count=s.batch_size,
+                start_id=self._claim_cursor.get(key, b"0-0"), count=self.read_size.count,
             )
         )
         if reply is None:
@@ -535,8 +549,9 @@ class Consumer:
                 self.raw.put((part, entries, redelivered, gone), timeout=0.5)
                 return
             except queue.Full:
-                if self.failed is not None or self.abandon.is_set():
-                    self._landed(part.stream, [e[0] for e in entries])
+                if (self.failed is not None or self.abandon.is_set()
+                        or (self.stopping.is_set() and time.monotonic() > self._stop_deadline())):
+                    self._landed(part.stream, [k[1] for k in keys])
                     return  # not handed over: these entries stay pending and are delivered again
 
     def _log_deleted(self, part: Partition, ids: list[bytes]) -> None:
@@ -577,7 +592,7 @@ class Consumer:
         """Lets the preparer hand over what it holds, then ends it."""
         if not preparer.is_alive():
             return
-        deadline = time.monotonic() + self.stop_timeout
+        deadline = self._stop_deadline()
         while preparer.is_alive():
             try:
                 self.raw.put(None, timeout=0.2)
@@ -656,6 +671,7 @@ class Consumer:
             entries_ok = entries
         batch = _native.parse_entries(entries_ok, s.storage_mode, id_prefix=part.id_prefix,
                                       max_fields=s.max_entry_fields, max_bytes=s.max_entry_bytes)
+        self.read_size.observe(len(entries_ok), batch.input_bytes)
         for pos, _entry_id, reason, message in batch.rejects:
             fields = stream.fields_dict(entries_ok[pos][1])
             dead.append(
@@ -687,6 +703,7 @@ class Consumer:
             read_at=read_at,
             redelivered=redelivered,
             deleted=len(gone),
+            input_bytes=batch.input_bytes,
             part=part,
         )
 
@@ -802,7 +819,7 @@ class Consumer:
         self._count(result)
         self._hold(part, result)
         metrics.record_batch(len(p.ids), result.acked, inserted, p.rows - len(row_dead) - inserted,
-                             result.written, time.monotonic() - p.read_at)
+                             result.written, time.monotonic() - p.read_at, p.input_bytes)
         metrics.record_deleted(p.deleted)
         self.progress.batch(inserted, result.written, st)
         self._heartbeat()

@@ -12,9 +12,19 @@ from typing import Any, cast
 import redis
 
 from .config import Settings
+from .constants import SAMPLE_PAGE_BYTES
 from .partitions import Partition, partitions
 from .redaction import printable
-from .stream import FIELDS_DROPPED, INCOMPLETE_MARKERS, ORIGINAL_FIELDS, TRUNCATED_FIELD, id_key
+from .stream import (
+    FIELDS_DROPPED,
+    INCOMPLETE_MARKERS,
+    ORIGINAL_FIELDS,
+    TRUNCATED_FIELD,
+    ReadSize,
+    entries_bytes,
+    id_key,
+    read_pages,
+)
 
 CHUNK = 500
 SHOWN = 20  # dead letters named when a replay leaves some
@@ -122,16 +132,20 @@ def _entry(entry_id: bytes, fields: Any) -> DeadLetterEntry:
 
 
 def scan(r: redis.Redis, dead_stream: str) -> Iterator[DeadLetterEntry]:
-    """Every dead letter, oldest first, read in chunks, with every field as stored."""
+    """Every dead letter, oldest first, with every field as stored, read in chunks of
+    about SAMPLE_PAGE_BYTES (a few at a time when they are big), at most CHUNK."""
     start = b"-"
+    size = ReadSize(CHUNK, SAMPLE_PAGE_BYTES, SAMPLE_PAGE_BYTES // 16)
     while True:
-        rows = cast("list[list[Any]]", r.eval(_RANGE_SCRIPT, 1, dead_stream, start, CHUNK))
+        count = size.count
+        rows = cast("list[list[Any]]", r.eval(_RANGE_SCRIPT, 1, dead_stream, start, count))
         if not rows:
             return
         for entry_id, fields in rows:
             yield _entry(entry_id, fields)
-        if len(rows) < CHUNK:
+        if len(rows) < count:
             return
+        size.observe(len(rows), entries_bytes(rows))
         start = b"(" + rows[-1][0]
 
 
@@ -155,7 +169,8 @@ def summarize(r: redis.Redis, dead_stream: str | list[str], recent: int = 10) ->
     counts: Counter[str] = Counter(d.reason for s in streams for d in scan(r, s))
     rows: list[tuple[bytes, dict[bytes, bytes]]] = []
     for s in streams if recent else []:
-        rows += cast("list[tuple[bytes, dict[bytes, bytes]]]", r.xrevrange(s, count=recent) or [])
+        for page in read_pages(r, s, "+", "-", reverse=True, limit=recent):
+            rows += cast("list[tuple[bytes, dict[bytes, bytes]]]", page)
     latest = sorted(rows, key=lambda row: id_key(row[0]), reverse=True)[:recent]
     name = dead_stream if isinstance(dead_stream, str) else _shown(streams)
     return {"stream": name, "total": sum(counts.values()), "by_reason": dict(counts.most_common()),

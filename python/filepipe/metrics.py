@@ -63,6 +63,11 @@ BATCH_ENTRIES = Histogram(
     "Stream entries per batch.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 100_000),
 )
+BATCH_BYTES = Histogram(
+    "filepipe_batch_bytes",
+    "Bytes of stream entries (ids, field names and values) per batch.",
+    buckets=tuple(float(2**k) for k in range(12, 32, 2)),  # 4 KiB … 1 GiB
+)
 COPY_SECONDS = Histogram(
     "filepipe_copy_duration_seconds",
     "One COPY + merge + COMMIT of a batch into PostgreSQL (successful attempts).",
@@ -88,11 +93,13 @@ CONSUMERS_REMOVED = Counter(
 
 
 def record_batch(
-    entries: int, acked: int, inserted: int, duplicates: int, dead: Iterable[DeadLetter], seconds: float
+    entries: int, acked: int, inserted: int, duplicates: int, dead: Iterable[DeadLetter], seconds: float,
+    nbytes: int = 0,
 ) -> None:
     """Counts one acknowledged batch: a handful of increments, whatever its size. `acked`
     and `dead` are what the acknowledgement script did (the dead letters it wrote)."""
     BATCH_ENTRIES.observe(entries)
+    BATCH_BYTES.observe(nbytes)
     BATCH_SECONDS.observe(seconds)
     record_acked(acked, dead)
     if inserted:

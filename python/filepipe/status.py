@@ -28,7 +28,7 @@ from redis.exceptions import RedisClusterException
 from . import constants as c
 from . import db, retention, stream
 from .config import Settings, mask_url
-from .constants import HEARTBEAT_TTL_S, heartbeat_key
+from .constants import HEARTBEAT_TTL_S, STATUS_SCAN_BYTES, heartbeat_key
 from .errors import TransientError
 from .partitions import Partition, partitions
 from .redaction import printable
@@ -396,9 +396,9 @@ class Collector:
             if sampled is not None:
                 out.arrivals_last_minute = sampled
             else:
-                arrivals = r.xrange(part.stream, min=f"{since}-0", max="+", count=ARRIVALS_CAP) or []
-                out.arrivals_last_minute = len(arrivals)
-                out.arrivals_capped = len(arrivals) >= ARRIVALS_CAP
+                out.arrivals_last_minute, out.arrivals_capped = _count_range(
+                    r, part.stream, f"{since}-0", ARRIVALS_CAP
+                )
             if out.length and not out.group_exists:
                 out.groups_missing = [part.stream]
         self._collect_dead(out, part.dead_stream, now_ms)
@@ -418,8 +418,7 @@ class Collector:
         if lag is not None:
             out.lag = int(lag)
         else:  # Redis cannot tell (entries deleted in between, or Redis < 7): count, up to a cap
-            waiting = r.xrange(part.stream, min=f"({last_delivered}", max="+", count=ARRIVALS_CAP) or []
-            out.lag, out.lag_capped = len(waiting), len(waiting) >= ARRIVALS_CAP
+            out.lag, out.lag_capped = _count_range(r, part.stream, f"({last_delivered}", ARRIVALS_CAP)
         if out.lag:
             first = r.xrange(part.stream, min=f"({last_delivered}", max="+", count=1)
             if first:
@@ -475,28 +474,26 @@ class Collector:
         tally.total_seen = out.dead_total
         if not out.dead_total:
             return
+        # Read in pages of about SAMPLE_PAGE_BYTES, at most STATUS_SCAN_BYTES in all: big
+        # dead letters are read a few at a time, and only so many.
         if not tally.last_id:
-            upper = "+"
-            while tally.counted < DEAD_SCAN_LIMIT:
-                count = min(1000, DEAD_SCAN_LIMIT - tally.counted)
-                page = r.xrevrange(dead_stream, max=upper, min="-", count=count) or []
-                if not page:
-                    break
+            for page in stream.read_pages(r, dead_stream, "+", "-", reverse=True, limit=DEAD_SCAN_LIMIT,
+                                          total_budget=STATUS_SCAN_BYTES):
                 if not tally.last_id:
                     tally.last_id = _text(page[0][0])
                 count_reasons(tally, page)
-                upper = f"({_text(page[-1][0])}"
         else:
-            while True:
-                page = r.xrange(dead_stream, min=f"({tally.last_id}", max="+", count=1000) or []
-                if not page:
-                    break
+            for page in stream.read_pages(r, dead_stream, f"({tally.last_id}", "+",
+                                          total_budget=STATUS_SCAN_BYTES):
                 tally.last_id = _text(page[-1][0])
                 count_reasons(tally, page)
         out.dead_counted = tally.counted
         out.dead_by_reason = dict(tally.reasons.most_common())
-        recent_page = r.xrange(dead_stream, min=f"{now_ms - WINDOW_S * 1000}-0", max="+", count=ARRIVALS_CAP)
-        recent = Counter(_text((fields or {}).get(b"reason", b"unknown")) for _, fields in recent_page or [])
+        recent: Counter[str] = Counter()
+        since = f"{now_ms - WINDOW_S * 1000}-0"
+        for page in stream.read_pages(r, dead_stream, since, "+", limit=ARRIVALS_CAP,
+                                      total_budget=STATUS_SCAN_BYTES):
+            recent.update(_text((fields or {}).get(b"reason", b"unknown")) for _, fields in page)
         out.dead_last_minute = sum(recent.values())
         out.dead_last_minute_by_reason = dict(recent.most_common())
 
@@ -625,6 +622,16 @@ def retention_json(state: RetentionState) -> dict[str, Any]:
     held = state.held
     d["held"] = None if held is None else {"stream": held.stream, "why": held.why, "group": held.holder}
     return d
+
+
+def _count_range(r: Any, key: str, start: str, cap: int) -> tuple[int, bool]:
+    """How many entries `key` holds from `start` on, counted up to `cap` and reading at
+    most STATUS_SCAN_BYTES; and whether the count stopped short (a lower bound)."""
+    n = nbytes = 0
+    for page in stream.read_pages(r, key, start, "+", limit=cap, total_budget=STATUS_SCAN_BYTES):
+        n += len(page)
+        nbytes += stream.entries_bytes(page)
+    return n, n >= cap or nbytes >= STATUS_SCAN_BYTES
 
 
 def count_reasons(tally: DeadTally, page: list[Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from redis.retry import Retry
 from . import _native
 from . import constants as c
 from .config import Settings
-from .constants import dead_letter_ids_key
+from .constants import SAMPLE_PAGE_BYTES, dead_letter_ids_key
 from .retry import redis_refusal
 
 Fields = dict[bytes, bytes]
@@ -161,6 +161,79 @@ def _entries(reply: Any) -> list[Entry]:
     if value and isinstance(value[0], list) and value[0] and isinstance(value[0][0], list):
         value = value[0]
     return list(value)
+
+
+class ReadSize:
+    """How many entries to ask Redis for at once: at most CONSUMER_BATCH_SIZE, and about
+    FILEPIPE_BATCH_BYTES worth at the sizes of the entries seen last, so that memory
+    follows the bytes in flight, not the count. It starts at FILEPIPE_BATCH_BYTES /
+    FILEPIPE_MAX_ENTRY_BYTES entries (the first read after a start stays within the byte
+    budget even if every entry is as big as allowed), doubles after each batch while the
+    entries are small, and drops at once to what the budget allows when they are big.
+    (A read cannot be cut by bytes: the reads made right after entries turn from small to
+    big, before the first big batch is parsed, can exceed the budget; at most three, as
+    the reader works up to two batches ahead of the parser.)"""
+
+    def __init__(self, batch_size: int, batch_bytes: int, max_entry_bytes: int) -> None:
+        self.limit = batch_size
+        self.budget = batch_bytes
+        self.count = max(1, min(batch_size, batch_bytes // max(1, max_entry_bytes)))
+
+    def observe(self, entries: int, nbytes: int) -> None:
+        """A batch of `entries` entries held `nbytes` bytes (ids, names and values)."""
+        if entries <= 0:
+            return
+        fits = max(1, int(self.budget * entries / max(1, nbytes)))
+        self.count = max(1, min(self.limit, fits, self.count * 2))
+
+
+def entries_bytes(entries: Iterable[Any]) -> int:
+    """About how many bytes entries read by redis-py hold (ids, names and values). For the
+    readers that sample a stream (status, dashboard, dlq); the consumer counts in the
+    extension."""
+    total = 0
+    for entry_id, fields in entries:
+        total += len(entry_id)
+        if isinstance(fields, dict):
+            total += sum(len(k) + len(v) for k, v in fields.items())
+        elif fields:
+            total += sum(len(x) for x in fields)
+    return total
+
+
+def read_pages(
+    r: redis.Redis,
+    key: str,
+    start: str | bytes = "-",
+    end: str | bytes = "+",
+    *,
+    reverse: bool = False,
+    limit: int | None = None,
+    budget: int = SAMPLE_PAGE_BYTES,
+    total_budget: int | None = None,
+) -> Iterator[list[Any]]:
+    """The entries of `key` from `start` to `end` (XREVRANGE from `start` down to `end`
+    with `reverse`), page by page: each page asks for about `budget` bytes worth at the
+    sizes seen so far (16 entries at first), so that big entries are read a few at a
+    time. Stops after `limit` entries, or once `total_budget` bytes have been read."""
+    size = ReadSize(1 << 30, budget, budget // 16)
+    read = nbytes = 0
+    while limit is None or read < limit:
+        count = size.count if limit is None else min(size.count, limit - read)
+        if reverse:
+            page = r.xrevrange(key, max=start, min=end, count=count) or []
+        else:
+            page = r.xrange(key, min=start, max=end, count=count) or []
+        if not page:
+            return
+        yield page
+        n = entries_bytes(page)
+        read, nbytes = read + len(page), nbytes + n
+        size.observe(len(page), n)
+        if len(page) < count or (total_budget is not None and nbytes >= total_budget):
+            return
+        last = page[-1][0]
+        start = b"(" + (last if isinstance(last, bytes) else str(last).encode())
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Settings, mask_url
-from ..constants import heartbeat_key
+from ..constants import SAMPLE_PAGE_BYTES, heartbeat_key
 from ..partitions import Partition, partitions
 from ..redaction import error_line
 from ..status import (
@@ -50,6 +50,7 @@ from ..status import (
     retention_json,
     sum_or_none,
 )
+from ..stream import ReadSize, entries_bytes
 
 log = logging.getLogger("filepipe")
 
@@ -148,6 +149,7 @@ class Monitor:
         self._snapshot: dict[str, Any] = self._empty()
         # dead letters by reason, counted incrementally: dead-letter stream -> tally
         self._dead: dict[str, DeadTally] = {}
+        self._dead_sizes: dict[str, ReadSize] = {}
         # consumers' heartbeat history: name -> (updated, processed) pairs
         self._beats: dict[str, deque[tuple[float, int]]] = {}
         # the table's row count, refreshed less often the more it costs
@@ -237,7 +239,8 @@ class Monitor:
             if s.partitions:
                 # (a cluster pipeline has no eval(): the command itself, routed by its key)
                 start = self._dead_start(part.dead_stream)
-                pipe.execute_command("EVAL", DEAD_PAGE_SCRIPT, 1, part.dead_stream, start, DEAD_SCAN_COUNT)
+                pipe.execute_command("EVAL", DEAD_PAGE_SCRIPT, 1, part.dead_stream, start,
+                                     self._dead_count(part.dead_stream))
             else:
                 pipe.xlen(part.dead_stream)
             pipe.xinfo_consumers(part.stream, s.group)
@@ -409,14 +412,22 @@ class Monitor:
         tally = self._dead.get(dead_stream)
         return "(" + tally.last_id if tally is not None and tally.last_id else "-"
 
+    def _dead_count(self, dead_stream: str) -> int:
+        """How many dead letters the next sample reads: at most `DEAD_SCAN_COUNT`, and
+        about SAMPLE_PAGE_BYTES of them at the sizes seen so far (big ones a few at a time)."""
+        size = self._dead_sizes.setdefault(
+            dead_stream, ReadSize(DEAD_SCAN_COUNT, SAMPLE_PAGE_BYTES, SAMPLE_PAGE_BYTES // 16)
+        )
+        return size.count
+
     def _scan_dead(self, r: Any, dead_stream: str, dead_len: int) -> None:
-        """Counts the reasons of dead letters not seen yet, `DEAD_SCAN_COUNT` per sample.
+        """Counts the reasons of dead letters not seen yet, `_dead_count` per sample.
         The read and the length come from one MULTI/EXEC (see `_count_dead`)."""
         tally = self._dead.get(dead_stream)
         if dead_len == 0 and (tally is None or tally.counted == 0):
             return
         pipe = r.pipeline(transaction=True)
-        pipe.xrange(dead_stream, self._dead_start(dead_stream), "+", count=DEAD_SCAN_COUNT)
+        pipe.xrange(dead_stream, self._dead_start(dead_stream), "+", count=self._dead_count(dead_stream))
         pipe.xlen(dead_stream)
         entries, length = pipe.execute()
         self._count_dead(dead_stream, entries, int(length))
@@ -429,7 +440,11 @@ class Monitor:
         count_reasons(tally, entries)
         if entries:
             tally.last_id = _text(entries[-1][0])
-        at_end = len(entries) < DEAD_SCAN_COUNT
+        size = self._dead_sizes.get(dead_stream)
+        asked = size.count if size is not None else DEAD_SCAN_COUNT
+        at_end = len(entries) < asked
+        if size is not None and entries:
+            size.observe(len(entries), entries_bytes(entries))
         if tally.counted > length or (at_end and tally.counted != length):
             self._dead[dead_stream] = DeadTally()
 
