@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,11 +25,11 @@ import pytest
 import redis
 from tests.support.proxy import TcpProxy
 from tests.support.workload import Workload, seed, wait_for
+from tests.test_faults_services import Draining
 
 from filepipe import stream
 from filepipe.config import Settings, load_settings
 from filepipe.constants import heartbeat_key
-from filepipe.consumer import Consumer, Stats
 from filepipe.db import init_db
 from filepipe.embedded import RedisServer
 from filepipe.status import collect_status
@@ -116,37 +115,6 @@ def assert_exact(site: Site, w: Workload) -> None:
     sources = [f[b"source_id"] for f in site.dead()]
     assert len(sources) == len(set(sources)), "a dead letter was written twice"
     assert {f[b"source_id"]: f[b"reason"].decode() for f in site.dead()} == w.poison
-
-
-class Draining:
-    """`Consumer(settings, drain=True).run()` in a thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.consumer = Consumer(settings, drain=True, write=None)
-        self.stats: Stats | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="consumer-under-test", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.stats = self.consumer.run()
-        except BaseException as e:  # reported by finish()
-            self.error = e
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def finish(self, timeout: float = 60) -> Stats:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.consumer.stop()
-            self.thread.join(10)
-            raise AssertionError(f"the consumer did not finish draining within {timeout:.0f} s")
-        if self.error is not None:
-            raise self.error
-        assert self.stats is not None
-        return self.stats
 
 
 def messages(logs: pytest.LogCaptureFixture, text: str) -> list[str]:
