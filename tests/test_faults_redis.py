@@ -24,8 +24,9 @@ import psycopg
 import pytest
 import redis
 from tests.support.proxy import TcpProxy
-from tests.support.workload import Workload, seed, wait_for
-from tests.test_faults_services import Draining
+from tests.support.workload import seed, wait_for
+from tests.test_faults_services import Draining, assert_exact
+from tests.test_faults_services import Site as ServiceSite
 
 from filepipe import stream
 from filepipe.config import Settings, load_settings
@@ -49,11 +50,13 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-class Site:
-    """A private Redis, the shared PostgreSQL (a table of its own) and a storage root."""
+class Site(ServiceSite):
+    """A private Redis (through a proxy, maybe), the shared PostgreSQL (a table of its own)
+    and a storage root; the service-fault tests' checks (rows, pending, assert_exact)."""
 
     def __init__(self, server: RedisServer, pg_uri: str, root: Path, *, redis_port: int | None = None,
                  **overrides: Any) -> None:
+        # Not ServiceSite.__init__: that one sets up a private PostgreSQL as well.
         tag = uuid.uuid4().hex[:10]
         self.pg_uri = pg_uri
         self.redis = redis.Redis.from_url(server.url, socket_timeout=10)
@@ -79,17 +82,6 @@ class Site:
         )
         init_db(self.settings)
 
-    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.pg_uri, connect_timeout=5) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
-
-    def rows(self) -> int:
-        return int(self.sql(f"SELECT count(*) FROM {self.settings.table}")[0][0])
-
-    def pending(self) -> int:
-        return int(self.redis.xpending(self.settings.stream, self.settings.group)["pending"])
-
     def dead(self) -> list[dict[bytes, bytes]]:
         rows = cast(list[tuple[bytes, dict[bytes, bytes]]], self.redis.xrange(self.settings.dead_stream))
         return [f for _, f in rows]
@@ -102,19 +94,6 @@ class Site:
         with psycopg.connect(self.pg_uri, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {self.settings.table}")
         self.redis.close()
-
-
-def assert_exact(site: Site, w: Workload) -> None:
-    """Every good event a row once, every poison entry one dead letter with its reason,
-    nothing pending."""
-    loaded = [r[0].encode() for r in site.sql(f"SELECT stream_id FROM {site.settings.table}")]
-    assert len(loaded) == w.good, f"{len(loaded)} rows for {w.good} good events"
-    assert len(set(loaded)) == len(loaded), "a row was loaded twice"
-    assert set(loaded) == set(w.ids) - set(w.poison)
-    assert site.pending() == 0
-    sources = [f[b"source_id"] for f in site.dead()]
-    assert len(sources) == len(set(sources)), "a dead letter was written twice"
-    assert {f[b"source_id"]: f[b"reason"].decode() for f in site.dead()} == w.poison
 
 
 def messages(logs: pytest.LogCaptureFixture, text: str) -> list[str]:
