@@ -73,7 +73,7 @@ def fresh(base: Settings, keys: list[str], events: int) -> Settings:
     """A new stream (with `events` events over `keys`) and a new table."""
     tag = uuid.uuid4().hex[:8]
     s = replace(base, stream=f"bench_{tag}", table=f"bench_{tag}", consumer_name=f"bench-{tag}")
-    init_db(s)
+    init_db(s, plain=True)
     r = redis.Redis.from_url(s.redis_url)
     pipe = r.pipeline(transaction=False)
     for i in range(events):
@@ -164,7 +164,7 @@ def limit_files(s: Settings) -> tuple[float, list[tuple[bytes, int]]]:
 def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) -> float:
     """COPY of the same rows, as filepipe loads them (one loader per pooled connection)."""
     table_settings = replace(s, table=s.table + ("_d" if direct else "_m"))
-    init_db(table_settings)
+    init_db(table_settings, plain=True)
     pool = create_pool(table_settings, min_size=table_settings.pool_size)
     pool.wait()
     loader = Loader(pool, table_settings)

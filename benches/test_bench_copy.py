@@ -23,7 +23,7 @@ BATCH = 2000
 def target(pg_uri: str) -> Iterator[Settings]:
     tag = uuid.uuid4().hex[:8]
     s = load_settings({"pg_uri": pg_uri, "table": f"bench_copy_{tag}"}, environ={}, dotenv_path=None)
-    init_db(s)
+    init_db(s, plain=True)
     yield s
     with psycopg.connect(pg_uri, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {s.table}")

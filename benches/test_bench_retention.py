@@ -82,7 +82,7 @@ def drain(redis_url: str, pg_uri: str, root: Path, retention: str) -> Drain:
          "local_storage_dir": str(root)},
         environ={}, dotenv_path=None,
     )
-    init_db(s)
+    init_db(s, plain=True)
     r = redis.Redis.from_url(redis_url, socket_timeout=30)
     out = Drain(baseline=int(r.info("memory")["used_memory"]))
     log = root.parent / f"consumer-{tag}.log"

@@ -81,7 +81,7 @@ def test_processes(
 
     def setup() -> tuple[tuple[Settings], dict[str, object]]:
         s = _settings(redis_url, pg_uri, tmp_path / "storage", uuid.uuid4().hex[:8])
-        init_db(s)
+        init_db(s, plain=True)
         seed(r, s, Path(s.local_storage_dir), EVENTS, chunk=5000)
         runs.append(s)
         return (s,), {}

@@ -68,7 +68,7 @@ def main() -> None:
                 f"(primary key {old_key[0]})"
             )
             try:
-                info = init_db(settings)
+                info = init_db(settings, plain=True)
                 assert info.upgraded is not None
                 size = conn.execute(
                     "SELECT pg_size_pretty(pg_table_size(%s::regclass)), "

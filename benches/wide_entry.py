@@ -71,7 +71,7 @@ def consumer_run(fields: int) -> str:
             environ={},
             dotenv_path=None,
         )
-        init_db(s)
+        init_db(s, plain=True)
         r = redis.Redis.from_url(url)
         try:
             ((_, flat),) = wide_entry(fields)

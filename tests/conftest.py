@@ -127,7 +127,7 @@ def env(redis_url: str, pg_uri: str, tmp_path: Path) -> Iterator[Env]:
         environ={},
         dotenv_path=None,
     )
-    init_db(settings)
+    init_db(settings, plain=True)
     r = redis.Redis.from_url(redis_url)
     try:
         yield Env(settings=settings, redis=r, pg_uri=pg_uri, storage=storage)

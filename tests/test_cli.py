@@ -51,9 +51,9 @@ def test_version_and_help() -> None:
 
 def test_init_produce_consume_as_a_user(env: Env, tmp_path: Path) -> None:
     e = cli_env(env, CONSUMER_NAME="cli-consumer")
-    init = run(["init-db"], e, tmp_path)
+    init = run(["init-db", "--plain"], e, tmp_path)
     assert init.returncode == 0 and "ready" in init.stdout
-    assert run(["init-db"], e, tmp_path).returncode == 0  # idempotent
+    assert run(["init-db", "--plain"], e, tmp_path).returncode == 0  # idempotent
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     for i in range(25):

@@ -53,7 +53,7 @@ def site(small_redis: RedisServer, pg_uri: str, tmp_path: Path) -> Iterator[tupl
          "local_storage_dir": str(storage), "max_file_bytes": 64 * 1024},
         environ={}, dotenv_path=None,
     )
-    init_db(s)
+    init_db(s, plain=True)
     r = redis.Redis.from_url(small_redis.url, socket_timeout=10)
     try:
         yield s, r

@@ -80,7 +80,7 @@ class Site(ServiceSite):
             environ={},
             dotenv_path=None,
         )
-        init_db(self.settings)
+        init_db(self.settings, plain=True)
 
     def dead(self) -> list[dict[bytes, bytes]]:
         rows = cast(list[tuple[bytes, dict[bytes, bytes]]], self.redis.xrange(self.settings.dead_stream))

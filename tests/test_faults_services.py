@@ -84,7 +84,7 @@ class Site:
             environ={},
             dotenv_path=None,
         )
-        init_db(self.settings)
+        init_db(self.settings, plain=True)
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.pg_uri, connect_timeout=5) as conn:

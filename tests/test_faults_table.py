@@ -78,7 +78,7 @@ def private_env(redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path) -> 
          "consumer_name": f"table-{tag}", **TABLE_SETTINGS},
         environ={}, dotenv_path=None,
     )
-    init_db(settings)
+    init_db(settings, plain=True)
     r = redis.Redis.from_url(redis_url)
     try:
         yield Env(settings=settings, redis=r, pg_uri=check_uri, storage=storage)

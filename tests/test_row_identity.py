@@ -135,7 +135,7 @@ def test_consume_refuses_an_old_layout_table_and_init_db_upgrades_it(env: Env, t
     ]
     assert env.rows() == 600 and env.pending() == 0  # nothing was read
 
-    upgraded = run(["init-db"], e, tmp_path)
+    upgraded = run(["init-db", "--plain"], e, tmp_path)
     assert upgraded.returncode == 0, upgraded.stderr
     first, ready = upgraded.stdout.strip().splitlines()
     assert first.startswith(f"✓ Table {table} upgraded in ")
@@ -152,7 +152,7 @@ def test_consume_refuses_an_old_layout_table_and_init_db_upgrades_it(env: Env, t
     assert env.rows() == 1000 and env.pending() == 0
     assert env.sql(f"SELECT count(DISTINCT stream_id) FROM {table}")[0][0] == 1000
 
-    again = run(["init-db"], e, tmp_path)  # nothing left to upgrade
+    again = run(["init-db", "--plain"], e, tmp_path)  # nothing left to upgrade
     assert again.returncode == 0 and again.stdout.strip().splitlines() == [ready]
 
 
@@ -160,7 +160,7 @@ def test_a_consumer_of_the_previous_version_keeps_loading_after_the_upgrade(env:
     """The upgraded column keeps the stream name as its default: rows from a writer that
     does not send it (a consumer not yet restarted on this version) still load."""
     make_old_layout_table(env, [("5-0", str(uuid.uuid4()))])
-    init_db(env.settings)
+    init_db(env.settings, plain=True)
     env.sql(
         f"INSERT INTO {env.settings.table} (event_time, stream_id, file_id, filename, storage, storage_key, "
         "size_bytes, checksum_sha256, uploaded_at, consumer) "
@@ -201,7 +201,7 @@ def test_init_db_refuses_a_table_it_cannot_upgrade(env: Env) -> None:
     env.sql(f"DROP TABLE {table}")
     env.sql(f"CREATE TABLE {table} (stream_id text PRIMARY KEY, event_time timestamptz NOT NULL)")
     with pytest.raises(DatabaseError) as e:
-        init_db(env.settings)
+        init_db(env.settings, plain=True)
     assert str(e.value).startswith(f"table {table} is not a filepipe events table: it has no column file_id")
     env.sql(f"DROP TABLE {table}")
     env.sql(
@@ -215,7 +215,7 @@ def test_init_db_refuses_a_table_it_cannot_upgrade(env: Env) -> None:
         r"\(stream_id, event_time\): change it to "
         r"\(stream, stream_id, event_time\) by hand",
     ):
-        init_db(env.settings)
+        init_db(env.settings, plain=True)
     assert "stream" not in {
         name
         for (name,) in env.sql(
@@ -251,8 +251,8 @@ def test_an_upgrade_that_cannot_lock_the_table_gives_up_and_changes_nothing(
             match=rf"table {env.settings.table} is in use .*: stop the consumers "
             r"loading it and run `filepipe init-db` again",
         ):
-            init_db(env.settings)
+            init_db(env.settings, plain=True)
         reader.rollback()
     assert primary_key(env) == ["stream_id", "event_time"]
-    init_db(env.settings)
+    init_db(env.settings, plain=True)
     assert primary_key(env) == ["stream", "stream_id", "event_time"]

@@ -156,14 +156,23 @@ def _root(
 @app.command("init-db")
 @handle_errors
 def init_db_cmd(
-    pg_uri: PgUri = None, table: Table = None, stream: Stream = None, debug: Debug = False
+    pg_uri: PgUri = None,
+    table: Table = None,
+    stream: Stream = None,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--plain", help="Create a plain PostgreSQL table even where TimescaleDB is installed."
+        ),
+    ] = False,
+    debug: Debug = False,
 ) -> None:
-    """Create the events table (a hypertable when TimescaleDB is installed), or upgrade one of
+    """Create the events table (a hypertable where TimescaleDB can be used), or upgrade one of
     the old layout (its rows are given the stream name). Idempotent."""
     from .db import init_db
 
     s = settings_from(pg_uri=pg_uri, table=table, stream=stream)
-    info = init_db(s)
+    info = init_db(s, plain=plain)
     if info.upgraded is not None:
         up = info.upgraded
         about = f" (about {up.rows:,})" if up.rows else ""
@@ -171,8 +180,7 @@ def init_db_cmd(
             f"✓ Table {info.table} upgraded in {up.seconds:.1f} s: rows keyed by "
             f"(stream, stream_id, event_time); existing rows{about} are stream '{up.stream}'"
         )
-    kind = "TimescaleDB hypertable" if info.hypertable else "plain table (timescaledb not available)"
-    typer.echo(f"✓ Table {info.table} ready: {kind} on {mask_url(s.pg_uri)}")
+    typer.echo(f"✓ Table {info.table} ready: {info.describe()} on {mask_url(s.pg_uri)}")
 
 
 @app.command()

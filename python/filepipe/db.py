@@ -18,7 +18,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -26,7 +26,7 @@ import psycopg.conninfo
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from . import _native
+from . import _native, timescale
 from . import constants as c
 from ._faults import crash_point
 from .config import Settings, mask_url
@@ -221,9 +221,18 @@ class Upgrade:
 class SchemaInfo:
     table: str
     hypertable: bool
-    timescaledb: bool
+    timescaledb: bool  # the extension is in use in this database
     # Set when init-db upgraded an old-layout table: what it did, for the user.
     upgraded: Upgrade | None = None
+    extension: timescale.Extension = field(default_factory=timescale.Extension)
+
+    def describe(self) -> str:
+        """The table's kind in words, for `init-db` and the demo."""
+        if self.hypertable:
+            return "TimescaleDB hypertable"
+        if self.extension.state == "absent":
+            return "plain table (timescaledb not available)"
+        return "plain table"
 
 
 @dataclass(frozen=True)
@@ -351,9 +360,11 @@ def _upgrade(conn: psycopg.Connection[Any], table: str, stream: str, layout: Lay
     return Upgrade(stream=stream, rows=rows, seconds=time.monotonic() - started)
 
 
-def init_db(settings: Settings) -> SchemaInfo:
-    """Creates the events table (a TimescaleDB hypertable on `event_time` when the
-    extension is available, a plain table with a time index otherwise). Idempotent.
+def init_db(settings: Settings, *, plain: bool = False) -> SchemaInfo:
+    """Creates the events table: a TimescaleDB hypertable on `event_time` where the server
+    can use the extension, a plain table with a time index where it has none, or with
+    `plain`. Idempotent. Raises NotPreloadedError (a ConfigError) where the extension is
+    installed but not preloaded and `plain` is not given: `timescale.table_kind` decides.
 
     An existing table of the old layout (no `stream` column, keyed by (stream_id,
     event_time)) is upgraded in one transaction: its rows get `settings.stream`."""
@@ -373,18 +384,17 @@ def init_db(settings: Settings) -> SchemaInfo:
                 conn.execute(
                     sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(table.split(".")[0]))
                 )
-            available = conn.execute(
-                "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-            ).fetchone() is not None
-            if available:
+            ext = timescale.read_extension(conn)
+            wanted = timescale.table_kind(ext, plain=plain)
+            if wanted == timescale.HYPERTABLE and not ext.installed:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            in_use = wanted == timescale.HYPERTABLE or bool(ext.installed)
             conn.execute(create)
             upgraded = None
             layout = read_layout(conn, table)
             if layout is not None and layout.problem(table):
                 upgraded = _upgrade(conn, table, settings.stream, layout)
-            hypertable = False
-            if available:
+            if wanted == timescale.HYPERTABLE:
                 conn.execute(
                     "SELECT create_hypertable(%s::regclass, 'event_time', "
                     "if_not_exists => TRUE, migrate_data => TRUE)",
@@ -392,12 +402,17 @@ def init_db(settings: Settings) -> SchemaInfo:
                 )
                 hypertable = True
             else:
-                conn.execute(
-                    sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (event_time DESC)").format(
-                        _index_name(table, "_event_time_idx"), ident
+                # A plain table asked for where one is a hypertable already stays one.
+                hypertable = in_use and is_hypertable(conn, table)
+                if not hypertable:
+                    conn.execute(
+                        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (event_time DESC)").format(
+                            _index_name(table, "_event_time_idx"), ident
+                        )
                     )
-                )
-            return SchemaInfo(table=table, hypertable=hypertable, timescaledb=available, upgraded=upgraded)
+            return SchemaInfo(
+                table=table, hypertable=hypertable, timescaledb=in_use, upgraded=upgraded, extension=ext
+            )
     except psycopg.errors.LockNotAvailable as e:
         raise DatabaseError(
             f"table {table} is in use (its lock was not granted within {UPGRADE_LOCK_TIMEOUT_MS // 1000} s): "

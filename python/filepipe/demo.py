@@ -38,9 +38,10 @@ def make_samples(directory: Path, count: int, seed: int = 7) -> int:
 
 def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
     """Produces `files` sample files and consumes them into PostgreSQL, printing each step."""
-    from . import db
+    from . import db, timescale
     from .consumer import Consumer
-    from .embedded import PostgresServer, RedisServer
+    from .embedded import PostgresServer, RedisServer, timescaledb_installed
+    from .errors import NotPreloadedError
     from .producer import Producer
 
     base = load_settings()
@@ -54,8 +55,10 @@ def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
             echo("Starting a throwaway Redis ...")
             redis_url = stack.enter_context(RedisServer()).url
         if not env_pg:
-            echo("Starting a throwaway PostgreSQL ...")
-            pg_uri = stack.enter_context(PostgresServer()).uri
+            # With TimescaleDB installed, the throwaway server preloads it: a hypertable.
+            preload = ("timescaledb",) if timescaledb_installed() else ()
+            echo(f"Starting a throwaway PostgreSQL{' with TimescaleDB' if preload else ''} ...")
+            pg_uri = stack.enter_context(PostgresServer(preload=preload)).uri
         stream = f"filepipe_demo_{os.getpid()}" if env_redis else base.stream
         table = f"filepipe_demo_{os.getpid()}" if env_pg else base.table
         settings = load_settings(
@@ -69,7 +72,14 @@ def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
         echo(f"  PostgreSQL: {mask_url(settings.pg_uri)} (table {settings.table})")
         echo(f"  Storage:    {settings.local_storage_dir}")
 
-        info = db.init_db(settings)
+        try:
+            info = db.init_db(settings)
+        except NotPreloadedError:
+            with db.connect(settings) as conn:
+                ext = timescale.read_extension(conn)
+            echo(f"! TimescaleDB is installed there but not preloaded ({ext.preload_advice()}): "
+                 "the demo uses a plain table")
+            info = db.init_db(settings, plain=True)
         echo(f"✓ Table {info.table} ready ({'hypertable' if info.hypertable else 'plain table'})")
 
         size = make_samples(work / "samples", files)

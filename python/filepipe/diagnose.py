@@ -1062,7 +1062,7 @@ def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -
     that is dropped afterwards."""
     scratch = replace(settings, table=scratch_table(settings, tag), pool_size=1)
     try:
-        db.init_db(scratch)
+        db.init_db(scratch, plain=True)
     except FilepipeError as e:
         f.load_estimated = True
         f.load_rows = rows
@@ -1319,7 +1319,7 @@ def run_pipeline(
     written: list[str] = []
     r = stream.connect(scratch)
     try:
-        db.init_db(scratch)
+        db.init_db(scratch, plain=True)
         storage = open_storage(scratch, mode)
         if mode == "local":
             _write_files(local_dir, distinct, file_size, evict=True)

@@ -77,6 +77,20 @@ def _find_pg_bindir() -> Path | None:
     return None
 
 
+def timescaledb_installed(bindir: Path | None = None) -> bool:
+    """Whether the PostgreSQL whose binaries are in `bindir` (default: the one found) has
+    TimescaleDB's files installed, so a cluster preloading it can create the extension."""
+    bindir = bindir or _find_pg_bindir()
+    if bindir is None or not (bindir / "pg_config").exists():
+        return False
+    try:
+        found = subprocess.run([str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True,
+                               timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return (Path(found.stdout.strip()) / "extension" / "timescaledb.control").exists()
+
+
 class RedisServer:
     """A private redis-server without persistence."""
 
@@ -126,11 +140,15 @@ class RedisServer:
 
 class PostgresServer:
     """A private PostgreSQL cluster made with initdb in a temporary directory, trust
-    auth, listening on 127.0.0.1 only. Tuned for throwaway use (no fsync)."""
+    auth, listening on 127.0.0.1 only. Tuned for throwaway use (no fsync). `preload`
+    names libraries for shared_preload_libraries (`timescaledb`, with its telemetry off)."""
 
-    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, durable: bool = False, preload: tuple[str, ...] = ()
+    ) -> None:
         self.port = port or free_port()
         self.durable = durable
+        self.preload = preload
         self.dir = Path(tempfile.mkdtemp(prefix="filepipe-pg-"))
         self.data = self.dir / "data"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -179,6 +197,10 @@ class PostgresServer:
             "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=100",
             "-c", "shared_buffers=128MB", "-c", "logging_collector=off",
         ]
+        if self.preload:
+            settings += ["-c", f"shared_preload_libraries={','.join(self.preload)}"]
+        if "timescaledb" in self.preload:
+            settings += ["-c", "timescaledb.telemetry_level=off"]
         if not self.durable:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         with open(self.dir / "postgres.log", "ab") as log:

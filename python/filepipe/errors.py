@@ -29,3 +29,7 @@ class DatabaseError(FilepipeError):
 
 class TransientError(FilepipeError):
     """A service is unreachable or overloaded for now; the operation is retried."""
+
+
+class NotPreloadedError(ConfigError):
+    """TimescaleDB is installed on the server but not in `shared_preload_libraries`."""
