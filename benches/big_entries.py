@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
              "local_storage_dir": str(root), "block_ms": 100},
             environ={}, dotenv_path=None,
         )
-        init_db(s)
+        init_db(s, plain=True)
         r = redis.Redis.from_url(redis_url)
         rng = random.Random(1)
         # Under the per-entry cap once the id, the names and the other fields are counted.

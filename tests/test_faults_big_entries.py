@@ -55,7 +55,7 @@ def big(pg_uri: str, tmp_path: Path) -> Iterator[tuple[Settings, redis.Redis]]:
              "local_storage_dir": str(tmp_path), "consumer_name": f"mem-{tag}", "block_ms": 100},
             environ={}, dotenv_path=None,
         )
-        init_db(settings)
+        init_db(settings, plain=True)
         r = redis.Redis.from_url(server.url)
         try:
             yield settings, r
