@@ -56,18 +56,18 @@ def main() -> None:
         settings = load_settings({"pg_uri": uri, "table": table}, environ={}, dotenv_path=None)
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute(OLD_LAYOUT.format(table=table))
-            t0 = time.perf_counter()
-            conn.execute(FILL.format(table=table), (args.rows,))  # type: ignore[arg-type]
-            conn.execute(f"VACUUM ANALYZE {table}")
-            old_key = conn.execute(
-                "SELECT pg_size_pretty(pg_relation_size(%s::regclass))", (f"{table}_pkey",)
-            ).fetchone()
-            assert old_key is not None
-            print(
-                f"built {args.rows:,} old-layout rows in {time.perf_counter() - t0:.1f} s "
-                f"(primary key {old_key[0]})"
-            )
             try:
+                t0 = time.perf_counter()
+                conn.execute(FILL.format(table=table), (args.rows,))  # type: ignore[arg-type]
+                conn.execute(f"VACUUM ANALYZE {table}")
+                old_key = conn.execute(
+                    "SELECT pg_size_pretty(pg_relation_size(%s::regclass))", (f"{table}_pkey",)
+                ).fetchone()
+                assert old_key is not None
+                print(
+                    f"built {args.rows:,} old-layout rows in {time.perf_counter() - t0:.1f} s "
+                    f"(primary key {old_key[0]})"
+                )
                 info = init_db(settings, plain=True)
                 assert info.upgraded is not None
                 size = conn.execute(

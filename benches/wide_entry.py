@@ -46,6 +46,7 @@ def consumer_run(fields: int) -> str:
     import redis
 
     from filepipe.config import load_settings
+    from filepipe.constants import dead_letter_ids_key
     from filepipe.consumer import Consumer
     from filepipe.db import init_db
     from filepipe.embedded import PostgresServer, RedisServer
@@ -91,7 +92,7 @@ def consumer_run(fields: int) -> str:
                 f" the entry takes {entry_memory:,} bytes of Redis, its dead letter {letter_memory:,}"
             )
         finally:
-            r.delete(s.stream, s.dead_stream)
+            r.delete(s.stream, s.dead_stream, dead_letter_ids_key(s.stream))
             r.close()
             with psycopg.connect(uri, autocommit=True) as conn:
                 conn.execute(f"DROP TABLE IF EXISTS {s.table}")
