@@ -223,7 +223,7 @@ def test_names_follow_prometheus_conventions(env: Env) -> None:
         else:
             assert not name.endswith("_total"), name
         if family.type == "histogram":
-            assert name.endswith(("_seconds", "_entries")), name
+            assert name.endswith(("_seconds", "_entries", "_bytes")), name
         assert not re.search(r"_(ms|milliseconds|minutes|kb|mb)(_|$)", name), name
 
 
