@@ -60,8 +60,22 @@ browser: ## Install Debian's Chromium for the dashboard's browser tests (if miss
 pgbouncer: ## Install Debian's PgBouncer for the transaction-pooling tests (if missing)
 	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || (apt-get update && apt-get install -y pgbouncer)
 
+# The shared script that builds TimescaleDB's Apache-2 edition into the machine's PostgreSQL.
+TIMESCALEDB_BUILD ?= ../shared/timescaledb/build.sh
+
+.PHONY: timescaledb
+timescaledb: install ## Install TimescaleDB for the hypertable tests if missing (TIMESCALEDB_BUILD: the build script)
+	@if [ -n "$$FILEPIPE_TEST_TSDB_URI" ] || $(PY) -c 'import sys; from filepipe.embedded import timescaledb_installed as t; sys.exit(not t())'; then \
+	  :; \
+	elif [ -x "$(TIMESCALEDB_BUILD)" ]; then \
+	  "$(TIMESCALEDB_BUILD)"; \
+	else \
+	  echo "TimescaleDB is not installed and $(TIMESCALEDB_BUILD) does not exist: set TIMESCALEDB_BUILD=/path/to/build.sh, or FILEPIPE_TEST_TSDB_URI to a server that preloads timescaledb"; \
+	  exit 1; \
+	fi
+
 .PHONY: test
-test: install test-rust browser pgbouncer ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
+test: install test-rust browser pgbouncer timescaledb ## Run the whole test suite (Rust core, then pytest; benches run once, unmeasured)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: bench

@@ -1,11 +1,16 @@
-"""Fixtures: real Redis and PostgreSQL.
+"""Fixtures: real Redis and PostgreSQL, and a real TimescaleDB.
 
 `FILEPIPE_TEST_REDIS_URL` / `FILEPIPE_TEST_PG_URI` point at running servers; when
 unset, throwaway servers are started for the session. Every test gets its own
-stream, group and table names, and cleans them up."""
+stream, group and table names, and cleans them up.
+
+`env` is a plain table on that PostgreSQL. A test marked `@both_tables` runs twice:
+on a plain table, and on a hypertable in a private cluster that preloads TimescaleDB
+(`tests/support/timescale.py`; `FILEPIPE_TEST_TSDB_URI` names one instead)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from tests.support import timescale as tsdb
 
 from filepipe import _native
 from filepipe.config import Settings, load_settings
@@ -43,6 +49,25 @@ def pg_uri() -> Iterator[str]:
         yield server.uri
 
 
+@pytest.fixture(scope="session")
+def tsdb_uri() -> Iterator[str]:
+    """A server whose databases can create the timescaledb extension (started once, at the
+    first test that asks for it)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            uri = stack.enter_context(tsdb.timescaledb_uri())
+        except RuntimeError as e:
+            pytest.fail(str(e))
+        yield uri
+
+
+PLAIN, HYPERTABLE = "plain", "hypertable"
+# Runs a test on a plain table and on a hypertable: `@both_tables` above a test using `env`.
+both_tables = pytest.mark.parametrize("env", [PLAIN, HYPERTABLE], indirect=True)
+# Runs a test on a hypertable only (what plain PostgreSQL does not have).
+on_hypertable = pytest.mark.parametrize("env", [HYPERTABLE], indirect=True)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [f"filepipe extension {_native.__version__}"]
     url = os.environ.get("FILEPIPE_TEST_REDIS_URL")
@@ -58,6 +83,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                 lines.append(f"postgresql: {conn.info.server_version} at {uri}")
         else:
             lines.append("postgresql: throwaway server (FILEPIPE_TEST_PG_URI unset)")
+        tsdb_uri = os.environ.get(tsdb.ENV_URI)
+        lines.append(
+            tsdb.describe(tsdb_uri)
+            if tsdb_uri
+            else "timescaledb: a private cluster preloading it (FILEPIPE_TEST_TSDB_URI unset)"
+        )
     except Exception as e:  # the header must never break collection
         lines.append(f"services: {e}")
     return lines
@@ -71,11 +102,16 @@ class Env:
     redis: redis.Redis
     pg_uri: str
     storage: Path
+    hypertable: bool = False  # the table is a TimescaleDB hypertable
 
     def settings_with(self, **overrides: Any) -> Settings:
         values = {k: v for k, v in self.settings.__dict__.items()}
         values.update(overrides)
         return Settings(**values)
+
+    def init_args(self) -> list[str]:
+        """`filepipe init-db` as this table was made: a hypertable, or `--plain`."""
+        return ["init-db"] if self.hypertable else ["init-db", "--plain"]
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.pg_uri) as conn:
@@ -106,9 +142,13 @@ class Env:
 
 
 @pytest.fixture
-def env(redis_url: str, pg_uri: str, tmp_path: Path) -> Iterator[Env]:
+def env(request: pytest.FixtureRequest, redis_url: str, pg_uri: str, tmp_path: Path) -> Iterator[Env]:
+    """A plain table (or, parametrized by `both_tables`, a hypertable on TimescaleDB)."""
     from filepipe.db import init_db
 
+    hypertable = getattr(request, "param", PLAIN) == HYPERTABLE
+    if hypertable:
+        pg_uri = request.getfixturevalue("tsdb_uri")
     tag = uuid.uuid4().hex[:10]
     storage = tmp_path / "storage"
     storage.mkdir()
@@ -127,10 +167,11 @@ def env(redis_url: str, pg_uri: str, tmp_path: Path) -> Iterator[Env]:
         environ={},
         dotenv_path=None,
     )
-    init_db(settings, plain=True)
+    info = init_db(settings, plain=not hypertable)
+    assert info.hypertable == hypertable
     r = redis.Redis.from_url(redis_url)
     try:
-        yield Env(settings=settings, redis=r, pg_uri=pg_uri, storage=storage)
+        yield Env(settings=settings, redis=r, pg_uri=pg_uri, storage=storage, hypertable=hypertable)
     finally:
         for key in r.scan_iter(match=f"*fp_test_{tag}*"):
             r.delete(key)

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tests.conftest import Env
+from tests.conftest import Env, both_tables
 from tests.support.workload import Workload, seed, start_consumer, wait_ready
 
 from filepipe import dlq, stream
@@ -92,6 +92,7 @@ def test_kill_9_at_random_moments_with_two_consumers(fenv: Env, tmp_path: Path) 
     assert_exact(fenv, w)
 
 
+@both_tables
 @pytest.mark.parametrize("point", ["after_copy", "after_commit", "after_ack"])
 def test_crash_at_each_gap_of_the_batch_cycle(fenv: Env, point: str, tmp_path: Path) -> None:
     w = seed(fenv.redis, fenv.settings, fenv.storage, 1000, poison_every=7)
@@ -103,6 +104,25 @@ def test_crash_at_each_gap_of_the_batch_cycle(fenv: Env, point: str, tmp_path: P
     # The same consumer, restarted, re-reads its own pending entries first.
     restarted = start_consumer(fenv.settings, "crasher", "--drain", log=tmp_path / "crasher.log")
     assert restarted.wait(60) == 0
+    assert_exact(fenv, w)
+
+
+@both_tables
+def test_kill_9_between_copy_and_commit(fenv: Env, tmp_path: Path) -> None:
+    """Killed while a first delivery's COPY is still open, then while a redelivery's merge
+    has inserted its rows but not committed them: neither leaves a row, all load once."""
+    w = seed(fenv.redis, fenv.settings, fenv.storage, 1000, poison_every=7)
+    log = tmp_path / "crasher.log"
+    first = start_consumer(fenv.settings, "crasher", "--drain", log=log, FILEPIPE_CRASH_AT="during_copy:3")
+    assert first.wait(60) == -signal.SIGKILL
+    committed = fenv.rows()
+    assert 0 < committed < w.good
+    # Restarted, it re-reads its own pending entries first: a redelivery, loaded by the merge.
+    second = start_consumer(fenv.settings, "crasher", "--drain", log=log, FILEPIPE_CRASH_AT="before_commit:1")
+    assert second.wait(60) == -signal.SIGKILL, log.read_text()
+    assert fenv.rows() == committed  # the killed transaction left nothing behind
+    last = start_consumer(fenv.settings, "crasher", "--drain", log=log)
+    assert last.wait(60) == 0
     assert_exact(fenv, w)
 
 
@@ -183,6 +203,7 @@ def test_max_deliveries_dead_letters_a_looping_entry(fenv: Env) -> None:
     assert fenv.rows() == 1 and fenv.pending() == 0
 
 
+@both_tables
 def test_a_row_postgres_refuses_is_isolated(fenv: Env) -> None:
     fenv.sql(f"ALTER TABLE {fenv.settings.table} ADD CONSTRAINT no_refuse CHECK (filename <> 'refuse me')")
     fenv.write_file("ok.txt", b"ok")

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import conninfo
-from tests.conftest import Env
+from tests.conftest import Env, both_tables
 
 from filepipe import _native
 from filepipe.db import init_db
@@ -37,6 +37,7 @@ def make_files(root: Path, n: int, seed: int = 1) -> dict[str, bytes]:
     return files
 
 
+@both_tables
 def test_ten_thousand_events_every_column_matches(env: Env, tmp_path: Path) -> None:
     files = make_files(tmp_path / "src", 10_000)
     producer = Producer(env.settings)

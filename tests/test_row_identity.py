@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from tests.conftest import Env
+from tests.conftest import Env, both_tables
 from tests.test_cli import cli_env, run
 
 from filepipe import _native, db
@@ -33,6 +33,7 @@ def add_entries(r: redis.Redis, stream: str, ids: list[str]) -> None:
     pipe.execute()
 
 
+@both_tables
 def test_two_streams_into_one_table_keep_every_row(env: Env) -> None:
     env.write_file("a.txt", b"hello")
     ids = entry_ids(N)
@@ -107,6 +108,9 @@ def make_old_layout_table(env: Env, entries: list[tuple[str, str]]) -> None:
                 "VALUES (to_timestamp(%s / 1000.0), %s, %s, 'a.txt', 'local', 'a.txt', 5, 'x', now(), 'old')",
                 [(int(entry_id.split("-")[0]), entry_id, file_id) for entry_id, file_id in entries],
             )
+        if env.hypertable:  # as a hypertable of the previous version, its rows in chunks
+            conn.execute("SELECT create_hypertable(%s::regclass, 'event_time', migrate_data => TRUE)",
+                         (table,))
 
 
 def add_events(env: Env, n: int) -> list[tuple[str, str]]:
@@ -121,6 +125,7 @@ def add_events(env: Env, n: int) -> list[tuple[str, str]]:
     return out
 
 
+@both_tables
 def test_consume_refuses_an_old_layout_table_and_init_db_upgrades_it(env: Env, tmp_path: Path) -> None:
     events = add_events(env, 1000)
     make_old_layout_table(env, events[:600])  # the previous version loaded these, then stopped
@@ -135,7 +140,7 @@ def test_consume_refuses_an_old_layout_table_and_init_db_upgrades_it(env: Env, t
     ]
     assert env.rows() == 600 and env.pending() == 0  # nothing was read
 
-    upgraded = run(["init-db", "--plain"], e, tmp_path)
+    upgraded = run(env.init_args(), e, tmp_path)
     assert upgraded.returncode == 0, upgraded.stderr
     first, ready = upgraded.stdout.strip().splitlines()
     assert first.startswith(f"✓ Table {table} upgraded in ")
@@ -152,7 +157,7 @@ def test_consume_refuses_an_old_layout_table_and_init_db_upgrades_it(env: Env, t
     assert env.rows() == 1000 and env.pending() == 0
     assert env.sql(f"SELECT count(DISTINCT stream_id) FROM {table}")[0][0] == 1000
 
-    again = run(["init-db", "--plain"], e, tmp_path)  # nothing left to upgrade
+    again = run(env.init_args(), e, tmp_path)  # nothing left to upgrade
     assert again.returncode == 0 and again.stdout.strip().splitlines() == [ready]
 
 

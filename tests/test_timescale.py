@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import subprocess
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
 import psycopg
 import pytest
+from tests.conftest import Env, both_tables, on_hypertable
+from tests.test_cli import cli_env, run
+from tests.test_row_identity import PRIMARY_KEY_SQL
 
 from filepipe import timescale
+from filepipe.embedded import PostgresServer
 from filepipe.errors import ConfigError, NotPreloadedError
 from filepipe.timescale import Extension, table_kind
 
@@ -74,3 +86,269 @@ def test_the_facts_are_read_from_the_server(pg_uri: str) -> None:
     assert ext.available == (available[0] if available else "")
     assert ext.preload_libraries == (preload[0] if preload else None)
     assert ext.preloaded == ("timescaledb" in (ext.preload_libraries or ""))
+
+
+# -- on real servers --------------------------------------------------------------------------
+
+
+def dimension(env: Env) -> tuple[str, timedelta] | None:
+    """The hypertable's time dimension and interval; None for a plain table."""
+    if not env.hypertable:
+        return None
+    rows = env.sql(
+        "SELECT column_name, time_interval FROM timescaledb_information.dimensions "
+        "WHERE hypertable_name = %s",
+        (env.settings.table,),
+    )
+    return (rows[0][0], rows[0][1]) if rows else None
+
+
+def chunk_count(env: Env) -> int:
+    query = "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = %s"
+    rows = env.sql(query, (env.settings.table,))
+    return int(rows[0][0])
+
+
+def add_timed_events(env: Env, times_ms: list[int]) -> list[str]:
+    """One event per time (entry ids `<ms>-0`, in order), each for the file `a.txt`."""
+    env.write_file("a.txt", b"hello")
+    pipe = env.redis.pipeline(transaction=False)
+    ids = []
+    for n, ms in enumerate(sorted(times_ms)):
+        entry_id = f"{ms}-{n}"
+        pipe.xadd(env.settings.stream, {"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"},
+                  id=entry_id)
+        ids.append(entry_id)
+    pipe.execute()
+    return ids
+
+
+def test_a_server_with_timescaledb_installed_but_not_preloaded(env: Env, tmp_path: Path) -> None:
+    """The state after a plain package install (and of this machine's shared server once
+    TimescaleDB is built): init-db says what to change and changes nothing; --plain works."""
+    with PostgresServer() as server:
+        e = cli_env(env, PG_URI=server.uri)
+        refused = run(["init-db"], e, tmp_path)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.splitlines() == [
+            f"error: TimescaleDB {timescale_version()} is installed on this server but not preloaded: set "
+            "shared_preload_libraries = 'timescaledb' in postgresql.conf (it is empty now) and restart "
+            "PostgreSQL (a reload is not enough); or run `filepipe init-db --plain` to create a plain table "
+            "instead"
+        ]
+        with psycopg.connect(server.uri) as conn:
+            assert conn.execute("SELECT to_regclass(%s)", (env.settings.table,)).fetchone() == (None,)
+        plain = run(["init-db", "--plain"], e, tmp_path)
+        assert plain.returncode == 0, plain.stderr
+        ready = f"✓ Table {env.settings.table} ready: plain table on {server.uri}"
+        assert plain.stdout.splitlines() == [ready]
+        again = run(["init-db", "--plain", "--retention", "30d"], e, tmp_path)
+        assert again.returncode == 2
+        assert again.stderr.strip() == (
+            "error: --retention needs a TimescaleDB hypertable, and --plain asks for a plain table: "
+            "nothing was changed"
+        )
+
+
+def timescale_version() -> str:
+    from filepipe.embedded import _find_pg_bindir
+
+    bindir = _find_pg_bindir()
+    assert bindir is not None
+    share = subprocess.run([str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    control = (Path(share) / "extension" / "timescaledb.control").read_text()
+    return re.search(r"default_version\s*=\s*'([^']+)'", control).group(1)  # type: ignore[union-attr]
+
+
+@both_tables
+def test_init_db_twice_is_idempotent(env: Env, tmp_path: Path) -> None:
+    """A hypertable on event_time, chunks of a day, keyed by (stream, stream_id, event_time)."""
+    e = cli_env(env)
+    table = env.settings.table
+    kind = "TimescaleDB hypertable (apache edition, chunks of 1 day)" if env.hypertable else "plain table"
+    first = run(env.init_args(), e, tmp_path)
+    second = run(env.init_args(), e, tmp_path)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout == f"✓ Table {table} ready: {kind} on {env.pg_uri}\n"
+    assert dimension(env) == (("event_time", timedelta(days=1)) if env.hypertable else None)
+    assert [name for (name,) in env.sql(PRIMARY_KEY_SQL, (table,))] == ["stream", "stream_id", "event_time"]
+
+
+@on_hypertable
+def test_the_chunk_interval_is_chosen_and_changed_on_purpose(env: Env, tmp_path: Path) -> None:
+    e = cli_env(env)
+    env.sql(f"DROP TABLE {env.settings.table}")
+    made = run(["init-db", "--chunk-interval", "6h"], e, tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "(apache edition, chunks of 6 hours)" in made.stdout
+    assert dimension(env) == ("event_time", timedelta(hours=6))
+    changed = run(["init-db", "--chunk-interval", "2d"], e, tmp_path)
+    assert changed.stdout.splitlines()[1:] == [
+        "  chunk interval: new chunks span 2 days (existing chunks keep theirs)"
+    ]
+    assert "chunks of 2 days" in run(["init-db"], e, tmp_path).stdout  # kept when not given
+    bad = run(["init-db", "--chunk-interval", "soon"], e, tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --chunk-interval must be a duration such as 6h, 1d, 90d or 2w (m, h, d, w), not 'soon'"
+    )
+
+
+@on_hypertable
+def test_a_plain_table_with_rows_becomes_a_hypertable_only_when_asked(env: Env, tmp_path: Path) -> None:
+    e = cli_env(env)
+    table = env.settings.table
+    env.sql(f"DROP TABLE {table}")
+    assert run(["init-db", "--plain"], e, tmp_path).returncode == 0
+    day = 86_400_000
+    now = int(time.time() * 1000)
+    ids = add_timed_events(env, [now - d * day - k for d in range(4) for k in range(250)])  # 4 days
+    assert env.drain(stream_retention="all").inserted == 1000
+
+    kept = run(["init-db"], e, tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.splitlines() == [
+        f"✓ Table {table} ready: plain table on {env.pg_uri}",
+        f"! table {table} is a plain table with rows, left as it is: `filepipe init-db "
+        "--migrate-to-hypertable` turns it into a hypertable (it copies every row into chunks, with the "
+        "table locked meanwhile)",
+    ]
+    assert dimension(env) is None
+
+    migrated = run(["init-db", "--migrate-to-hypertable"], e, tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.splitlines() == [
+        f"✓ Table {table} turned into a hypertable: 1,000 rows moved into chunks",
+        f"✓ Table {table} ready: TimescaleDB hypertable (apache edition, chunks of 1 day) on {env.pg_uri}",
+    ]
+    assert dimension(env) == ("event_time", timedelta(days=1))
+    assert chunk_count(env) >= 4
+    assert sorted(r[0] for r in env.sql(f"SELECT stream_id FROM {table}")) == sorted(ids)
+    assert env.sql(f"SELECT count(*) FROM ONLY {table}") == [(0,)]  # every row is in a chunk
+
+    # A full replay into the migrated table duplicates nothing.
+    env.redis.xgroup_setid(env.settings.stream, env.settings.group, "0")
+    again = env.drain(consumer_name="replayer")
+    assert again.inserted == 0 and again.duplicates == 1000 and env.rows() == 1000
+    assert run(["init-db", "--migrate-to-hypertable"], e, tmp_path).stdout.splitlines()[0].startswith(
+        f"✓ Table {table} ready: TimescaleDB hypertable"
+    )  # nothing left to migrate
+
+
+@on_hypertable
+def test_retention_on_the_apache_edition_is_drop_chunks_from_cron(env: Env, tmp_path: Path) -> None:
+    """No retention policy in this edition: init-db says so and gives the cron line, and
+    `filepipe drop-chunks` drops exactly the chunks wholly older than the window."""
+    e = cli_env(env)
+    table = env.settings.table
+    noted = run(["init-db", "--retention", "5d"], e, tmp_path)
+    assert noted.returncode == 0, noted.stderr
+    assert noted.stdout.splitlines()[1:] == [
+        "! retention: the apache edition of TimescaleDB has no retention policies; drop chunks older than "
+        f"5 days from cron instead, e.g. `17 * * * * filepipe drop-chunks --older-than 5d --table {table}`"
+    ]
+    day = 86_400_000
+    now = int(time.time() * 1000)
+    times = [now - d * day - k * 1000 for d in range(10) for k in range(30)]
+    add_timed_events(env, times)
+    assert env.drain().inserted == 300
+    before = chunk_count(env)
+
+    dropped = run(["drop-chunks", "--older-than", "5d"], e, tmp_path)
+    assert dropped.returncode == 0, dropped.stderr
+    (left, oldest, cutoff), = env.sql(
+        "SELECT count(*), min(range_start), now() - interval '5 days' FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = %s",
+        (table,),
+    )
+    gone = before - left
+    assert gone >= 4 and dropped.stdout == f"✓ Dropped {gone} chunks of {table} older than 5 days\n"
+    assert oldest <= cutoff < oldest + timedelta(days=1)  # the chunk holding the cutoff stays
+    kept = [t for t in times if t >= oldest.timestamp() * 1000]
+    assert env.rows() == len(kept) and len(kept) < 300
+    again = run(["drop-chunks", "--older-than", "5d"], e, tmp_path)
+    assert again.stdout == f"✓ No chunk of {table} is older than 5 days\n"
+
+
+def test_drop_chunks_refuses_a_plain_table(env: Env, tmp_path: Path) -> None:
+    result = run(["drop-chunks", "--older-than", "90d"], cli_env(env), tmp_path)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: table {env.settings.table} is a plain table: it has no chunks to drop (a hypertable has; "
+        "see `filepipe init-db --migrate-to-hypertable`)"
+    )
+
+
+@on_hypertable
+def test_compression_needs_the_timescale_license_and_nothing_is_changed(env: Env, tmp_path: Path) -> None:
+    e = cli_env(env)
+    env.sql(f"DROP TABLE {env.settings.table}")
+    refused = run(["init-db", "--compress-after", "7d", "--retention", "90d"], e, tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (
+        "error: --compress-after needs TimescaleDB's compression, which the apache edition of TimescaleDB "
+        "on this server does not have (it is in the Timescale-License edition): nothing was changed"
+    )
+    assert env.sql("SELECT to_regclass(%s)", (env.settings.table,)) == [(None,)]  # one transaction
+
+
+@on_hypertable
+def test_the_timescale_license_statements_are_known_to_this_timescaledb(env: Env) -> None:
+    """The policies, compression settings and continuous aggregate run only on the full edition
+    (checked elsewhere). Here each statement must get as far as the license check: its
+    functions, argument names and options exist in this version's catalog."""
+    table = env.settings.table
+    statements = [
+        *timescale.retention_sql(),
+        *timescale.compression_sql(table, enabled=False),
+        *timescale.rate_view_sql(table),
+    ]
+    for statement in statements:
+        with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+            if "add_continuous_aggregate_policy" in statement.as_string(conn):
+                conn.execute(f"CREATE VIEW {timescale.rate_view_name(table)} AS SELECT 1")  # a regclass
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match='the current "apache" license'):
+                conn.execute(statement, {"t": table, "after": timedelta(days=7)})
+    with psycopg.connect(env.pg_uri, autocommit=True) as conn:  # what a mistake would get instead
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            conn.execute("SELECT add_retention_policy(%s::regclass, dropafter => '1 day'::interval)",
+                         (table,))
+        conn.execute(f"DROP VIEW {timescale.rate_view_name(table)}")
+
+
+# TimescaleDB's full edition caps the tuples one statement may decompress to load rows into
+# compressed chunks (a redelivery, a late event); this edition has no compression, so a
+# trigger stands in for it: it refuses every row with TimescaleDB's SQLSTATE and message
+# unless the cap is lifted, as a real compressed chunk would past the cap.
+CAP_TRIGGER = """
+CREATE FUNCTION {table}_cap() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF current_setting('timescaledb.max_tuples_decompressed_per_dml_transaction') <> '0' THEN
+    RAISE EXCEPTION 'tuple decompression limit exceeded by operation' USING ERRCODE = '53400';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER decompression_cap BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_cap();
+"""
+
+
+@on_hypertable
+def test_rows_refused_for_compressed_chunks_are_merged_with_the_cap_lifted(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = env.settings.table
+    env.sql(CAP_TRIGGER.format(table=table))
+    caplog.set_level(logging.INFO, logger="filepipe.db")
+    try:
+        ids = add_timed_events(env, [int(time.time() * 1000) - 60_000 + i for i in range(500)])
+        first = env.drain(batch_size=100, stream_retention="all")  # direct COPY, refused: merged
+        assert first.inserted == 500 and first.dead_lettered == 0 and env.pending() == 0
+        assert "direct COPY into compressed chunks refused, merging instead: tuple decompression limit " \
+            "exceeded by operation" in caplog.text
+        env.redis.xgroup_setid(env.settings.stream, env.settings.group, "0")
+        replay = env.drain(batch_size=100, consumer_name="replayer")  # the merge, refused, then lifted
+        assert replay.inserted == 0 and replay.duplicates == 500 and replay.dead_lettered == 0
+        assert "the merge met TimescaleDB's decompression cap, merging without it" in caplog.text
+        assert sorted(r[0] for r in env.sql(f"SELECT stream_id FROM {table}")) == sorted(ids)
+        assert env.dead() == []
+    finally:
+        env.sql(f"DROP TRIGGER decompression_cap ON {table}; DROP FUNCTION {table}_cap()")

@@ -1,8 +1,9 @@
 """Fault injection for the test suite's crash tests.
 
 `FILEPIPE_CRASH_AT=<point>[:<nth>]` kills the process with SIGKILL the nth time
-it passes `point` (after_copy, after_commit, after_ack). Unset, it costs one
-environment lookup per batch."""
+it passes `point`: during_copy (the COPY's rows sent, the COPY not ended), after_copy,
+before_commit (the merge's rows inserted, its transaction open), after_commit,
+after_ack. Unset, it costs one environment lookup per batch."""
 
 from __future__ import annotations
 

@@ -5,18 +5,52 @@ TimescaleDB's loader must be in `shared_preload_libraries`, which takes a restar
 until then `CREATE EXTENSION timescaledb` ends the session with `extension "timescaledb"
 must be preloaded`. That is the state after a plain package install. `read_extension`
 gathers the facts in one round trip; `table_kind` decides from them what `init-db` makes.
+
+Two editions exist: the Apache-2 one (hypertables, chunks, `drop_chunks`, `time_bucket`)
+and the Timescale-License one, which adds compression, continuous aggregates and
+policies (jobs). `current_setting('timescaledb.license')` says which one a database
+runs (`apache` or `timescale`); everything here that needs the second asks first.
+
+The observers (status, the dashboard, the benchmark) call `read_table` once for the
+table's figures and `estimated_rows` / `rate_history` for the cheap counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from .errors import NotPreloadedError
+from .errors import ConfigError, NotPreloadedError
 
 EXTENSION = "timescaledb"
+FULL_LICENSE = "timescale"  # the edition with compression, continuous aggregates and policies
+
+# One chunk per day. TimescaleDB's advice is that the chunks being written (with their
+# indexes) fit in about a quarter of the server's memory; a file event row takes about
+# 500 bytes with its indexes, so a day at 100 files/s (8.6 M rows) is about 4 GB, right
+# for a server with 16 GB. Queries of the last minutes and hours (status, the dashboard)
+# touch one or two chunks; retention drops whole days. Much busier tables want hours
+# (`--chunk-interval 6h`), much quieter ones a week.
+DEFAULT_CHUNK_INTERVAL = timedelta(days=1)
+# Compressed chunks keep each stream's rows together, in time order: a redelivered or
+# backfilled row then decompresses only the batches whose time range holds it.
+COMPRESS_SEGMENT_BY = "stream"
+COMPRESS_ORDER_BY = "event_time DESC, stream_id"
+# INSERT … ON CONFLICT DO NOTHING into compressed chunks (redeliveries, backfills).
+MIN_COMPRESSED_LOAD_VERSION = (2, 11)
+# The rate history's continuous aggregate: refreshed every minute over the last hours.
+RATE_VIEW_SUFFIX = "_per_minute"
+RATE_REFRESH_START = timedelta(hours=3)
+RATE_REFRESH_END = timedelta(minutes=1)
+RATE_REFRESH_EVERY = timedelta(minutes=1)
+# A row with its indexes, for estimating chunks PostgreSQL has not analyzed yet (measured:
+# python -m benches.processed_at reports the bytes per row of the tables it loads).
+ROW_BYTES_ESTIMATE = 400
 
 # The loader defines `timescaledb.disable_load` in every backend when it is preloaded:
 # readable by any role, unlike shared_preload_libraries (superuser-only on most servers).
@@ -66,6 +100,16 @@ class Extension:
             "and restart PostgreSQL (a reload is not enough)"
         )
 
+    def describe(self) -> str:
+        """The extension's state in words, for status and the benchmark."""
+        if self.state == "absent":
+            return "not installed on this server"
+        if self.state == "not preloaded":
+            return f"{self.available or self.installed} installed but not preloaded: {self.preload_advice()}"
+        if self.state == "available":
+            return f"{self.available} available (not created in this database)"
+        return self.installed
+
 
 def read_extension(conn: psycopg.Connection[Any]) -> Extension:
     """The extension's facts for the database `conn` is connected to (one query)."""
@@ -104,3 +148,333 @@ def table_kind(ext: Extension, *, plain: bool) -> str:
             f"{ext.preload_advice()}; or run `filepipe init-db --plain` to create a plain table instead"
         )
     return HYPERTABLE
+
+
+# -- intervals --------------------------------------------------------------------------------
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_INTERVAL = re.compile(r"^(\d+)\s*([mhdw])$")
+
+
+def parse_interval(option: str, text: str) -> timedelta:
+    """`30m`, `6h`, `90d`, `2w` as a timedelta; raises ConfigError naming `option`."""
+    m = _INTERVAL.match(text.strip().lower())
+    if m is None or int(m.group(1)) == 0:
+        raise ConfigError(f"{option} must be a duration such as 6h, 1d, 90d or 2w (m, h, d, w), not {text!r}")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def interval_text(value: timedelta) -> str:
+    """A duration as `--chunk-interval` takes it: `1d`, `6h`, `90d`, `30m`."""
+    seconds = int(value.total_seconds())
+    for unit in ("d", "h", "m"):
+        if seconds and seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def interval_words(value: timedelta) -> str:
+    """`1 day`, `6 hours`, `90 days`."""
+    text = interval_text(value)
+    number, unit = int(text[:-1]), {"m": "minute", "h": "hour", "d": "day", "s": "second"}[text[-1]]
+    return f"{number} {unit}{'' if number == 1 else 's'}"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """`2.28.3` → (2, 28, 3); what does not parse counts 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-]", version)[:3])
+
+
+# -- the table as TimescaleDB describes it ----------------------------------------------------
+
+_HYPERTABLE_SQL = """
+SELECT d.time_interval, h.num_chunks, h.compression_enabled
+FROM timescaledb_information.hypertables h
+JOIN timescaledb_information.dimensions d
+  ON d.hypertable_schema = h.hypertable_schema AND d.hypertable_name = h.hypertable_name
+ AND d.dimension_number = 1
+WHERE format('%%I.%%I', h.hypertable_schema, h.hypertable_name)::regclass = %(t)s::regclass
+"""
+_CHUNKS_SQL = """
+SELECT count(*), count(*) FILTER (WHERE is_compressed), min(range_start), max(range_end)
+FROM timescaledb_information.chunks
+WHERE format('%%I.%%I', hypertable_schema, hypertable_name)::regclass = %(t)s::regclass
+"""
+_JOBS_SQL = """
+SELECT job_id, proc_name, config
+FROM timescaledb_information.jobs
+WHERE proc_name IN ('policy_retention', 'policy_compression', 'policy_refresh_continuous_aggregate')
+  AND format('%%I.%%I', hypertable_schema, hypertable_name)::regclass IN (%(t)s::regclass, %(v)s::regclass)
+"""
+_RATE_VIEW_SQL = """
+SELECT 1 FROM timescaledb_information.continuous_aggregates
+WHERE format('%%I.%%I', view_schema, view_name)::regclass = %(v)s::regclass
+"""
+
+
+@dataclass
+class TableFacts:
+    """The events table's TimescaleDB figures, for status, the dashboard and the benchmark."""
+
+    extension: Extension
+    license: str = ""  # apache | timescale; "" where the extension is not in this database
+    hypertable: bool = False
+    chunk_interval_s: float | None = None
+    chunks: int = 0
+    compressed_chunks: int = 0
+    oldest_chunk: datetime | None = None  # where the oldest chunk's range starts
+    newest_chunk: datetime | None = None  # where the newest chunk's range ends
+    compression: bool = False  # compression enabled on the hypertable
+    retention: str = ""  # TimescaleDB's retention policy: drop_after ("90 days"), "" when none
+    compress_after: str = ""  # TimescaleDB's compression policy: compress_after, "" when none
+    rate_view: str = ""  # the continuous aggregate of the rate history, "" when none
+
+    @property
+    def full_edition(self) -> bool:
+        return self.license == FULL_LICENSE
+
+    @property
+    def chunk_interval(self) -> timedelta | None:
+        return None if self.chunk_interval_s is None else timedelta(seconds=self.chunk_interval_s)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extension"]["state"] = self.extension.state
+        for name in ("oldest_chunk", "newest_chunk"):
+            value = getattr(self, name)
+            d[name] = value.isoformat() if value is not None else None
+        return d
+
+    def lines(self) -> list[tuple[str, str, str]]:
+        """(label, value, detail) for people: the kind of table, its chunks, its policies."""
+        ext = self.extension
+        if ext.state == "not preloaded":
+            return [("Kind", "plain table", ""), ("TimescaleDB", ext.describe(), "")]
+        if not self.license:
+            what = "not installed" if ext.state == "absent" else f"{ext.available} available, not in use"
+            return [("Kind", f"plain table (TimescaleDB {what})", "")]
+        edition = f"TimescaleDB {ext.installed}, {self.license} edition"
+        if not self.hypertable:
+            return [("Kind", f"plain table ⚠ not a hypertable ({edition})", "")]
+        interval = interval_words(self.chunk_interval) if self.chunk_interval else "unknown interval"
+        chunks = f"{self.chunks:,}" + (
+            f" ({self.compressed_chunks:,} compressed)" if self.compressed_chunks else ""
+        )
+        span = ""
+        if self.oldest_chunk is not None and self.newest_chunk is not None:
+            span = f"from {self.oldest_chunk:%Y-%m-%d %H:%M} to {self.newest_chunk:%Y-%m-%d %H:%M}"
+        if self.full_edition:
+            policies = [f"retention {self.retention}"] if self.retention else []
+            if self.compress_after:
+                policies.append(f"compression after {self.compress_after}")
+            policy_text = ", ".join(policies) or "none"
+        else:
+            policy_text = "none in this edition (old chunks: `filepipe drop-chunks` from cron)"
+        return [
+            ("Kind", f"hypertable ({edition})", ""),
+            ("Chunks", f"{chunks} of {interval}", span),
+            ("Policies", policy_text, ""),
+        ]
+
+
+def rate_view_name(table: str) -> str:
+    """The rate history's continuous aggregate beside `table` (same schema)."""
+    return table + RATE_VIEW_SUFFIX
+
+
+def license_of(conn: psycopg.Connection[Any]) -> str:
+    """`apache` or `timescale` (the edition in use in this database), "" without the extension."""
+    row = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
+    return str(row[0]) if row and row[0] else ""
+
+
+def is_hypertable(conn: psycopg.Connection[Any], table: str) -> bool:
+    """Whether `table` is a hypertable (the extension must be in this database)."""
+    return conn.execute(_HYPERTABLE_SQL, {"t": table}).fetchone() is not None
+
+
+def read_table(conn: psycopg.Connection[Any], table: str, ext: Extension | None = None) -> TableFacts:
+    """The table's TimescaleDB figures in a few catalog queries (no table scan). The table
+    must exist."""
+    ext = ext or read_extension(conn)
+    facts = TableFacts(extension=ext)
+    if not (ext.installed and ext.preloaded):
+        return facts
+    facts.license = license_of(conn)
+    row = conn.execute(_HYPERTABLE_SQL, {"t": table}).fetchone()
+    if row is None:
+        return facts
+    interval, _, compression = row
+    facts.hypertable = True
+    facts.chunk_interval_s = interval.total_seconds() if isinstance(interval, timedelta) else None
+    facts.compression = bool(compression)
+    count, compressed, oldest, newest = conn.execute(_CHUNKS_SQL, {"t": table}).fetchone() or (
+        0,
+        0,
+        None,
+        None,
+    )
+    facts.chunks, facts.compressed_chunks = int(count), int(compressed)
+    facts.oldest_chunk, facts.newest_chunk = oldest, newest
+    if facts.full_edition:
+        view = rate_view_name(table)
+        has_view = conn.execute("SELECT to_regclass(%s)", (view,)).fetchone()
+        if has_view and has_view[0] is not None and conn.execute(_RATE_VIEW_SQL, {"v": view}).fetchone():
+            facts.rate_view = view
+        for _, proc, config in conn.execute(_JOBS_SQL, {"t": table, "v": facts.rate_view or table}):
+            config = config or {}
+            if proc == "policy_retention":
+                facts.retention = str(config.get("drop_after", ""))
+            elif proc == "policy_compression":
+                facts.compress_after = str(config.get("compress_after", ""))
+    return facts
+
+
+# -- cheap counts -----------------------------------------------------------------------------
+
+# The table and its chunks (inheritance children): the rows PostgreSQL counted at the last
+# ANALYZE, and the size of those never analyzed (a new chunk, a fresh table).
+_SIZES_SQL = """
+SELECT coalesce(sum(c.reltuples) FILTER (WHERE c.reltuples >= 0), 0)::float8,
+       coalesce(sum(c.relpages::float8) FILTER (WHERE c.reltuples > 0), 0)
+         * current_setting('block_size')::float8,
+       coalesce(sum(pg_relation_size(c.oid)) FILTER (WHERE c.reltuples < 0), 0)::float8
+FROM pg_class c
+WHERE c.oid = %(t)s::regclass
+   OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = %(t)s::regclass)
+"""
+
+
+def estimated_rows(conn: psycopg.Connection[Any], table: str, *, hypertable: bool) -> int:
+    """The table's rows as the catalog knows them, chunk by chunk: each analyzed chunk's
+    count, and for a chunk never analyzed (the one being written, on a busy day) its size
+    over the bytes per row of the others. A hypertable's analyzed part is TimescaleDB's own
+    `approximate_row_count` (compressed chunks counted too). No table is scanned."""
+    row = conn.execute(_SIZES_SQL, {"t": table}).fetchone()
+    analyzed_rows, analyzed_bytes, unanalyzed_bytes = row if row else (0.0, 0.0, 0.0)
+    per_row = analyzed_bytes / analyzed_rows if analyzed_rows >= 1000 else ROW_BYTES_ESTIMATE
+    guess = unanalyzed_bytes / max(per_row, 1.0)
+    if hypertable:
+        found = conn.execute("SELECT approximate_row_count(%s::regclass)", (table,)).fetchone()
+        analyzed_rows = float(found[0]) if found and found[0] is not None else analyzed_rows
+    return int(analyzed_rows + guess)
+
+
+@dataclass(frozen=True)
+class RateMinute:
+    """Files and bytes loaded per minute (of the events' time) by one consumer."""
+
+    minute: datetime
+    consumer: str
+    files: int
+    bytes: int
+
+
+_RATE_SQL = """
+SELECT date_trunc('minute', event_time) AS minute, consumer, count(*), coalesce(sum(size_bytes), 0)
+FROM {table}
+WHERE event_time >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s)
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+_RATE_VIEW_QUERY = """
+SELECT minute, consumer, files, bytes FROM {view}
+WHERE minute >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s)
+ORDER BY 1, 2
+"""
+
+
+def rate_history(
+    conn: psycopg.Connection[Any], table: str, facts: TableFacts, minutes: int
+) -> tuple[str, list[RateMinute]]:
+    """Files and bytes per minute and consumer over the last `minutes` minutes, by the
+    events' time, and where they came from: the continuous aggregate where there is one
+    (`continuous aggregate`), else the table itself (`table`; it reads those minutes' rows,
+    by the time index and, on a hypertable, only the chunks that hold them)."""
+    ident = sql.Identifier(*table.split("."))
+    if facts.rate_view:
+        query = sql.SQL(_RATE_VIEW_QUERY).format(view=sql.Identifier(*facts.rate_view.split(".")))
+        source = "continuous aggregate"
+    else:
+        query = sql.SQL(_RATE_SQL).format(table=ident)
+        source = "table"
+    rows = conn.execute(query, {"minutes": minutes}).fetchall()
+    return source, [RateMinute(r[0], str(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
+# -- what init-db sets up on a hypertable -----------------------------------------------------
+
+
+def _ident(name: str) -> sql.Identifier:
+    return sql.Identifier(*name.split("."))
+
+
+def create_hypertable_sql(*, migrate: bool) -> sql.SQL:
+    """The call that turns the events table into a hypertable (the long form, known to
+    every TimescaleDB 2.x)."""
+    return sql.SQL(
+        "SELECT create_hypertable(%(t)s::regclass, 'event_time', chunk_time_interval => %(i)s::interval, "
+        "if_not_exists => TRUE, migrate_data => " + ("TRUE" if migrate else "FALSE") + ")"
+    )
+
+
+def retention_sql() -> list[sql.SQL]:
+    """TimescaleDB's retention policy, replacing one already there (Timescale License)."""
+    return [
+        sql.SQL("SELECT remove_retention_policy(%(t)s::regclass, if_exists => TRUE)"),
+        sql.SQL("SELECT add_retention_policy(%(t)s::regclass, drop_after => %(after)s::interval)"),
+    ]
+
+
+def compression_sql(table: str, *, enabled: bool) -> list[sql.SQL | sql.Composed]:
+    """Compression (segmented by stream, ordered by time) and its policy, replacing a policy
+    already there; the settings of a hypertable that compresses already are left as they
+    are (TimescaleDB refuses to change them while chunks are compressed). Timescale License."""
+    out: list[sql.SQL | sql.Composed] = []
+    if not enabled:
+        out.append(
+            sql.SQL(
+                "ALTER TABLE {t} SET (timescaledb.compress, timescaledb.compress_segmentby = {seg}, "
+                "timescaledb.compress_orderby = {order})"
+            ).format(
+                t=_ident(table), seg=sql.Literal(COMPRESS_SEGMENT_BY), order=sql.Literal(COMPRESS_ORDER_BY)
+            )
+        )
+    out += [
+        sql.SQL("SELECT remove_compression_policy(%(t)s::regclass, if_exists => TRUE)"),
+        sql.SQL("SELECT add_compression_policy(%(t)s::regclass, compress_after => %(after)s::interval)"),
+    ]
+    return out
+
+
+def rate_view_sql(table: str) -> list[sql.Composed]:
+    """The continuous aggregate of files and bytes per minute and consumer (by event time: a
+    continuous aggregate buckets on the hypertable's time column), answering with the rows
+    not yet materialized too, and its refresh policy. Timescale License."""
+    view = _ident(rate_view_name(table))
+    return [
+        sql.SQL(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {view} "
+            "WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS "
+            "SELECT time_bucket(INTERVAL '1 minute', event_time) AS minute, consumer, "
+            "count(*) AS files, sum(size_bytes) AS bytes FROM {table} GROUP BY 1, 2 WITH NO DATA"
+        ).format(view=view, table=_ident(table)),
+        sql.SQL(
+            "SELECT add_continuous_aggregate_policy({view_name}::regclass, "
+            "start_offset => {start}::interval, end_offset => {end}::interval, "
+            "schedule_interval => {every}::interval, if_not_exists => TRUE)"
+        ).format(
+            view_name=sql.Literal(rate_view_name(table)),
+            start=sql.Literal(RATE_REFRESH_START),
+            end=sql.Literal(RATE_REFRESH_END),
+            every=sql.Literal(RATE_REFRESH_EVERY),
+        ),
+    ]
+
+
+def drop_chunks(conn: psycopg.Connection[Any], table: str, older_than: timedelta) -> list[str]:
+    """Drops the chunks whose whole range is older than `older_than` (TimescaleDB's
+    `drop_chunks`, in every edition); returns the chunks dropped."""
+    rows = conn.execute(
+        "SELECT drop_chunks(%s::regclass, older_than => %s::interval)", (table, older_than)
+    ).fetchall()
+    return [str(r[0]) for r in rows]
