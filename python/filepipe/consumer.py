@@ -117,7 +117,8 @@ class Stats:
 
 
 class Progress:
-    """The seed's progress lines, at most one pair per `interval` seconds:
+    """The seed's progress lines, at most one pair per `interval` seconds, the first one
+    `interval` after the start (the first batches after a start are small: see ReadSize):
 
         ✓ Batch complete: 50 records inserted
         📊 Total: 150 | Rate: 35.23 files/sec
@@ -128,7 +129,7 @@ class Progress:
         self.interval = interval
         self.pending = 0
         self.pending_dead: Counter[str] = Counter()
-        self.last = 0.0
+        self.last = time.monotonic()
         self.first_at: float | None = None
 
     def batch(self, inserted: int, dead: list[DeadLetter], stats: Stats, *, force: bool = False) -> None:
