@@ -8,7 +8,8 @@ of trimming is the ratio of the two rates (files/s over the span of `processed_a
 The normal test run does 20,000 events once in each mode; `make bench`
 (FILEPIPE_BENCH_FULL=1) does 2,000,000, twice in each mode (in the order with, without,
 without, with: the best rate of each), and reports what Redis held after the first
-1,000,000 events in each mode.
+1,000,000 events in each mode. The table is printed and written to
+artifacts/bench-retention.md.
 Runs on its own Redis (a throwaway server: the baseline fills it) and the suite's
 PostgreSQL.
 """
@@ -40,6 +41,7 @@ TRIM, KEEP = "trimming (default)", "no trimming (STREAM_RETENTION=all)"
 MODES = {TRIM: "", KEEP: "all"}
 ORDER = [TRIM, KEEP, KEEP, TRIM] if FULL else [TRIM, KEEP]
 MB = 1024 * 1024
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
 @dataclass
@@ -112,6 +114,7 @@ def drain(redis_url: str, pg_uri: str, root: Path, retention: str) -> Drain:
     return out
 
 
+@pytest.mark.timeout(3600 if FULL else 300)
 @pytest.mark.benchmark(group=GROUP)
 def test_memory_stays_flat_and_trimming_costs_little(
     benchmark: pytest.FixtureRequest, bench_redis: RedisServer, pg_uri: str, tmp_path: Path
@@ -136,6 +139,10 @@ def test_memory_stays_flat_and_trimming_costs_little(
     assert keep.peak - keep.baseline > EVENTS * 50
     if FULL:
         assert keep.peak - keep.baseline > 10 * (trim.peak - trim.baseline)
+    table = report()
+    print("\n" + table)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "bench-retention.md").write_text(table + "\n")
     benchmark.extra_info.update(  # type: ignore[attr-defined]
         {
             "files_per_s_trimming": round(trim.rate),
@@ -147,13 +154,12 @@ def test_memory_stays_flat_and_trimming_costs_little(
     )
 
 
-def test_report() -> None:
-    """The table of the closing measurements."""
-    if len(RESULTS) < 2:
-        pytest.skip("the retention bench did not run")
+def report() -> str:
+    """The table of the measurements (also written to artifacts/bench-retention.md)."""
     keep = RESULTS[KEEP]
     lines = [
-        f"\n{GROUP}",
+        f"{GROUP}",
+        "",
         f"| mode | files/s | vs no trimming | Redis memory after {MILESTONE:,} events | peak | at the end |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -164,4 +170,46 @@ def test_report() -> None:
             f"| {name} | {d.rate:,.0f} | {d.rate / keep.rate:.3f} | {mib[0]:,.1f} MiB | {mib[1]:,.1f} MiB "
             f"| {mib[2]:,.1f} MiB |"
         )
-    print("\n".join(lines))
+    lines.append("")
+    lines.append("(memory: Redis used_memory above what it used before the run)")
+    return "\n".join(lines)
+
+
+# -- XTRIM MINID: exact or `~` -------------------------------------------------------------
+
+TRIM_STEP = 10_000
+TRIM_ROUNDS = 19 if FULL else 3
+
+
+@pytest.mark.benchmark(group=f"retention: XTRIM MINID of {TRIM_STEP:,} entries, exact vs ~")
+@pytest.mark.parametrize("approximate", [False, True], ids=["exact", "approximate"])
+def test_xtrim_exact_or_approximate(
+    benchmark: pytest.FixtureRequest, bench_redis: RedisServer, approximate: bool
+) -> None:
+    """Trimming the oldest TRIM_STEP entries of a stream of events, again and again (as a
+    consumer does when it keeps up): `~` only frees whole nodes (`LIMIT 0`: no cap)."""
+    r = redis.Redis.from_url(bench_redis.url, socket_timeout=30)
+    key = f"fp_xtrim_{uuid.uuid4().hex[:8]}"
+    ids: list[bytes] = []
+    pipe = r.pipeline(transaction=False)
+    for i in range(TRIM_STEP * (TRIM_ROUNDS + 1)):
+        fields = {"file_id": str(uuid.uuid4()), "filename": f"file {i}.txt", "key": f"data/{i % 200:04d}.txt"}
+        pipe.xadd(key, fields)  # type: ignore[arg-type]
+        if len(pipe) == 2000:
+            ids += pipe.execute()
+    ids += pipe.execute()
+    points = iter(ids[TRIM_STEP::TRIM_STEP])
+    tail = ["~", "LIMIT", 0] if approximate else []
+
+    def setup() -> tuple[tuple[bytes], dict[str, object]]:
+        return (next(points),), {}
+
+    def trim(point: bytes) -> None:
+        r.execute_command("XTRIM", key, "MINID", *tail[:1], point, *tail[1:])
+
+    try:
+        benchmark.pedantic(trim, setup=setup, rounds=TRIM_ROUNDS, iterations=1)  # type: ignore[attr-defined]
+        benchmark.extra_info["left"] = int(r.xlen(key))  # type: ignore[attr-defined]
+    finally:
+        r.delete(key)
+        r.close()

@@ -24,6 +24,11 @@ at DEAD_LETTER_WARN_SHARE of the cap, and a line for every drop), and, every
 DEPARTED_CHECK_S, consumers of the group with nothing pending, no heartbeat and idle
 for CLAIM_IDLE_MS are removed (`XGROUP DELCONSUMER`, checked and done atomically; a
 consumer with pending entries is never removed: its entries are reclaimed first).
+
+Beside each stream, in its hash slot: the lease (`filepipe:trim:<stream>`), the marks of
+a count retention (`filepipe:retention:<stream>`), and samples of how many entries had
+been added when (`filepipe:arrivals:<stream>`), which `filepipe status` reads to count
+the last minute's arrivals of a stream that no longer holds them.
 """
 
 from __future__ import annotations
@@ -288,20 +293,28 @@ def trim_args(part: Partition, settings: Settings, owner: str, lease_ms: int) ->
 def _trim_result(stream: str, reply: Any) -> TrimResult:
     if int(reply[0]) < 0:
         return TrimResult(stream, leased=False)
-    lag = int(reply[5])
     return TrimResult(
         stream,
         leased=True,
         trimmed=int(reply[0]),
-        point=_text(reply[1]),
-        why=_text(reply[2]),
-        holder=_text(reply[3]),
-        holder_pending=int(reply[4]),
-        holder_lag=None if lag < 0 else lag,
-        length=int(reply[6]),
+        **_held(reply),
         dead_letters=int(reply[7]),
         dead_dropped=int(reply[8]),
     )
+
+
+def _held(reply: Any) -> dict[str, Any]:
+    """What both scripts return in places 2 to 7: the trim point, why the entries from
+    there on are kept (and the group that keeps them), and the stream's length."""
+    lag = int(reply[5])
+    return {
+        "point": _text(reply[1]),
+        "why": _text(reply[2]),
+        "holder": _text(reply[3]),
+        "holder_pending": int(reply[4]),
+        "holder_lag": None if lag < 0 else lag,
+        "length": int(reply[6]),
+    }
 
 
 def trim(
@@ -367,16 +380,10 @@ def plan_command(part: Partition, settings: Settings) -> list[Any]:
 
 
 def parse_plan(stream: str, reply: Any) -> StreamPlan:
-    lag = int(reply[5])
     return StreamPlan(
         stream=stream,
         exists=bool(int(reply[0])),
-        point=_text(reply[1]),
-        why=_text(reply[2]),
-        holder=_text(reply[3]),
-        holder_pending=int(reply[4]),
-        holder_lag=None if lag < 0 else lag,
-        length=int(reply[6]),
+        **_held(reply),
         first_id=_text(reply[7]),
         dead_letters=int(reply[8]),
     )
