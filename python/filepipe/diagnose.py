@@ -929,6 +929,8 @@ def _measure_memory(r: redis.Redis, settings: Settings, f: RedisFigures) -> None
     from .status import read_retention
 
     kept = read_retention(r, settings)
+    if kept is None:
+        return
     f.stream_entries, f.stream_memory_bytes, f.kept = kept.length, kept.memory_bytes, kept.reason()
     if kept.memory is not None:
         f.memory_used_bytes, f.memory_max_bytes = kept.memory.used_bytes, kept.memory.max_bytes

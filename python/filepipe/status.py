@@ -547,10 +547,11 @@ class Collector:
         return out
 
 
-def read_retention(r: Any, settings: Settings, now_ms: int | None = None) -> RetentionState:
+def read_retention(r: Any, settings: Settings, now_ms: int | None = None) -> RetentionState | None:
     """What every stream of `settings` keeps and why (the plan script, read-only), their
     memory (MEMORY USAGE) and Redis's against maxmemory (INFO memory; on a cluster, the
-    fullest master): one pipeline, and one INFO."""
+    fullest master): one pipeline, and one INFO. None where the server refuses the script
+    (before Redis 7.0, which trimming needs too)."""
     if now_ms is None:
         reply = r.time()
         if isinstance(reply, dict):  # a cluster client asks one node and names it
@@ -562,7 +563,12 @@ def read_retention(r: Any, settings: Settings, now_ms: int | None = None) -> Ret
         pipe.execute_command(*retention.plan_command(part, settings))
         pipe.execute_command("MEMORY", "USAGE", part.stream)
         pipe.execute_command("MEMORY", "USAGE", part.dead_stream)
-    replies = pipe.execute()
+    replies = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            return None
+        if isinstance(reply, Exception):
+            raise reply
     out = RetentionState(
         memory=read_memory(r),
         stream_retention=settings.stream_retention or "none",

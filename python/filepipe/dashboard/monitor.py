@@ -307,7 +307,7 @@ class Monitor:
                 for st in streams
             ]
         self.retention = read_retention(r, s)
-        out["retention"] = retention_json(self.retention)
+        out["retention"] = None if self.retention is None else retention_json(self.retention)
         return out
 
     def _stream_sample(self, part: Partition, replies: list[Any]) -> _StreamSample:
