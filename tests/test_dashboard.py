@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
-from tests.conftest import Env
+from tests.conftest import Env, both_tables
 from tests.support.workload import consumer_env, wait_for
 
 from filepipe.config import Settings
@@ -408,6 +408,7 @@ def test_upload_is_off_unless_enabled(env: Env) -> None:
 # -- the figures --------------------------------------------------------------------------
 
 
+@both_tables
 def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: Browser) -> None:
     s = env.settings
     for i in range(4):
@@ -455,6 +456,17 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
         assert crashed and crashed[0]["health"] == "gone" and crashed[0]["pending"] == 2
         assert [e["filename"] for e in snap["latest"]][:1] == ["3.txt"]
         assert len(snap["series"]["t"]) >= 2
+        figures = wait_for(
+            lambda: (lambda f: f if f and f["history"]["summary"].startswith("4 files") else None)(
+                client.get("/api/status").json()["table_figures"]
+            ),
+            what="the table's figures",
+        )
+        assert figures["hypertable"] == env.hypertable and figures["estimated_rows"] >= 0
+        assert figures["history"]["source"] == "table"
+        assert sum(m["files"] for m in figures["history"]["minutes"]) == 4
+        if env.hypertable:
+            assert figures["license"] == "apache" and figures["chunks"] == 1
 
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
@@ -487,8 +499,14 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
     assert shown == dict(expected)
     assert figure(page, "lag") == "2" and figure(page, "pending") == "2" and figure(page, "dead") == "3"
     assert "gone" in page.inner_text("#consumers")
+    page.wait_for_function("() => document.getElementById('table-history').textContent.includes('4 files')")
+    kind = page.inner_text("#table-kind")
+    assert kind.startswith("hypertable (TimescaleDB ") if env.hypertable else kind.startswith("plain table")
+    if env.hypertable:
+        assert "Chunks: 1 of 1 day" in page.inner_text("#table-chunks")
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "dashboard-dead-letters.png"), full_page=True)
+    shot = "dashboard-dead-letters-hypertable.png" if env.hypertable else "dashboard-dead-letters.png"
+    page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
     page.close()
 
 

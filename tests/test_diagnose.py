@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 import redis
 import typer
-from tests.conftest import Env
+from tests.conftest import Env, both_tables
 from tests.support.proxy import TcpProxy
 from typer.testing import CliRunner
 
@@ -122,6 +124,7 @@ def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
     assert report.exit_code == 0
 
 
+@both_tables
 def test_json_for_machines_and_words_for_people(env: Env) -> None:
     args = [
         "benchmark",
@@ -153,7 +156,19 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
     )
     assert pg["copy_rows"] == diagnose.COPY_ROWS and pg["copy_rows_per_s"] > 0 and pg["copy_mb_per_s"] > 0
     assert pg["load_rows"] > 1 and not pg["load_estimated"]
-    assert pg["timescaledb"] == "" or isinstance(pg["hypertable"], bool)
+    assert pg["hypertable"] == env.hypertable
+    ext = pg["timescale"]["extension"]
+    if env.hypertable:  # TimescaleDB's figures, and the same batch loaded into a plain table
+        assert pg["timescale"]["license"] == "apache" and pg["timescale"]["chunk_interval_s"] == 86400
+        assert ext["state"] == "installed" and ext["preloaded"] and pg["timescaledb"] == ext["installed"]
+        assert pg["other_kind"] == "plain" and pg["other_load_batch_ms"] > 0
+    else:
+        assert ext["state"] in ("absent", "not preloaded") and pg["other_kind"] == ""
+    with psycopg.connect(env.pg_uri) as conn:  # no scratch table left behind
+        left = conn.execute(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE %s", (diagnose.SCRATCH_TABLE_PREFIX + "%",)
+        ).fetchone()
+    assert left == (0,)
     assert doc["storage"]["kind"] == "local" and doc["storage"]["mb_per_s"] > 0 and doc["s3"] is None
     model = doc["model"]
     assert model["batch_size"] == env.settings.batch_size and model["file_size"] == 4096
@@ -180,6 +195,13 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         "SOLUTION:",
     ):
         assert words in result.stdout, words
+    if env.hypertable:
+        kind = f"hypertable (TimescaleDB {ext['installed']}, apache edition)"
+        assert re.search(rf"^  Table {env.settings.table}: *{re.escape(kind)}$", result.stdout, re.M)
+        assert "Chunks:                 " in result.stdout and " of 1 day" in result.stdout
+        assert "Same batch, plain:" in result.stdout and "x the hypertable's (scratch tables" in result.stdout
+    elif ext["state"] == "not preloaded":
+        assert "installed but not preloaded: set shared_preload_libraries = 'timescaledb'" in result.stdout
     leftovers = [p for p in os.listdir(env.storage) if p.startswith(diagnose.SCRATCH_DIR_PREFIX)]
     assert leftovers == []
 

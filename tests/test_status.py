@@ -9,8 +9,9 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
 import typer
-from tests.conftest import Env
+from tests.conftest import Env, both_tables
 from typer.testing import CliRunner
 
 from filepipe import status
@@ -20,6 +21,7 @@ from filepipe.consumer import Consumer
 from filepipe.embedded import free_port
 from filepipe.status import Status, collect_status
 from filepipe.stream import ensure_group
+from filepipe.timescale import read_extension
 
 runner = CliRunner()
 
@@ -248,6 +250,7 @@ def test_old_dead_letters_are_not_rising(env: Env) -> None:
     assert st.health == "healthy", st.problems
 
 
+@both_tables
 def test_table_rows_and_throughput(env: Env) -> None:
     insert_rows(env, 3, "5 seconds")
     insert_rows(env, 4, "10 minutes")
@@ -258,8 +261,28 @@ def test_table_rows_and_throughput(env: Env) -> None:
     assert (e.rows_total, e.rows_last_minute, e.rows_last_hour) == (12, 3, 7)
     assert not e.rows_estimated
     assert abs(e.throughput - 3 / 60) < 1e-9
+    # The rate history: the last hour's files per minute, read from the table itself here.
+    history = e.table["history"]
+    assert history["source"] == "table"
+    assert sum(m["files"] for m in history["minutes"]) == 7
+    assert {m["consumer"] for m in history["minutes"]} == {"c"}
     text = status.render(st)
     assert "Throughput: 0.05 files/sec" in text and "Rows:                   12" in text
+    assert "History:                7 files, 0.0 MB in the last 60 minutes; busiest minute " in text
+    with psycopg.connect(env.pg_uri) as conn:
+        ext = read_extension(conn)
+    if env.hypertable:
+        assert e.table["hypertable"] and e.table["chunks"] >= 1 and e.table["license"] == "apache"
+        assert e.table["chunk_interval_s"] == 86400
+        assert f"Kind:                   hypertable (TimescaleDB {ext.installed}, apache edition)" in text
+        assert "Chunks:                 " in text and " of 1 day" in text
+        policies = "none in this edition (old chunks: `filepipe drop-chunks` from cron)"
+        assert f"Policies:               {policies}" in text
+    elif ext.state == "not preloaded":  # the shared server once TimescaleDB is built on it
+        assert e.table["lines"] == [["Kind", "plain table", ""], ["TimescaleDB", ext.describe(), ""]]
+        assert "installed but not preloaded: set shared_preload_libraries = 'timescaledb'" in text
+    else:
+        assert e.table["lines"][0][1].startswith("plain table (TimescaleDB ")
 
 
 def test_missing_table_is_degraded(env: Env) -> None:

@@ -16,7 +16,7 @@ from tests.conftest import Env, both_tables, on_hypertable
 from tests.test_cli import cli_env, run
 from tests.test_row_identity import PRIMARY_KEY_SQL
 
-from filepipe import timescale
+from filepipe import status, timescale
 from filepipe.embedded import PostgresServer
 from filepipe.errors import ConfigError, NotPreloadedError
 from filepipe.timescale import Extension, table_kind
@@ -352,3 +352,56 @@ def test_rows_refused_for_compressed_chunks_are_merged_with_the_cap_lifted(
         assert env.dead() == []
     finally:
         env.sql(f"DROP TRIGGER decompression_cap ON {table}; DROP FUNCTION {table}_cap()")
+
+
+HISTORY_FILL = """
+INSERT INTO {table} (event_time, stream, stream_id, file_id, filename, storage, storage_key, size_bytes,
+                     checksum_sha256, uploaded_at, consumer, processed_at)
+SELECT t, 'old', 'h-' || i, gen_random_uuid(), 'f', 'local', 'k', 100, 'x', t, 'c', t
+FROM (SELECT i, date_trunc('day', now()) - interval '30 days' * (i::float8 / %(n)s) - interval '1 s' AS t
+      FROM generate_series(1, %(n)s) AS i) AS s
+"""
+
+
+@on_hypertable
+def test_status_of_a_big_hypertable_reads_the_catalog_not_old_chunks(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row totals from each chunk's statistics (the one being written, never analyzed, by its
+    size), the last minute and hour from the newest chunks only: an old chunk locked away
+    from every reader does not hold status up."""
+    table = env.settings.table
+    env.sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    env.sql(HISTORY_FILL.format(table=table), {"n": 30_000})  # 30 days before today
+    env.sql(f"ANALYZE {table}")
+    env.sql(
+        f"""INSERT INTO {table} (event_time, stream, stream_id, file_id, filename, storage, storage_key,
+            size_bytes, checksum_sha256, uploaded_at, consumer)
+        SELECT now() - g * interval '1 ms', 'new', 'n-' || g, gen_random_uuid(), 'f', 'local', 'k', 100, 'x',
+               now(), 'c' FROM generate_series(1, 30000) g"""
+    )
+    (newest, reltuples), = env.sql(
+        "SELECT c.oid::regclass::text, c.reltuples FROM pg_class c WHERE c.oid = (SELECT "
+        "format('%%I.%%I', chunk_schema, chunk_name)::regclass FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = %s ORDER BY range_start DESC LIMIT 1)",
+        (table,),
+    )
+    assert reltuples < 0, f"{newest} was analyzed"  # the estimate must come from its size
+    oldest = env.sql(
+        "SELECT format('%%I.%%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = %s ORDER BY range_start LIMIT 1",
+        (table,),
+    )[0][0]
+    monkeypatch.setattr(status, "LARGE_TABLE_ROWS", 10_000)
+    monkeypatch.setattr(status, "STATEMENT_TIMEOUT_MS", 3000)
+    with psycopg.connect(env.pg_uri) as holder:
+        holder.execute(f"LOCK TABLE {oldest} IN ACCESS EXCLUSIVE MODE")  # held until the block ends
+        st = status.collect_status(env.settings)
+    assert st.pg_error == "", st.pg_error
+    e = st.events
+    assert e is not None and e.rows_estimated and e.recent_limited_to_day
+    # Half the rows are in the chunk never analyzed: counted by its size, not left out.
+    assert abs(e.rows_total - 60_000) < 60_000 * 0.15, e.rows_total
+    assert (e.rows_last_minute, e.rows_last_hour) == (30_000, 30_000)
+    assert sum(m["files"] for m in e.table["history"]["minutes"]) == 30_000
+    assert e.table["chunks"] >= 30

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,7 +36,7 @@ import redis
 import typer
 from psycopg import sql
 
-from . import _native, db, stream
+from . import _native, db, stream, timescale
 from .config import Settings, mask_url
 from .constants import MEMORY_WARN_SHARE, STAGING_TABLE, dead_letter_ids_key, heartbeat_key, trim_keys
 from .errors import FilepipeError
@@ -139,6 +140,13 @@ class PostgresFigures:
     server_version: str = ""
     timescaledb: str = ""  # installed version; "" when not installed
     timescaledb_available: bool = False
+    # TimescaleDB as `timescale.read_table` finds it: state, edition, chunks (see TableFacts).
+    timescale: dict[str, Any] = field(default_factory=dict)
+    timescale_lines: list[list[str]] = field(default_factory=list)
+    # The other kind of table, loaded the same way, when TimescaleDB can be used: what a
+    # batch costs on a hypertable against a plain table (or the reverse), in the same run.
+    other_kind: str = ""  # plain | hypertable | "" (not measured)
+    other_load_batch_ms: float = 0.0
     table_exists: bool = False
     hypertable: bool = False
     connect_ms: float = 0.0
@@ -999,18 +1007,20 @@ def _describe_server(
 ) -> None:
     row = conn.execute("SHOW server_version").fetchone()
     f.server_version = str(row[0]).split()[0] if row else ""
-    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
-    f.timescaledb = str(row[0]) if row else ""
-    f.timescaledb_available = (
-        bool(f.timescaledb)
-        or conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
-        is not None
-    )
+    ext = timescale.read_extension(conn)
+    f.timescaledb = ext.installed
+    f.timescaledb_available = bool(ext.available or ext.installed)
+    f.timescale = {"extension": {**asdict(ext), "state": ext.state}, "usable": ext.usable}
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (settings.table,)).fetchone()
     f.table_exists = bool(row and row[0])
     if not f.table_exists:
+        if ext.state == "not preloaded":
+            f.timescale_lines = [["TimescaleDB", ext.describe(), ""]]
         return
-    f.hypertable = bool(f.timescaledb) and db.is_hypertable(conn, settings.table)
+    facts = timescale.read_table(conn, settings.table, ext)
+    f.timescale.update(facts.to_json())
+    f.timescale_lines = [list(line) for line in facts.lines()]
+    f.hypertable = facts.hypertable
     ident = db.table_ident(settings.table)
     try:
         row = conn.execute(
@@ -1061,10 +1071,23 @@ def _measure_copy(conn: psycopg.Connection[Any], settings: Settings, f: Postgres
 def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -> None:
     """The consumer's own load of a first delivery (pooled connection, COPY straight into
     the table) of one row and of `rows` rows, into a scratch copy of the events table
-    that is dropped afterwards."""
-    scratch = replace(settings, table=scratch_table(settings, tag), pool_size=1)
+    (a hypertable with its chunk interval if it is one, else a plain table) that is dropped
+    afterwards. Where TimescaleDB can be used, a batch is loaded into a scratch table of the
+    other kind too, in turn with the first, for the cost of one kind against the other."""
+    hyper = f.hypertable
+    interval = f.timescale.get("chunk_interval_s")
+    chunk = timedelta(seconds=interval) if hyper and interval else None
+    # The other kind only where the extension is in this database already: a benchmark
+    # creates no extension.
+    ext = f.timescale.get("extension") or {}
+    both = bool(ext.get("installed")) and bool(ext.get("preloaded"))
     try:
-        db.init_db(scratch, plain=True)
+        f.load_one_ms, f.load_batch_ms, other = _time_loads(
+            settings, rows, tag, hypertable=hyper, chunk=chunk, other=both, notes=f.notes
+        )
+        f.load_rows = rows
+        if other is not None:
+            f.other_kind, f.other_load_batch_ms = ("plain" if hyper else "hypertable"), other
     except FilepipeError as e:
         f.load_estimated = True
         f.load_rows = rows
@@ -1072,37 +1095,71 @@ def _measure_load(settings: Settings, f: PostgresFigures, rows: int, tag: str) -
         per_row = 1000.0 / f.copy_rows_per_s if f.copy_rows_per_s else 0.0
         f.load_batch_ms = f.load_one_ms + (rows - 1) * per_row
         f.notes.append(f"batch load estimated from COPY: {scrub(str(e))}")
-        return
+
+
+def _time_loads(
+    settings: Settings,
+    rows: int,
+    tag: str,
+    *,
+    hypertable: bool,
+    chunk: timedelta | None,
+    other: bool,
+    notes: list[str],
+) -> tuple[float, float, float | None]:
+    """Median ms of loading one row and `rows` rows into a scratch table of the events
+    table's kind, and (with `other`) of loading `rows` rows into one of the other kind, the
+    two taking turns. Raises FilepipeError when the first scratch table cannot be created;
+    the other kind is left out (with a note) when its table cannot be."""
+    kinds = [hypertable, not hypertable] if other else [hypertable]
+    scratches = [
+        replace(settings, table=scratch_table(settings, tag + ("_h" if hyper else "_p")), pool_size=1)
+        for hyper in kinds
+    ]
     binary = settings.copy_format == "binary"
-    pool = db.create_pool(scratch, open=False)
+    pools: list[Any] = []
+    next_id = [int(time.time() * 1000) - 10_000_000]
+
+    def buffer(n: int) -> tuple[bytes, int]:
+        batch, m = synthetic_batch(n, first_id_ms=next_id[0], size=DEFAULT_FILE_SIZE)
+        next_id[0] += n
+        return _native.encode_copy(batch, m, "benchmark", binary, stream=settings.stream), n
+
+    def timed_ms(loader: db.Loader, buf: tuple[bytes, int]) -> float:
+        t0 = time.perf_counter()
+        loader.load(buf[0], buf[1], direct=True)
+        return (time.perf_counter() - t0) * 1000
+
     try:
-        pool.open(wait=True, timeout=max(10.0, settings.connect_timeout_s * 2))
-        loader = db.Loader(pool, scratch)
-        next_id = [int(time.time() * 1000) - 10_000_000]
-
-        def buffer(n: int) -> tuple[bytes, int]:
-            batch, m = synthetic_batch(n, first_id_ms=next_id[0], size=DEFAULT_FILE_SIZE)
-            next_id[0] += n
-            return _native.encode_copy(batch, m, "benchmark", binary, stream=settings.stream), n
-
-        def median_ms(buffers: list[tuple[bytes, int]]) -> float:
-            times = []
-            for buf, n in buffers:
-                t0 = time.perf_counter()
-                loader.load(buf, n, direct=True)
-                times.append(time.perf_counter() - t0)
-            return sorted(times)[len(times) // 2] * 1000
-
-        median_ms([buffer(1)])  # warm up: the pool's first connection and its staging table
-        ones = [buffer(1) for _ in range(3)]
-        many = [buffer(rows) for _ in range(3)]
-        f.load_one_ms = median_ms(ones)
-        f.load_batch_ms = median_ms(many)
-        f.load_rows = rows
+        loaders: list[db.Loader] = []
+        for hyper, scratch in zip(kinds, scratches, strict=True):
+            try:
+                db.init_db(scratch, plain=not hyper, chunk_interval=chunk if hyper else None)
+            except FilepipeError as e:
+                if not loaders:
+                    raise
+                kind = "hypertable" if hyper else "plain table"
+                notes.append(f"no {kind} to compare with: {scrub(str(e))}")
+                break
+            pool = db.create_pool(scratch, open=False)
+            pools.append(pool)
+            pool.open(wait=True, timeout=max(10.0, settings.connect_timeout_s * 2))
+            loaders.append(db.Loader(pool, scratch))
+        for loader in loaders:
+            timed_ms(loader, buffer(1))  # warm up: the pool's first connection and its staging table
+        ones = sorted(timed_ms(loaders[0], buffer(1)) for _ in range(3))
+        many: list[list[float]] = [[] for _ in loaders]
+        for _ in range(3):
+            for i, loader in enumerate(loaders):
+                many[i].append(timed_ms(loader, buffer(rows)))
+        medians = [sorted(times)[1] for times in many]
+        return ones[1], medians[0], medians[1] if len(medians) > 1 else None
     finally:
-        pool.close()
-        with contextlib.suppress(psycopg.Error), db.connect(scratch, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(db.table_ident(scratch.table)))
+        for pool in pools:
+            pool.close()
+        for scratch in scratches:
+            with contextlib.suppress(psycopg.Error), db.connect(scratch, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(db.table_ident(scratch.table)))
 
 
 def measure_host(settings: Settings) -> HostFigures:
@@ -1292,7 +1349,13 @@ def _delete_s3(storage: Any, keys: list[str]) -> None:
 
 
 def run_pipeline(
-    settings: Settings, events: int, file_size: int, tag: str, model: Model | None
+    settings: Settings,
+    events: int,
+    file_size: int,
+    tag: str,
+    model: Model | None,
+    *,
+    hypertable: bool = False,
 ) -> PipelineRun:
     """Produces `events` synthetic events into a scratch stream and consumes them into a
     scratch table with a real consumer in drain mode; everything is removed afterwards."""
@@ -1321,7 +1384,7 @@ def run_pipeline(
     written: list[str] = []
     r = stream.connect(scratch)
     try:
-        db.init_db(scratch, plain=True)
+        db.init_db(scratch, plain=not hypertable)  # the events table's kind
         storage = open_storage(scratch, mode)
         if mode == "local":
             _write_files(local_dir, distinct, file_size, evict=True)
@@ -1424,7 +1487,7 @@ def benchmark(
         report.verdict = decide(report)
     if pipeline > 0 and not report.unreachable:
         say(f"Running {pipeline} events end to end ...")
-        report.pipeline = run_pipeline(settings, pipeline, size, tag, report.model)
+        report.pipeline = run_pipeline(settings, pipeline, size, tag, report.model, hypertable=pg.hypertable)
     return report
 
 
@@ -1488,12 +1551,11 @@ def render(report: Report) -> str:
         )
         out.append(_line("Server", f"PostgreSQL {pg.server_version}, {ts}"))
         if not pg.table_exists:
-            kind = "does not exist (run `filepipe init-db`)"
-        elif pg.hypertable:
-            kind = "hypertable ✓"
-        else:
-            kind = "plain table" + (" ⚠ not a hypertable" if pg.timescaledb else "")
-        out.append(_line(f"Table {pg.table}", kind))
+            out.append(_line(f"Table {pg.table}", "does not exist (run `filepipe init-db`)"))
+        out += [
+            _line(f"Table {pg.table}" if label == "Kind" else label, value, detail)
+            for label, value, detail in pg.timescale_lines
+        ]
         out.append(_line("Connection time", f"{pg.connect_ms:.2f} ms", grade_connect(pg.connect_ms)[0]))
         if pg.new_connection:
             out.append(
@@ -1527,6 +1589,16 @@ def render(report: Report) -> str:
                     f"Batch load ({pg.load_rows})",
                     f"{pg.load_batch_ms:.2f} ms",
                     f"{pg.load_fixed_ms:.2f} ms per batch + {pg.load_per_row_ms * 1000:.1f} µs per row{how}",
+                )
+            )
+        if pg.other_kind and pg.load_batch_ms > 0:
+            here = "hypertable" if pg.hypertable else "plain table"
+            ratio = pg.other_load_batch_ms / pg.load_batch_ms
+            out.append(
+                _line(
+                    f"Same batch, {pg.other_kind}",
+                    f"{pg.other_load_batch_ms:.2f} ms",
+                    f"{ratio:.2f}x the {here}'s (scratch tables of both kinds, loaded in turn)",
                 )
             )
         if pg.status == "error":

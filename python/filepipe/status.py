@@ -26,7 +26,7 @@ from psycopg import sql
 from redis.exceptions import RedisClusterException
 
 from . import constants as c
-from . import db, retention, stream
+from . import db, retention, stream, timescale
 from .config import Settings, mask_url
 from .constants import HEARTBEAT_TTL_S, STATUS_SCAN_BYTES, heartbeat_key
 from .errors import TransientError
@@ -37,6 +37,7 @@ WINDOW_S = 60  # "last minute": arrivals, dead letters, rows, throughput
 ARRIVALS_CAP = 10_000  # entries read to count the last minute's arrivals
 DEAD_SCAN_LIMIT = 50_000  # dead letters read to count reasons (the newest ones)
 LARGE_TABLE_ROWS = 1_000_000  # above this, the row total is PostgreSQL's estimate
+HISTORY_MINUTES = 60  # the rate history: files and bytes per minute and consumer
 STATEMENT_TIMEOUT_MS = 15_000
 
 Command = Callable[..., Any]
@@ -203,6 +204,8 @@ class TableState:
     rows_last_minute: int = 0
     rows_last_hour: int = 0
     recent_limited_to_day: bool = False  # large table: recent rows counted among the last day's events
+    # Its kind, TimescaleDB figures and rate history (`timescale.TableFigures.to_json`).
+    table: dict[str, Any] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -274,6 +277,7 @@ class Collector:
         self.redis = stream.connect(settings, socket_timeout=max(10.0, settings.connect_timeout_s * 2))
         self.pg: psycopg.Connection[Any] | None = None
         self._dead: dict[str, DeadTally] = {}
+        self.figures = timescale.FiguresCache()
 
     def close(self) -> None:
         self.redis.close()
@@ -521,9 +525,10 @@ class Collector:
         if not out.exists:
             return out
         ident = db.table_ident(table)
-        estimate = _estimated_rows(conn, table)
-        if estimate is not None and estimate >= LARGE_TABLE_ROWS:
-            out.rows_total, out.rows_estimated = estimate, True
+        figures = self.figures.get(conn, table, history_minutes=HISTORY_MINUTES)
+        out.table = figures.to_json()
+        if not figures.worth_counting(LARGE_TABLE_ROWS):
+            out.rows_total, out.rows_estimated = figures.estimated_rows, True
             out.recent_limited_to_day = True
         else:
             row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
@@ -733,20 +738,6 @@ def _apply_heartbeat(state: ConsumerState, raw: Any, pttl: Any) -> None:
         # Written with a TTL of HEARTBEAT_TTL_S: what is left of it says how old it is,
         # by the Redis clock alone.
         state.heartbeat_age_s = max(0.0, HEARTBEAT_TTL_S - pttl / 1000)
-
-
-def _estimated_rows(conn: psycopg.Connection[Any], table: str) -> int | None:
-    """PostgreSQL's estimate of the rows in `table` (a hypertable's from TimescaleDB)."""
-    try:
-        row = conn.execute("SELECT approximate_row_count(%s::regclass)", (table,)).fetchone()
-        if row and row[0] is not None and int(row[0]) > 0:
-            return int(row[0])
-    except psycopg.Error:
-        pass  # no TimescaleDB: the catalog's estimate
-    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
-    if row is None or row[0] is None or int(row[0]) < 0:
-        return None
-    return int(row[0])
 
 
 # -- health -----------------------------------------------------------------------------------
@@ -988,6 +979,9 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
                 "(of the last day's events)" if e.recent_limited_to_day else "",
             )
         )
+        if e.table:
+            out.append(_line("History", e.table["history"]["summary"]))
+            out += [_line(label, value, detail) for label, value, detail in e.table["lines"]]
     out.append("")
 
     if st.health == "healthy":

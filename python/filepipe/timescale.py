@@ -18,8 +18,9 @@ table's figures and `estimated_rows` / `rate_history` for the cheap counts.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -32,7 +33,7 @@ FULL_LICENSE = "timescale"  # the edition with compression, continuous aggregate
 
 # One chunk per day. TimescaleDB's advice is that the chunks being written (with their
 # indexes) fit in about a quarter of the server's memory; a file event row takes about
-# 500 bytes with its indexes, so a day at 100 files/s (8.6 M rows) is about 4 GB, right
+# 430 bytes with its indexes, so a day at 100 files/s (8.6 M rows) is about 3.7 GB, right
 # for a server with 16 GB. Queries of the last minutes and hours (status, the dashboard)
 # touch one or two chunks; retention drops whole days. Much busier tables want hours
 # (`--chunk-interval 6h`), much quieter ones a week.
@@ -48,9 +49,11 @@ RATE_VIEW_SUFFIX = "_per_minute"
 RATE_REFRESH_START = timedelta(hours=3)
 RATE_REFRESH_END = timedelta(minutes=1)
 RATE_REFRESH_EVERY = timedelta(minutes=1)
-# A row with its indexes, for estimating chunks PostgreSQL has not analyzed yet (measured:
-# python -m benches.processed_at reports the bytes per row of the tables it loads).
-ROW_BYTES_ESTIMATE = 400
+# Above this many chunks, observers estimate the rows rather than count them.
+MAX_COUNTED_CHUNKS = 100
+# The heap bytes of a row, for estimating chunks PostgreSQL has not analyzed yet when no
+# analyzed chunk tells (273 measured for the benchmark's synthetic events; 373 with indexes).
+ROW_HEAP_BYTES = 280
 
 # The loader defines `timescaledb.disable_load` in every backend when it is preloaded:
 # readable by any role, unlike shared_preload_libraries (superuser-only on most servers).
@@ -262,7 +265,8 @@ class TableFacts:
         )
         span = ""
         if self.oldest_chunk is not None and self.newest_chunk is not None:
-            span = f"from {self.oldest_chunk:%Y-%m-%d %H:%M} to {self.newest_chunk:%Y-%m-%d %H:%M}"
+            oldest, newest = (t.astimezone(timezone.utc) for t in (self.oldest_chunk, self.newest_chunk))
+            span = f"from {oldest:%Y-%m-%d %H:%M} to {newest:%Y-%m-%d %H:%M} UTC"
         if self.full_edition:
             policies = [f"retention {self.retention}"] if self.retention else []
             if self.compress_after:
@@ -352,7 +356,7 @@ def estimated_rows(conn: psycopg.Connection[Any], table: str, *, hypertable: boo
     `approximate_row_count` (compressed chunks counted too). No table is scanned."""
     row = conn.execute(_SIZES_SQL, {"t": table}).fetchone()
     analyzed_rows, analyzed_bytes, unanalyzed_bytes = row if row else (0.0, 0.0, 0.0)
-    per_row = analyzed_bytes / analyzed_rows if analyzed_rows >= 1000 else ROW_BYTES_ESTIMATE
+    per_row = analyzed_bytes / analyzed_rows if analyzed_rows >= 1000 else ROW_HEAP_BYTES
     guess = unanalyzed_bytes / max(per_row, 1.0)
     if hypertable:
         found = conn.execute("SELECT approximate_row_count(%s::regclass)", (table,)).fetchone()
@@ -370,15 +374,17 @@ class RateMinute:
     bytes: int
 
 
+# `time >= now() - <interval literal>`: TimescaleDB leaves out the older chunks when it plans
+# the query (it neither opens nor locks them); a bound parameter would not be constant then.
 _RATE_SQL = """
 SELECT date_trunc('minute', event_time) AS minute, consumer, count(*), coalesce(sum(size_bytes), 0)
 FROM {table}
-WHERE event_time >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s)
+WHERE event_time >= now() - {window}
 GROUP BY 1, 2 ORDER BY 1, 2
 """
 _RATE_VIEW_QUERY = """
 SELECT minute, consumer, files, bytes FROM {view}
-WHERE minute >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s)
+WHERE minute >= now() - {window}
 ORDER BY 1, 2
 """
 
@@ -390,14 +396,14 @@ def rate_history(
     events' time, and where they came from: the continuous aggregate where there is one
     (`continuous aggregate`), else the table itself (`table`; it reads those minutes' rows,
     by the time index and, on a hypertable, only the chunks that hold them)."""
-    ident = sql.Identifier(*table.split("."))
+    window = sql.Literal(timedelta(minutes=minutes))
     if facts.rate_view:
-        query = sql.SQL(_RATE_VIEW_QUERY).format(view=sql.Identifier(*facts.rate_view.split(".")))
+        query = sql.SQL(_RATE_VIEW_QUERY).format(view=_ident(facts.rate_view), window=window)
         source = "continuous aggregate"
     else:
-        query = sql.SQL(_RATE_SQL).format(table=ident)
+        query = sql.SQL(_RATE_SQL).format(table=_ident(table), window=window)
         source = "table"
-    rows = conn.execute(query, {"minutes": minutes}).fetchall()
+    rows = conn.execute(query).fetchall()
     return source, [RateMinute(r[0], str(r[1]), int(r[2]), int(r[3])) for r in rows]
 
 
@@ -478,3 +484,83 @@ def drop_chunks(conn: psycopg.Connection[Any], table: str, older_than: timedelta
         "SELECT drop_chunks(%s::regclass, older_than => %s::interval)", (table, older_than)
     ).fetchall()
     return [str(r[0]) for r in rows]
+
+
+@dataclass
+class TableFigures:
+    """What status and the dashboard show of the events table beyond its rows: its kind and
+    TimescaleDB figures, its size as the catalog knows it, and the rate history."""
+
+    facts: TableFacts
+    estimated_rows: int
+    history_source: str  # continuous aggregate | table
+    history: list[RateMinute]
+    history_minutes: int
+
+    def worth_counting(self, large_rows: int) -> bool:
+        """Whether `count(*)` is cheap enough: few rows, in few chunks (a count opens and locks
+        every chunk and its indexes; thousands of them exhaust max_locks_per_transaction)."""
+        return self.estimated_rows < large_rows and self.facts.chunks <= MAX_COUNTED_CHUNKS
+
+    def summary(self) -> str:
+        """The rate history in words: totals, the busiest minute, where it was read."""
+        per_minute: dict[datetime, int] = {}
+        for m in self.history:
+            per_minute[m.minute] = per_minute.get(m.minute, 0) + m.files
+        files, size = sum(m.files for m in self.history), sum(m.bytes for m in self.history)
+        source = f"from the {self.history_source}"
+        if not files:
+            return f"no files in the last {self.history_minutes} minutes ({source})"
+        peak_minute, peak = max(per_minute.items(), key=lambda kv: kv[1])
+        return (
+            f"{files:,} files, {size / 1e6:,.1f} MB in the last {self.history_minutes} minutes; busiest "
+            f"minute {peak_minute.astimezone(timezone.utc):%H:%M} UTC with {peak:,} ({source})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.facts.to_json(),
+            "lines": [list(line) for line in self.facts.lines()],
+            "estimated_rows": self.estimated_rows,
+            "history": {
+                "source": self.history_source,
+                "summary": self.summary(),
+                "minutes": [
+                    {
+                        "minute": m.minute.astimezone(timezone.utc).isoformat(),
+                        "consumer": m.consumer,
+                        "files": m.files,
+                        "bytes": m.bytes,
+                    }
+                    for m in self.history
+                ],
+            },
+        }
+
+
+def table_figures(conn: psycopg.Connection[Any], table: str, *, history_minutes: int) -> TableFigures:
+    """The table's figures in a few catalog queries and one read of the rate history (the
+    continuous aggregate where there is one, else the last `history_minutes` of the table)."""
+    facts = read_table(conn, table)
+    estimate = estimated_rows(conn, table, hypertable=facts.hypertable)
+    source, history = rate_history(conn, table, facts, history_minutes)
+    return TableFigures(facts, estimate, source, history, history_minutes)
+
+
+class FiguresCache:
+    """`table_figures` for the observers that refresh (status --watch, the dashboard), read
+    again less often the more a read costs (at most ~2% of the time, and never more often
+    than every `min_every` seconds): without a continuous aggregate, the rate history reads
+    the window's rows."""
+
+    def __init__(self, min_every: float = 0.0) -> None:
+        self.min_every = min_every
+        self._figures: TableFigures | None = None
+        self._next = 0.0
+
+    def get(self, conn: psycopg.Connection[Any], table: str, *, history_minutes: int) -> TableFigures:
+        started = time.monotonic()
+        if self._figures is None or started >= self._next:
+            self._figures = table_figures(conn, table, history_minutes=history_minutes)
+            self._next = started + max(self.min_every, 50 * (time.monotonic() - started))
+        return self._figures

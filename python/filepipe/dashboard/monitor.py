@@ -34,11 +34,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from .. import timescale
 from ..config import Settings, mask_url
 from ..constants import SAMPLE_PAGE_BYTES, heartbeat_key
 from ..partitions import Partition, partitions
 from ..redaction import error_line
 from ..status import (
+    HISTORY_MINUTES,
+    LARGE_TABLE_ROWS,
     ConsumerState,
     DeadTally,
     PartitionState,
@@ -157,6 +160,8 @@ class Monitor:
         self._rows_exact = True
         self._rows_at = 0.0
         self._next_count = 0.0
+        # The table's kind, TimescaleDB figures and rate history, read less often the more they cost.
+        self._figures = timescale.FiguresCache(min_every=2 * interval)
         # What the stream keeps and why, and Redis's memory, from the last sample.
         self.retention: RetentionState | None = None
 
@@ -475,14 +480,24 @@ class Monitor:
 
         conn = self._connection()
         ident = table_ident(self.settings.table)
+        latest_sql = sql.SQL(
+            "SELECT stream_id, filename, size_bytes, content_type, consumer, storage, event_time, "
+            "processed_at FROM {} {} ORDER BY event_time DESC, stream_id DESC LIMIT %s"
+        )
         try:
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT stream_id, filename, size_bytes, content_type, consumer, storage, "
-                    "event_time, processed_at FROM {} ORDER BY event_time DESC, stream_id DESC LIMIT %s"
-                ).format(ident),
-                (self.latest_n,),
-            ).fetchall()
+            # Among the last day's events first: a hypertable's older chunks are not even opened.
+            day = sql.SQL("WHERE event_time >= now() - interval '24 hours'")
+            rows = conn.execute(latest_sql.format(ident, day), (self.latest_n,)).fetchall()
+            figures = self._figures.get(conn, self.settings.table, history_minutes=HISTORY_MINUTES)
+            if len(rows) < self.latest_n:
+                # Then the whole table; of a hypertable with many chunks, the newest chunks only.
+                facts = figures.facts
+                since: sql.Composable = sql.SQL("")
+                interval = facts.chunk_interval
+                if facts.chunks > timescale.MAX_COUNTED_CHUNKS and facts.newest_chunk and interval:
+                    start = facts.newest_chunk - 2 * interval
+                    since = sql.SQL("WHERE event_time >= {}").format(sql.Literal(start))
+                rows = conn.execute(latest_sql.format(ident, since), (self.latest_n,)).fetchall()
         except psycopg.errors.UndefinedTable:
             raise RuntimeError(
                 f"table {self.settings.table} does not exist on {mask_url(self.settings.pg_uri)}: "
@@ -501,16 +516,22 @@ class Monitor:
             }
             for row in rows
         ]
-        self._count_rows(conn, ident)
-        return {"latest": latest, "rows": self._rows, "rows_exact": self._rows_exact}
+        self._count_rows(conn, ident, figures)
+        table = figures.to_json()
+        return {"latest": latest, "rows": self._rows, "rows_exact": self._rows_exact, "table": table}
 
-    def _count_rows(self, conn: Any, ident: Any) -> None:
+    def _count_rows(self, conn: Any, ident: Any, figures: timescale.TableFigures) -> None:
         """An exact count while it is cheap (at most ~2% of the time is spent counting),
-        the planner's estimate when counting takes longer than the statement timeout."""
+        the catalog's chunk-by-chunk estimate for a large table (or one of many chunks) or
+        when counting takes longer than the statement timeout."""
         import psycopg
         from psycopg import sql
 
         now = time.monotonic()
+        estimate = figures.estimated_rows
+        if not figures.worth_counting(LARGE_TABLE_ROWS):
+            self._rows, self._rows_exact, self._rows_at = estimate, False, time.time()
+            return
         if now < self._next_count:
             return
         started = time.monotonic()
@@ -520,13 +541,7 @@ class Monitor:
             cost = time.monotonic() - started
             self._next_count = time.monotonic() + max(2 * self.interval, 50 * cost)
         except psycopg.errors.QueryCanceled:
-            row = conn.execute(
-                "SELECT COALESCE(sum(GREATEST(c.reltuples, 0)), 0)::bigint FROM pg_class c "
-                "WHERE c.oid = %(t)s::regclass "
-                "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = %(t)s::regclass)",
-                {"t": self.settings.table},
-            ).fetchone()
-            self._rows, self._rows_exact = int(row[0]), False
+            self._rows, self._rows_exact = estimate, False
             self._next_count = time.monotonic() + 300
         self._rows_at = time.time()
 
@@ -589,6 +604,7 @@ class Monitor:
             "dead_by_reason": [],
             "dead_counting": False,
             "latest": [],
+            "table_figures": None,
             "retention": None,
             **({"partitions": []} if s.partitions else {}),
         }
@@ -626,9 +642,9 @@ class Monitor:
                     snap[key] = previous.get(key, snap[key])
         if pg is not None:
             totals.update(rows=pg["rows"], rows_exact=pg["rows_exact"])
-            snap["latest"] = pg["latest"]
+            snap["latest"], snap["table_figures"] = pg["latest"], pg["table"]
         else:
-            snap["latest"] = previous.get("latest", [])
+            snap["latest"], snap["table_figures"] = previous.get("latest", []), previous.get("table_figures")
         snap["totals"] = totals
         return snap
 

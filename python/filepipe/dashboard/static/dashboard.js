@@ -137,6 +137,16 @@
     $("reasons-empty").hidden = reasons.length !== 0;
     $("reasons-empty").textContent = s.dead_counting ? "Counting…" : "No dead letters.";
 
+    var tf = s.table_figures;
+    if (tf) {
+      var lines = tf.lines || [];
+      $("table-kind").textContent = lines.length ? lines[0][1] : "—";
+      $("table-chunks").textContent = lines.slice(1).map(function (l) {
+        return l[0] + ": " + l[1] + (l[2] ? " (" + l[2] + ")" : "");
+      }).join(" · ");
+      $("table-history").textContent = "Last hour: " + tf.history.summary;
+    }
+
     var now = s.updated || Date.now() / 1000;
     fillTable("latest", s.latest || [], function (tr, e) {
       cell(tr, e.filename, "name", e.stream_id);
