@@ -21,7 +21,13 @@ from tests.support.workload import consumer_env, seed, wait_for
 
 from filepipe import retention
 from filepipe.config import ConfigError, Window, load_settings, parse_window
-from filepipe.constants import heartbeat_key, retention_marks_key, trim_lease_key
+from filepipe.constants import (
+    ARRIVALS_KEEP_MS,
+    arrivals_key,
+    heartbeat_key,
+    retention_marks_key,
+    trim_lease_key,
+)
 from filepipe.consumer import Consumer
 from filepipe.partitions import partitions
 from filepipe.stream import ensure_group
@@ -352,3 +358,5 @@ def test_status_counts_the_last_minutes_arrivals_after_trimming(env: Env) -> Non
     st = collect_status(s)
     assert st.redis is not None and st.redis.length == 200
     assert (st.redis.arrivals_last_minute, st.redis.arrivals_capped) == (700, False)
+    # The samples go by themselves once no consumer trims the stream.
+    assert 0 < env.redis.pttl(arrivals_key(s.stream)) <= ARRIVALS_KEEP_MS

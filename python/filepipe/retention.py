@@ -174,6 +174,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   redis.call('ZADD', KEYS[5], now, now .. ':' .. info['entries-added'])
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (now - tonumber(ARGV[9])))
+  redis.call('PEXPIRE', KEYS[5], ARGV[9])  -- gone once no consumer trims the stream
   if ARGV[3] == '1' then
     why = 'retention'
   else
