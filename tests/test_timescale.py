@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import subprocess
 import time
@@ -142,6 +144,15 @@ def test_a_server_with_timescaledb_installed_but_not_preloaded(env: Env, tmp_pat
         assert plain.returncode == 0, plain.stderr
         ready = f"✓ Table {env.settings.table} ready: plain table on {server.uri}"
         assert plain.stdout.splitlines() == [ready]
+        # status reports the state and what to change
+        shown = run(["status"], e, tmp_path)
+        advice = (
+            f"{timescale_version()} installed but not preloaded: set shared_preload_libraries = "
+            "'timescaledb' in postgresql.conf (it is empty now) and restart PostgreSQL "
+            "(a reload is not enough)"
+        )
+        assert "  Kind:                   plain table\n" in shown.stdout
+        assert f"  TimescaleDB:            {advice}\n" in shown.stdout
         again = run(["init-db", "--plain", "--retention", "30d"], e, tmp_path)
         assert again.returncode == 2
         assert again.stderr.strip() == (
@@ -405,3 +416,58 @@ def test_status_of_a_big_hypertable_reads_the_catalog_not_old_chunks(
     assert (e.rows_last_minute, e.rows_last_hour) == (30_000, 30_000)
     assert sum(m["files"] for m in e.table["history"]["minutes"]) == 30_000
     assert e.table["chunks"] >= 30
+
+
+@pytest.mark.parametrize("server", ["timescaledb", "not preloaded"])
+def test_the_demo_on_a_configured_server(
+    server: str, redis_url: str, tsdb_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A hypertable where TimescaleDB can be used; a plain table, said so, where it is
+    installed but not preloaded."""
+    from filepipe.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    lines: list[str] = []
+    with contextlib.ExitStack() as stack:
+        uri = tsdb_uri if server == "timescaledb" else stack.enter_context(PostgresServer()).uri
+        monkeypatch.setenv("PG_URI", uri)
+        run_demo(30, echo=lines.append)
+    table = f"filepipe_demo_{os.getpid()}"
+    if server == "timescaledb":
+        assert f"✓ Table {table} ready (hypertable)" in lines
+    else:
+        assert f"✓ Table {table} ready (plain table)" in lines
+        assert (
+            "! TimescaleDB is installed there but not preloaded, so the demo uses a plain table; for a "
+            "hypertable, set shared_preload_libraries = 'timescaledb' in postgresql.conf (it is empty now) "
+            "and restart PostgreSQL (a reload is not enough)"
+        ) in lines
+    assert f"✓ 30 rows in {table}; the first five:" in lines and lines[-1] == "✓ Cleaned up"
+
+
+@on_hypertable
+def test_the_rate_history_reads_the_aggregate_where_there_is_one(env: Env) -> None:
+    """The continuous aggregate is made only on the Timescale-License edition (checked
+    elsewhere); a plain view of its definition stands in for it here, so that the query
+    status and the dashboard send it is run, and must agree with the table's."""
+    table = env.settings.table
+    add_timed_events(env, [int(time.time() * 1000) - 120_000 + 7 * i for i in range(300)])
+    assert env.drain().inserted == 300
+    env.sql(
+        f"CREATE VIEW {timescale.rate_view_name(table)} AS SELECT time_bucket(INTERVAL '1 minute', "
+        "event_time) AS minute, consumer, count(*) AS files, sum(size_bytes) AS bytes "
+        f"FROM {table} GROUP BY 1, 2"
+    )
+    try:
+        with psycopg.connect(env.pg_uri) as conn:
+            facts = timescale.read_table(conn, table)
+            assert facts.rate_view == ""  # not a continuous aggregate, and not this edition
+            from_table = timescale.rate_history(conn, table, facts, 60)
+            facts.rate_view = timescale.rate_view_name(table)
+            from_view = timescale.rate_history(conn, table, facts, 60)
+        assert (from_table[0], from_view[0]) == ("table", "continuous aggregate")
+        assert from_view[1] == from_table[1] and sum(m.files for m in from_view[1]) == 300
+    finally:
+        env.sql(f"DROP VIEW {timescale.rate_view_name(table)}")
+

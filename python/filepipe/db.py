@@ -605,20 +605,6 @@ def drop_old_chunks(settings: Settings, older_than: timedelta) -> list[str]:
         raise DatabaseError(f"cannot drop chunks of {table}: {first_line(e)}") from e
 
 
-def is_hypertable(conn: psycopg.Connection[Any], table: str) -> bool:
-    """Whether `table` is a TimescaleDB hypertable."""
-    try:
-        row = conn.execute(
-            "SELECT 1 FROM timescaledb_information.hypertables "
-            "WHERE format('%%I.%%I', hypertable_schema, hypertable_name)::regclass = %s::regclass",
-            (table,),
-        ).fetchone()
-    except psycopg.Error:
-        conn.rollback()
-        return False
-    return row is not None
-
-
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, passwords scrubbed (`redaction.error_line`)."""
     return error_line(e)

@@ -77,8 +77,8 @@ def run_demo(files: int, echo: Callable[[str], None] = print) -> None:
         except NotPreloadedError:
             with db.connect(settings) as conn:
                 ext = timescale.read_extension(conn)
-            echo(f"! TimescaleDB is installed there but not preloaded ({ext.preload_advice()}): "
-                 "the demo uses a plain table")
+            echo("! TimescaleDB is installed there but not preloaded, so the demo uses a plain table; "
+                 f"for a hypertable, {ext.preload_advice()}")
             info = db.init_db(settings, plain=True)
         echo(f"✓ Table {info.table} ready ({'hypertable' if info.hypertable else 'plain table'})")
 
