@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import queue
@@ -41,8 +40,9 @@ from redis.exceptions import RedisClusterException
 from . import _native, db, metrics, shutdown, stream
 from ._faults import crash_point
 from .config import Settings
-from .constants import HEARTBEAT_TTL_S, heartbeat_key
+from .constants import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, heartbeat_key
 from .errors import ConfigError, DatabaseError, FilepipeError, StorageError, TransientError
+from .heartbeat import Heartbeat
 from .partitions import Partition, partitions
 from .retention import Housekeeper
 from .retry import QUERY_CANCELED, Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis
@@ -1083,29 +1083,30 @@ class Consumer:
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_heartbeat < 2.0:
+        if not force and now - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
             return
         self._last_heartbeat = now
         st = self.stats
-        beat = {
-            "name": self.name,
-            "host": self.host,
-            "pid": os.getpid(),
-            "stream": self.settings.stream,
-            "partitions": self.settings.partitions,
-            "group": self.settings.group,
-            "started": st.started,
-            "updated": time.time(),
-            "inserted": st.inserted,
-            "dead_lettered": st.dead_lettered,
-            "dead_letters_waiting": self._held_count(),
-            "deleted": st.deleted,
-            "batches": st.batches,
-            "rate": round(st.rate(), 2),
-            "last_error": st.last_error,
-        }
+        beat = Heartbeat(
+            name=self.name,
+            host=self.host,
+            pid=os.getpid(),
+            stream=self.settings.stream,
+            partitions=self.settings.partitions,
+            group=self.settings.group,
+            started=st.started,
+            updated=time.time(),
+            inserted=st.inserted,
+            duplicates=st.duplicates,
+            dead_lettered=st.dead_lettered,
+            dead_letters_waiting=self._held_count(),
+            deleted=st.deleted,
+            batches=st.batches,
+            rate=round(st.rate(), 2),
+            last_error=st.last_error,
+        )
         # One heartbeat per stream read, beside it (on a cluster, in its hash slot).
-        value = json.dumps(beat)
+        value = beat.to_json()
         # Liveness is best effort; the read loop reports Redis outages.
         with contextlib.suppress(redis.RedisError, RedisClusterException):
             stream.set_heartbeats(self.redis, {heartbeat_key(p.stream, self.name): value for p in self.parts},

@@ -30,6 +30,7 @@ from . import db, retention, stream, timescale
 from .config import Settings, mask_url
 from .constants import HEARTBEAT_TTL_S, STATUS_SCAN_BYTES, heartbeat_key
 from .errors import TransientError
+from .heartbeat import Heartbeat
 from .partitions import Partition, partitions
 from .redaction import printable
 
@@ -721,19 +722,14 @@ def dead_stream_name(settings: Settings) -> str:
 
 
 def _apply_heartbeat(state: ConsumerState, raw: Any, pttl: Any) -> None:
-    if raw is None:
+    beat = Heartbeat.from_json(raw)
+    if beat is None:
         return
-    try:
-        beat = json.loads(raw)
-    except (ValueError, TypeError):
-        return
-    if not isinstance(beat, dict):
-        return
-    state.host = str(beat["host"]) if beat.get("host") else None
-    state.pid = int(beat["pid"]) if isinstance(beat.get("pid"), int) else None
-    state.rate = float(beat["rate"]) if isinstance(beat.get("rate"), (int, float)) else None
-    state.inserted = int(beat["inserted"]) if isinstance(beat.get("inserted"), int) else None
-    state.last_error = str(beat.get("last_error") or "")
+    state.host = beat.host or None
+    state.pid = beat.pid
+    state.rate = beat.rate
+    state.inserted = beat.inserted
+    state.last_error = beat.last_error
     if isinstance(pttl, int) and pttl >= 0:
         # Written with a TTL of HEARTBEAT_TTL_S: what is left of it says how old it is,
         # by the Redis clock alone.

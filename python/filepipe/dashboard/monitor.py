@@ -25,7 +25,6 @@ minus those still pending are the entries acknowledged, by every consumer.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -37,6 +36,7 @@ from typing import Any
 from .. import timescale
 from ..config import Settings, mask_url
 from ..constants import SAMPLE_PAGE_BYTES, heartbeat_key
+from ..heartbeat import Heartbeat
 from ..partitions import Partition, partitions
 from ..redaction import error_line
 from ..status import (
@@ -355,39 +355,32 @@ class Monitor:
         seen: set[str] = set()
         for member, raw in zip(members, beats, strict=True):
             name, pending = member.name, member.pending
-            beat: dict[str, Any] = {}
-            if raw:
-                try:
-                    beat = json.loads(raw)
-                except ValueError:
-                    beat = {}
-            if not beat and pending == 0:
+            beat = Heartbeat.from_json(raw)
+            if beat is None and pending == 0:
                 continue  # a consumer that left cleanly; its group entry lingers
             seen.add(name)
-            updated = float(beat.get("updated", 0) or 0)
-            age = max(now - updated, 0.0) if beat else None
-            if not beat:
+            age = None if beat is None else max(now - beat.updated, 0.0)
+            if beat is None:
                 health = "gone"
             elif age is not None and age > FRESH_S:
                 health = "stalled"
             else:
                 health = "healthy"
-            processed = int(beat.get("inserted", 0) or 0) + int(beat.get("dead_lettered", 0) or 0)
             out.append(
                 {
                     "name": name,
-                    "host": str(beat.get("host", "")),
-                    "pid": beat.get("pid"),
+                    "host": beat.host if beat else "",
+                    "pid": beat.pid if beat else None,
                     "health": health,
-                    "heartbeat": bool(beat),
+                    "heartbeat": beat is not None,
                     "heartbeat_age_s": None if age is None else round(age, 1),
-                    "rate": self._consumer_rate(name, updated, processed, beat) if beat else None,
-                    "inserted": int(beat.get("inserted", 0) or 0),
-                    "dead_lettered": int(beat.get("dead_lettered", 0) or 0),
-                    "batches": int(beat.get("batches", 0) or 0),
+                    "rate": self._consumer_rate(name, beat) if beat else None,
+                    "inserted": beat.inserted if beat else 0,
+                    "dead_lettered": beat.dead_lettered if beat else 0,
+                    "batches": beat.batches if beat else 0,
                     "pending": pending,
                     "idle_s": round(member.idle_s, 1),
-                    "last_error": str(beat.get("last_error", "") or ""),
+                    "last_error": beat.last_error if beat else "",
                 }
             )
         for name in list(self._beats):
@@ -397,16 +390,16 @@ class Monitor:
         out.sort(key=lambda c: (order[c["health"]], c["name"]))
         return out
 
-    def _consumer_rate(self, name: str, updated: float, processed: int, beat: dict[str, Any]) -> float | None:
+    def _consumer_rate(self, name: str, beat: Heartbeat) -> float | None:
         """Entries per second over the consumer's last ~10 s of heartbeats."""
+        updated, processed = beat.updated, beat.inserted + beat.dead_lettered
         history = self._beats.setdefault(name, deque(maxlen=64))
         if not history or history[-1][0] != updated:
             history.append((updated, processed))
         while len(history) > 2 and history[1][0] <= updated - HEADLINE_WINDOW_S:
             history.popleft()
         if len(history) < 2:
-            rate = beat.get("rate")
-            return None if rate is None else round(float(rate), 2)
+            return None if beat.rate is None else round(beat.rate, 2)
         (t0, n0), (t1, n1) = history[0], history[-1]
         if time.time() - t1 > FRESH_S:
             return 0.0
