@@ -1,11 +1,17 @@
-//! filepipe's hot path. The pure modules (`entry`, `copy`, `hash`, `time`,
-//! `error`) know nothing about Python and are tested with `cargo test`;
-//! `python` is the one PyO3 binding layer.
+//! filepipe's hot path, in the order data flows: `entry` validates one stream
+//! entry, `batch` carries a reply's entries (copy, parse, one slot per record),
+//! `root` confines opens to the storage root, `sniff` and `measure` measure files,
+//! `copy` encodes the rows, with `time` and `error` (the reason codes) beside them.
+//! They know nothing about Python and are tested with `cargo test`; `python` is
+//! the one PyO3 binding layer: it converts and releases the GIL.
 
+pub mod batch;
 pub mod copy;
 pub mod entry;
 pub mod error;
-pub mod hash;
+pub mod measure;
+pub mod root;
+pub mod sniff;
 pub mod time;
 
 #[cfg(feature = "python")]

@@ -2,18 +2,18 @@
 //! release around the work that takes time, and error mapping. Everything
 //! crosses this boundary once per batch.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
 use std::sync::Mutex;
 
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
+use crate::batch::{self, encode_slots, Batch, Copied, SlotError, Slots};
 use crate::copy::{self, BatchColumns, Format, Measured};
-use crate::entry::{format_uuid, parse_entry, Limits, Record, Reject, Storage};
+use crate::entry::{format_uuid, Limits, Storage};
 use crate::error::{FileFailure, Reason};
-use crate::hash::{self, Root};
+use crate::measure;
+use crate::sniff;
 use crate::time::write_pg_timestamp;
 
 pyo3::import_exception!(filepipe.errors, EntryError);
@@ -25,34 +25,27 @@ fn reason_from_str(s: &str) -> PyResult<Reason> {
 
 /// The validated entries of one XREADGROUP reply, kept on the Rust side.
 #[pyclass(frozen, module = "filepipe._native")]
-pub struct EntryBatch {
-    records: Vec<Record>,
-    /// Position in the input list of each accepted record.
-    positions: Vec<usize>,
-    /// (position in the input, reject).
-    rejects: Vec<(usize, Reject)>,
-    /// Bytes of every input entry's id, field names and values.
-    input_bytes: usize,
-}
+pub struct EntryBatch(Batch);
 
 #[pymethods]
 impl EntryBatch {
     fn __len__(&self) -> usize {
-        self.records.len()
+        self.0.records.len()
     }
 
     fn __repr__(&self) -> String {
         format!(
             "<EntryBatch accepted={} rejected={}>",
-            self.records.len(),
-            self.rejects.len()
+            self.0.records.len(),
+            self.0.rejects.len()
         )
     }
 
     /// (input position, entry id, reason, message) of every rejected entry.
     #[getter]
     fn rejects(&self) -> Vec<(usize, String, &'static str, String)> {
-        self.rejects
+        self.0
+            .rejects
             .iter()
             .map(|(pos, r)| {
                 (
@@ -68,19 +61,20 @@ impl EntryBatch {
     /// Input position of each accepted record.
     #[getter]
     fn positions(&self) -> Vec<usize> {
-        self.positions.clone()
+        self.0.positions.clone()
     }
 
     /// The bytes of the input entries' ids, field names and values, rejected entries
     /// included: what the batch held when it was read.
     #[getter]
     fn input_bytes(&self) -> usize {
-        self.input_bytes
+        self.0.input_bytes
     }
 
     /// (storage, key) of each accepted record.
     fn locations(&self) -> Vec<(&'static str, String)> {
-        self.records
+        self.0
+            .records
             .iter()
             .map(|r| (r.storage.as_str(), r.key.clone()))
             .collect()
@@ -88,7 +82,8 @@ impl EntryBatch {
 
     /// The accepted records as dicts (for inspection and tests; not the hot path).
     fn records<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.records
+        self.0
+            .records
             .iter()
             .map(|r| {
                 let d = PyDict::new(py);
@@ -110,30 +105,22 @@ impl EntryBatch {
 
 type MeasurementTuple<'py> = (i64, Bound<'py, PyBytes>, Option<String>);
 
-enum Slot {
-    Pending,
-    Done(Measured),
-    Failed(FileFailure),
+fn slot_error(e: SlotError) -> PyErr {
+    match e {
+        SlotError::OutOfRange(_) => PyIndexError::new_err(e.to_string()),
+        SlotError::Invalid(_) => PyValueError::new_err(e.to_string()),
+    }
 }
 
 /// What the consumer measured of each accepted record's file, by record index.
 #[pyclass(frozen, module = "filepipe._native")]
 pub struct Measurements {
-    slots: Mutex<Vec<Slot>>,
+    slots: Mutex<Slots>,
 }
 
 impl Measurements {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn check(&self, slots: &[Slot], index: usize) -> PyResult<()> {
-        if index >= slots.len() {
-            return Err(PyIndexError::new_err(format!(
-                "record index {index} out of range"
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -142,7 +129,7 @@ impl Measurements {
     #[new]
     fn new(count: usize) -> Self {
         Measurements {
-            slots: Mutex::new((0..count).map(|_| Slot::Pending).collect()),
+            slots: Mutex::new(Slots::new(count)),
         }
     }
 
@@ -159,68 +146,45 @@ impl Measurements {
         sha256: &[u8],
         content_type: Option<&str>,
     ) -> PyResult<()> {
-        let mut slots = self.lock();
-        self.check(&slots, index)?;
-        let digest: [u8; 32] = sha256
-            .try_into()
-            .map_err(|_| PyValueError::new_err("sha256 must be a 32-byte digest"))?;
-        if size < 0 {
-            return Err(PyValueError::new_err("size must not be negative"));
-        }
-        slots[index] = Slot::Done(Measured {
-            size,
-            sha256: digest,
-            content_type: content_type.map(hash::intern_content_type),
-        });
-        Ok(())
+        self.lock()
+            .set(index, size, sha256, content_type)
+            .map_err(slot_error)
     }
 
     /// Marks a record as failed, with a reason code; it will not be encoded.
     #[pyo3(signature = (index, reason, message, transient=false))]
     fn fail(&self, index: usize, reason: &str, message: String, transient: bool) -> PyResult<()> {
-        let mut slots = self.lock();
-        self.check(&slots, index)?;
-        slots[index] = Slot::Failed(FileFailure {
+        let failure = FileFailure {
             reason: reason_from_str(reason)?,
             message,
             transient,
-        });
-        Ok(())
+        };
+        self.lock().fail(index, failure).map_err(slot_error)
     }
 
     /// (record index, reason, message, transient) of every failed record.
     fn failures(&self) -> Vec<(usize, &'static str, String, bool)> {
         self.lock()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s {
-                Slot::Failed(f) => Some((i, f.reason.as_str(), f.message.clone(), f.transient)),
-                _ => None,
-            })
+            .failures()
+            .map(|(i, f)| (i, f.reason.as_str(), f.message.clone(), f.transient))
             .collect()
     }
 
     /// Indices of the records measured successfully.
     fn measured(&self) -> Vec<usize> {
-        self.lock()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| matches!(s, Slot::Done(_)).then_some(i))
-            .collect()
+        self.lock().measured()
     }
 
     /// (size, sha256 digest, content type) of one record, or None if it is not measured.
     fn get<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Option<MeasurementTuple<'py>>> {
         let slots = self.lock();
-        self.check(&slots, index)?;
-        Ok(match &slots[index] {
-            Slot::Done(m) => Some((
+        Ok(slots.get(index).map_err(slot_error)?.map(|m| {
+            (
                 m.size,
                 PyBytes::new(py, &m.sha256),
                 m.content_type.as_deref().map(str::to_owned),
-            )),
-            _ => None,
-        })
+            )
+        }))
     }
 }
 
@@ -279,148 +243,6 @@ fn for_each_field(fields: &Bound<'_, PyAny>, mut f: impl FnMut(&[u8], &[u8])) ->
     Ok(())
 }
 
-/// One input entry, copied out of the Python objects into [`Copied::arena`], so it can
-/// be parsed with the GIL released: its id, then name, value, name, value, …, one after
-/// the other from `start`, each ending where [`Copied::ends`]`[ends.0..ends.1]` says.
-enum Input {
-    Entry {
-        pos: usize,
-        start: usize,
-        ends: (usize, usize),
-    },
-    /// Rejected before parsing (deleted, or over a cap).
-    Rejected { pos: usize, reject: Reject },
-}
-
-/// A whole batch's entries in owned buffers: the bytes of every id, field name and
-/// value in one arena, and where each ends.
-#[derive(Default)]
-struct Copied {
-    arena: Vec<u8>,
-    ends: Vec<usize>,
-    inputs: Vec<Input>,
-    /// Ids, field names and values of every input entry, rejected ones included.
-    input_bytes: usize,
-}
-
-/// Room reserved per entry of a batch whose length is known: what the producer's entries
-/// take, so a batch of them is copied without growing the arena.
-const ENTRY_BYTES_HINT: usize = 320;
-const ENTRY_FIELDS_HINT: usize = 8;
-
-impl Copied {
-    fn with_capacity(entries: usize) -> Self {
-        Copied {
-            arena: Vec::with_capacity(entries * ENTRY_BYTES_HINT),
-            ends: Vec::with_capacity(entries * (2 * ENTRY_FIELDS_HINT + 1)),
-            inputs: Vec::with_capacity(entries),
-            input_bytes: 0,
-        }
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        self.arena.extend_from_slice(bytes);
-        self.ends.push(self.arena.len());
-    }
-
-    /// Copies one entry, unless it is over a cap. The field count is known before any
-    /// field is looked at; the bytes are counted as they are copied, and copying stops
-    /// at the cap, so an entry over a cap costs no more than counting it.
-    fn add(
-        &mut self,
-        pos: usize,
-        id: &[u8],
-        fields: &Bound<'_, PyAny>,
-        limits: Limits,
-    ) -> PyResult<()> {
-        self.input_bytes += id.len();
-        let count = field_count(fields)?;
-        if let Err(reject) = limits.check_fields(id, count) {
-            let mut bytes = 0;
-            for_each_field(fields, |n, v| bytes += n.len() + v.len())?;
-            self.input_bytes += bytes;
-            self.inputs.push(Input::Rejected { pos, reject });
-            return Ok(());
-        }
-        let (start, ends_mark) = (self.arena.len(), self.ends.len());
-        self.push(id);
-        let mut bytes = id.len();
-        let mut over = false;
-        self.ends.reserve(count * 2);
-        for_each_field(fields, |n, v| {
-            bytes += n.len() + v.len();
-            over = over || bytes > limits.max_bytes;
-            if !over {
-                self.push(n);
-                self.push(v);
-            }
-        })?;
-        self.input_bytes += bytes - id.len();
-        if let Err(reject) = limits.check_bytes(id, bytes) {
-            self.arena.truncate(start);
-            self.ends.truncate(ends_mark);
-            self.inputs.push(Input::Rejected { pos, reject });
-            return Ok(());
-        }
-        self.inputs.push(Input::Entry {
-            pos,
-            start,
-            ends: (ends_mark, self.ends.len()),
-        });
-        Ok(())
-    }
-
-    /// Parses every copied entry (pure Rust: runs with the GIL released).
-    fn parse(
-        mut self,
-        default_storage: Storage,
-        id_prefix: &str,
-        panic_key: Option<std::ffi::OsString>,
-    ) -> EntryBatch {
-        let mut batch = EntryBatch {
-            records: Vec::new(),
-            positions: Vec::new(),
-            rejects: Vec::new(),
-            input_bytes: self.input_bytes,
-        };
-        let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
-        for input in std::mem::take(&mut self.inputs) {
-            let (pos, start, spans) = match input {
-                Input::Rejected { pos, reject } => {
-                    batch.rejects.push((pos, reject));
-                    continue;
-                }
-                Input::Entry { pos, start, ends } => (pos, start, ends),
-            };
-            let ends = &self.ends[spans.0..spans.1];
-            let id = &self.arena[start..ends[0]];
-            fields.clear();
-            for pair in ends.windows(3).step_by(2) {
-                fields.push((&self.arena[pair[0]..pair[1]], &self.arena[pair[1]..pair[2]]));
-            }
-            let parsed = catch_unwind(AssertUnwindSafe(|| {
-                test_panic(&panic_key, &fields);
-                parse_entry(id, &fields, default_storage, id_prefix)
-            }))
-            .unwrap_or_else(|_| {
-                Err(Reject::new(
-                    id,
-                    Reason::Internal,
-                    "internal error while parsing (a bug: please report it)",
-                ))
-            });
-            match parsed {
-                Ok(record) => {
-                    batch.positions.push(pos);
-                    batch.records.push(record);
-                }
-                Err(reject) => batch.rejects.push((pos, reject)),
-            }
-        }
-        batch
-    }
-}
-
 /// Below this many copied bytes a batch is parsed without releasing the GIL: taking
 /// it back can wait for another thread's switch interval, which costs more than such
 /// a parse.
@@ -475,36 +297,24 @@ fn parse_entries(
         let id = as_bytes(&id_obj, "an entry id")?;
         if fields_obj.is_none() {
             // XAUTOCLAIM/XCLAIM name entries deleted since delivery with no fields.
-            copied.input_bytes += id.len();
-            copied.inputs.push(Input::Rejected {
-                pos,
-                reject: Reject::new(id, Reason::MissingField, "was deleted from the stream"),
-            });
+            copied.add_deleted(pos, id);
             continue;
         }
-        copied.add(pos, id, &fields_obj, limits)?;
+        let count = field_count(&fields_obj)?;
+        copied.add(pos, id, count, limits, |f| for_each_field(&fields_obj, f))?;
     }
-    let panic_key = std::env::var_os(hash::TEST_PANIC_ENV);
+    let copied_small = copied.copied_bytes() < DETACH_BYTES;
+    let panic_key = std::env::var_os(measure::TEST_PANIC_ENV);
     let prefix = id_prefix.to_owned();
-    Ok(if copied.arena.len() < DETACH_BYTES {
-        copied.parse(default_storage, &prefix, panic_key)
+    let parse = move || {
+        let key = panic_key.as_ref().map(|k| k.as_encoded_bytes());
+        EntryBatch(copied.parse(default_storage, &prefix, key))
+    };
+    Ok(if copied_small {
+        parse()
     } else {
-        py.detach(move || copied.parse(default_storage, &prefix, panic_key))
+        py.detach(parse)
     })
-}
-
-/// Fault injection for the test suite: an entry whose `key` equals the value of
-/// FILEPIPE_TEST_PANIC_KEY makes the parser panic, to prove a panic only rejects
-/// that entry. Unset, it costs one environment lookup per batch.
-fn test_panic(panic_key: &Option<std::ffi::OsString>, fields: &[(&[u8], &[u8])]) {
-    if let Some(k) = panic_key {
-        if fields
-            .iter()
-            .any(|(n, v)| *n == b"key" && *v == k.as_encoded_bytes())
-        {
-            panic!("test panic requested for this key");
-        }
-    }
 }
 
 /// Measures every local-storage record of `batch` (size, SHA-256, sniffed type)
@@ -519,42 +329,20 @@ fn measure_local(
     threads: usize,
     into: Option<Bound<'_, Measurements>>,
 ) -> PyResult<Py<Measurements>> {
-    let b: &EntryBatch = batch.get();
+    let b = &batch.get().0;
     let out = match into {
         Some(m) => m.unbind(),
         None => Py::new(py, Measurements::new(b.records.len()))?,
     };
     let m: &Measurements = out.get();
-    if m.lock().len() != b.records.len() {
-        return Err(PyValueError::new_err(
-            "measurements and batch differ in length",
-        ));
-    }
-    let root_path = root.to_owned();
-    let result: Result<(), String> = py.detach(|| {
-        let local: Vec<usize> = (0..b.records.len())
-            .filter(|&i| b.records[i].storage == Storage::Local)
-            .collect();
-        if local.is_empty() {
-            return Ok(());
-        }
-        let root = Root::open(Path::new(&root_path))
-            .map_err(|e| format!("local storage root '{root_path}' cannot be opened: {e}"))?;
-        let keys: Vec<&str> = local.iter().map(|&i| b.records[i].key.as_str()).collect();
-        let results = catch_unwind(AssertUnwindSafe(|| {
-            hash::measure_all(&root, &keys, max_bytes, threads)
-        }))
-        .map_err(|_| "internal error while measuring files (a bug: please report it)".to_owned())?;
-        let mut slots = m.lock();
-        for (i, r) in local.into_iter().zip(results) {
-            slots[i] = match r {
-                Ok(measured) => Slot::Done(measured),
-                Err(failure) => Slot::Failed(failure),
-            };
-        }
-        Ok(())
-    });
-    result.map_err(StorageError::new_err)?;
+    py.detach(|| batch::measure_local(b, &mut m.lock(), root, max_bytes, threads))
+        .map_err(|e| {
+            if e.starts_with("measurements and batch") {
+                PyValueError::new_err(e)
+            } else {
+                StorageError::new_err(e)
+            }
+        })?;
     Ok(out)
 }
 
@@ -582,7 +370,7 @@ fn measurement_from_tuple(obj: &Bound<'_, PyAny>) -> PyResult<Option<Measured>> 
     let content_type = if ct_obj.is_none() {
         None
     } else {
-        Some(hash::intern_content_type(
+        Some(sniff::intern_content_type(
             ct_obj.cast::<PyString>()?.to_str()?,
         ))
     };
@@ -609,7 +397,7 @@ fn encode_copy<'py>(
     only: Option<Vec<usize>>,
     stream: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let b: &EntryBatch = batch.get();
+    let b = &batch.get().0;
     let format = if binary { Format::Binary } else { Format::Text };
     if let Some(idx) = &only {
         if let Some(bad) = idx.iter().find(|&&i| i >= b.records.len()) {
@@ -625,23 +413,8 @@ fn encode_copy<'py>(
     };
     let buf = if let Ok(m) = measurements.cast::<Measurements>() {
         let m: &Measurements = m.get();
-        py.detach(|| {
-            let slots = m.lock();
-            if slots.len() != b.records.len() {
-                return Err("measurements and batch differ in length".to_owned());
-            }
-            Ok(encode_selected(
-                b,
-                columns,
-                format,
-                only.as_deref(),
-                |i| match &slots[i] {
-                    Slot::Done(measured) => Some(measured),
-                    _ => None,
-                },
-            ))
-        })
-        .map_err(PyValueError::new_err)?
+        py.detach(|| encode_slots(b, &m.lock(), columns, format, only.as_deref()))
+            .map_err(PyValueError::new_err)?
     } else {
         let list: Vec<Option<Measured>> = measurements
             .try_iter()?
@@ -653,30 +426,15 @@ fn encode_copy<'py>(
                 "measurements and batch differ in length",
             ));
         }
-        py.detach(|| encode_selected(b, columns, format, only.as_deref(), |i| list[i].as_ref()))
+        py.detach(|| batch::encode(b, columns, format, only.as_deref(), |i| list[i].as_ref()))
     };
     Ok(PyBytes::new(py, &buf))
-}
-
-fn encode_selected<'a>(
-    b: &'a EntryBatch,
-    columns: BatchColumns<'_>,
-    format: Format,
-    only: Option<&[usize]>,
-    measured: impl Fn(usize) -> Option<&'a Measured>,
-) -> Vec<u8> {
-    let indices: Box<dyn Iterator<Item = usize>> = match only {
-        Some(idx) => Box::new(idx.iter().copied()),
-        None => Box::new(0..b.records.len()),
-    };
-    let rows = indices.filter_map(|i| measured(i).map(|m| (&b.records[i], m)));
-    copy::encode(rows, columns, format, b.records.len())
 }
 
 /// The content type of a file from its first bytes.
 #[pyfunction]
 fn sniff_content_type(head: &[u8]) -> &'static str {
-    hash::sniff(head)
+    sniff::sniff(head)
 }
 
 /// Formats microseconds since the epoch as PostgreSQL prints a UTC timestamptz.
@@ -698,7 +456,7 @@ fn reason_codes() -> Vec<&'static str> {
 pub fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("COPY_COLUMNS", copy::COLUMNS.to_vec())?;
-    m.add("SNIFF_BYTES", hash::SNIFF_BYTES)?;
+    m.add("SNIFF_BYTES", sniff::SNIFF_BYTES)?;
     m.add_class::<EntryBatch>()?;
     m.add_class::<Measurements>()?;
     m.add_function(wrap_pyfunction!(parse_entries, m)?)?;

@@ -1,0 +1,228 @@
+//! Measuring files: size, SHA-256 and a sniffed content type, every read confined
+//! to a storage root ([`Root`]), many files on a few threads, a panic failing only
+//! its file. Files must be regular files.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use crate::copy::Measured;
+use crate::error::{FileFailure, Reason};
+use crate::root::{errno_failure, Root};
+use crate::sniff::{sniff, SNIFF_BYTES};
+
+/// Environment variable naming a key whose measurement (and parsing) panics: fault
+/// injection for the test suite.
+pub const TEST_PANIC_ENV: &str = "FILEPIPE_TEST_PANIC_KEY";
+
+const CHUNK: usize = 256 * 1024;
+
+/// Measures one file: size, SHA-256, sniffed content type.
+pub fn measure(
+    root: &Root,
+    key: &str,
+    max_bytes: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Measured, FileFailure> {
+    let mut file: File = root.open_beneath(key)?;
+    let meta = file.metadata().map_err(|e| errno_failure(e, key))?;
+    if !meta.file_type().is_file() {
+        return Err(FileFailure::new(
+            Reason::NotAFile,
+            format!("'{key}' is not a regular file (a directory, FIFO, socket or device)"),
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(too_large(key, meta.len(), max_bytes));
+    }
+    hash_reader(&mut file, key, max_bytes, buf)
+}
+
+fn too_large(key: &str, size: u64, max_bytes: u64) -> FileFailure {
+    FileFailure::new(
+        Reason::TooLarge,
+        format!(
+            "file '{key}' is {size} bytes, more than the limit of {max_bytes} (MAX_FILE_BYTES)"
+        ),
+    )
+}
+
+/// Streams a reader through SHA-256, keeping the first bytes for sniffing.
+pub fn hash_reader(
+    r: &mut impl Read,
+    key: &str,
+    max_bytes: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Measured, FileFailure> {
+    buf.resize(CHUNK, 0);
+    let mut hasher = Sha256::new();
+    let mut head = [0u8; SNIFF_BYTES];
+    let mut head_len = 0;
+    let mut total: u64 = 0;
+    loop {
+        let n = match r.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(errno_failure(e, key)),
+        };
+        total += n as u64;
+        if total > max_bytes {
+            return Err(too_large(key, total, max_bytes));
+        }
+        if head_len < SNIFF_BYTES {
+            let take = (SNIFF_BYTES - head_len).min(n);
+            head[head_len..head_len + take].copy_from_slice(&buf[..take]);
+            head_len += take;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Measured {
+        size: total as i64,
+        sha256: hasher.finalize().into(),
+        content_type: Some(Cow::Borrowed(sniff(&head[..head_len]))),
+    })
+}
+
+/// Measures one file; a panic (a bug) fails only this file, with reason `internal_error`.
+fn measure_guarded(
+    root: &Root,
+    key: &str,
+    max_bytes: u64,
+    buf: &mut Vec<u8>,
+    panic_key: Option<&str>,
+) -> Result<Measured, FileFailure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if panic_key == Some(key) {
+            panic!("test panic requested for this key");
+        }
+        measure(root, key, max_bytes, buf)
+    }))
+    .unwrap_or_else(|_| {
+        buf.clear();
+        Err(FileFailure::new(
+            Reason::Internal,
+            format!("internal error while measuring '{key}' (a bug: please report it)"),
+        ))
+    })
+}
+
+/// Measures many files under one root on up to `threads` threads.
+pub fn measure_all(
+    root: &Root,
+    keys: &[&str],
+    max_bytes: u64,
+    threads: usize,
+) -> Vec<Result<Measured, FileFailure>> {
+    let panic_key = std::env::var(TEST_PANIC_ENV).ok();
+    let panic_key = panic_key.as_deref();
+    let threads = threads.clamp(1, 64).min(keys.len().div_ceil(16)).max(1);
+    if threads == 1 {
+        let mut buf = Vec::new();
+        return keys
+            .iter()
+            .map(|k| measure_guarded(root, k, max_bytes, &mut buf, panic_key))
+            .collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<Measured, FileFailure>>> = vec![None; keys.len()];
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut buf = Vec::new();
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= keys.len() {
+                            return done;
+                        }
+                        done.push((
+                            i,
+                            measure_guarded(root, keys[i], max_bytes, &mut buf, panic_key),
+                        ));
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            for (i, r) in worker.join().expect("a measuring thread panicked") {
+                results[i] = Some(r);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.expect("every slot is filled"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    fn tmp() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "filepipe-hash-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root/sub")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn measures_and_confines() {
+        let dir = tmp();
+        let root_path = dir.join("root");
+        std::fs::File::create(root_path.join("sub/a.txt"))
+            .unwrap()
+            .write_all(b"hello\n")
+            .unwrap();
+        std::fs::write(dir.join("secret"), b"canary").unwrap();
+        std::os::unix::fs::symlink(dir.join("secret"), root_path.join("out")).unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", root_path.join("in")).unwrap();
+        let root = Root::open(&root_path).unwrap();
+        let mut buf = Vec::new();
+        let m = measure(&root, "sub/a.txt", 100, &mut buf).unwrap();
+        assert_eq!(m.size, 6);
+        assert_eq!(m.content_type.as_deref(), Some("text/plain"));
+        let expected: [u8; 32] = Sha256::digest(b"hello\n").into();
+        assert_eq!(m.sha256, expected);
+        assert_eq!(
+            measure(&root, "in", 100, &mut buf).unwrap().sha256,
+            expected
+        );
+        assert_eq!(
+            measure(&root, "out", 100, &mut buf).unwrap_err().reason,
+            Reason::UnsafeKey
+        );
+        assert_eq!(
+            measure(&root, "../secret", 100, &mut buf)
+                .unwrap_err()
+                .reason,
+            Reason::UnsafeKey
+        );
+        assert_eq!(
+            measure(&root, "nope", 100, &mut buf).unwrap_err().reason,
+            Reason::Missing
+        );
+        assert_eq!(
+            measure(&root, "sub", 100, &mut buf).unwrap_err().reason,
+            Reason::NotAFile
+        );
+        assert_eq!(
+            measure(&root, "sub/a.txt", 3, &mut buf).unwrap_err().reason,
+            Reason::TooLarge
+        );
+        let all = measure_all(&root, &["sub/a.txt"; 100], 100, 4);
+        assert!(all.iter().all(|r| r.as_ref().unwrap().sha256 == expected));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
