@@ -125,7 +125,19 @@ def _create_staging() -> sql.Composed:
     )
 
 
-def _configure(conn: psycopg.Connection[Any]) -> None:
+def copy_statement(*, binary: bool, table: str | None = None) -> sql.Composed:
+    """`COPY <table> (<filepipe's columns>) FROM STDIN (FORMAT BINARY|TEXT)`: the statement
+    an encoded buffer is loaded with, into `table` (a direct load) or, when `table` is
+    None, into the connection's staging table (a merge)."""
+    target = sql.Identifier(c.STAGING_TABLE) if table is None else table_ident(table)
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    fmt = sql.SQL("BINARY" if binary else "TEXT")
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(target, columns, fmt)
+
+
+def configure_connection(conn: psycopg.Connection[Any]) -> None:
+    """Gives a new connection its staging table, as the pool does with each of its
+    connections (not behind PgBouncer, where a merge creates its own)."""
     try:
         conn.execute(_create_staging())
     except psycopg.Error as e:
@@ -186,7 +198,7 @@ def create_pool(settings: Settings, *, open: bool = True, min_size: int = 1) -> 
         # Autocommit: a direct COPY is its own transaction (no COMMIT round trip);
         # the merge path opens an explicit one.
         kwargs={**connection_kwargs(settings), "autocommit": True},
-        configure=None if settings.pgbouncer else _configure,  # PgBouncer: no session state
+        configure=None if settings.pgbouncer else configure_connection,  # PgBouncer: no session state
         check=check_if_idle,
         timeout=max(settings.connect_timeout_s * 2, 5.0),
         # No background reconnection loop with its own growing delays: a load that finds
@@ -657,9 +669,8 @@ class Loader:
         ident = table_ident(settings.table)
         staging = sql.Identifier(c.STAGING_TABLE)
         col_list = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-        fmt = sql.SQL("BINARY") if self.binary else sql.SQL("TEXT")
-        self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(staging, col_list, fmt)
-        self.direct_copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(ident, col_list, fmt)
+        self.copy_sql = copy_statement(binary=self.binary)
+        self.direct_copy_sql = copy_statement(binary=self.binary, table=settings.table)
         self.insert_sql = sql.SQL(
             "INSERT INTO {} ({cols}) SELECT {cols} FROM {} ON CONFLICT DO NOTHING"
         ).format(ident, staging, cols=col_list)

@@ -37,11 +37,11 @@ import typer
 from psycopg import sql
 
 from . import _native, db, stream, timescale
-from .config import Settings, mask_url
-from .constants import MEMORY_WARN_SHARE, STAGING_TABLE, dead_letter_ids_key, heartbeat_key, trim_keys
+from .config import Settings
+from .constants import MEMORY_WARN_SHARE, dead_letter_ids_key, heartbeat_key, trim_keys
 from .errors import FilepipeError
 from .partitions import partitions
-from .redaction import error_line, printable, scrub
+from .redaction import error_line, mask_url, printable, scrub
 
 Command = Callable[..., Any]
 
@@ -1043,12 +1043,6 @@ def _describe_server(
         f.notes.append(f"{settings.table} does not have filepipe's columns")
 
 
-def _copy_sql(binary: bool) -> sql.Composed:
-    cols = sql.SQL(", ").join(map(sql.Identifier, db.COLUMNS))
-    fmt = sql.SQL("BINARY" if binary else "TEXT")
-    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(sql.Identifier(STAGING_TABLE), cols, fmt)
-
-
 def _measure_copy(conn: psycopg.Connection[Any], settings: Settings, f: PostgresFigures) -> None:
     """COPY into the consumer's own temporary staging table, then roll back."""
     binary = settings.copy_format == "binary"
@@ -1056,10 +1050,10 @@ def _measure_copy(conn: psycopg.Connection[Any], settings: Settings, f: Postgres
     buf = _native.encode_copy(batch, m, "benchmark", binary, stream=settings.stream)
     conn.autocommit = False
     try:
-        db._configure(conn)  # the staging table the consumer loads into
+        db.configure_connection(conn)  # the staging table the consumer loads into
         with conn.cursor() as cur:
             t0 = time.perf_counter()
-            with cur.copy(_copy_sql(binary)) as copy:
+            with cur.copy(db.copy_statement(binary=binary)) as copy:
                 copy.write(buf)
             f.copy_s = time.perf_counter() - t0
         f.copy_rows, f.copy_bytes = len(batch), len(buf)
