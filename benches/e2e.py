@@ -30,13 +30,13 @@ import psutil
 import psycopg
 import redis
 
-from benches.baselines import fast_consumer, old_consumer
 from filepipe import _native, stream
 from filepipe.config import Settings, load_settings
 from filepipe.constants import dead_letter_ids_key
 from filepipe.consumer import Consumer
 from filepipe.db import Loader, create_pool, init_db
 from filepipe.embedded import PostgresServer, RedisServer
+from filepipe.guide import fast_consumer, old_consumer
 from filepipe.producer import PIPELINE_CHUNK
 
 

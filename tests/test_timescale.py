@@ -432,7 +432,7 @@ def test_the_demo_on_a_configured_server(
     with contextlib.ExitStack() as stack:
         uri = tsdb_uri if server == "timescaledb" else stack.enter_context(PostgresServer()).uri
         monkeypatch.setenv("PG_URI", uri)
-        run_demo(30, echo=lines.append)
+        run_demo(30, echo=lines.append, serve=False)
     table = f"filepipe_demo_{os.getpid()}"
     if server == "timescaledb":
         assert f"✓ Table {table} ready (hypertable)" in lines

@@ -1,5 +1,6 @@
-"""Faithful reconstructions of the two consumers in the performance guide
-(`reference/performance-guide.md`), used as baselines in the same run as filepipe.
+"""The two consumers of the performance guide filepipe grew out of, reconstructed
+faithfully: the demo runs them beside filepipe, and the benches use them as baselines
+measured in the same run.
 
 * `old_consumer`: the original `consumer.py` — XREADGROUP COUNT 10 BLOCK 5000, and for
   every message a new database connection, one INSERT, COMMIT, close, then XACK.
@@ -68,8 +69,8 @@ def _row(
 def _read(
     r: redis.Redis, s: Settings, consumer: str, count: int, block: int
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    reply = r.xreadgroup(s.group, consumer, {s.stream: ">"}, count=count, block=block)
-    return list(reply[0][1]) if reply else []
+    reply: Any = r.xreadgroup(s.group, consumer, {s.stream: ">"}, count=count, block=block)
+    return list(reply[0][1]) if reply else []  # RESP2: [[stream, [(id, fields), ...]]]
 
 
 def old_consumer(s: Settings, limit: int, *, idle_exit_s: float = 6.0) -> tuple[int, float]:
