@@ -25,7 +25,7 @@ from tests.support.proxy import TcpProxy
 from typer.testing import CliRunner
 
 from filepipe import diagnose
-from filepipe.cli import handle_errors
+from filepipe.cli import app
 from filepipe.config import Settings
 from filepipe.embedded import free_port
 
@@ -35,14 +35,7 @@ SECRET = "pw-Never-Shown-42"
 
 
 def benchmark_app() -> typer.Typer:
-    """`filepipe benchmark` on its own, as cli.py registers it."""
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """filepipe"""
-
-    diagnose.register_cli(app, handle_errors)
+    """The `filepipe` command, where `benchmark` is registered."""
     return app
 
 

@@ -15,7 +15,7 @@ from tests.conftest import Env, both_tables
 from typer.testing import CliRunner
 
 from filepipe import status
-from filepipe.cli import handle_errors
+from filepipe.cli import app
 from filepipe.constants import HEARTBEAT_TTL_S, heartbeat_key, partition_stream
 from filepipe.consumer import Consumer
 from filepipe.embedded import free_port
@@ -27,14 +27,7 @@ runner = CliRunner()
 
 
 def status_app() -> typer.Typer:
-    """`filepipe status` on its own, as cli.py registers it."""
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """filepipe"""
-
-    status.register_cli(app, handle_errors)
+    """The `filepipe` command, where `status` is registered."""
     return app
 
 

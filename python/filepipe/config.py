@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +19,6 @@ from . import constants as c
 from .errors import ConfigError
 from .redaction import mask_url as mask_url  # where every module has always found it
 from .redaction import remember, url_secrets
-
-# (setting, environment names in order of precedence)
-ENV_NAMES: dict[str, tuple[str, ...]] = {
-    "redis_url": ("REDIS_URL",),
-    "pg_uri": ("PG_URI", "DATABASE_URL"),
-    "consumer_name": ("CONSUMER_NAME",),
-    "batch_size": ("CONSUMER_BATCH_SIZE",),
-    "batch_bytes": ("FILEPIPE_BATCH_BYTES",),
-    "block_ms": ("CONSUMER_BLOCK_MS",),
-    "storage_mode": ("STORAGE_MODE",),
-    "local_storage_dir": ("LOCAL_STORAGE_DIR",),
-    "s3_bucket": ("S3_BUCKET",),
-    "s3_prefix": ("S3_PREFIX",),
-    "s3_endpoint_url": ("S3_ENDPOINT_URL",),
-    "s3_max_concurrency": ("S3_MAX_CONCURRENCY",),
-    "stream": ("STREAM_NAME", "FILEPIPE_STREAM"),
-    "group": ("CONSUMER_GROUP", "FILEPIPE_GROUP"),
-    "dead_letter_stream": ("DEAD_LETTER_STREAM", "FILEPIPE_DEAD_LETTER_STREAM"),
-    "table": ("FILEPIPE_TABLE",),
-    "max_file_bytes": ("MAX_FILE_BYTES",),
-    "max_entry_fields": ("FILEPIPE_MAX_ENTRY_FIELDS",),
-    "max_entry_bytes": ("FILEPIPE_MAX_ENTRY_BYTES",),
-    "claim_idle_ms": ("CLAIM_IDLE_MS",),
-    "max_deliveries": ("MAX_DELIVERIES",),
-    "hash_threads": ("FILEPIPE_HASH_THREADS",),
-    "copy_format": ("FILEPIPE_COPY_FORMAT",),
-    "pool_size": ("FILEPIPE_POOL_SIZE",),
-    "in_flight": ("FILEPIPE_IN_FLIGHT",),
-    "connect_timeout_s": ("FILEPIPE_CONNECT_TIMEOUT",),
-    "statement_timeout_ms": ("FILEPIPE_STATEMENT_TIMEOUT_MS",),
-    "partitions": ("STREAM_PARTITIONS",),
-    "redis_cluster": ("REDIS_CLUSTER",),
-    "pgbouncer": ("FILEPIPE_PGBOUNCER",),
-    "dashboard_user": ("FILEPIPE_DASHBOARD_USER",),
-    "dashboard_password": ("FILEPIPE_DASHBOARD_PASSWORD",),
-    "stream_retention": ("STREAM_RETENTION",),
-    "dead_letter_retention": ("DEAD_LETTER_RETENTION",),
-}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -69,51 +31,155 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def setting(
+    default: Any = MISSING,
+    *,
+    env: str | tuple[str, ...],
+    help: str,
+    option: bool = True,
+    shown: str | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A `Settings` field with what a person needs to know about it: its environment
+    names (the first is the one filepipe writes; the others are read too, in order),
+    whether it has a command-line option (`--field-name`), its help, and how its default
+    is written when the code cannot show it (`shown`)."""
+    meta = {"env": (env,) if isinstance(env, str) else env, "help": help, "option": option, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _hash_threads() -> int:
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything a filepipe command needs to know. Build it with `load_settings`."""
+    """Everything a filepipe command needs to know. Build it with `load_settings`.
 
-    redis_url: str = c.DEFAULT_REDIS_URL
-    pg_uri: str = c.DEFAULT_PG_URI
-    consumer_name: str = field(default_factory=default_consumer_name)
-    batch_size: int = c.DEFAULT_BATCH_SIZE
-    batch_bytes: int = c.DEFAULT_BATCH_BYTES
-    block_ms: int = c.DEFAULT_BLOCK_MS
-    storage_mode: str = "local"
-    local_storage_dir: str = c.DEFAULT_LOCAL_STORAGE_DIR
-    s3_bucket: str = ""
-    s3_prefix: str = ""
-    s3_endpoint_url: str = ""
-    s3_max_concurrency: int = 16
-    stream: str = c.DEFAULT_STREAM
-    group: str = c.DEFAULT_GROUP
-    dead_letter_stream: str = ""
-    table: str = c.DEFAULT_TABLE
-    max_file_bytes: int = c.DEFAULT_MAX_FILE_BYTES
+    Each field's metadata (`setting`) is the one place its environment name, option, help
+    and default live: the command-line options, `filepipe config`, the README's
+    configuration table and the supervisor's worker environment are derived from it."""
+
+    redis_url: str = setting(c.DEFAULT_REDIS_URL, env="REDIS_URL", help="Redis URL")
+    pg_uri: str = setting(
+        c.DEFAULT_PG_URI, env=("PG_URI", "DATABASE_URL"), help="PostgreSQL URI (or a libpq key=value string)"
+    )
+    consumer_name: str = setting(
+        env="CONSUMER_NAME", help="Consumer name", shown="<host>-<pid>", factory=default_consumer_name
+    )
+    batch_size: int = setting(c.DEFAULT_BATCH_SIZE, env="CONSUMER_BATCH_SIZE", help="Entries per batch")
+    batch_bytes: int = setting(
+        c.DEFAULT_BATCH_BYTES,
+        env="FILEPIPE_BATCH_BYTES",
+        help="Bytes of entries per batch, about: reads shrink when entries are big",
+        shown=f"{c.DEFAULT_BATCH_BYTES} (16 MiB)",
+    )
+    block_ms: int = setting(c.DEFAULT_BLOCK_MS, env="CONSUMER_BLOCK_MS", help="XREADGROUP BLOCK, in ms")
+    storage_mode: str = setting("local", env="STORAGE_MODE", help="Where files are: local or s3")
+    local_storage_dir: str = setting(
+        c.DEFAULT_LOCAL_STORAGE_DIR, env="LOCAL_STORAGE_DIR", help="Local storage root"
+    )
+    s3_bucket: str = setting("", env="S3_BUCKET", help="S3 bucket")
+    s3_prefix: str = setting("", env="S3_PREFIX", help="S3 key prefix")
+    s3_endpoint_url: str = setting("", env="S3_ENDPOINT_URL", help="S3-compatible endpoint (AWS when empty)")
+    s3_max_concurrency: int = setting(
+        16, env="S3_MAX_CONCURRENCY", option=False, help="Parallel S3 GETs per batch (and pooled connections)"
+    )
+    stream: str = setting(c.DEFAULT_STREAM, env=("STREAM_NAME", "FILEPIPE_STREAM"), help="Stream name")
+    group: str = setting(c.DEFAULT_GROUP, env=("CONSUMER_GROUP", "FILEPIPE_GROUP"), help="Consumer group")
+    dead_letter_stream: str = setting(
+        "",
+        env=("DEAD_LETTER_STREAM", "FILEPIPE_DEAD_LETTER_STREAM"),
+        option=False,
+        help="Dead-letter stream",
+        shown="<stream>:dead",
+    )
+    table: str = setting(c.DEFAULT_TABLE, env="FILEPIPE_TABLE", help="Events table: table or schema.table")
+    max_file_bytes: int = setting(
+        c.DEFAULT_MAX_FILE_BYTES,
+        env="MAX_FILE_BYTES",
+        help="Largest file accepted",
+        shown=f"{c.DEFAULT_MAX_FILE_BYTES} (100 MiB)",
+    )
     # An entry with more fields, or more bytes (id, names and values), is dead-lettered.
-    max_entry_fields: int = c.DEFAULT_MAX_ENTRY_FIELDS
-    max_entry_bytes: int = c.DEFAULT_MAX_ENTRY_BYTES
-    claim_idle_ms: int = c.DEFAULT_CLAIM_IDLE_MS
-    max_deliveries: int = c.DEFAULT_MAX_DELIVERIES
-    hash_threads: int = field(default_factory=lambda: max(2, min(8, os.cpu_count() or 2)))
-    copy_format: str = "binary"
-    pool_size: int = 2
-    in_flight: int = 2
-    connect_timeout_s: float = 5.0
-    statement_timeout_ms: int = 60_000
+    max_entry_fields: int = setting(
+        c.DEFAULT_MAX_ENTRY_FIELDS,
+        env="FILEPIPE_MAX_ENTRY_FIELDS",
+        help="Dead-letter an entry with more fields",
+    )
+    max_entry_bytes: int = setting(
+        c.DEFAULT_MAX_ENTRY_BYTES,
+        env="FILEPIPE_MAX_ENTRY_BYTES",
+        help="Dead-letter an entry with more bytes (id, field names and values)",
+        shown=f"{c.DEFAULT_MAX_ENTRY_BYTES} (1 MiB)",
+    )
+    claim_idle_ms: int = setting(
+        c.DEFAULT_CLAIM_IDLE_MS, env="CLAIM_IDLE_MS", help="Reclaim entries idle this long, in ms"
+    )
+    max_deliveries: int = setting(
+        c.DEFAULT_MAX_DELIVERIES, env="MAX_DELIVERIES", help="Dead-letter an entry after this many deliveries"
+    )
+    hash_threads: int = setting(
+        env="FILEPIPE_HASH_THREADS",
+        option=False,
+        help="Threads reading and hashing files",
+        shown="CPU count, between 2 and 8",
+        factory=_hash_threads,
+    )
+    copy_format: str = setting("binary", env="FILEPIPE_COPY_FORMAT", help="COPY format: binary or text")
+    pool_size: int = setting(2, env="FILEPIPE_POOL_SIZE", option=False, help="PostgreSQL connections")
+    in_flight: int = setting(
+        2, env="FILEPIPE_IN_FLIGHT", option=False, help="Prepared batches waiting to load"
+    )
+    connect_timeout_s: float = setting(
+        5.0, env="FILEPIPE_CONNECT_TIMEOUT", option=False, help="Connection timeout, in seconds"
+    )
+    statement_timeout_ms: int = setting(
+        60_000, env="FILEPIPE_STATEMENT_TIMEOUT_MS", option=False, help="PostgreSQL statement timeout, in ms"
+    )
     # 0: the single stream `<stream>`; P: `<stream>:{0}` ... `<stream>:{P-1}` (partitions.py).
-    partitions: int = 0
+    partitions: int = setting(
+        0,
+        env="STREAM_PARTITIONS",
+        help="Partitioned stream: <stream>:{0} … <stream>:{P-1}",
+        shown="0 (one stream)",
+    )
     # Talk to a Redis Cluster (redis-py's RedisCluster, which follows MOVED/ASK).
-    redis_cluster: bool = False
+    redis_cluster: bool = setting(False, env="REDIS_CLUSTER", help="REDIS_URL is a node of a Redis Cluster")
     # PostgreSQL is reached through PgBouncer in transaction pooling mode: no session state.
-    pgbouncer: bool = False
+    pgbouncer: bool = setting(
+        False,
+        env="FILEPIPE_PGBOUNCER",
+        help="PG_URI is PgBouncer in transaction pooling mode: keep no session state",
+    )
     # What stays in the stream once every consumer group has acknowledged it (`Window`).
-    stream_retention: str = c.DEFAULT_STREAM_RETENTION
+    stream_retention: str = setting(
+        c.DEFAULT_STREAM_RETENTION,
+        env="STREAM_RETENTION",
+        help="Keep acknowledged entries for replay: a count (100000), an age (24h) or both "
+        "(100000,24h: whichever is less), or 'all'",
+        shown="none kept",
+    )
     # How many dead letters (and of which age) each dead-letter stream keeps.
-    dead_letter_retention: str = c.DEFAULT_DEAD_LETTER_RETENTION
+    dead_letter_retention: str = setting(
+        c.DEFAULT_DEAD_LETTER_RETENTION,
+        env="DEAD_LETTER_RETENTION",
+        option=False,
+        help="Dead letters kept per dead-letter stream: a count, an age, both, or 'all'",
+    )
     # The dashboard's login (HTTP basic authentication); required on a non-loopback address.
-    dashboard_user: str = "filepipe"
-    dashboard_password: str = ""
+    dashboard_user: str = setting(
+        "filepipe", env="FILEPIPE_DASHBOARD_USER", option=False, help="Dashboard login"
+    )
+    dashboard_password: str = setting(
+        "",
+        env="FILEPIPE_DASHBOARD_PASSWORD",
+        option=False,
+        help="Dashboard password: without one, no login and only a loopback address",
+        shown="none",
+    )
 
     def __post_init__(self) -> None:
         # Whatever filepipe later shows of a client library's message, these stay out of it.
@@ -144,6 +210,11 @@ class Settings:
         if d["dashboard_password"]:
             d["dashboard_password"] = "***"
         return d
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+# (setting, environment names in order of precedence), from the fields' metadata.
+ENV_NAMES: dict[str, tuple[str, ...]] = {f.name: f.metadata["env"] for f in fields(Settings)}
 
 
 @dataclass(frozen=True)
@@ -237,40 +308,116 @@ def _convert(name: str, raw: Any, target: type | str) -> Any:
 
 def _label(name: str) -> str:
     env = ENV_NAMES.get(name)
-    return f"{env[0]} (--{name.replace('_', '-')})" if env else f"--{name.replace('_', '-')}"
+    flag = option_name(name)
+    if env and flag:
+        return f"{env[0]} ({flag})"
+    return env[0] if env else f"--{name.replace('_', '-')}"
+
+
+def option_name(name: str) -> str | None:
+    """The command-line option of setting `name` (`--batch-size`), None if it has none."""
+    return f"--{name.replace('_', '-')}" if _FIELDS[name].metadata.get("option") else None
+
+
+def shown_default(name: str) -> str:
+    """The default of setting `name` as a person reads it: from the code, or from the
+    field's `shown` text where the code computes it (`<host>-<pid>`)."""
+    f = _FIELDS[name]
+    if f.metadata.get("shown"):
+        return str(f.metadata["shown"])
+    if f.type in ("bool", bool):
+        return "1" if f.default else "0"
+    return "empty" if f.default == "" else str(f.default)
+
+
+def describe_setting(name: str, help: str | None = None) -> str:
+    """`Entries per batch (env: CONSUMER_BATCH_SIZE; default 5000)`: the help of its option
+    (`help` instead of the field's own text, where a command uses the setting its own way)."""
+    text = help or _FIELDS[name].metadata["help"]
+    return f"{text} (env: {', '.join(ENV_NAMES[name])}; default {shown_default(name)})"
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the environment variables `load_settings` reads back (the first name of each)."""
+    env: dict[str, str] = {}
+    for name, names in ENV_NAMES.items():
+        value = getattr(settings, name)
+        env[names[0]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return env
+
+
+def find_dotenv(start: str | Path | None = None) -> Path | None:
+    """The `.env` filepipe reads: the first one in the working directory or above it,
+    as python-dotenv's `find_dotenv(usecwd=True)` finds it."""
+    here = Path(start) if start is not None else Path.cwd()
+    for directory in (here, *here.parents):
+        candidate = directory / ".env"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Settings with where each value came from: `--flag`, `env NAME`, `.env NAME (path)`
+    or `default`."""
+
+    settings: Settings
+    sources: dict[str, str]
+    dotenv: Path | None
+
+
+FIND: Any = object()  # `load_settings(dotenv_path=FIND)`: look for `.env` from the working directory up
+
+
+def resolve_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | Path | None = FIND,
+) -> Resolved:
+    """`load_settings`, saying where each value came from."""
+    dotenv_file = find_dotenv() if dotenv_path is FIND else Path(dotenv_path) if dotenv_path else None
+    if dotenv_file is not None and not dotenv_file.is_file():
+        dotenv_file = None
+    from_file: dict[str, str] = {}
+    if dotenv_file is not None:
+        from dotenv import dotenv_values
+
+        from_file = {k: v for k, v in dotenv_values(dotenv_file).items() if v is not None}
+    environment = os.environ if environ is None else environ
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, names in ENV_NAMES.items():
+        sources[name] = "default"
+        for origin, env in (("env", environment), (".env", from_file)):
+            found = next((n for n in names if env.get(n, "").strip() != ""), None)
+            if found is not None:
+                values[name] = _convert(name, env[found], _FIELDS[name].type)
+                sources[name] = f"env {found}" if origin == "env" else f".env {found} ({dotenv_file})"
+                break
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(name, value, _FIELDS[name].type)
+        sources[name] = option_name(name) or name
+    settings = Settings(**values)
+    validate(settings)
+    return Resolved(settings, sources, dotenv_file)
 
 
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
-    dotenv_path: str | Path | None = ".env",
+    dotenv_path: str | Path | None = FIND,
 ) -> Settings:
     """Resolves settings: `overrides` (CLI options; None means unset), then the
-    environment, then the `.env` file, then defaults. Raises ConfigError on any
-    invalid value, naming the variable."""
-    env: dict[str, str] = {}
-    if dotenv_path is not None and Path(dotenv_path).is_file():
-        from dotenv import dotenv_values
-
-        env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-    env.update(os.environ if environ is None else environ)
-
-    values: dict[str, Any] = {}
-    types = {f.name: f.type for f in fields(Settings)}
-    for name, names in ENV_NAMES.items():
-        for env_name in names:
-            if env.get(env_name, "").strip() != "":
-                values[name] = _convert(name, env[env_name], types[name])
-                break
-    for name, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if name not in types:
-            raise ConfigError(f"unknown setting {name!r}")
-        values[name] = _convert(name, value, types[name])
-    settings = Settings(**values)
-    validate(settings)
-    return settings
+    environment, then the `.env` file (by default the first in the working directory or
+    above it; None: none), then defaults. Raises ConfigError on any invalid value, naming
+    the variable."""
+    return resolve_settings(overrides, environ, dotenv_path).settings
 
 
 def validate(s: Settings) -> None:
@@ -281,8 +428,7 @@ def validate(s: Settings) -> None:
         )
     if not (s.pg_uri.startswith(("postgresql://", "postgres://")) or "=" in s.pg_uri):
         raise ConfigError(
-            "PG_URI must be a postgresql:// URL or a libpq key=value string, "
-            f"not {mask_url(s.pg_uri)!r}"
+            f"PG_URI must be a postgresql:// URL or a libpq key=value string, not {mask_url(s.pg_uri)!r}"
         )
     positive = {
         "batch_size": (1, 100_000),

@@ -18,22 +18,19 @@ model against a real run through a scratch stream and a scratch table.
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import psycopg
 import redis
-import typer
 from psycopg import sql
 
 from . import _native, db, stream, timescale
@@ -1717,99 +1714,3 @@ def _render_storage(out: list[str], st: StorageFigures) -> None:
     if st.one_file:
         label_one = "One file" if st.kind == "local" else "GET latency (p50)"
         out.append(_line(label_one, f"{st.one_file.p50:.2f} ms", f"({st.files} {st.source})"))
-
-
-# -- command line ---------------------------------------------------------------------------
-
-
-def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) -> None:
-    """Adds `filepipe benchmark`."""
-    from .cli import (
-        Debug,
-        LocalDir,
-        PgUri,
-        RedisUrl,
-        S3Bucket,
-        S3Endpoint,
-        S3Prefix,
-        StorageMode,
-        Stream,
-        Table,
-        settings_from,
-    )
-
-    @app.command("benchmark")
-    @handle_errors
-    def benchmark_cmd(
-        pipeline: Annotated[
-            int,
-            typer.Option(
-                "--pipeline",
-                min=0,
-                max=10_000_000,
-                metavar="N",
-                help="Also run N synthetic events end to end (scratch stream and table).",
-            ),
-        ] = 0,
-        as_json: Annotated[bool, typer.Option("--json", help="One JSON document for machines.")] = False,
-        samples: Annotated[
-            int, typer.Option("--samples", min=3, max=10_000, help="Round trips per latency figure.")
-        ] = 20,
-        connections: Annotated[
-            int, typer.Option("--connections", min=1, max=100, help="New PostgreSQL connections to time.")
-        ] = 5,
-        file_size: Annotated[
-            int | None,
-            typer.Option(
-                "--file-size",
-                min=1,
-                help="Typical file size in bytes (default: from recent events, else 64 KiB)",
-                show_default=False,
-            ),
-        ] = None,
-        batch_size: Annotated[
-            int | None,
-            typer.Option(
-                "--batch-size",
-                help="Batch size to model (env: CONSUMER_BATCH_SIZE; default 5000)",
-                show_default=False,
-            ),
-        ] = None,
-        redis_url: RedisUrl = None,
-        pg_uri: PgUri = None,
-        stream_name: Stream = None,
-        table: Table = None,
-        storage_mode: StorageMode = None,
-        local_storage_dir: LocalDir = None,
-        s3_bucket: S3Bucket = None,
-        s3_prefix: S3Prefix = None,
-        s3_endpoint_url: S3Endpoint = None,
-        debug: Debug = False,
-    ) -> None:
-        """Measure Redis, PostgreSQL and the storage, and name the bottleneck (the seed's benchmark.py)."""
-        s = settings_from(
-            redis_url=redis_url,
-            pg_uri=pg_uri,
-            stream=stream_name,
-            table=table,
-            batch_size=batch_size,
-            storage_mode=storage_mode,
-            local_storage_dir=local_storage_dir,
-            s3_bucket=s3_bucket,
-            s3_prefix=s3_prefix,
-            s3_endpoint_url=s3_endpoint_url,
-        )
-        progress = None if as_json or not sys.stderr.isatty() else (lambda msg: typer.echo(msg, err=True))
-        report = benchmark(
-            s,
-            samples=samples,
-            connections=connections,
-            file_size=file_size,
-            pipeline=pipeline,
-            progress=progress,
-        )
-        if as_json:
-            typer.echo(scrub(json.dumps(report.to_json(), indent=2, default=str)))
-        else:
-            typer.echo(render(report))
-        raise typer.Exit(report.exit_code)

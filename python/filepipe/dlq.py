@@ -1,11 +1,8 @@
 """The dead-letter stream: list what is there, replay it after a fix, purge it."""
 
-# No `from __future__ import annotations`: the CLI functions defined inside
-# `register_cli` need their annotations evaluated where they are defined.
-
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -13,8 +10,7 @@ import redis
 
 from .config import Settings
 from .constants import SAMPLE_PAGE_BYTES
-from .partitions import Partition, partitions
-from .redaction import printable
+from .partitions import Partition
 from .stream import (
     FIELDS_DROPPED,
     INCOMPLETE_MARKERS,
@@ -27,7 +23,6 @@ from .stream import (
 )
 
 CHUNK = 500
-SHOWN = 20  # dead letters named when a replay leaves some
 # What consumers before `original_fields` added, renaming an entry field of the same name
 # to `orig_<name>`; `fields_dropped` was then the very last field when there was one.
 _OLD_ADDED = (b"error", b"reason", b"consumer", b"deliveries", b"source_id")
@@ -172,9 +167,13 @@ def summarize(r: redis.Redis, dead_stream: str | list[str], recent: int = 10) ->
         for page in read_pages(r, s, "+", "-", reverse=True, limit=recent):
             rows += cast("list[tuple[bytes, dict[bytes, bytes]]]", page)
     latest = sorted(rows, key=lambda row: id_key(row[0]), reverse=True)[:recent]
-    name = dead_stream if isinstance(dead_stream, str) else _shown(streams)
-    return {"stream": name, "total": sum(counts.values()), "by_reason": dict(counts.most_common()),
-            "recent": [_entry(i, f).summary() for i, f in latest]}
+    name = dead_stream if isinstance(dead_stream, str) else shown_streams(streams)
+    return {
+        "stream": name,
+        "total": sum(counts.values()),
+        "by_reason": dict(counts.most_common()),
+        "recent": [_entry(i, f).summary() for i, f in latest],
+    }
 
 
 def retention_summary(r: redis.Redis, settings: Settings, streams: list[str], total: int) -> dict[str, Any]:
@@ -191,11 +190,17 @@ def retention_summary(r: redis.Redis, settings: Settings, streams: list[str], to
         if w.age_s:
             parts.append(f"none older than {w.age_text}")
         rule = ", ".join(parts)
-    return {"setting": settings.dead_letter_retention, "cap": w.count or None, "age_s": w.age_s or None,
-            "kept": total, "memory_bytes": memory, "rule": rule}
+    return {
+        "setting": settings.dead_letter_retention,
+        "cap": w.count or None,
+        "age_s": w.age_s or None,
+        "kept": total,
+        "memory_bytes": memory,
+        "rule": rule,
+    }
 
 
-def _shown(streams: list[str]) -> str:
+def shown_streams(streams: list[str]) -> str:
     """`file_uploads:{0}:dead … file_uploads:{7}:dead`, or the one name."""
     return streams[0] if len(streams) == 1 else f"{streams[0]} … {streams[-1]}"
 
@@ -266,131 +271,23 @@ def purge(r: redis.Redis, dead_stream: str, entries: Iterator[DeadLetterEntry] |
     return total
 
 
-def _size(n: int) -> str:
+def connect(s: Settings) -> redis.Redis:
+    """A client of the dead letters' Redis, checked: TransientError naming it when unreachable."""
+    from .config import mask_url
+    from .errors import TransientError
+    from .redaction import error_line
+    from .stream import connect as connect_redis
+
+    r = connect_redis(s, socket_timeout=10)
+    try:
+        r.ping()
+    except redis.ConnectionError as e:
+        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
+    return r
+
+
+def size_text(n: int) -> str:
+    """`512 B`, `3.4 KiB`, `2.0 MiB`."""
     if n < 1024:
         return f"{n} B"
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MiB"
-
-
-def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
-    """Adds `filepipe dlq list|replay|purge`."""
-    from typing import Annotated
-
-    import typer
-
-    from .cli import Debug, Partitions, RedisUrl, Stream, settings_from
-    from .errors import TransientError
-
-    dlq_app = typer.Typer(help="Inspect, replay and purge the dead-letter stream.", no_args_is_help=True)
-    app.add_typer(dlq_app, name="dlq")
-
-    Reason = Annotated[str | None, typer.Option("--reason", help="Only dead letters with this reason code.",
-                                                show_default=False)]
-    Ids = Annotated[list[str] | None, typer.Option("--id", help="Only this dead-letter or source entry id "
-                                                   "(repeatable).", show_default=False)]
-
-    def connect(s: Settings) -> redis.Redis:
-        from .stream import connect as connect_redis
-
-        r = connect_redis(s, socket_timeout=10)
-        try:
-            r.ping()
-        except redis.ConnectionError as e:
-            from .config import mask_url
-            from .redaction import error_line
-
-            raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
-        return r
-
-    @dlq_app.command("list")
-    @handle_errors
-    def list_cmd(
-        recent: Annotated[
-            int, typer.Option("--recent", min=0, help="How many recent dead letters to show.")
-        ] = 10,
-        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-        redis_url: RedisUrl = None,
-        stream: Stream = None,
-        partitions_: Partitions = None,
-        debug: Debug = False,
-    ) -> None:
-        """Dead letters by reason, and the most recent ones."""
-        s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
-        r = connect(s)
-        streams = [p.dead_stream for p in partitions(s)]
-        summary = summarize(r, streams, recent)
-        kept = summary["retention"] = retention_summary(r, s, streams, summary["total"])
-        if as_json:
-            typer.echo(json.dumps(summary, indent=2))
-            return
-
-        def echo(line: str) -> None:
-            # Reasons, ids and errors are whatever the dead-letter stream holds: escaped.
-            typer.echo(printable(line))
-
-        echo(f"DEAD LETTERS in {summary['stream']}: {summary['total']}")
-        of = f" of {kept['cap']:,}" + (" each" if len(streams) > 1 else "") if kept["cap"] else ""
-        echo(f"  Kept: {kept['kept']:,}{of} (DEAD_LETTER_RETENTION={kept['setting']}: {kept['rule']}), "
-             f"{_size(kept['memory_bytes'])} in Redis")
-        for reason, n in summary["by_reason"].items():
-            echo(f"  {reason:<18} {n:>8}")
-        if summary["recent"]:
-            typer.echo("")
-            echo("Most recent:")
-            for d in summary["recent"]:
-                echo(f"  {d['id']}  (source {d['source_id']})  {d['reason']}: {d['error']}")
-
-    @dlq_app.command("replay")
-    @handle_errors
-    def replay_cmd(
-        reason: Reason = None,
-        ids: Ids = None,
-        redis_url: RedisUrl = None,
-        stream: Stream = None,
-        partitions_: Partitions = None,
-        debug: Debug = False,
-    ) -> None:
-        """Put dead letters back on the stream (after fixing what rejected them)."""
-        s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
-        r = connect(s)
-        result = Replayed()
-        for p in partitions(s):
-            replay(r, s, matching(r, p.dead_stream, reason, ids), p, result)
-        where = s.stream if not s.partitions else f"{s.stream} ({s.partitions} partitions)"
-        typer.echo(f"✓ Replayed {result.count} dead letters onto {where}")
-        if result.refused:
-            n = len(result.refused)
-            typer.echo(f"✗ Left {n} dead letter{'s' if n != 1 else ''} that cannot be replayed:", err=True)
-            for d, why in result.refused[:SHOWN]:
-                source = d.fields.get(b"source_id", b"?")
-                typer.echo(printable(f"  {d.id.decode()} (source {source.decode(errors='replace')}): {why}"),
-                           err=True)
-            if n > SHOWN:
-                typer.echo(f"  … and {n - SHOWN} more", err=True)
-            typer.echo("  (`filepipe dlq purge --id ID` deletes one)", err=True)
-            raise typer.Exit(1)
-
-    @dlq_app.command("purge")
-    @handle_errors
-    def purge_cmd(
-        reason: Reason = None,
-        ids: Ids = None,
-        yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-        redis_url: RedisUrl = None,
-        stream: Stream = None,
-        partitions_: Partitions = None,
-        debug: Debug = False,
-    ) -> None:
-        """Delete dead letters (all of them, or those matching --reason / --id)."""
-        s = settings_from(redis_url=redis_url, stream=stream, partitions=partitions_)
-        r = connect(s)
-        dead_streams = [p.dead_stream for p in partitions(s)]
-        shown = _shown(dead_streams)
-        what = "all dead letters" if reason is None and not ids else "the matching dead letters"
-        if not yes and not typer.confirm(f"Delete {what} from {shown}?"):
-            raise typer.Exit(1)
-        n = 0
-        for dead_stream in dead_streams:
-            selected = None if reason is None and not ids else matching(r, dead_stream, reason, ids)
-            n += purge(r, dead_stream, selected)
-        typer.echo(f"✓ Purged {n} dead letters from {shown}")

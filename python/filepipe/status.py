@@ -17,11 +17,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
 import psycopg
 import redis
-import typer
 from psycopg import sql
 from redis.exceptions import RedisClusterException
 
@@ -1069,65 +1068,3 @@ def watch(
         return st
     finally:
         collector.close()
-
-
-# -- command line -----------------------------------------------------------------------------
-
-
-def register_cli(app: typer.Typer, handle_errors: Callable[[Command], Command]) -> None:
-    """Adds `filepipe status`."""
-    from .cli import Debug, Group, PgUri, RedisUrl, Stream, Table, settings_from
-
-    @app.command("status")
-    @handle_errors
-    def status_cmd(
-        watch_: Annotated[
-            bool,
-            typer.Option("--watch", "-w", help="Refresh in place until Ctrl+C (with --json: one line each)."),
-        ] = False,
-        interval: Annotated[
-            float,
-            typer.Option("--interval", min=0.1, max=3600, help="Seconds between refreshes with --watch."),
-        ] = 2.0,
-        count: Annotated[
-            int | None,
-            typer.Option(
-                "--count", min=1, help="With --watch, stop after this many refreshes.", show_default=False
-            ),
-        ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="One JSON document for scripts.")] = False,
-        claim_idle_ms: Annotated[
-            int | None,
-            typer.Option(
-                "--claim-idle-ms",
-                help="A consumer idle this long with entries pending is silent "
-                "(env: CLAIM_IDLE_MS; default 60000)",
-                show_default=False,
-            ),
-        ] = None,
-        redis_url: RedisUrl = None,
-        pg_uri: PgUri = None,
-        stream_name: Stream = None,
-        group: Group = None,
-        table: Table = None,
-        debug: Debug = False,
-    ) -> None:
-        """Stream, group lag, pending entries, consumers, dead letters and table throughput,
-        with a health line; exit 0 when healthy, 1 when degraded or unreachable."""
-        s = settings_from(
-            redis_url=redis_url,
-            pg_uri=pg_uri,
-            stream=stream_name,
-            group=group,
-            table=table,
-            claim_idle_ms=claim_idle_ms,
-        )
-        if watch_:
-            st = watch(s, interval, count, as_json=as_json, write=typer.echo)
-        else:
-            st = collect_status(s)
-            if as_json:
-                typer.echo(json.dumps(st.to_json(), indent=2))
-            else:
-                typer.echo(render(st))
-        raise typer.Exit(st.exit_code)

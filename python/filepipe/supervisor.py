@@ -31,11 +31,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import FrameType
 
 from . import shutdown
-from .config import ENV_NAMES, Settings
+from .config import Settings, settings_environment
 from .shutdown import SIGNALS
 
 log = logging.getLogger("filepipe")
@@ -49,18 +49,6 @@ CONFIG_ERROR = 2  # `filepipe consume` exits 2 on a configuration error: restart
 def worker_name(base: str, index: int) -> str:
     """The consumer name of worker `index`: `<base>-<index>`."""
     return f"{base}-{index}"
-
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """`settings` as the environment variables `load_settings` reads back."""
-    env: dict[str, str] = {}
-    for f in fields(Settings):
-        names = ENV_NAMES.get(f.name)
-        if not names:
-            continue
-        value = getattr(settings, f.name)
-        env[names[0]] = ("1" if value else "0") if isinstance(value, bool) else str(value)
-    return env
 
 
 @dataclass

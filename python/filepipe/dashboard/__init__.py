@@ -4,16 +4,16 @@ The web stack is imported only when the command runs, so every other command
 starts as fast as before.
 """
 
-# No `from __future__ import annotations` here: Typer reads the option annotations of
-# the command defined inside `register_cli`, which name aliases imported there.
+from __future__ import annotations
 
 import ipaddress
 import signal
 from collections.abc import Callable
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING
 
-import typer
+if TYPE_CHECKING:
+    from ..config import Settings
 
 DEFAULT_PORT = 8080
 DEFAULT_UPLOADS_PER_MINUTE = 30
@@ -50,149 +50,86 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     pass
 
 
-def register_cli(app: typer.Typer, handle_errors: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    """Adds the `dashboard` command to the `filepipe` Typer app."""
-    from filepipe.cli import (
-        Debug,
-        Group,
-        LocalDir,
-        PgUri,
-        RedisUrl,
-        S3Bucket,
-        S3Endpoint,
-        S3Prefix,
-        StorageMode,
-        Stream,
-        Table,
-        settings_from,
-    )
+def serve(
+    s: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    allow_upload: bool = False,
+    max_upload_mb: float = 100.0,
+    allowed_host: list[str] | None = None,
+    upload_rate: float = DEFAULT_UPLOADS_PER_MINUTE,
+    upload_quota_mb: float = DEFAULT_UPLOAD_QUOTA_BYTES / (1024 * 1024),
+    interval: float = 1.0,
+    debug: bool = False,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Serves the live dashboard (/dashboard), Prometheus /metrics, /healthz, /readyz,
+    and with `allow_upload` an upload page (/upload), until SIGINT/SIGTERM."""
+    import logging
 
-    @app.command()
-    @handle_errors
-    def dashboard(
-        host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[
-            int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")
-        ] = DEFAULT_PORT,
-        allow_upload: Annotated[
-            bool,
-            typer.Option(
-                "--allow-upload", help="Serve /upload: files from the browser are stored and enqueued."
-            ),
-        ] = False,
-        max_upload_mb: Annotated[
-            float, typer.Option("--max-upload-mb", min=0.001, help="Largest upload request, in MiB.")
-        ] = 100.0,
-        allowed_host: Annotated[
-            list[str] | None,
-            typer.Option(
-                "--allowed-host",
-                help="A Host name the page may be reached by, besides loopback names and IP addresses "
-                "(repeatable; *.example.com for its subdomains).",
-                show_default=False,
-            ),
-        ] = None,
-        upload_rate: Annotated[
-            float,
-            typer.Option("--upload-rate", min=0.1, help="Uploads a minute, per client address."),
-        ] = DEFAULT_UPLOADS_PER_MINUTE,
-        upload_quota_mb: Annotated[
-            float,
-            typer.Option("--upload-quota-mb", min=0.001, help="MiB uploaded an hour, per client address."),
-        ] = DEFAULT_UPLOAD_QUOTA_BYTES / (1024 * 1024),
-        interval: Annotated[
-            float, typer.Option("--interval", min=0.2, max=60.0, help="Seconds between samples.")
-        ] = 1.0,
-        redis_url: RedisUrl = None,
-        pg_uri: PgUri = None,
-        stream: Stream = None,
-        group: Group = None,
-        table: Table = None,
-        storage_mode: StorageMode = None,
-        local_storage_dir: LocalDir = None,
-        s3_bucket: S3Bucket = None,
-        s3_prefix: S3Prefix = None,
-        s3_endpoint_url: S3Endpoint = None,
-        debug: Debug = False,
-    ) -> None:
-        """Serve the live dashboard (/dashboard), Prometheus /metrics, /healthz, /readyz,
-        and with --allow-upload an upload page (/upload)."""
-        import logging
+    import uvicorn
 
-        import uvicorn
+    from ..config import mask_url
+    from ..errors import ConfigError
+    from ..metrics import check_host_names
+    from .app import create_app
 
-        from ..config import mask_url
-        from ..errors import ConfigError
-        from ..metrics import check_host_names
-        from .app import create_app
-
-        s = settings_from(
-            redis_url=redis_url,
-            pg_uri=pg_uri,
-            stream=stream,
-            group=group,
-            table=table,
-            storage_mode=storage_mode,
-            local_storage_dir=local_storage_dir,
-            s3_bucket=s3_bucket,
-            s3_prefix=s3_prefix,
-            s3_endpoint_url=s3_endpoint_url,
-        )
-        log = logging.getLogger("filepipe")
-        hosts = check_host_names(default_allowed_hosts(host, allowed_host or []))
-        login = (s.dashboard_user, s.dashboard_password) if s.dashboard_password else None
-        if not _is_loopback(host):
-            if login is None:
-                raise ConfigError(
-                    f"the dashboard on {host} would be open to anyone who can reach it: set "
-                    "FILEPIPE_DASHBOARD_PASSWORD (and FILEPIPE_DASHBOARD_USER, default filepipe) "
-                    "to require a login, or listen on 127.0.0.1"
-                )
-            log.warning(
-                "listening on %s: reachable from other machines, behind a login (basic authentication "
-                "sends the password as it is: serve it through TLS or on a private network)",
-                host,
+    log = logging.getLogger("filepipe")
+    hosts = check_host_names(default_allowed_hosts(host, allowed_host or []))
+    login = (s.dashboard_user, s.dashboard_password) if s.dashboard_password else None
+    if not _is_loopback(host):
+        if login is None:
+            raise ConfigError(
+                f"the dashboard on {host} would be open to anyone who can reach it: set "
+                "FILEPIPE_DASHBOARD_PASSWORD (and FILEPIPE_DASHBOARD_USER, default filepipe) "
+                "to require a login, or listen on 127.0.0.1"
             )
-        web = create_app(
-            s,
-            allow_upload=allow_upload,
-            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-            allowed_hosts=hosts,
-            interval=interval,
-            login=login,
-            uploads_per_minute=upload_rate,
-            upload_quota_bytes=int(upload_quota_mb * 1024 * 1024),
+        log.warning(
+            "listening on %s: reachable from other machines, behind a login (basic authentication "
+            "sends the password as it is: serve it through TLS or on a private network)",
+            host,
         )
-        shown = f"[{host}]" if ":" in host else host
-        typer.echo(
-            f"Dashboard on http://{shown}:{port}/dashboard — {s.stream} → {s.table} "
-            f"(Redis {mask_url(s.redis_url)}, PostgreSQL {mask_url(s.pg_uri)})"
-        )
-        if allow_upload:
-            typer.echo(f"Uploads enabled on http://{shown}:{port}/upload")
-        config = uvicorn.Config(
-            web,
-            host=host,
-            port=port,
-            log_level="debug" if debug else "warning",
-            # uvicorn's messages go through filepipe's handler: escaped and scrubbed.
-            log_config=None,
-            access_log=debug,
-            server_header=False,
-            proxy_headers=False,
-            lifespan="on",
-        )
-        server = uvicorn.Server(config)
-        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again
-        # against the handlers it found; these ignore it, so that a requested stop exits
-        # 0, as `filepipe consume` does.
-        previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            server.run()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if not server.started:
-            raise ConfigError(f"the dashboard could not start on {host}:{port} (see the messages above)")
+    web = create_app(
+        s,
+        allow_upload=allow_upload,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        allowed_hosts=hosts,
+        interval=interval,
+        login=login,
+        uploads_per_minute=upload_rate,
+        upload_quota_bytes=int(upload_quota_mb * 1024 * 1024),
+    )
+    shown = f"[{host}]" if ":" in host else host
+    echo(
+        f"Dashboard on http://{shown}:{port}/dashboard — {s.stream} → {s.table} "
+        f"(Redis {mask_url(s.redis_url)}, PostgreSQL {mask_url(s.pg_uri)})"
+    )
+    if allow_upload:
+        echo(f"Uploads enabled on http://{shown}:{port}/upload")
+    config = uvicorn.Config(
+        web,
+        host=host,
+        port=port,
+        log_level="debug" if debug else "warning",
+        # uvicorn's messages go through filepipe's handler: escaped and scrubbed.
+        log_config=None,
+        access_log=debug,
+        server_header=False,
+        proxy_headers=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again
+    # against the handlers it found; these ignore it, so that a requested stop exits
+    # 0, as `filepipe consume` does.
+    previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise ConfigError(f"the dashboard could not start on {host}:{port} (see the messages above)")

@@ -1,0 +1,125 @@
+"""`filepipe consume`: the stream into PostgreSQL, in this process or in `--processes N` workers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from ..config import Settings, mask_url
+from ..constants import DEFAULT_BATCH_SIZE
+from .app import app
+from .options import LAYOUT, PIPELINE, POSTGRES, REDIS, STORAGE, command
+
+TUNING = (
+    "batch_size",
+    "batch_bytes",
+    "block_ms",
+    "consumer_name",
+    "claim_idle_ms",
+    "max_deliveries",
+    "max_file_bytes",
+    "max_entry_fields",
+    "max_entry_bytes",
+    "copy_format",
+)
+
+
+@command(
+    app,
+    "consume",
+    settings=(*TUNING, *LAYOUT, "stream_retention", "pgbouncer", *REDIS, *POSTGRES, *PIPELINE, *STORAGE),
+)
+def consume(
+    s: Settings,
+    drain: Annotated[
+        bool, typer.Option("--drain", help="Exit 0 once no new or pending entries are left.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Serve Prometheus /metrics, /healthz, /readyz on this port.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address for --metrics-port.")
+    ] = "127.0.0.1",
+    metrics_allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metrics-allowed-host",
+            help="A Host name the metrics may be scraped by, besides loopback names and IP addresses "
+            "(repeatable; *.example.com for its subdomains).",
+            show_default=False,
+        ),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            max=256,
+            help="Run N worker processes (consumers <name>-0 … <name>-N-1) under one supervisor "
+            "that restarts a crashed one and forwards SIGTERM/SIGINT; with --metrics-port P, "
+            "worker i serves P+i.",
+            show_default=False,
+        ),
+    ] = None,
+    debug: bool = False,
+) -> None:
+    """Consume the stream into PostgreSQL until stopped (SIGTERM/SIGINT finish the batch in hand)."""
+    metrics_names: list[str] = []
+    if metrics_allowed_host:
+        from ..metrics import check_host_names
+
+        metrics_names = check_host_names(metrics_allowed_host)
+    if processes is not None:
+        from ..supervisor import Supervisor
+
+        worker_args = [
+            *(["--quiet"] if quiet else []),
+            *(["--debug"] if debug else []),
+            "--metrics-host",
+            metrics_host,
+        ]
+        for name in metrics_names:
+            worker_args += ["--metrics-allowed-host", name]
+        supervisor = Supervisor(s, processes, drain=drain, worker_args=worker_args, metrics_port=metrics_port)
+        raise typer.Exit(supervisor.run())
+    from ..consumer import Consumer
+
+    log = logging.getLogger("filepipe")
+    where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
+    log.info(
+        "consumer %s: %s group %s on %s -> %s on %s (batch %d)",
+        s.consumer_name,
+        where,
+        s.group,
+        mask_url(s.redis_url),
+        s.table,
+        mask_url(s.pg_uri),
+        s.batch_size,
+    )
+    if s.batch_size < 500:
+        log.info(
+            "CONSUMER_BATCH_SIZE=%d is small: every batch costs round trips to Redis and PostgreSQL; "
+            "filepipe's default (%d) is much faster",
+            s.batch_size,
+            DEFAULT_BATCH_SIZE,
+        )
+    consumer = Consumer(s, drain=drain, write=None if quiet else typer.echo, install_signals=True)
+    if metrics_port is not None:
+        from ..metrics import serve_metrics
+
+        serve_metrics(metrics_port, metrics_host, consumer=consumer, allowed_hosts=metrics_names)
+    stats = consumer.run()
+    if not quiet:
+        typer.echo(
+            f"Stopped: {stats.inserted} inserted, {stats.duplicates} already present, "
+            f"{stats.dead_lettered} dead-lettered, {stats.deleted} deleted while pending, "
+            f"{stats.acked} acknowledged"
+        )

@@ -1,0 +1,41 @@
+"""`filepipe produce`: store files and enqueue one event per file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import Settings
+from .app import app
+from .options import LAYOUT, REDIS, STORAGE, command
+
+
+@command(app, "produce", settings=(*REDIS, "stream", *STORAGE, *LAYOUT))
+def produce(
+    s: Settings,
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or directories (walked recursively).", show_default=False)
+    ],
+    link: Annotated[
+        bool, typer.Option("--link", help="Hard-link into local storage instead of copying.")
+    ] = False,
+) -> None:
+    """Store files and enqueue one 'file uploaded' event per file."""
+    import redis
+
+    from ..config import mask_url
+    from ..errors import TransientError
+    from ..producer import Producer
+    from ..redaction import error_line
+
+    producer = Producer(s)
+    try:
+        n = producer.produce(paths, link=link)
+    except redis.ConnectionError as e:
+        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
+    finally:
+        producer.close()
+    where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
+    typer.echo(f"✓ Enqueued {n} events to {where} ({producer.storage.describe()})")
