@@ -9,16 +9,19 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import conninfo
 from tests.conftest import Env, both_tables, on_hypertable
 from tests.test_cli import cli_env, run
 from tests.test_row_identity import PRIMARY_KEY_SQL
 
 from filepipe import status, timescale
+from filepipe.db import init_db
 from filepipe.embedded import PostgresServer
 from filepipe.errors import ConfigError, NotPreloadedError
 from filepipe.timescale import Extension, table_kind
@@ -363,6 +366,65 @@ def test_rows_refused_for_compressed_chunks_are_merged_with_the_cap_lifted(
         assert env.dead() == []
     finally:
         env.sql(f"DROP TRIGGER decompression_cap ON {table}; DROP FUNCTION {table}_cap()")
+
+
+# TimescaleDB with DML decompression turned off (`timescaledb.enable_dml_decompression = off`,
+# for a role, a database or the server) refuses every row bound for a compressed chunk of a
+# table with a unique key, with this SQLSTATE and message (tsl/src/compression/compression_dml.c).
+# The same stand-in as above: a trigger refusing as TimescaleDB would, unless it is on.
+NO_DML_TRIGGER = """
+CREATE FUNCTION {table}_no_dml() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NOT current_setting('timescaledb.enable_dml_decompression')::bool THEN
+    RAISE EXCEPTION 'inserting into compressed chunk with unique constraints disabled'
+      USING ERRCODE = '0A000', HINT = 'Set timescaledb.enable_dml_decompression to TRUE.';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER no_dml_decompression BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_no_dml();
+"""
+
+
+@contextlib.contextmanager
+def database_with(env: Env, *settings: str) -> Iterator[str]:
+    """A database of its own on the hypertable server whose sessions start with `settings`
+    (`name = value`); yields its URI, and drops it afterwards."""
+    name = f"fp_db_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+        for setting in settings:
+            conn.execute(f"ALTER DATABASE {name} SET {setting}")
+    try:
+        yield conninfo.make_conninfo(env.pg_uri, dbname=name)
+    finally:
+        with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@on_hypertable
+def test_rows_for_compressed_chunks_load_where_dml_decompression_is_turned_off(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The merge turns DML decompression on for its own transaction: a first delivery's direct
+    COPY refused goes to the merge, and so does a full replay, whose merges are refused too."""
+    caplog.set_level(logging.INFO, logger="filepipe.db")
+    with database_with(env, "timescaledb.enable_dml_decompression = off") as uri:
+        local = Env(env.settings_with(pg_uri=uri), env.redis, uri, env.storage, hypertable=True)
+        assert init_db(local.settings).hypertable
+        local.sql(NO_DML_TRIGGER.format(table=local.settings.table))
+        ids = add_timed_events(local, [int(time.time() * 1000) - 60_000 + i for i in range(500)])
+        first = local.drain(batch_size=100, stream_retention="all")
+        assert first.inserted == 500 and first.dead_lettered == 0 and local.pending() == 0
+        assert "direct COPY into compressed chunks refused, merging instead: inserting into compressed " \
+            "chunk with unique constraints disabled" in caplog.text
+        local.redis.xgroup_setid(local.settings.stream, local.settings.group, "0")
+        replay = local.drain(batch_size=100, consumer_name="replayer")
+        assert replay.inserted == 0 and replay.duplicates == 500 and replay.dead_lettered == 0
+        assert "the merge was refused for compressed chunks, merging with DML decompression on" in caplog.text
+        assert sorted(r[0] for r in local.sql(f"SELECT stream_id FROM {local.settings.table}")) == sorted(ids)
+        assert local.dead() == []
+        # What is left for everything else in that database: off, as its owner set it.
+        assert local.sql("SHOW timescaledb.enable_dml_decompression") == [("off",)]
 
 
 HISTORY_FILL = """

@@ -622,15 +622,20 @@ def first_line(e: BaseException) -> str:
     return error_line(e)
 
 
-# TimescaleDB (Timescale License, 2.11+) loads a row into a compressed chunk by first
-# decompressing the batches that could hold its key, and refuses a statement that would
-# decompress more than `timescaledb.max_tuples_decompressed_per_dml_transaction` tuples
-# (53400); older versions, or `timescaledb.enable_dml_decompression = off`, refuse such rows
-# outright (0A000). The merge lifts the cap for its own transaction only: what it
-# decompresses is bounded by one batch. Servers without the setting skip the statement.
+# TimescaleDB (Timescale License, 2.11+) loads a row into a compressed chunk of a table with a
+# unique key by first decompressing the batches that could hold its key (a COPY as well as an
+# INSERT). It refuses a statement that would decompress more than
+# `timescaledb.max_tuples_decompressed_per_dml_transaction` tuples (53400, "tuple decompression
+# limit exceeded by operation"; 100,000 by default), and with
+# `timescaledb.enable_dml_decompression = off` it refuses every such row (0A000, "inserting into
+# compressed chunk with unique constraints disabled"); before 2.11 it refused them all (0A000,
+# "... compressed chunk ..."). The merge lifts the cap and turns DML decompression on for its own
+# transaction only: what it decompresses is bounded by the compressed batches its rows fall in.
+# Servers without the settings (no TimescaleDB, or not preloaded) skip the statement.
 LIFT_DECOMPRESSION_CAP = (
-    "SELECT set_config(name, '0', true) FROM pg_settings "
-    "WHERE name = 'timescaledb.max_tuples_decompressed_per_dml_transaction'"
+    "SELECT set_config(name, CASE name WHEN 'timescaledb.enable_dml_decompression' THEN 'on' ELSE '0' END, "
+    "true) FROM pg_settings WHERE name IN ('timescaledb.max_tuples_decompressed_per_dml_transaction', "
+    "'timescaledb.enable_dml_decompression')"
 )
 
 
@@ -640,7 +645,8 @@ def decompression_cap(e: psycopg.Error) -> bool:
 
 
 def compressed_chunk_refusal(e: psycopg.Error) -> bool:
-    """Whether `e` is TimescaleDB refusing rows because their chunk is compressed."""
+    """Whether `e` is TimescaleDB refusing rows because their chunk is compressed: the cap, or
+    DML decompression turned off (or not supported by that version)."""
     message = (e.diag.message_primary or "").lower()
     return decompression_cap(e) or (e.sqlstate == "0A000" and "compressed chunk" in message)
 
@@ -724,9 +730,16 @@ class Loader:
         try:
             return self._run(buf, direct=False)
         except psycopg.Error as e:
-            if not decompression_cap(e):
+            if decompression_cap(e):
+                log.info("the merge met TimescaleDB's decompression cap, merging without it: %s",
+                         first_line(e))
+            elif compressed_chunk_refusal(e):
+                log.info(
+                    "the merge was refused for compressed chunks, merging with DML decompression on: %s",
+                    first_line(e),
+                )
+            else:
                 raise
-            log.info("the merge met TimescaleDB's decompression cap, merging without it: %s", first_line(e))
             return self._run(buf, direct=False, lift_decompression_cap=True)
 
     @contextlib.contextmanager
