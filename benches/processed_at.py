@@ -21,9 +21,9 @@ from typing import Any
 import psycopg
 
 from filepipe import _native
+from filepipe.benchmark.scratch import synthetic_batch
 from filepipe.config import Settings, load_settings
 from filepipe.db import Loader, create_pool, init_db
-from filepipe.diagnose import synthetic_batch
 from filepipe.embedded import PostgresServer
 
 # History: `rows` events over the last 7 days, each processed two seconds after its event.

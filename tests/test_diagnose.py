@@ -19,12 +19,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import redis
-import typer
 from tests.conftest import Env, both_tables
 from tests.support.proxy import TcpProxy
 from typer.testing import CliRunner
 
-from filepipe import diagnose
+from filepipe import benchmark
 from filepipe.cli import app
 from filepipe.config import Settings
 from filepipe.embedded import free_port
@@ -32,11 +31,6 @@ from filepipe.embedded import free_port
 runner = CliRunner()
 DELAY_MS = 40
 SECRET = "pw-Never-Shown-42"
-
-
-def benchmark_app() -> typer.Typer:
-    """The `filepipe` command, where `benchmark` is registered."""
-    return app
 
 
 def with_port(url: str, port: int, password: str | None = None) -> str:
@@ -66,11 +60,11 @@ def slow_redis(env: Env) -> Iterator[Settings]:
         yield env.settings_with(redis_url=with_port(env.settings.redis_url, proxy.port), batch_size=100)
 
 
-def run(settings: Settings, **kw: Any) -> diagnose.Report:
+def run(settings: Settings, **kw: Any) -> benchmark.Report:
     kw.setdefault("samples", 5)
     kw.setdefault("connections", 2)
     kw.setdefault("file_size", 4096)
-    return diagnose.benchmark(settings, **kw)
+    return benchmark.run(settings, **kw)
 
 
 def section(text: str, title: str) -> str:
@@ -80,7 +74,7 @@ def section(text: str, title: str) -> str:
 
 def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
     report = run(slow_pg)
-    text = diagnose.render(report)
+    text = benchmark.render(report)
     assert report.verdict is not None and report.verdict.bottleneck == "postgres" and report.verdict.alarm
     assert report.to_json()["bottleneck"] == "postgres"
     assert "⚠️  DATABASE IS THE BOTTLENECK!" in text
@@ -96,7 +90,7 @@ def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
 
 def test_slow_redis_is_the_bottleneck(slow_redis: Settings) -> None:
     report = run(slow_redis)
-    text = diagnose.render(report)
+    text = benchmark.render(report)
     assert report.verdict is not None and report.verdict.bottleneck == "redis" and report.verdict.alarm
     assert report.to_json()["bottleneck"] == "redis"
     assert "⚠️  REDIS IS THE BOTTLENECK!" in text
@@ -107,7 +101,7 @@ def test_slow_redis_is_the_bottleneck(slow_redis: Settings) -> None:
 
 def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
     report = run(env.settings, file_size=64 * 1024)
-    text = diagnose.render(report)
+    text = benchmark.render(report)
     assert report.verdict is not None
     assert report.verdict.bottleneck in ("storage", "consumer"), text
     for slow in ("REDIS IS THE BOTTLENECK", "DATABASE IS THE BOTTLENECK", "UNREACHABLE"):
@@ -136,10 +130,10 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         "--file-size",
         "4096",
     ]
-    result = runner.invoke(benchmark_app(), [*args, "--json"])
+    result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["bottleneck"] in diagnose.COMPONENTS and doc["unreachable"] == []
+    assert doc["bottleneck"] in benchmark.COMPONENTS and doc["unreachable"] == []
     assert doc["redis"]["ping"]["p50"] > 0 and doc["redis"]["xadd"]["n"] == 3 and doc["redis"]["batch"] > 0
     pg = doc["postgres"]
     assert (
@@ -147,7 +141,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         and pg["new_connection"]["n"] == 1
         and pg["round_trip"]["p99"] >= pg["round_trip"]["p50"]
     )
-    assert pg["copy_rows"] == diagnose.COPY_ROWS and pg["copy_rows_per_s"] > 0 and pg["copy_mb_per_s"] > 0
+    assert pg["copy_rows"] == benchmark.COPY_ROWS and pg["copy_rows_per_s"] > 0 and pg["copy_mb_per_s"] > 0
     assert pg["load_rows"] > 1 and not pg["load_estimated"]
     assert pg["hypertable"] == env.hypertable
     ext = pg["timescale"]["extension"]
@@ -159,7 +153,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         assert ext["state"] in ("absent", "not preloaded") and pg["other_kind"] == ""
     with psycopg.connect(env.pg_uri) as conn:  # no scratch table left behind
         left = conn.execute(
-            "SELECT count(*) FROM pg_class WHERE relname LIKE %s", (diagnose.SCRATCH_TABLE_PREFIX + "%",)
+            "SELECT count(*) FROM pg_class WHERE relname LIKE %s", (benchmark.SCRATCH_TABLE_PREFIX + "%",)
         ).fetchone()
     assert left == (0,)
     assert doc["storage"]["kind"] == "local" and doc["storage"]["mb_per_s"] > 0 and doc["s3"] is None
@@ -169,7 +163,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
     assert model["hiding_batch_size"] >= 1 and model["hiding_consumers"] >= 1
     assert doc["pipeline"] is None
 
-    result = runner.invoke(benchmark_app(), args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     for words in (
         "REDIS PERFORMANCE",
@@ -195,7 +189,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         assert "Same batch, plain:" in result.stdout and "x the hypertable's (scratch tables" in result.stdout
     elif ext["state"] == "not preloaded":
         assert "installed but not preloaded: set shared_preload_libraries = 'timescaledb'" in result.stdout
-    leftovers = [p for p in os.listdir(env.storage) if p.startswith(diagnose.SCRATCH_DIR_PREFIX)]
+    leftovers = [p for p in os.listdir(env.storage) if p.startswith(benchmark.SCRATCH_DIR_PREFIX)]
     assert leftovers == []
 
 
@@ -220,7 +214,7 @@ def test_passwords_never_appear(env: Env) -> None:
         "4096",
     ]
     for extra in ([], ["--json"]):
-        result = runner.invoke(benchmark_app(), [*args, *extra])
+        result = runner.invoke(app, [*args, *extra])
         assert SECRET not in result.output
         assert ":***@" in result.output
 
@@ -240,7 +234,7 @@ def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> 
         "--connections",
         "1",
     ]
-    result = runner.invoke(benchmark_app(), args)
+    result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert SECRET not in result.output
     assert f"cannot reach Redis at redis://default:***@127.0.0.1:{port}/0" in result.stdout
@@ -248,14 +242,14 @@ def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> 
     assert "LOCAL_STORAGE_DIR" in result.stdout and "does not exist" in result.stdout
     assert "✗ REDIS IS UNREACHABLE" in result.stdout
 
-    result = runner.invoke(benchmark_app(), [*args, "--json"])
+    result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 1 and SECRET not in result.output
     doc = json.loads(result.stdout)
     assert doc["unreachable"] == ["redis", "postgres", "storage"] and doc["bottleneck"] == "redis"
 
     # Only PostgreSQL down: the rest is measured, the report says which one, exit 1.
     result = runner.invoke(
-        benchmark_app(),
+        app,
         [
             "benchmark",
             "--json",
@@ -279,22 +273,22 @@ def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> 
 
 def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:
     settings = env.settings_with(batch_size=100)
-    before_keys = set(env.redis.scan_iter(match=f"{diagnose.SCRATCH_KEY_PREFIX}*"))
+    before_keys = set(env.redis.scan_iter(match=f"{benchmark.SCRATCH_KEY_PREFIX}*"))
     report = run(settings, pipeline=300)
     p = report.pipeline
     assert p is not None and p.error == "", p
     assert (p.events, p.inserted, p.dead_lettered) == (300, 300, 0)
     assert p.files_per_s > 0 and p.model_files_per_s > 0
-    text = diagnose.render(report)
+    text = benchmark.render(report)
     assert "END-TO-END RUN (--pipeline 300)" in text and "Consumed:               300 rows" in text
     assert report.to_json()["pipeline"]["inserted"] == 300
     # Nothing is left behind: scratch streams, tables, files.
-    assert set(env.redis.scan_iter(match=f"{diagnose.SCRATCH_KEY_PREFIX}*")) == before_keys
+    assert set(env.redis.scan_iter(match=f"{benchmark.SCRATCH_KEY_PREFIX}*")) == before_keys
     tables = env.sql(
-        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (diagnose.SCRATCH_TABLE_PREFIX + "%",)
+        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (benchmark.SCRATCH_TABLE_PREFIX + "%",)
     )
     assert tables == []
-    assert [p for p in os.listdir(env.storage) if p.startswith(diagnose.SCRATCH_DIR_PREFIX)] == []
+    assert [p for p in os.listdir(env.storage) if p.startswith(benchmark.SCRATCH_DIR_PREFIX)] == []
     assert env.rows() == 0  # the events table is never touched
 
 
@@ -321,14 +315,12 @@ def test_s3_is_measured_when_configured(env: Env, tmp_path: Path) -> None:
     assert report.model is not None and report.verdict is not None
     assert report.pipeline is not None and report.pipeline.inserted == 40, report.pipeline
     assert left == 0  # scratch objects deleted
-    text = diagnose.render(report)
+    text = benchmark.render(report)
     assert "S3 GET+hash:" in text and "GET latency (p50):" in text
     assert "not used (STORAGE_MODE=s3)" in text
 
 
 def test_registered_in_the_filepipe_command() -> None:
-    from filepipe.cli import app
-
     result = runner.invoke(app, ["benchmark", "--help"])
     assert result.exit_code == 0 and "--pipeline" in result.stdout and "--json" in result.stdout
 
@@ -359,7 +351,7 @@ def test_memory_and_what_the_stream_keeps(env: Env) -> None:
     r = report.redis
     assert (r.stream_entries, r.kept) == (30, "group other_app has not read 30 entries")
     assert r.stream_memory_bytes and r.memory_used_bytes and r.memory_max_bytes is not None
-    text = diagnose.render(report)
+    text = benchmark.render(report)
     assert f"Stream {s.stream}:" in text and "30 entries" in text and "kept: group other_app" in text
     assert "  Memory:" in text
     doc = report.to_json()["redis"]

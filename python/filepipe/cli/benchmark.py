@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
@@ -49,15 +48,11 @@ def benchmark_cmd(
     ] = None,
 ) -> None:
     """Measure Redis, PostgreSQL and the storage, and name the bottleneck (the seed's benchmark.py)."""
-    from ..diagnose import benchmark, render
-    from ..redaction import scrub
+    from .. import benchmark
 
     progress = None if as_json or not sys.stderr.isatty() else (lambda msg: typer.echo(msg, err=True))
-    report = benchmark(
+    report = benchmark.run(
         s, samples=samples, connections=connections, file_size=file_size, pipeline=pipeline, progress=progress
     )
-    if as_json:
-        typer.echo(scrub(json.dumps(report.to_json(), indent=2, default=str)))
-    else:
-        typer.echo(render(report))
+    typer.echo(benchmark.render_json(report) if as_json else benchmark.render(report))
     raise typer.Exit(report.exit_code)
