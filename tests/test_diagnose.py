@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typer.testing import CliRunner
 from filepipe import benchmark
 from filepipe.cli import app
 from filepipe.config import Settings
+from filepipe.db import init_db
 from filepipe.embedded import free_port
 
 runner = CliRunner()
@@ -58,6 +60,27 @@ def slow_pg(env: Env) -> Iterator[Settings]:
 def slow_redis(env: Env) -> Iterator[Settings]:
     with TcpProxy(loopback_port(env.settings.redis_url), delay_ms=DELAY_MS) as proxy:
         yield env.settings_with(redis_url=with_port(env.settings.redis_url, proxy.port), batch_size=100)
+
+
+@pytest.fixture
+def own_schema(env: Env) -> Iterator[Settings]:
+    """`env`'s settings with the events table in a schema of its own, where the benchmark
+    puts its scratch tables too: what is left in it is this test's, whatever other runs
+    on the same server do meanwhile."""
+    schema = f"fp_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    settings = env.settings_with(table=f"{schema}.events")
+    try:
+        init_db(settings, plain=not env.hypertable)
+        yield settings
+    finally:
+        with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def tables_in(env: Env, schema: str) -> list[str]:
+    return [row[0] for row in env.sql("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))]
 
 
 def run(settings: Settings, **kw: Any) -> benchmark.Report:
@@ -112,7 +135,8 @@ def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
 
 
 @both_tables
-def test_json_for_machines_and_words_for_people(env: Env) -> None:
+def test_json_for_machines_and_words_for_people(env: Env, own_schema: Settings) -> None:
+    table = own_schema.table
     args = [
         "benchmark",
         "--redis-url",
@@ -120,7 +144,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         "--pg-uri",
         env.settings.pg_uri,
         "--table",
-        env.settings.table,
+        table,
         "--local-storage-dir",
         str(env.storage),
         "--samples",
@@ -151,11 +175,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         assert pg["other_kind"] == "plain" and pg["other_load_batch_ms"] > 0
     else:
         assert ext["state"] in ("absent", "not preloaded") and pg["other_kind"] == ""
-    with psycopg.connect(env.pg_uri) as conn:  # no scratch table left behind
-        left = conn.execute(
-            "SELECT count(*) FROM pg_class WHERE relname LIKE %s", (benchmark.SCRATCH_TABLE_PREFIX + "%",)
-        ).fetchone()
-    assert left == (0,)
+    assert tables_in(env, table.split(".")[0]) == ["events"]  # no scratch table left next to it
     assert doc["storage"]["kind"] == "local" and doc["storage"]["mb_per_s"] > 0 and doc["s3"] is None
     model = doc["model"]
     assert model["batch_size"] == env.settings.batch_size and model["file_size"] == 4096
@@ -184,7 +204,7 @@ def test_json_for_machines_and_words_for_people(env: Env) -> None:
         assert words in result.stdout, words
     if env.hypertable:
         kind = f"hypertable (TimescaleDB {ext['installed']}, apache edition)"
-        assert re.search(rf"^  Table {env.settings.table}: *{re.escape(kind)}$", result.stdout, re.M)
+        assert re.search(rf"^  Table {re.escape(table)}: *{re.escape(kind)}$", result.stdout, re.M)
         assert "Chunks:                 " in result.stdout and " of 1 day" in result.stdout
         assert "Same batch, plain:" in result.stdout and "x the hypertable's (scratch tables" in result.stdout
     elif ext["state"] == "not preloaded":
@@ -273,7 +293,6 @@ def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> 
 
 def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:
     settings = env.settings_with(batch_size=100)
-    before_keys = set(env.redis.scan_iter(match=f"{benchmark.SCRATCH_KEY_PREFIX}*"))
     report = run(settings, pipeline=300)
     p = report.pipeline
     assert p is not None and p.error == "", p
@@ -282,10 +301,13 @@ def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:
     text = benchmark.render(report)
     assert "END-TO-END RUN (--pipeline 300)" in text and "Consumed:               300 rows" in text
     assert report.to_json()["pipeline"]["inserted"] == 300
-    # Nothing is left behind: scratch streams, tables, files.
-    assert set(env.redis.scan_iter(match=f"{benchmark.SCRATCH_KEY_PREFIX}*")) == before_keys
+    # Nothing is left behind: scratch streams, tables, files. Each name holds the run's
+    # tag, so that other runs on the same servers meanwhile do not count.
+    assert len(report.tag) == 10
+    assert list(env.redis.scan_iter(match=f"{benchmark.SCRATCH_KEY_PREFIX}*{report.tag}*")) == []
     tables = env.sql(
-        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (benchmark.SCRATCH_TABLE_PREFIX + "%",)
+        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
+        (f"{benchmark.SCRATCH_TABLE_PREFIX}{report.tag}%",),
     )
     assert tables == []
     assert [p for p in os.listdir(env.storage) if p.startswith(benchmark.SCRATCH_DIR_PREFIX)] == []
