@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -533,3 +533,50 @@ def test_the_rate_history_reads_the_aggregate_where_there_is_one(env: Env) -> No
     finally:
         env.sql(f"DROP VIEW {timescale.rate_view_name(table)}")
 
+
+
+@on_hypertable
+def test_the_aggregate_gives_the_last_day_by_the_hour_and_the_table_does_not(env: Env) -> None:
+    """Beyond the last hour the history comes from the continuous aggregate only (reading a
+    day of the table's rows would cost what the aggregate saves): hour by hour and consumer,
+    shown by status and the dashboard as a line of the table's figures. The same stand-in for
+    the aggregate as above."""
+    table = env.settings.table
+    now = int(time.time() * 1000)
+    # Every third hour over 30 hours, 20 events each; the current hour 25.
+    hours_ago = [h for h in range(0, 30, 3) for _ in range(25 if h == 0 else 20)]
+    add_timed_events(env, [now - h * 3_600_000 - 90_000 - k for k, h in enumerate(hours_ago)])
+    assert env.drain().inserted == 205
+    with psycopg.connect(env.pg_uri) as conn:
+        plain = timescale.table_figures(conn, table, history_minutes=60)
+    assert plain.history_source == "table" and plain.day_history == []
+    assert [line[0] for line in plain.to_json()["lines"]] == ["Kind", "Chunks", "Policies"]
+    assert plain.to_json()["history"]["hours"] == []
+
+    env.sql(
+        f"CREATE VIEW {timescale.rate_view_name(table)} AS SELECT time_bucket(INTERVAL '1 minute', "
+        "event_time) AS minute, consumer, count(*) AS files, sum(size_bytes) AS bytes "
+        f"FROM {table} GROUP BY 1, 2"
+    )
+    try:
+        with psycopg.connect(env.pg_uri) as conn:
+            facts = timescale.read_table(conn, table)
+            facts.rate_view = timescale.rate_view_name(table)  # as on the Timescale-License edition
+            hours = timescale.rate_history_hours(conn, facts)
+            expected = conn.execute(
+                f"SELECT date_trunc('hour', event_time), consumer, count(*), sum(size_bytes) FROM {table} "
+                "WHERE event_time >= date_trunc('hour', now() - interval '23 hours') GROUP BY 1, 2 ORDER BY 1"
+            ).fetchall()
+        assert [(m.minute, m.consumer, m.files, m.bytes) for m in hours] == expected
+        assert sum(m.files for m in hours) == 165  # 8 of the 10 hours with events are in the last day
+        figures = timescale.TableFigures(facts, 205, "continuous aggregate", [], 60, hours)
+        doc = figures.to_json()
+        assert doc["lines"][-1] == [
+            "Last 24 hours",
+            f"165 files, 0.0 MB; busiest hour {hours[-1].minute.astimezone(timezone.utc):%H}:00 UTC with 25 "
+            "(from the continuous aggregate)",
+            "",
+        ]
+        assert sum(h["files"] for h in doc["history"]["hours"]) == 165
+    finally:
+        env.sql(f"DROP VIEW {timescale.rate_view_name(table)}")

@@ -12,14 +12,16 @@ policies (jobs). `current_setting('timescaledb.license')` says which one a datab
 runs (`apache` or `timescale`); everything here that needs the second asks first.
 
 The observers (status, the dashboard, the benchmark) call `read_table` once for the
-table's figures and `estimated_rows` / `rate_history` for the cheap counts.
+table's figures and `estimated_rows` / `rate_history` for the cheap counts (`table_figures`
+gathers them all); where the continuous aggregate exists, `rate_history_hours` adds the last
+day hour by hour.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -49,6 +51,9 @@ RATE_VIEW_SUFFIX = "_per_minute"
 RATE_REFRESH_START = timedelta(hours=3)
 RATE_REFRESH_END = timedelta(minutes=1)
 RATE_REFRESH_EVERY = timedelta(minutes=1)
+# Beyond the last minutes, the history the aggregate gives: the last day, hour by hour (a day
+# of the table's own rows would cost what the aggregate saves, so without one there is none).
+DAY_HISTORY_HOURS = 24
 # Above this many chunks, observers estimate the rows rather than count them.
 MAX_COUNTED_CHUNKS = 100
 # The heap bytes of a row, for estimating chunks PostgreSQL has not analyzed yet when no
@@ -366,7 +371,8 @@ def estimated_rows(conn: psycopg.Connection[Any], table: str, *, hypertable: boo
 
 @dataclass(frozen=True)
 class RateMinute:
-    """Files and bytes loaded per minute (of the events' time) by one consumer."""
+    """Files and bytes loaded per minute (of the events' time) by one consumer (per hour in
+    `TableFigures.day_history`: `minute` is then the hour's start)."""
 
     minute: datetime
     consumer: str
@@ -387,6 +393,24 @@ SELECT minute, consumer, files, bytes FROM {view}
 WHERE minute >= now() - {window}
 ORDER BY 1, 2
 """
+
+
+_RATE_HOURS_QUERY = """
+SELECT time_bucket(INTERVAL '1 hour', minute) AS hour, consumer, sum(files)::bigint, sum(bytes)::bigint
+FROM {view}
+WHERE minute >= time_bucket(INTERVAL '1 hour', now() - {window})
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+def rate_history_hours(conn: psycopg.Connection[Any], facts: TableFacts) -> list[RateMinute]:
+    """Files and bytes per hour and consumer over the last `DAY_HISTORY_HOURS` hours (the
+    current hour included), from the continuous aggregate; [] where there is none."""
+    if not facts.rate_view:
+        return []
+    window = sql.Literal(timedelta(hours=DAY_HISTORY_HOURS - 1))
+    query = sql.SQL(_RATE_HOURS_QUERY).format(view=_ident(facts.rate_view), window=window)
+    return [RateMinute(r[0], str(r[1]), int(r[2] or 0), int(r[3] or 0)) for r in conn.execute(query)]
 
 
 def rate_history(
@@ -496,6 +520,9 @@ class TableFigures:
     history_source: str  # continuous aggregate | table
     history: list[RateMinute]
     history_minutes: int
+    # The last day by the hour (each RateMinute's `minute` the hour's start), from the
+    # continuous aggregate only: [] elsewhere.
+    day_history: list[RateMinute] = field(default_factory=list)
 
     def worth_counting(self, large_rows: int) -> bool:
         """Whether `count(*)` is cheap enough: few rows, in few chunks (a count opens and locks
@@ -504,38 +531,64 @@ class TableFigures:
 
     def summary(self) -> str:
         """The rate history in words: totals, the busiest minute, where it was read."""
-        per_minute: dict[datetime, int] = {}
-        for m in self.history:
-            per_minute[m.minute] = per_minute.get(m.minute, 0) + m.files
-        files, size = sum(m.files for m in self.history), sum(m.bytes for m in self.history)
+        files, size, peak = _totals(self.history)
         source = f"from the {self.history_source}"
-        if not files:
+        if peak is None:
             return f"no files in the last {self.history_minutes} minutes ({source})"
-        peak_minute, peak = max(per_minute.items(), key=lambda kv: kv[1])
         return (
             f"{files:,} files, {size / 1e6:,.1f} MB in the last {self.history_minutes} minutes; busiest "
-            f"minute {peak_minute.astimezone(timezone.utc):%H:%M} UTC with {peak:,} ({source})"
+            f"minute {peak[0].astimezone(timezone.utc):%H:%M} UTC with {peak[1]:,} ({source})"
         )
+
+    def day_summary(self) -> str | None:
+        """The last day in words (totals, the busiest hour); None without the aggregate."""
+        if self.history_source != "continuous aggregate":
+            return None
+        files, size, peak = _totals(self.day_history)
+        if peak is None:
+            return "no files (from the continuous aggregate)"
+        return (
+            f"{files:,} files, {size / 1e6:,.1f} MB; busiest hour {peak[0].astimezone(timezone.utc):%H}:00 "
+            f"UTC with {peak[1]:,} (from the continuous aggregate)"
+        )
+
+    def lines(self) -> list[tuple[str, str, str]]:
+        """The table's figures for people (`TableFacts.lines`), and the last day where the
+        aggregate gives it."""
+        day = self.day_summary()
+        return self.facts.lines() + ([(f"Last {DAY_HISTORY_HOURS} hours", day, "")] if day else [])
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.facts.to_json(),
-            "lines": [list(line) for line in self.facts.lines()],
+            "lines": [list(line) for line in self.lines()],
             "estimated_rows": self.estimated_rows,
             "history": {
                 "source": self.history_source,
                 "summary": self.summary(),
-                "minutes": [
-                    {
-                        "minute": m.minute.astimezone(timezone.utc).isoformat(),
-                        "consumer": m.consumer,
-                        "files": m.files,
-                        "bytes": m.bytes,
-                    }
-                    for m in self.history
-                ],
+                "minutes": [_rate_json(m, "minute") for m in self.history],
+                # the last day by the hour, from the continuous aggregate ([] without one)
+                "hours": [_rate_json(m, "hour") for m in self.day_history],
             },
         }
+
+
+def _totals(history: list[RateMinute]) -> tuple[int, int, tuple[datetime, int] | None]:
+    """Files, bytes, and the busiest bucket with its files (None when there were none)."""
+    per_bucket: dict[datetime, int] = {}
+    for m in history:
+        per_bucket[m.minute] = per_bucket.get(m.minute, 0) + m.files
+    files, size = sum(m.files for m in history), sum(m.bytes for m in history)
+    return files, size, (max(per_bucket.items(), key=lambda kv: kv[1]) if files else None)
+
+
+def _rate_json(m: RateMinute, key: str) -> dict[str, Any]:
+    return {
+        key: m.minute.astimezone(timezone.utc).isoformat(),
+        "consumer": m.consumer,
+        "files": m.files,
+        "bytes": m.bytes,
+    }
 
 
 def table_figures(conn: psycopg.Connection[Any], table: str, *, history_minutes: int) -> TableFigures:
@@ -544,7 +597,8 @@ def table_figures(conn: psycopg.Connection[Any], table: str, *, history_minutes:
     facts = read_table(conn, table)
     estimate = estimated_rows(conn, table, hypertable=facts.hypertable)
     source, history = rate_history(conn, table, facts, history_minutes)
-    return TableFigures(facts, estimate, source, history, history_minutes)
+    day = rate_history_hours(conn, facts)
+    return TableFigures(facts, estimate, source, history, history_minutes, day)
 
 
 class FiguresCache:
