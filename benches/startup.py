@@ -25,7 +25,9 @@ def timed(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall and CPU seconds of one `python -m filepipe ARGS`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "filepipe", *args], env=env, capture_output=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "filepipe", *args], env=env, capture_output=True, check=False
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -51,7 +53,9 @@ def main() -> None:
     redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
     pg_uri = os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI")
     if not redis_url or not pg_uri:
-        raise SystemExit("set FILEPIPE_BENCH_REDIS_URL and FILEPIPE_BENCH_PG_URI (or the FILEPIPE_TEST_* ones)")
+        raise SystemExit(
+            "set FILEPIPE_BENCH_REDIS_URL and FILEPIPE_BENCH_PG_URI (or the FILEPIPE_TEST_* ones)"
+        )
     name = f"startup_{uuid.uuid4().hex[:8]}"
     # As installed: with the bytecode cached (PYTHONDONTWRITEBYTECODE would have every run
     # compile the package's sources again, a tenth of a second and more).
@@ -62,7 +66,9 @@ def main() -> None:
         "STREAM_NAME": name,
         "FILEPIPE_TABLE": name,
     }
-    subprocess.run([sys.executable, "-m", "filepipe", "init-db", "--plain"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "filepipe", "init-db", "--plain"], env=env, check=True, capture_output=True
+    )
     try:
         measure("filepipe --help", ["--help"], env, args.runs)
         measure("filepipe consume --help", ["consume", "--help"], env, args.runs)
