@@ -27,7 +27,7 @@ from tests.support.workload import wait_for
 from filepipe.consumer import Consumer
 from filepipe.embedded import free_port
 from filepipe.errors import ConfigError
-from filepipe.metrics import serve_metrics
+from filepipe.metrics import record_retry, serve_metrics
 from filepipe.retry import Backoff
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -154,7 +154,7 @@ def test_retries_are_counted_by_service(env: Env) -> None:
         return REGISTRY.get_sample_value("filepipe_retries_total", {"service": service}) or 0.0
 
     before = retries("postgresql")
-    backoff = Backoff("PostgreSQL", base=0.001, cap=0.001)
+    backoff = Backoff("PostgreSQL", base=0.001, cap=0.001, on_retry=record_retry)  # as the consumer counts
     for _ in range(3):
         try:
             psycopg.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/none", connect_timeout=2)
@@ -162,7 +162,7 @@ def test_retries_are_counted_by_service(env: Env) -> None:
             backoff.failed(e)
     assert retries("postgresql") - before == 3
     before_storage = retries("storage")
-    Backoff("Storage", base=0.001, cap=0.001).failed(OSError("EMFILE"))
+    Backoff("Storage", base=0.001, cap=0.001, on_retry=record_retry).failed(OSError("EMFILE"))
     assert retries("storage") - before_storage == 1
 
 

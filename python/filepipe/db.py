@@ -691,7 +691,6 @@ class Loader:
                 "SET LOCAL statement_timeout = {}; CREATE TEMP TABLE {} ({}) ON COMMIT DROP"
             ).format(sql.Literal(settings.statement_timeout_ms), staging, _staging_columns())
         self._merge_only = 0
-        self.conflicts = 0
         self.table = settings.table
         self._layout_checked = False
 
@@ -714,7 +713,6 @@ class Loader:
                 self._run(buf, direct=True)
                 return rows
             except psycopg.errors.UniqueViolation:
-                self.conflicts += 1
                 self._merge_only = self.CONFLICT_COOLDOWN
                 log.debug("batch already partly loaded: merging instead")
             except psycopg.Error as e:

@@ -18,7 +18,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
@@ -34,9 +34,20 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from psycopg_pool import ConnectionPool
 
-    from .consumer import Consumer
+    from .partitions import Partition
     from .status import RetentionState
     from .stream import DeadLetter
+
+
+class Consumer(Protocol):
+    """What the metrics read of a running consumer (filepipe.consumer.Consumer); a
+    protocol, so that this module does not import the consumer, which imports it."""
+
+    settings: Settings
+    parts: list[Partition]
+    pool: ConnectionPool
+
+    def table_refusal(self) -> str: ...
 
 T = TypeVar("T")
 

@@ -47,6 +47,7 @@ from . import constants as c
 from . import metrics
 from .config import Settings, Window
 from .partitions import Partition
+from .redaction import error_line
 from .retry import is_transient_redis
 
 log = logging.getLogger("filepipe")
@@ -564,9 +565,7 @@ class Housekeeper:
                      len(removed), "" if len(removed) == 1 else "s", s.group, part.stream, shown)
 
     def _failed(self, e: BaseException) -> None:
-        from .db import first_line
-
-        message = first_line(e).split(" script: ")[0]  # not the script's sha and line
+        message = error_line(e).split(" script: ")[0]  # not the script's sha and line
         if message == self._error:
             return
         self._error = message

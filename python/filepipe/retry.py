@@ -104,11 +104,6 @@ def is_transient_redis(e: BaseException) -> bool:
     return isinstance(e, (ConnectionError, TimeoutError))
 
 
-def is_transient(e: BaseException) -> bool:
-    """Whether any service error is passing."""
-    return isinstance(e, TransientError) or is_transient_pg(e) or is_transient_redis(e)
-
-
 class Outage:
     """One service's outage as the log and the heartbeat tell it, shared by the backoffs of
     the threads that use the service (the reader's, the acknowledger's): the first to fail
@@ -185,13 +180,16 @@ class Backoff:
         on_error: Callable[[str], None] | None = None,
         outage: Outage | None = None,
         on_wait: Callable[[], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         """`stop`, once set, cuts the current wait short and makes `call` give up
         (raising Abandoned) instead of retrying again. `on_error` hears the error when an
         outage starts (or its message changes) and "" when it ends. Backoffs given one
         `outage` (and then its `on_error`) log and report it together. `on_wait` is called
-        after every wait (to keep a heartbeat fresh through a long one)."""
+        after every wait (to keep a heartbeat fresh through a long one); `on_retry` with the
+        service's name at every failure (a metric)."""
         self.service = service
+        self.on_retry = on_retry
         self.on_wait = on_wait
         self.base = base
         self.cap = cap
@@ -209,9 +207,8 @@ class Backoff:
     def record(self, e: BaseException) -> float:
         """Records a failure and logs it if it is news; returns how long to wait before
         the next attempt (without waiting)."""
-        from .metrics import record_retry
-
-        record_retry(self.service)
+        if self.on_retry is not None:
+            self.on_retry(self.service)
         with self._lock:
             self.attempt += 1
             delay = random.uniform(0, min(self.cap, self.base * 2 ** min(self.attempt, 20)))

@@ -1,0 +1,197 @@
+"""Loading a prepared batch: COPY (or merge, for a redelivery), waiting out outages and a
+table that refuses every row, and bisecting a batch the table refuses to find the rows
+it refuses on their own."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+from .. import _native, db, metrics
+from ..config import Settings
+from ..errors import DatabaseError, FilepipeError
+from ..redaction import error_line
+from ..retry import QUERY_CANCELED, Abandoned, Backoff, is_transient_pg
+from ..stream import DeadLetter
+from .prepare import Prepared, dead_letter
+
+log = logging.getLogger("filepipe")
+
+# What a table refuses a write with, because of a row's values or because of the table
+# itself (a probe tells which, see Load.load): 22 data exception, 23 integrity
+# constraint (a CHECK, a NOT NULL column), 54 program limit, P0 raised by a PL/pgSQL
+# trigger, 38/39 by another routine, 44 a view's check option; a read-only transaction, a
+# missing privilege (or a row security policy), a statement timeout.
+_REFUSAL_CLASSES = ("22", "23", "54", "P0", "38", "39", "44")
+_REFUSAL_STATES = (db.READ_ONLY, db.NO_PRIVILEGE, QUERY_CANCELED)
+
+
+class Load:
+    """Loads batches into the table (one instance shared by the loader threads)."""
+
+    def __init__(self, settings: Settings, name: str, loader: db.Loader, pg_backoff: Backoff,
+                 table_backoff: Backoff, abandon: threading.Event) -> None:
+        self.settings = settings
+        self.name = name
+        self.loader = loader
+        self.pg_backoff = pg_backoff
+        self.table_backoff = table_backoff
+        self.abandon = abandon
+        self.binary = settings.copy_format == "binary"
+
+    def table_refusal(self) -> str:
+        """Why the events table refuses every row right now ("" when it does not)."""
+        b = self.table_backoff
+        return b.last_message if b.down_since is not None else ""
+
+    def load(self, p: Prepared) -> tuple[int, list[DeadLetter]]:
+        """Loads the batch, waiting out outages and a table that refuses every row.
+
+        When the table refuses the batch, the consumer asks whether it still takes a row
+        it took before (`Loader.probe`: the table's newest row again, rolled back). If it
+        does not, the table has changed, not the entries: the whole batch stays pending and
+        is tried again after a backoff, with one log line when this starts and one when it
+        ends; nothing is dead-lettered. If it does, the batch is bisected: the rows that
+        load are committed, and a row refused alone is dead-lettered (`db_rejected`), but
+        only once the table has been seen taking rows after it was refused (a neighbour
+        loading, or the probe again), so that a table changing halfway through does not
+        dead-letter the rest. A row that runs out of statement time alone, twice, is
+        dead-lettered too; a table that runs every probe out of time waits."""
+        if p.rows == 0:
+            return 0, []
+        inserted = 0
+        direct = not p.redelivered
+        waiting = False
+        while True:
+            started = time.monotonic()
+            try:
+                if waiting:
+                    self._probe_table()  # one row, rolled back: cheaper than the batch
+                loaded, dead = self._load_isolating(p, direct=direct)
+            except _TableRefuses as e:
+                inserted += e.inserted
+                direct = False  # part of the batch may be in already
+                waiting = True
+                self.table_backoff.failed(e)
+                if self.abandon.is_set():
+                    raise Abandoned("PostgreSQL table: gave up waiting at stop") from e
+                continue
+            self.table_backoff.succeeded(started)
+            return inserted + loaded, dead
+
+    def _load_buffer(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
+        return self.pg_backoff.call(
+            lambda: metrics.timed(metrics.COPY_SECONDS, self.loader.load, buf, rows, direct=direct),
+            is_transient_pg,
+        )
+
+    def _refusal(self, e: psycopg.Error) -> psycopg.Error:
+        """`e` if the table refused the write; raises the fatal error it is otherwise."""
+        if not _is_refusal(e):
+            raise _fatal_db_error(e, self.settings) from e
+        return e
+
+    def _probe_table(self) -> None:
+        """Raises _TableRefuses unless the table takes a row like the ones it holds."""
+        try:
+            self.pg_backoff.call(lambda: self.loader.probe(self.name), is_transient_pg)
+        except psycopg.Error as e:
+            raise _TableRefuses(self._refusal(e)) from e
+
+    def _load_isolating(self, p: Prepared, *, direct: bool) -> tuple[int, list[DeadLetter]]:
+        try:
+            return self._load_buffer(p.buf, p.rows, direct=direct), []
+        except psycopg.Error as e:
+            first = self._refusal(e)
+        found = _Isolation()
+        try:
+            self._probe_table()
+            indices = p.measurements.measured()
+            if len(indices) == 1:
+                self._refused_alone(indices, p.buf, first, found)
+            else:
+                self._split(p, indices, found)
+            if found.unconfirmed:
+                self._probe_table()
+        except _TableRefuses as e:
+            e.inserted = found.inserted
+            raise
+        return found.inserted, [self._rejected(p, index, message) for index, message in found.refused]
+
+    def _split(self, p: Prepared, indices: list[int], found: _Isolation) -> None:
+        mid = len(indices) // 2
+        self._bisect(p, indices[:mid], found)
+        self._bisect(p, indices[mid:], found)
+
+    def _bisect(self, p: Prepared, indices: list[int], found: _Isolation) -> None:
+        buf = _native.encode_copy(
+            p.batch, p.measurements, self.name, self.binary, only=indices, stream=self.settings.stream
+        )
+        try:
+            found.loaded(self._load_buffer(buf, len(indices)))
+            return
+        except psycopg.Error as e:
+            refused = self._refusal(e)
+        if len(indices) == 1:
+            self._refused_alone(indices, buf, refused, found)
+        else:
+            self._split(p, indices, found)
+
+    def _refused_alone(self, indices: list[int], buf: bytes, e: psycopg.Error, found: _Isolation) -> None:
+        """One row the table refused on its own. Out of time, it is tried once more (a lock
+        or a burst of load may have been the cause)."""
+        message = error_line(e)
+        if e.sqlstate == QUERY_CANCELED:
+            try:
+                found.loaded(self._load_buffer(buf, 1))
+                return
+            except psycopg.Error as again:
+                message = error_line(self._refusal(again))
+                if again.sqlstate == QUERY_CANCELED:
+                    message = (f"it took longer than the statement timeout (FILEPIPE_STATEMENT_TIMEOUT_MS="
+                               f"{self.settings.statement_timeout_ms}) twice on its own: {message}")
+        found.refused.append((indices[0], message))
+        found.unconfirmed = True
+
+    def _rejected(self, p: Prepared, index: int, message: str) -> DeadLetter:
+        letter = dead_letter(p.entry(index), "db_rejected", f"PostgreSQL refused the row: {message}")
+        log.warning("%s", letter.error)
+        return letter
+
+
+@dataclass
+class _Isolation:
+    """What bisecting one refused batch has found so far."""
+
+    inserted: int = 0
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (record index, the server's reason)
+    # A row was refused and the table has not been seen taking a row since.
+    unconfirmed: bool = False
+
+    def loaded(self, inserted: int) -> None:
+        self.inserted += inserted
+        self.unconfirmed = False
+
+
+class _TableRefuses(Exception):
+    """The table refuses rows like the ones it holds: the batch waits."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(f"SQLSTATE {error.sqlstate or '?'}: {error_line(error)}")
+        self.inserted = 0  # rows of the batch committed before the refusal was found
+
+
+def _is_refusal(e: psycopg.Error) -> bool:
+    state = e.sqlstate or ""
+    return state[:2] in _REFUSAL_CLASSES or state in _REFUSAL_STATES
+
+
+def _fatal_db_error(e: psycopg.Error, settings: Settings) -> FilepipeError:
+    state = e.sqlstate or ""
+    if state == "42P01":
+        return DatabaseError(f"table {settings.table} does not exist: run `filepipe init-db` first")
+    return DatabaseError(f"PostgreSQL refused the batch ({state}): {error_line(e)}")

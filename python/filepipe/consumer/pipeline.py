@@ -1,0 +1,228 @@
+"""The `Consumer`: connects the services, wires the stages, runs until stopped."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from collections.abc import Callable
+
+import psycopg
+
+from .. import db, metrics, shutdown, stream
+from .._faults import crash_point
+from ..config import Settings
+from ..partitions import partitions
+from ..retention import Housekeeper
+from ..retry import Abandoned, Outage, is_transient_redis
+from ..retry import Backoff as _Backoff
+from ..storage import Storage
+from ..stream import DeadLetter, ReadSize
+from .ack import Ack
+from .liveness import InHand, Liveness
+from .load import Load
+from .prepare import Files, Prepared, prepare
+from .progress import Progress, Stats
+from .reader import RawBatch, Reader
+from .stage import Lifecycle, Stage
+
+log = logging.getLogger("filepipe")
+
+# Every retry counts in filepipe_retries_total.
+Backoff = functools.partial(_Backoff, on_retry=metrics.record_retry)
+
+
+class Consumer:
+    """One member of the consumer group. `run()` until `stop()` (or, with
+    `drain=True`, until nothing new or pending is left)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        drain: bool = False,
+        write: Callable[[str], None] | None = print,
+        progress_interval: float = 1.0,
+        storage: Storage | None = None,
+        install_signals: bool = False,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        s = settings
+        self.settings = s
+        self.drain = drain
+        self.name = s.consumer_name
+        self.stats = Stats()
+        self.progress = Progress(write, progress_interval)
+        self.life = Lifecycle(stop_timeout)
+        # SIGTERM/SIGINT: a stop request (`filepipe consume` installs it before anything
+        # else; a signal that came already stops this consumer before it reads).
+        self._own_signals = install_signals and shutdown.installed() is None
+        self._stop_request = shutdown.install() if install_signals else None
+        if self._stop_request is not None:
+            self._stop_request.listen(self._on_signal)
+        self.redis = stream.connect(s)
+        self.pool = db.create_pool(s)
+        # Every stream this consumer reads: the stream, or each of its partitions.
+        self.parts = partitions(s)
+        self._errors: dict[str, str] = {}
+        life = self.life
+
+        self.in_hand = InHand(self.redis, s, self.name)
+        self.liveness = Liveness(self.redis, s, self.name, self.parts, self.stats, self.in_hand,
+                                 lambda: self.acker.held_count())
+        beat = self.liveness.beat
+        # One Redis outage is one warning, whichever threads wait it out. The reader and the
+        # storage give up at a stop; loading and acknowledging go on until its deadline.
+        redis_outage = Outage("Redis", self._error_sink("Redis"))
+        self.redis_backoff = Backoff("Redis", stop=life.stopping, outage=redis_outage)
+        ack_backoff = Backoff("Redis", stop=life.abandon, outage=redis_outage)
+        held_backoff = Backoff("Redis", stop=life.abandon, outage=redis_outage)
+        pg_backoff = Backoff("PostgreSQL", stop=life.abandon, on_error=self._error_sink("PostgreSQL"),
+                             on_wait=beat)
+        # A table that refuses every row (a constraint, trigger or NOT NULL column no row
+        # satisfies, a revoked privilege, a read-only database) is waited out like an outage.
+        table = f"PostgreSQL table {s.table}"
+        refusal = Outage(table, self._error_sink("table"), state="refuses rows",
+                         recovery="accepts rows again")
+        table_backoff = Backoff(table, stop=life.abandon, outage=refusal, on_wait=beat)
+        storage_backoff = Backoff("Storage", stop=life.stopping, on_error=self._error_sink("Storage"),
+                                  on_wait=beat)
+
+        self.files = Files(s, storage_backoff, life.stopping.is_set, storage)
+        self.load = Load(s, self.name, db.Loader(self.pool, s), pg_backoff, table_backoff, life.abandon)
+        # Trims what every group has acknowledged, caps dead letters, removes departed consumers.
+        self.housekeeper = Housekeeper(s, self.redis, self.parts, self.name,
+                                       on_error=self._error_sink("Trimming"))
+        self.acker = Ack(s, self.name, self.redis, self.parts, self.stats, self.progress, self.in_hand,
+                         self.housekeeper, ack_backoff, held_backoff, life.abandon, beat)
+        read_size = ReadSize(s.batch_size, s.batch_bytes, s.max_entry_bytes)
+        self._read_size = read_size
+
+        # The stages, in the order data flows. At most `in_flight` batches wait between
+        # them; the reader reads the next batch while the preparer works on this one.
+        self.acking: Stage[tuple[Prepared, int, list[DeadLetter]]] = Stage(
+            "acker", life, self.acker.finish_batch, maxsize=s.in_flight, drop=self.acker.drop,
+            idle=self.acker.idle, on_idle=self.acker.on_idle, on_end=self.acker.on_end)
+        # One loader per pooled connection: several COPYs can be in flight (PostgreSQL works
+        # on one while the next is sent), and the next starts while one is acknowledged.
+        self.loading: Stage[Prepared] = Stage(
+            "loader", life, self._load_one, maxsize=s.in_flight, workers=s.pool_size,
+            drop=lambda p: self.in_hand.landed(p.part.stream, p.ids))
+        self.preparing: Stage[RawBatch] = Stage(
+            "preparer", life, self._prepare_one, maxsize=1,
+            drop=lambda raw: self.in_hand.landed(raw[0].stream, [e[0] for e in raw[1]] + raw[3]))
+        self.reader = Reader(s, self.name, self.redis, self.parts, life=life, drain=drain,
+                             backoff=self.redis_backoff, in_hand=self.in_hand, stats=self.stats,
+                             read_size=read_size, submit=self.preparing.put, busy=self._busy, beat=beat)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self.life.failed
+
+    def stop(self) -> None:
+        """Asks the consumer to finish the batches in hand and return."""
+        self.life.stop()
+
+    def _on_signal(self, signum: int) -> None:
+        # A second signal leaves at once (shutdown.StopRequest): unacknowledged entries
+        # stay pending and are redelivered, so nothing is lost.
+        log.warning("%s received: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        self.stop()
+
+    def _error_sink(self, service: str) -> Callable[[str], None]:
+        return functools.partial(self._note_error, service)
+
+    def _note_error(self, service: str, message: str) -> None:
+        """The heartbeat's `last_error`: the outages going on now ("" when none is)."""
+        if message:
+            self._errors[service] = message
+        else:
+            self._errors.pop(service, None)
+        self.stats.last_error = "; ".join(self._errors.values())
+        if service != "Redis":  # (a heartbeat cannot tell of Redis's own outage)
+            self.liveness.beat(force=True)  # `status` hears of it now, not a few backoffs later
+
+    def table_refusal(self) -> str:
+        """Why the events table refuses every row right now ("" when it does not)."""
+        return self.load.table_refusal()
+
+    def run(self) -> Stats:
+        """Consumes until stopped (or drained). Returns the totals."""
+        life = self.life
+        started = False
+        try:
+            # The configured storage: a setting it refuses is a configuration error, told
+            # before anything is read.
+            self.files.storage(self.settings.storage_mode)
+            for part in self.parts:
+                if life.stopping.is_set():
+                    break
+                self.redis_backoff.call(
+                    lambda p=part: stream.ensure_group(self.redis, p.stream, self.settings.group),  # type: ignore[misc]
+                    is_transient_redis,
+                )
+            if not life.stopping.is_set():
+                self._check_table()
+            if not life.stopping.is_set():
+                started = True
+                self.acking.start()
+                self.loading.start()
+                self.preparing.start()
+                self.housekeeper.start()
+                self.reader.run()
+        except Abandoned:
+            pass  # stopped while waiting for Redis at the start: nothing was read
+        finally:
+            if started:
+                # Each stage finishes what it holds, in the order data flows, within one deadline.
+                self.preparing.finish()
+                self.loading.finish()
+                self.acking.finish()
+            self.housekeeper.stop()
+            self.progress.flush(self.stats)
+            self.liveness.remove()
+            self.pool.close()
+            self.redis.close()
+            self.files.close()
+            if self._stop_request is not None:
+                self._stop_request.unlisten(self._on_signal)
+                if self._own_signals:
+                    shutdown.uninstall()
+        if life.failed is not None:
+            raise life.failed
+        return self.stats
+
+    def _check_table(self) -> None:
+        """Refuses at once a table this version cannot load (SchemaError: one line naming
+        `filepipe init-db`, exit 2). With PostgreSQL unreachable now, the first load checks
+        instead (db.Loader), so an outage at start is waited out as ever."""
+        try:
+            with db.connect(self.settings) as conn:
+                db.check_layout(conn, self.settings.table)
+        except psycopg.Error:
+            pass
+
+    def _busy(self) -> bool:
+        """Whether a batch read is still being prepared, loaded or acknowledged (or its dead
+        letters are held back)."""
+        return self.preparing.busy() or self.loading.busy() or self.acking.busy() or self.acker.holding
+
+    # -- the stages' work ----------------------------------------------------------------
+
+    def _prepare_one(self, raw: RawBatch) -> None:
+        part, entries, redelivered, gone = raw
+        deliveries = self.reader.deliveries(part, entries) if redelivered and entries else {}
+        prepared = prepare(self.settings, self.name, part, entries, deliveries=deliveries,
+                           measure=self.files.measure, redelivered=redelivered, gone=gone,
+                           observe=self._read_size.observe)
+        if not self.loading.put(prepared, lambda: self.life.giving_up):
+            self.in_hand.landed(part.stream, prepared.ids)
+
+    def _load_one(self, p: Prepared) -> None:
+        inserted, row_dead = self.load.load(p)
+        crash_point("after_commit")
+        # Committed: only the ids and dead letters are needed from here on.
+        p.release()
+        self.acking.put((p, inserted, row_dead), lambda: self.life.abandon.is_set())

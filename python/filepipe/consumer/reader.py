@@ -1,0 +1,245 @@
+"""Reading: first this consumer's own pending entries, then new ones, and entries of
+dead consumers reclaimed with XAUTOCLAIM; with partitions, each stream in turn."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .. import metrics, stream
+from ..config import Settings
+from ..partitions import Partition
+from ..retry import Backoff, is_transient_redis
+from ..stream import Entry, ReadSize
+from .ack import log_deleted
+from .liveness import InHand
+from .progress import Stats
+from .stage import Lifecycle
+
+log = logging.getLogger("filepipe")
+
+# A batch just read: its stream, its entries, whether they were delivered before, and the
+# ids of those read again without fields (deleted from the stream while pending).
+RawBatch = tuple[Partition, list[Entry], bool, list[bytes]]
+
+
+class Reader:
+    """The reader, in the caller's thread: reads batches and hands them to `submit`."""
+
+    def __init__(self, settings: Settings, name: str, r: redis.Redis, parts: list[Partition], *,
+                 life: Lifecycle, drain: bool, backoff: Backoff, in_hand: InHand, stats: Stats,
+                 read_size: ReadSize, submit: Callable[[RawBatch, Callable[[], bool]], bool],
+                 busy: Callable[[], bool], beat: Callable[[], None]) -> None:
+        self.settings = settings
+        self.name = name
+        self.redis = r
+        self.parts = parts
+        self.life = life
+        self.drain = drain
+        self.backoff = backoff
+        self.in_hand = in_hand
+        self.stats = stats
+        self.read_size = read_size
+        self._submit_to = submit
+        self.busy = busy
+        self.beat = beat
+        self._turn = 0  # the partition whose turn it is to be read first
+        self._last_claim = 0.0
+        self._claim_cursor: dict[int, bytes] = {}
+
+    def run(self) -> None:
+        """Reads until stopped (or, draining, until nothing of the group's is left)."""
+        s = self.settings
+        parts = self.parts
+        life = self.life
+        # First, this consumer's own pending entries, partition by partition.
+        history: dict[int, bytes] = dict.fromkeys(range(len(parts)), b"0")
+        while life.running:
+            self.beat()
+            if history:
+                i, after = next(iter(history.items()))
+                entries = self.redis_read(
+                    lambda p=parts[i], h=after: stream.read_own_pending(  # type: ignore[misc]
+                        self.redis, p.stream, s.group, self.name, self.read_size.count, h
+                    )
+                )
+                if entries is None:
+                    continue
+                if not entries:
+                    del history[i]
+                    continue
+                history[i] = entries[-1][0]
+                self.submit(parts[i], entries, redelivered=True)
+                continue
+            if self._claim_due() and self._reclaim_all():
+                continue
+            got = self._read_new()
+            if got is None:
+                continue
+            part, entries = got
+            if entries:
+                self.submit(part, entries, redelivered=False)
+                continue
+            if self.drain:
+                # Nothing new: wait for the loader, then leave if nothing of ours is pending
+                # and no dead consumer's entries are waiting to be reclaimed.
+                self._wait_idle()
+                if not life.running:
+                    return
+                mine = self.redis_read(
+                    lambda: [stream.pending_count(self.redis, p.stream, s.group, self.name) for p in parts]
+                )
+                if mine is None:
+                    continue
+                if any(mine):
+                    history = {i: b"0" for i, n in enumerate(mine) if n}
+                    continue
+                if self._reclaim_all():
+                    continue
+                # Entries still pending elsewhere belong to a live consumer (wait for it) or
+                # to a dead one (reclaimed once idle long enough).
+                group_pending = self.redis_read(
+                    lambda: sum(stream.pending_count(self.redis, p.stream, s.group) for p in parts)
+                )
+                if group_pending == 0:
+                    return
+                life.stopping.wait(0.2)
+
+    def _wait_idle(self) -> None:
+        """Waits until every batch read has been acknowledged (or held back), keeping the
+        heartbeat and the claims on the entries in hand fresh meanwhile."""
+        while self.busy() and self.life.running:
+            self.beat()
+            time.sleep(0.005)
+
+    def _read_new(self) -> tuple[Partition, list[Entry]] | None:
+        """Never-delivered entries, from one stream. With partitions, each in turn: a
+        read that does not block on every partition, starting after the one read last,
+        then, if all are empty, a short blocking read on one (a cluster cannot block on
+        streams in different hash slots at once). Returns None after a Redis fault, and
+        no entries when there is nothing new."""
+        s = self.settings
+        parts = self.parts
+        if len(parts) == 1:
+            block = min(s.block_ms, 200) if self.drain else s.block_ms
+            entries = self.redis_read(
+                lambda: stream.read_new(self.redis, parts[0].stream, s.group, self.name, self.read_size.count,
+                                        block)
+            )
+            return None if entries is None else (parts[0], entries)
+        for k in range(len(parts)):
+            part = parts[(self._turn + k) % len(parts)]
+            entries = self.redis_read(
+                lambda p=part: stream.read_new(  # type: ignore[misc]
+                    self.redis, p.stream, s.group, self.name, self.read_size.count, 0
+                )
+            )
+            if entries is None or entries:
+                # After a fault too, the next read starts at the next partition: one whose
+                # node is down does not keep the others from being read.
+                self._turn = (self._turn + k + 1) % len(parts)
+                return None if entries is None else (part, entries)
+        part = parts[self._turn]
+        self._turn = (self._turn + 1) % len(parts)
+        if self.drain:
+            return part, []
+        block = min(s.block_ms, 100)
+        entries = self.redis_read(
+            lambda: stream.read_new(self.redis, part.stream, s.group, self.name, self.read_size.count, block)
+        )
+        return None if entries is None else (part, entries)
+
+    def redis_read(self, fn: Callable[[], Any]) -> Any:
+        """Runs one Redis read; on a passing fault backs off and returns None."""
+        try:
+            result = fn()
+        except Exception as e:
+            if not is_transient_redis(e):
+                raise
+            self.backoff.failed(e)
+            return None
+        self.backoff.succeeded()
+        return result
+
+    def deliveries(self, part: Partition, entries: list[Entry]) -> dict[bytes, int]:
+        """How many times each of `entries` (read again) was delivered."""
+        s = self.settings
+        ids = [e[0] for e in entries]
+        rows = self.redis_read(
+            lambda: self.redis.xpending_range(
+                part.stream,
+                s.group,
+                min=min(ids, key=stream.id_key),
+                max=max(ids, key=stream.id_key),
+                count=len(ids) * 2,
+                consumername=self.name,
+            )
+        )
+        return {r["message_id"]: int(r["times_delivered"]) for r in rows or []}
+
+    def _claim_due(self) -> bool:
+        return time.monotonic() - self._last_claim >= self.settings.claim_idle_ms / 2000
+
+    def _reclaim_all(self) -> bool:
+        """Reclaims idle entries on every stream and submits them. True if any were."""
+        found = False
+        for part in self.parts:
+            claimed = self._reclaim(part)
+            if claimed:
+                found = True
+                self.submit(part, claimed, redelivered=True)
+        return found
+
+    def _reclaim(self, part: Partition) -> list[Entry]:
+        """XAUTOCLAIM: takes over entries idle longer than `claim_idle_ms` (their
+        consumer died or stalled). Returns them; the next call continues the scan."""
+        s = self.settings
+        key = part.index or 0
+        self._last_claim = time.monotonic()
+        reply = self.redis_read(
+            lambda: self.redis.xautoclaim(
+                part.stream, s.group, self.name, min_idle_time=s.claim_idle_ms,
+                start_id=self._claim_cursor.get(key, b"0-0"), count=self.read_size.count,
+            )
+        )
+        if reply is None:
+            return []
+        cursor, claimed = reply[0], reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        self._claim_cursor[key] = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
+        # Our own entries in flight are already being processed (and counted with their
+        # batch), even if Redis saw them idle long enough to be claimed.
+        entries: list[Entry] = [e for e in claimed if not self.in_hand.holds(part.stream, e[0])]
+        gone = [i for i in deleted if not self.in_hand.holds(part.stream, i)]
+        if deleted:
+            # Entries deleted from the stream while pending: XAUTOCLAIM (Redis 7) has removed
+            # them from the group's pending list, which acknowledges them. (Before 7.0 it
+            # returned them among the claimed entries, without fields, like a history read.)
+            self.stats.acked += len(deleted)
+            metrics.record_acked(len(deleted), [])
+        if gone:
+            log_deleted(part, gone)
+            self.stats.deleted += len(gone)
+            metrics.record_deleted(len(gone))
+        if entries:
+            log.info("reclaimed %d entries idle for more than %d ms", len(entries), s.claim_idle_ms)
+        return entries
+
+    def submit(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> None:
+        """Hands a batch just read to the preparer. An entry read again without its fields
+        (this consumer's history, a claim) was deleted from the stream while pending: there
+        is nothing to load or to dead-letter, it is only acknowledged, and counted."""
+        ids = [e[0] for e in entries]
+        gone = [e[0] for e in entries if not e[1]]  # nil (or, parsed by redis-py, empty)
+        if gone:
+            entries = [e for e in entries if e[1]]
+            log_deleted(part, gone)
+        self.in_hand.add(part.stream, ids)
+        life = self.life
+        if not self._submit_to((part, entries, redelivered, gone),
+                               lambda: life.giving_up or life.past_deadline()):
+            self.in_hand.landed(part.stream, ids)  # not handed over: pending, delivered again
