@@ -87,9 +87,9 @@ class InHand:
         consumer reclaimed meanwhile: they are its now). Returns the ids still ours, and
         the ids whose state this found out (the pending list read may end early)."""
         count = len(ids) * 2
-        rows: list[dict[str, Any]] = self.redis.xpending_range(name, self.settings.group, min=min(ids, key=stream.id_key),
-                                         max=max(ids, key=stream.id_key), count=count,
-                                         consumername=self.name)
+        rows: list[dict[str, Any]] = self.redis.xpending_range(
+            name, self.settings.group, min=min(ids, key=stream.id_key), max=max(ids, key=stream.id_key),
+            count=count, consumername=self.name)
         checked = set(ids)
         if len(rows) >= count:  # read up to the last row only
             last = stream.id_key(rows[-1]["message_id"])
