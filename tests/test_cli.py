@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -124,3 +125,23 @@ def test_a_broken_percent_escape_never_shows_the_password(env: Env, tmp_path: Pa
         assert "Traceback" not in output
         assert result.returncode == 2, (args, output)
         assert 'PG_URI cannot be used: invalid percent-encoded token: "***"' in result.stderr, args
+
+
+def test_config_says_where_each_setting_came_from(env: Env, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("CONSUMER_BATCH_SIZE=77\nCONSUMER_GROUP=from-dotenv\n")
+    below = tmp_path / "a" / "b"
+    below.mkdir(parents=True)
+    e = cli_env(env, REDIS_URL="redis://:hunter2@127.0.0.1:6399/0", CONSUMER_GROUP="from-env")
+    result = run(["config", "--block-ms", "5"], e, below)
+    assert result.returncode == 0, result.stderr
+    assert f".env: {tmp_path / '.env'}" in result.stdout.splitlines()[0]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert rows["CONSUMER_BATCH_SIZE"][1:] == ["77", ".env", "CONSUMER_BATCH_SIZE", f"({tmp_path / '.env'})"]
+    assert rows["CONSUMER_GROUP"][1:] == ["from-env", "env", "CONSUMER_GROUP"]  # env over .env
+    assert rows["CONSUMER_BLOCK_MS"][1:] == ["5", "--block-ms"]
+    assert rows["MAX_DELIVERIES"][1:] == ["5", "default"]
+    assert rows["REDIS_URL"][1] == "redis://:***@127.0.0.1:6399/0"
+    assert "hunter2" not in result.stdout + result.stderr
+    as_json = json.loads(run(["config", "--json"], e, below).stdout)
+    source = f".env CONSUMER_BATCH_SIZE ({tmp_path / '.env'})"
+    assert as_json["settings"]["CONSUMER_BATCH_SIZE"] == {"value": 77, "from": source}

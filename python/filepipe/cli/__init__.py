@@ -12,6 +12,7 @@ from . import (  # noqa: F401 (each module adds its command to the app)
     drop_chunks,
     init_db,
     produce,
+    show_config,
     status,
 )
 from .app import app, errors_as_lines, main, setup_logging
