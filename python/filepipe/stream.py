@@ -97,6 +97,16 @@ def is_cluster(r: redis.Redis) -> bool:
     return isinstance(r, RedisCluster)
 
 
+def group_missing(e: BaseException) -> bool:
+    """Whether Redis refused a command because the consumer group (or its stream) is
+    not there: Redis was flushed or restarted without persistence, or the stream or the
+    group was deleted (a blocked read is woken with UNBLOCKED then)."""
+    if not isinstance(e, redis.ResponseError):
+        return False
+    text = str(e)
+    return "NOGROUP" in text or text.startswith("UNBLOCKED")
+
+
 def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
     """Creates the consumer group (and the stream) if missing. True if it was created.
 

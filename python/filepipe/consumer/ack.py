@@ -17,6 +17,7 @@ from .. import metrics, stream
 from .._faults import crash_point
 from ..config import Settings
 from ..partitions import Partition
+from ..redaction import error_line
 from ..retention import Housekeeper
 from ..retry import Abandoned, Backoff, is_transient_redis
 from ..stream import AckResult, DeadLetter
@@ -130,14 +131,18 @@ class Ack:
                 done.add(result)
                 return done
             except Exception as e:
+                if stream.group_missing(e):
+                    # Nothing is pending in a group that is gone: the reader recreates it.
+                    log.info("nothing to acknowledge on %s: the group is gone (%s)", part.stream,
+                             error_line(e))
+                    return done
                 if not is_transient_redis(e):
                     raise
                 self.backoff.failed(e)
                 if self.abandon.is_set():
                     raise Abandoned("Redis: gave up acknowledging") from e
-            pending = self.backoff.call(
-                lambda i=ids: stream.still_pending(self.redis, part.stream, s.group, i),  # type: ignore[misc]
-                is_transient_redis)
+            pending = self.backoff.call(lambda i=ids: self._still_pending(part, i),  # type: ignore[misc]
+                                        is_transient_redis)
             # What is no longer pending, the lost run (or another consumer) has done.
             done.acked += sum(1 for i in ids if i not in pending)
             done.written += [d for d in dead if d.source_id not in pending]
@@ -145,6 +150,14 @@ class Ack:
             dead = [d for d in dead if d.source_id in pending]
             if not ids:
                 return done
+
+    def _still_pending(self, part: Partition, ids: list[bytes]) -> set[bytes]:
+        try:
+            return stream.still_pending(self.redis, part.stream, self.settings.group, ids)
+        except redis.ResponseError as e:
+            if stream.group_missing(e):
+                return set()  # the group is gone, and with it what was pending
+            raise
 
     def _count(self, result: AckResult) -> None:
         """Adds what the acknowledgement script did to the totals."""

@@ -13,6 +13,7 @@ import redis
 from .. import metrics, stream
 from ..config import Settings
 from ..partitions import Partition
+from ..redaction import error_line
 from ..retry import Backoff, is_transient_redis
 from ..stream import Entry, ReadSize
 from .ack import log_deleted
@@ -30,10 +31,23 @@ RawBatch = tuple[Partition, list[Entry], bool, list[bytes]]
 class Reader:
     """The reader, in the caller's thread: reads batches and hands them to `submit`."""
 
-    def __init__(self, settings: Settings, name: str, r: redis.Redis, parts: list[Partition], *,
-                 life: Lifecycle, drain: bool, backoff: Backoff, in_hand: InHand, stats: Stats,
-                 read_size: ReadSize, submit: Callable[[RawBatch, Callable[[], bool]], bool],
-                 busy: Callable[[], bool], beat: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        r: redis.Redis,
+        parts: list[Partition],
+        *,
+        life: Lifecycle,
+        drain: bool,
+        backoff: Backoff,
+        in_hand: InHand,
+        stats: Stats,
+        read_size: ReadSize,
+        submit: Callable[[RawBatch, Callable[[], bool]], bool],
+        busy: Callable[[], bool],
+        beat: Callable[[], None],
+    ) -> None:
         self.settings = settings
         self.name = name
         self.redis = r
@@ -127,8 +141,9 @@ class Reader:
         if len(parts) == 1:
             block = min(s.block_ms, 200) if self.drain else s.block_ms
             entries = self.redis_read(
-                lambda: stream.read_new(self.redis, parts[0].stream, s.group, self.name, self.read_size.count,
-                                        block)
+                lambda: stream.read_new(
+                    self.redis, parts[0].stream, s.group, self.name, self.read_size.count, block
+                )
             )
             return None if entries is None else (parts[0], entries)
         for k in range(len(parts)):
@@ -158,12 +173,36 @@ class Reader:
         try:
             result = fn()
         except Exception as e:
+            if stream.group_missing(e):
+                self.recreate_groups(e)
+                return None
             if not is_transient_redis(e):
                 raise
             self.backoff.failed(e)
             return None
         self.backoff.succeeded()
         return result
+
+    def recreate_groups(self, e: BaseException) -> None:
+        """Redis no longer has the group (flushed, restarted without persistence, the stream
+        or the group deleted by hand): creates it again, at the start of the stream. What is
+        delivered again then loads as already present."""
+        s = self.settings
+        self._claim_cursor.clear()
+        for part in self.parts:
+            created = self.backoff.call(
+                lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
+                is_transient_redis,
+            )
+            if created:
+                log.warning(
+                    "group %s on %s was missing (%s): recreated it at the start of the stream; "
+                    "Redis was flushed or restarted without persistence, or the stream or the "
+                    "group was deleted",
+                    s.group,
+                    part.stream,
+                    error_line(e),
+                )
 
     def deliveries(self, part: Partition, entries: list[Entry]) -> dict[bytes, int]:
         """How many times each of `entries` (read again) was delivered."""
@@ -202,8 +241,12 @@ class Reader:
         self._last_claim = time.monotonic()
         reply = self.redis_read(
             lambda: self.redis.xautoclaim(
-                part.stream, s.group, self.name, min_idle_time=s.claim_idle_ms,
-                start_id=self._claim_cursor.get(key, b"0-0"), count=self.read_size.count,
+                part.stream,
+                s.group,
+                self.name,
+                min_idle_time=s.claim_idle_ms,
+                start_id=self._claim_cursor.get(key, b"0-0"),
+                count=self.read_size.count,
             )
         )
         if reply is None:
@@ -240,6 +283,7 @@ class Reader:
             log_deleted(part, gone)
         self.in_hand.add(part.stream, ids)
         life = self.life
-        if not self._submit_to((part, entries, redelivered, gone),
-                               lambda: life.giving_up or life.past_deadline()):
+        if not self._submit_to(
+            (part, entries, redelivered, gone), lambda: life.giving_up or life.past_deadline()
+        ):
             self.in_hand.landed(part.stream, ids)  # not handed over: pending, delivered again
