@@ -95,6 +95,11 @@ def section(text: str, title: str) -> str:
     return text.split(title, 1)[1].split("\n\n", 1)[0]
 
 
+def database_title(timescaledb: bool) -> str:
+    """The database section's title: the guide's where TimescaleDB is in the database."""
+    return "TIMESCALEDB PERFORMANCE" if timescaledb else "POSTGRESQL PERFORMANCE"
+
+
 def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
     report = run(slow_pg)
     text = benchmark.render(report)
@@ -102,7 +107,7 @@ def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
     assert report.to_json()["bottleneck"] == "postgres"
     assert "⚠️  DATABASE IS THE BOTTLENECK!" in text
     assert "SOLUTION: CONSUMER_BATCH_SIZE=" in text and "Expected improvement: " in text
-    pg = section(text, "TIMESCALEDB PERFORMANCE")
+    pg = section(text, database_title(bool(report.postgres.timescaledb)))
     assert "⚠ SLOW!" in pg and "⚠ Creating connections is expensive!" in pg
     assert "⚠" not in section(text, "REDIS PERFORMANCE")
     # The seed's per-file-connection consumer pays that latency per file; filepipe does not.
@@ -118,7 +123,7 @@ def test_slow_redis_is_the_bottleneck(slow_redis: Settings) -> None:
     assert report.to_json()["bottleneck"] == "redis"
     assert "⚠️  REDIS IS THE BOTTLENECK!" in text
     assert "⚠ SLOW!" in section(text, "REDIS PERFORMANCE")
-    assert "⚠" not in section(text, "TIMESCALEDB PERFORMANCE")
+    assert "⚠" not in section(text, database_title(bool(report.postgres.timescaledb)))
     assert report.exit_code == 0
 
 
@@ -130,7 +135,7 @@ def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
     for slow in ("REDIS IS THE BOTTLENECK", "DATABASE IS THE BOTTLENECK", "UNREACHABLE"):
         assert slow not in text
     assert "⚠" not in section(text, "REDIS PERFORMANCE")
-    assert "⚠" not in section(text, "TIMESCALEDB PERFORMANCE")
+    assert "⚠" not in section(text, database_title(bool(report.postgres.timescaledb)))
     assert report.exit_code == 0
 
 
@@ -188,7 +193,7 @@ def test_json_for_machines_and_words_for_people(env: Env, own_schema: Settings) 
     for words in (
         "REDIS PERFORMANCE",
         "PING (avg):",
-        "TIMESCALEDB PERFORMANCE",
+        database_title(env.hypertable),
         "Connection time:",
         "New connection (avg):",
         "COPY throughput:",
@@ -202,6 +207,7 @@ def test_json_for_machines_and_words_for_people(env: Env, own_schema: Settings) 
         "SOLUTION:",
     ):
         assert words in result.stdout, words
+    assert database_title(not env.hypertable) not in result.stdout
     if env.hypertable:
         kind = f"hypertable (TimescaleDB {ext['installed']}, apache edition)"
         assert re.search(rf"^  Table {re.escape(table)}: *{re.escape(kind)}$", result.stdout, re.M)
@@ -289,6 +295,49 @@ def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> 
     doc = json.loads(result.stdout)
     assert doc["unreachable"] == ["postgres"] and doc["bottleneck"] == "postgres"
     assert doc["redis"]["status"] == "ok" and doc["storage"]["status"] == "ok"
+
+
+def test_a_refused_connection_is_not_an_outage(env: Env) -> None:
+    """A wrong Redis password and an unknown database: both servers answer, and say no
+    until the settings change. Each is named with the server's own reason, the verdict says
+    which setting to fix, and the exit code is 2 (a configuration error), not 1."""
+    from filepipe.embedded import RedisServer
+
+    parts = urlsplit(env.settings.pg_uri)
+    missing = f"fp_no_such_db_{uuid.uuid4().hex[:8]}"
+    with RedisServer(extra_args=["--requirepass", "the-right-one"]) as server:
+        args = [
+            "benchmark",
+            "--redis-url",
+            with_port(server.url, server.port, SECRET),
+            "--pg-uri",
+            urlunsplit((parts.scheme, parts.netloc, f"/{missing}", parts.query, "")),
+            "--local-storage-dir",
+            str(env.storage),
+            "--samples",
+            "3",
+            "--connections",
+            "1",
+            "--file-size",
+            "4096",
+        ]
+        result = runner.invoke(app, args)
+        as_json = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 2, result.output
+    assert SECRET not in result.output
+    assert (
+        f"✗ Redis at redis://default:***@127.0.0.1:{server.port}/0 refuses the connection: "
+        "invalid username-password pair or user is disabled." in result.stdout
+    )
+    assert f'refuses the connection: database "{missing}" does not exist' in result.stdout
+    assert "✗ REDIS REFUSES THE CONNECTION" in result.stdout and "UNREACHABLE" not in result.stdout
+    assert "SOLUTION: fix REDIS_URL (redis://default:***@" in result.stdout
+    assert "waiting will not change the server's answer" in result.stdout
+    assert as_json.exit_code == 2 and SECRET not in as_json.output
+    doc = json.loads(as_json.stdout)
+    assert (doc["refused"], doc["unreachable"], doc["bottleneck"]) == (["redis", "postgres"], [], "redis")
+    assert doc["redis"]["status"] == doc["postgres"]["status"] == "refused"
+    assert doc["storage"]["status"] == "ok" and doc["model"] is None
 
 
 def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:

@@ -258,3 +258,45 @@ class Backoff:
                 continue
             self.succeeded(started)
             return result
+
+
+# How PostgreSQL (or libpq) says that it will never take a connection with these settings:
+# a wrong password or none, an unknown database or role, a client its pg_hba.conf does not
+# let in, a role without LOGIN, TLS it requires or cannot do, a certificate it rejects. Anything
+# else at connect (refused, timed out, starting up, too many clients) passes.
+_PG_LOGIN_REFUSALS = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no password supplied",
+    "does not exist",  # database "…" / role "…"
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "permission denied for database",
+    "server does not support ssl",
+    "ssl off",  # pg_hba.conf: hostssl only
+    "certificate verify failed",
+)
+# Redis's answers to AUTH and SELECT that no retry changes.
+_REDIS_LOGIN_REFUSALS = ("WRONGPASS", "NOAUTH", "invalid password", "invalid username-password", "DB index")
+
+
+def pg_login_refusal(e: BaseException) -> str | None:
+    """The server's reason, in its own words, when PostgreSQL refused a connection for good
+    (the settings must change: see `_PG_LOGIN_REFUSALS`); None for any other error."""
+    if not isinstance(e, psycopg.OperationalError):
+        return None
+    text = error_line(e)
+    if not any(phrase in text.lower() for phrase in _PG_LOGIN_REFUSALS):
+        return None
+    return text.split("FATAL:", 1)[1].strip() if "FATAL:" in text else text
+
+
+def redis_login_refusal(e: BaseException) -> str | None:
+    """Redis's reason when it refused a connection for good (a wrong user or password,
+    none given where one is needed, a database number it does not have); None for any
+    other error."""
+    if not isinstance(e, (redis.AuthenticationError, redis.ResponseError)):
+        return None
+    text = error_line(e)
+    refused = isinstance(e, redis.AuthenticationError) or text.startswith(_REDIS_LOGIN_REFUSALS)
+    return text if refused else None

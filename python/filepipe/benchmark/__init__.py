@@ -89,9 +89,9 @@ def run(
     st = report.storage
     if r.status == "ok" and pg.status == "ok" and st is not None and st.status == "ok":
         report.model = build_model(batch, size, r, pg, st, host, loaders=settings.pool_size)
-    if report.model is not None or report.unreachable:
+    if report.model is not None or report.unreachable or report.refused:
         report.verdict = decide(report, report.model)
-    if pipeline > 0 and not report.unreachable:
+    if pipeline > 0 and not report.unreachable and not report.refused:
         say(f"Running {pipeline} events end to end ...")
         report.pipeline = run_pipeline(settings, pipeline, size, tag, report.model, hypertable=pg.hypertable)
     return report

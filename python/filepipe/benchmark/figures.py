@@ -40,7 +40,7 @@ def _percentile(sorted_ms: Sequence[float], pct: float) -> float:
 @dataclass
 class RedisFigures:
     url: str
-    status: str = "ok"  # ok | unreachable | error
+    status: str = "ok"  # ok | unreachable | refused (for good: the settings must change) | error
     error: str = ""
     version: str = ""
     connect_ms: float = 0.0
@@ -84,7 +84,7 @@ class RedisFigures:
 class PostgresFigures:
     uri: str
     table: str
-    status: str = "ok"  # ok | unreachable | error
+    status: str = "ok"  # ok | unreachable | refused (for good: the settings must change) | error
     error: str = ""
     server_version: str = ""
     timescaledb: str = ""  # installed version; "" when not installed
@@ -239,6 +239,12 @@ class Figures:
         if self.storage is not None and self.storage.status == "unreachable":
             down.append("storage")
         return down
+
+    @property
+    def refused(self) -> list[str]:
+        """Services that answered but will not take a connection with these settings."""
+        services = (("redis", self.redis.status), ("postgres", self.postgres.status))
+        return [name for name, state in services if state == "refused"]
 
     @property
     def failed(self) -> list[str]:

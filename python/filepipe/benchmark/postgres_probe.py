@@ -15,6 +15,7 @@ from .. import _native, db, timescale
 from ..config import Settings
 from ..errors import FilepipeError
 from ..redaction import error_line, mask_url, scrub
+from ..retry import pg_login_refusal
 from .figures import DEFAULT_FILE_SIZE, PostgresFigures, Timing, repeat
 from .scratch import drop_table, scratch_table, synthetic_batch
 
@@ -38,7 +39,11 @@ def measure_postgres(
         conn = psycopg.connect(settings.pg_uri, autocommit=True, **kwargs)
         f.connect_ms = (time.perf_counter() - t0) * 1000
     except psycopg.OperationalError as e:
-        f.status, f.error = "unreachable", f"cannot reach PostgreSQL at {f.uri}: {error_line(e)}"
+        refusal = pg_login_refusal(e)
+        if refusal is not None:
+            f.status, f.error = "refused", f"PostgreSQL at {f.uri} refuses the connection: {refusal}"
+        else:
+            f.status, f.error = "unreachable", f"cannot reach PostgreSQL at {f.uri}: {error_line(e)}"
         return f
     try:
         with conn:

@@ -9,6 +9,7 @@ from .. import stream
 from ..config import Settings
 from ..partitions import partitions
 from ..redaction import error_line, mask_url
+from ..retry import redis_login_refusal
 from .figures import DEFAULT_FILE_SIZE, RedisFigures, Timing, repeat, timed
 from .scratch import SCRATCH_KEY_PREFIX, event_fields
 
@@ -47,10 +48,14 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
         )
         f.recent_file_size = _recent_declared_size(r, partitions(settings)[0].stream)
         _measure_memory(r, settings, f)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        f.status, f.error = "unreachable", f"cannot reach Redis at {f.url}: {error_line(e)}"
     except redis.RedisError as e:
-        f.status, f.error = "error", f"Redis refused the benchmark: {error_line(e)}"
+        refusal = redis_login_refusal(e)
+        if refusal is not None:
+            f.status, f.error = "refused", f"Redis at {f.url} refuses the connection: {refusal}"
+        elif isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+            f.status, f.error = "unreachable", f"cannot reach Redis at {f.url}: {error_line(e)}"
+        else:
+            f.status, f.error = "error", f"Redis refused the benchmark: {error_line(e)}"
     finally:
         with contextlib.suppress(redis.RedisError):
             for name in (key, key + ":dead"):

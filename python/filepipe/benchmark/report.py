@@ -23,8 +23,11 @@ class Report(Figures):
 
     @property
     def exit_code(self) -> int:
-        """0 when every figure was measured; 1 when a service is unreachable or a
-        measurement (or the end-to-end run) failed."""
+        """0 when every figure was measured; 2 when a server refuses the connection for
+        good (the settings must change); 1 when a service is unreachable or a measurement
+        (or the end-to-end run) failed."""
+        if self.refused:
+            return 2
         broken = self.unreachable or self.failed or (self.pipeline is not None and self.pipeline.error)
         return 1 if broken else 0
 
@@ -63,6 +66,7 @@ class Report(Figures):
             "alarm": v.alarm if v else None,
             "verdict": v.to_json() if v else None,
             "unreachable": self.unreachable,
+            "refused": self.refused,
             "failed": self.failed,
             "settings": {
                 "redis_url": mask_url(s.redis_url),
@@ -131,7 +135,9 @@ def render(report: Report) -> str:
     out.append("")
 
     pg = report.postgres
-    out.append("TIMESCALEDB PERFORMANCE")
+    # The guide's title where TimescaleDB is in the database; PostgreSQL's where it is not
+    # (or the server did not say).
+    out.append("TIMESCALEDB PERFORMANCE" if pg.timescaledb else "POSTGRESQL PERFORMANCE")
     if pg.status == "unreachable" or not pg.server_version:
         out.append(f"  ✗ {pg.error}")
     else:
@@ -282,7 +288,7 @@ def render(report: Report) -> str:
             out.append(f"   Expected improvement: {v.fix.improvement}")
         for note in v.notes:
             out.append(f"   {note}")
-    elif not report.unreachable:
+    elif not report.unreachable and not report.refused:
         out.append("✗ Not enough figures for a verdict: see the errors above.")
     return scrub("\n".join(printable(line) for line in out))
 

@@ -117,10 +117,13 @@ class Verdict:
 
 
 def decide(figures: Figures, m: Model | None) -> Verdict:
-    """Names the component that limits throughput, and the fix: the first unreachable
-    service when one is, else the one the model `m` says costs each batch the most."""
-    down = figures.unreachable
+    """Names the component that limits throughput, and the fix: the first service that
+    refuses the connection or is unreachable when one does or is, else the one the model `m`
+    says costs each batch the most."""
+    down = [c for c in COMPONENTS if c in figures.refused or c in figures.unreachable]
     if down:
+        if down[0] in figures.refused:
+            return _refused(figures, down[0])
         return _unreachable(figures, down[0])
     assert m is not None
     b = m.batch_size
@@ -203,6 +206,20 @@ def _unreachable(figures: Figures, first: str) -> Verdict:
             if first == "storage" and figures.storage is not None and figures.storage.kind == "local"
             else f"check {where}: nothing moves until it answers"
         ),
+    )
+
+
+def _refused(figures: Figures, first: str) -> Verdict:
+    if first == "redis":
+        what, where, error = "REDIS", f"REDIS_URL ({figures.redis.url})", figures.redis.error
+    else:
+        what, where, error = "THE DATABASE", f"PG_URI ({figures.postgres.uri})", figures.postgres.error
+    return Verdict(
+        bottleneck=first,
+        alarm=True,
+        headline=f"✗ {what} REFUSES THE CONNECTION",
+        reason=error,
+        fix=Fix(f"fix {where}: waiting will not change the server's answer"),
     )
 
 
