@@ -20,7 +20,7 @@ from tests.conftest import Env, both_tables, on_hypertable
 from tests.test_cli import cli_env, run
 from tests.test_row_identity import PRIMARY_KEY_SQL
 
-from filepipe import status, timescale
+from filepipe import db, status, timescale
 from filepipe.db import init_db
 from filepipe.embedded import PostgresServer
 from filepipe.errors import ConfigError, NotPreloadedError
@@ -333,10 +333,13 @@ def test_the_timescale_license_statements_are_known_to_this_timescaledb(env: Env
 # compressed chunks (a redelivery, a late event); this edition has no compression, so a
 # trigger stands in for it: it refuses every row with TimescaleDB's SQLSTATE and message
 # unless the cap is lifted, as a real compressed chunk would past the cap.
+# Each refusal counts in a sequence (nextval outlives the rollback).
 CAP_TRIGGER = """
+CREATE SEQUENCE {table}_refusals;
 CREATE FUNCTION {table}_cap() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF current_setting('timescaledb.max_tuples_decompressed_per_dml_transaction') <> '0' THEN
+    PERFORM nextval('{table}_refusals');
     RAISE EXCEPTION 'tuple decompression limit exceeded by operation' USING ERRCODE = '53400';
   END IF;
   RETURN NEW;
@@ -358,14 +361,55 @@ def test_rows_refused_for_compressed_chunks_are_merged_with_the_cap_lifted(
         assert first.inserted == 500 and first.dead_lettered == 0 and env.pending() == 0
         assert "direct COPY into compressed chunks refused, merging instead: tuple decompression limit " \
             "exceeded by operation" in caplog.text
+        # Only the first batch was refused (one per loading connection, the batches in flight when
+        # it was): the next ones merged with the cap lifted.
+        in_flight = env.settings.pool_size
+        assert 1 <= refusals(env) <= in_flight < 5
         env.redis.xgroup_setid(env.settings.stream, env.settings.group, "0")
-        replay = env.drain(batch_size=100, consumer_name="replayer")  # the merge, refused, then lifted
+        replay = env.drain(batch_size=100, consumer_name="replayer")
         assert replay.inserted == 0 and replay.duplicates == 500 and replay.dead_lettered == 0
-        assert "the merge met TimescaleDB's decompression cap, merging without it" in caplog.text
+        assert 2 <= refusals(env) <= 2 * in_flight
         assert sorted(r[0] for r in env.sql(f"SELECT stream_id FROM {table}")) == sorted(ids)
         assert env.dead() == []
     finally:
         env.sql(f"DROP TRIGGER decompression_cap ON {table}; DROP FUNCTION {table}_cap()")
+
+
+def refusals(env: Env) -> int:
+    """How many statements the stand-in trigger refused."""
+    ((last, called),) = env.sql(f"SELECT last_value, is_called FROM {env.settings.table}_refusals")
+    return int(last) if called else 0
+
+
+@pytest.mark.parametrize("refusal", ["decompression cap", "DML decompression off"])
+@on_hypertable
+def test_a_merge_refused_for_compressed_chunks_is_retried_and_the_next_ones_are_not_refused(
+    env: Env, refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redeliveries merge from the start (no direct COPY first): the first merge refused is
+    retried with TimescaleDB's limits lifted, and so are the batches after it."""
+    caplog.set_level(logging.INFO, logger="filepipe.db")
+    with contextlib.ExitStack() as stack:
+        local = env
+        if refusal == "DML decompression off":
+            uri = stack.enter_context(database_with(env, "timescaledb.enable_dml_decompression = off"))
+            local = Env(env.settings_with(pg_uri=uri), env.redis, uri, env.storage, hypertable=True)
+            assert init_db(local.settings).hypertable
+        trigger = CAP_TRIGGER if refusal == "decompression cap" else NO_DML_TRIGGER
+        local.sql(trigger.format(table=local.settings.table))
+        pool = stack.enter_context(db.create_pool(local.settings))
+        loader = db.Loader(pool, local.settings)
+        for _ in range(3):
+            time.sleep(0.002)  # the made-up row is keyed by the millisecond
+            assert loader.load(loader._made_up_row("c"), 1, direct=False) == 1
+        assert refusals(local) == 1 and local.rows() == 3
+        logged = {
+            "decompression cap": "the merge met TimescaleDB's decompression cap, merging without it: tuple "
+            "decompression limit exceeded by operation",
+            "DML decompression off": "the merge was refused for compressed chunks, merging with DML "
+            "decompression on: inserting into compressed chunk with unique constraints disabled",
+        }[refusal]
+        assert caplog.text.count(logged) == 1, caplog.text
 
 
 # TimescaleDB with DML decompression turned off (`timescaledb.enable_dml_decompression = off`,
@@ -373,9 +417,11 @@ def test_rows_refused_for_compressed_chunks_are_merged_with_the_cap_lifted(
 # table with a unique key, with this SQLSTATE and message (tsl/src/compression/compression_dml.c).
 # The same stand-in as above: a trigger refusing as TimescaleDB would, unless it is on.
 NO_DML_TRIGGER = """
+CREATE SEQUENCE {table}_refusals;
 CREATE FUNCTION {table}_no_dml() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF NOT current_setting('timescaledb.enable_dml_decompression')::bool THEN
+    PERFORM nextval('{table}_refusals');
     RAISE EXCEPTION 'inserting into compressed chunk with unique constraints disabled'
       USING ERRCODE = '0A000', HINT = 'Set timescaledb.enable_dml_decompression to TRUE.';
   END IF;
@@ -406,7 +452,7 @@ def test_rows_for_compressed_chunks_load_where_dml_decompression_is_turned_off(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The merge turns DML decompression on for its own transaction: a first delivery's direct
-    COPY refused goes to the merge, and so does a full replay, whose merges are refused too."""
+    COPY refused goes to the merge, and the batches after it merge that way from the start."""
     caplog.set_level(logging.INFO, logger="filepipe.db")
     with database_with(env, "timescaledb.enable_dml_decompression = off") as uri:
         local = Env(env.settings_with(pg_uri=uri), env.redis, uri, env.storage, hypertable=True)
@@ -417,10 +463,12 @@ def test_rows_for_compressed_chunks_load_where_dml_decompression_is_turned_off(
         assert first.inserted == 500 and first.dead_lettered == 0 and local.pending() == 0
         assert "direct COPY into compressed chunks refused, merging instead: inserting into compressed " \
             "chunk with unique constraints disabled" in caplog.text
+        in_flight = local.settings.pool_size  # one refusal per loading connection at most
+        assert 1 <= refusals(local) <= in_flight < 5
         local.redis.xgroup_setid(local.settings.stream, local.settings.group, "0")
         replay = local.drain(batch_size=100, consumer_name="replayer")
         assert replay.inserted == 0 and replay.duplicates == 500 and replay.dead_lettered == 0
-        assert "the merge was refused for compressed chunks, merging with DML decompression on" in caplog.text
+        assert 2 <= refusals(local) <= 2 * in_flight
         assert sorted(r[0] for r in local.sql(f"SELECT stream_id FROM {local.settings.table}")) == sorted(ids)
         assert local.dead() == []
         # What is left for everything else in that database: off, as its owner set it.

@@ -691,6 +691,9 @@ class Loader:
                 "SET LOCAL statement_timeout = {}; CREATE TEMP TABLE {} ({}) ON COMMIT DROP"
             ).format(sql.Literal(settings.statement_timeout_ms), staging, _staging_columns())
         self._merge_only = 0
+        # Merges left to run with TimescaleDB's decompression limits lifted, after one was
+        # refused for compressed chunks (see LIFT_DECOMPRESSION_CAP).
+        self._lift_limits = 0
         self.table = settings.table
         self._layout_checked = False
 
@@ -719,12 +722,16 @@ class Loader:
                 if not compressed_chunk_refusal(e):
                     raise
                 # A redelivery or a late event into a compressed chunk: the merge loads what the
-                # direct COPY could not, lifting the decompression cap for its own transaction.
-                self._merge_only = self.CONFLICT_COOLDOWN
+                # direct COPY could not, lifting the decompression cap for its own transaction,
+                # and so do the batches after it (they come in runs: a backfill, a replay).
+                self._merge_only = self._lift_limits = self.CONFLICT_COOLDOWN
                 log.info("direct COPY into compressed chunks refused, merging instead: %s", first_line(e))
                 return self._run(buf, direct=False, lift_decompression_cap=True)
         elif direct:
             self._merge_only -= 1
+        if self._lift_limits > 0:
+            self._lift_limits -= 1
+            return self._run(buf, direct=False, lift_decompression_cap=True)
         try:
             return self._run(buf, direct=False)
         except psycopg.Error as e:
@@ -738,6 +745,7 @@ class Loader:
                 )
             else:
                 raise
+            self._lift_limits = self.CONFLICT_COOLDOWN
             return self._run(buf, direct=False, lift_decompression_cap=True)
 
     @contextlib.contextmanager
