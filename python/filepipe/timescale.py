@@ -46,14 +46,17 @@ COMPRESS_SEGMENT_BY = "stream"
 COMPRESS_ORDER_BY = "event_time DESC, stream_id"
 # INSERT … ON CONFLICT DO NOTHING into compressed chunks (redeliveries, backfills).
 MIN_COMPRESSED_LOAD_VERSION = (2, 11)
-# The rate history's continuous aggregate: refreshed every minute over the last hours.
-RATE_VIEW_SUFFIX = "_per_minute"
-RATE_REFRESH_START = timedelta(hours=3)
-RATE_REFRESH_END = timedelta(minutes=1)
-RATE_REFRESH_EVERY = timedelta(minutes=1)
 # Beyond the last minutes, the history the aggregate gives: the last day, hour by hour (a day
 # of the table's own rows would cost what the aggregate saves, so without one there is none).
 DAY_HISTORY_HOURS = 24
+# The rate history's continuous aggregate (`<table>_per_minute`), refreshed every minute over
+# the whole day it shows and an hour more: a late event (a redelivery, a backfill) within it is
+# counted at the next refresh. After the first, a refresh recomputes only the buckets that
+# changed, so the wide window costs little.
+RATE_VIEW_SUFFIX = "_per_minute"
+RATE_REFRESH_START = timedelta(hours=DAY_HISTORY_HOURS + 1)
+RATE_REFRESH_END = timedelta(minutes=1)
+RATE_REFRESH_EVERY = timedelta(minutes=1)
 # Above this many chunks, observers estimate the rows rather than count them.
 MAX_COUNTED_CHUNKS = 100
 # The heap bytes of a row, for estimating chunks PostgreSQL has not analyzed yet when no
