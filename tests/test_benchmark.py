@@ -79,6 +79,24 @@ def own_schema(env: Env) -> Iterator[Settings]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def cli_args(redis_url: str, pg_uri: str, storage: Path | str, *more: str) -> list[str]:
+    """`filepipe benchmark` on these servers and files, with few samples, and `more`."""
+    return [
+        "benchmark",
+        "--redis-url",
+        redis_url,
+        "--pg-uri",
+        pg_uri,
+        "--local-storage-dir",
+        str(storage),
+        "--samples",
+        "3",
+        "--connections",
+        "1",
+        *more,
+    ]
+
+
 def tables_in(env: Env, schema: str) -> list[str]:
     return [row[0] for row in env.sql("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))]
 
@@ -142,23 +160,9 @@ def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
 @both_tables
 def test_json_for_machines_and_words_for_people(env: Env, own_schema: Settings) -> None:
     table = own_schema.table
-    args = [
-        "benchmark",
-        "--redis-url",
-        env.settings.redis_url,
-        "--pg-uri",
-        env.settings.pg_uri,
-        "--table",
-        table,
-        "--local-storage-dir",
-        str(env.storage),
-        "--samples",
-        "3",
-        "--connections",
-        "1",
-        "--file-size",
-        "4096",
-    ]
+    args = cli_args(
+        env.settings.redis_url, env.settings.pg_uri, env.storage, "--table", table, "--file-size", "4096"
+    )
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -222,23 +226,12 @@ def test_json_for_machines_and_words_for_people(env: Env, own_schema: Settings) 
 def test_passwords_never_appear(env: Env) -> None:
     redis_port = loopback_port(env.settings.redis_url)
     pg_port = loopback_port(env.settings.pg_uri)
-    args = [
-        "benchmark",
-        "--redis-url",
+    args = cli_args(
         with_port(env.settings.redis_url, redis_port, SECRET),
-        "--pg-uri",
         with_port(env.settings.pg_uri, pg_port, SECRET),
-        "--table",
-        env.settings.table,
-        "--local-storage-dir",
-        str(env.storage),
-        "--samples",
-        "3",
-        "--connections",
-        "1",
-        "--file-size",
-        "4096",
-    ]
+        env.storage,
+        *("--table", env.settings.table, "--file-size", "4096"),
+    )
     for extra in ([], ["--json"]):
         result = runner.invoke(app, [*args, *extra])
         assert SECRET not in result.output
@@ -247,19 +240,11 @@ def test_passwords_never_appear(env: Env) -> None:
 
 def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> None:
     port = free_port()
-    args = [
-        "benchmark",
-        "--redis-url",
+    args = cli_args(
         f"redis://default:{SECRET}@127.0.0.1:{port}/0",
-        "--pg-uri",
         f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db",
-        "--local-storage-dir",
-        str(tmp_path / "missing"),
-        "--samples",
-        "3",
-        "--connections",
-        "1",
-    ]
+        tmp_path / "missing",
+    )
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert SECRET not in result.output
@@ -274,22 +259,9 @@ def test_unreachable_services_are_named_and_exit_1(env: Env, tmp_path: Path) -> 
     assert doc["unreachable"] == ["redis", "postgres", "storage"] and doc["bottleneck"] == "redis"
 
     # Only PostgreSQL down: the rest is measured, the report says which one, exit 1.
+    pg_down = f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db"
     result = runner.invoke(
-        app,
-        [
-            "benchmark",
-            "--json",
-            "--redis-url",
-            env.settings.redis_url,
-            "--local-storage-dir",
-            str(env.storage),
-            "--pg-uri",
-            f"postgresql://postgres:{SECRET}@127.0.0.1:{port}/db",
-            "--samples",
-            "3",
-            "--file-size",
-            "4096",
-        ],
+        app, cli_args(env.settings.redis_url, pg_down, env.storage, "--json", "--file-size", "4096")
     )
     assert result.exit_code == 1 and SECRET not in result.output
     doc = json.loads(result.stdout)
@@ -306,21 +278,12 @@ def test_a_refused_connection_is_not_an_outage(env: Env) -> None:
     parts = urlsplit(env.settings.pg_uri)
     missing = f"fp_no_such_db_{uuid.uuid4().hex[:8]}"
     with RedisServer(extra_args=["--requirepass", "the-right-one"]) as server:
-        args = [
-            "benchmark",
-            "--redis-url",
+        args = cli_args(
             with_port(server.url, server.port, SECRET),
-            "--pg-uri",
             urlunsplit((parts.scheme, parts.netloc, f"/{missing}", parts.query, "")),
-            "--local-storage-dir",
-            str(env.storage),
-            "--samples",
-            "3",
-            "--connections",
-            "1",
-            "--file-size",
-            "4096",
-        ]
+            env.storage,
+            *("--file-size", "4096"),
+        )
         result = runner.invoke(app, args)
         as_json = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 2, result.output
