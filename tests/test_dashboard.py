@@ -182,7 +182,7 @@ def test_upload_in_browser_then_dashboard_counts_them_live(
         page.wait_for_function("() => document.getElementById('rows').dataset.value === '3'", timeout=20_000)
         page.wait_for_function(
             "() => [...document.querySelectorAll('#consumers tbody tr')]"
-            ".some(r => r.innerText.includes('healthy'))",
+            ".some(r => r.innerText.includes('live'))",
             timeout=20_000,
         )
         page.wait_for_function("() => document.querySelectorAll('#chart svg path.line').length === 1")
@@ -453,7 +453,7 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
         assert snap["totals"]["dead_letters"] == 3 and snap["totals"]["stream_length"] == 4
         assert {r["reason"]: r["count"] for r in snap["dead_by_reason"]} == dict(expected)
         crashed = [c for c in snap["consumers"] if c["name"] == "crashed-consumer"]
-        assert crashed and crashed[0]["health"] == "gone" and crashed[0]["pending"] == 2
+        assert crashed and crashed[0]["health"] == "departed" and crashed[0]["pending"] == 2
         assert [e["filename"] for e in snap["latest"]][:1] == ["3.txt"]
         assert len(snap["series"]["t"]) >= 2
         figures = wait_for(
@@ -498,7 +498,7 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
     }
     assert shown == dict(expected)
     assert figure(page, "lag") == "2" and figure(page, "pending") == "2" and figure(page, "dead") == "3"
-    assert "gone" in page.inner_text("#consumers")
+    assert "departed" in page.inner_text("#consumers")
     page.wait_for_function("() => document.getElementById('table-history').textContent.includes('4 files')")
     kind = page.inner_text("#table-kind")
     assert kind.startswith("hypertable (TimescaleDB ") if env.hypertable else kind.startswith("plain table")
@@ -516,7 +516,7 @@ def test_health_and_readiness(env: Env, web: str) -> None:
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json() == {
             "ready": True,
-            "checks": {"redis": "ok", "postgresql": "ok"},
+            "checks": {"redis": "ok", "postgresql": "ok", "table": "ok"},
         }
 
 
@@ -685,10 +685,11 @@ def test_partitioned_stream_is_one_view(env: Env, caplog: pytest.LogCaptureFixtu
         # Each consumer once: the reader's pending summed over its two partitions.
         by_name = {c["name"]: c for c in snap["consumers"]}
         assert sorted(by_name) == ["crashed-consumer", "reader"]
-        assert (by_name["reader"]["pending"], by_name["reader"]["health"]) == (3, "healthy")
+        assert (by_name["reader"]["pending"], by_name["reader"]["health"]) == (3, "live")
         assert (by_name["reader"]["host"], by_name["reader"]["inserted"]) == ("test-host", 7)
-        assert (by_name["crashed-consumer"]["pending"], by_name["crashed-consumer"]["health"]) == (1, "gone")
-        assert snap["consumers_summary"] == {"healthy": 1, "stalled": 0, "gone": 1}
+        crashed = by_name["crashed-consumer"]
+        assert (crashed["pending"], crashed["health"]) == (1, "departed")
+        assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "departed": 1}
         assert {e["filename"] for e in snap["latest"]} == {f"p{i}.txt" for i in range(9)}
 
         families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
@@ -708,7 +709,7 @@ def test_partitioned_stream_is_one_view(env: Env, caplog: pytest.LogCaptureFixtu
             if metric == "filepipe_dead_letter_entries"
         }
         assert dead_metrics == expected_reasons
-        assert values[("filepipe_consumers", (("health", "healthy"),))] == 1
+        assert values[("filepipe_consumers", (("health", "live"),))] == 1
 
         page = client.get("/dashboard").text
         assert "(3 partitions)" in page and f"in {settings.stream}:{{i}}:dead" in page
@@ -789,7 +790,7 @@ def test_partitions_on_a_redis_cluster(env: Env) -> None:
         (3, 1, 2, 1),
     ]
     assert (snap["totals"]["stream_length"], snap["lag"], snap["pending"]) == (6, 3, 3)
-    assert [(c["name"], c["pending"], c["health"]) for c in snap["consumers"]] == [("reader", 3, "healthy")]
+    assert [(c["name"], c["pending"], c["health"]) for c in snap["consumers"]] == [("reader", 3, "live")]
     assert {row["reason"]: row["count"] for row in snap["dead_by_reason"]} == {"missing": 2, "bad_uuid": 1}
     assert snap["totals"]["acked"] == 0
 
@@ -1030,8 +1031,9 @@ def test_live_consumers_show_among_hundreds_departed(env: Env, parts: int) -> No
         monitor.stop()
         for part in partitions(settings):
             env.redis.delete(part.stream, heartbeat_key(part.stream, "zz-live"))
-    assert [(c["name"], c["health"], c["inserted"]) for c in snap["consumers"]] == [("zz-live", "healthy", 7)]
-    assert snap["consumers_summary"] == {"healthy": 1, "stalled": 0, "gone": 0}
+    assert [(c["name"], c["health"], c["inserted"]) for c in snap["consumers"]] == [("zz-live", "live", 7)]
+    assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "departed": 0}
+    assert snap["consumers_exited"] == 600
 def test_redis_memory_and_what_holds_it(env: Env, browser: Browser) -> None:
     """On its own Redis, 85 % full, the stream held back by another application's group."""
     from tests.support.workload import seed

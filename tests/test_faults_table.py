@@ -37,7 +37,7 @@ from filepipe.consumer import Consumer
 from filepipe.dashboard.monitor import Monitor
 from filepipe.db import init_db
 from filepipe.embedded import PostgresServer
-from filepipe.metrics import serve_metrics
+from filepipe.observe.export import serve_metrics
 
 REFUSING = "refuses rows"
 ACCEPTING = "accepts rows again after"

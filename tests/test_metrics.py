@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,15 +20,17 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from tests.conftest import Env
 from tests.support.workload import wait_for
 
 from filepipe.consumer import Consumer
-from filepipe.embedded import free_port
+from filepipe.embedded import RedisServer, free_port
 from filepipe.errors import ConfigError
-from filepipe.metrics import record_retry, serve_metrics
+from filepipe.metrics import record_retry
+from filepipe.observe.export import serve_metrics
 from filepipe.retry import Backoff
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -171,7 +174,8 @@ def test_health_and_readiness_follow_the_services(env: Env) -> None:
         base = f"http://127.0.0.1:{server.port}"
         assert httpx.get(f"{base}/healthz").status_code == 200
         ready = httpx.get(f"{base}/readyz")
-        assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "postgresql": "ok"}
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"redis": "ok", "postgresql": "ok", "table": "ok"}
     down = env.settings_with(
         pg_uri=f"postgresql://postgres@127.0.0.1:{free_port()}/none", connect_timeout_s=1
     )
@@ -181,6 +185,35 @@ def test_health_and_readiness_follow_the_services(env: Env) -> None:
         ready = httpx.get(f"{base}/readyz", timeout=10)
         assert ready.status_code == 503
         assert ready.json()["checks"]["redis"] == "ok" and ready.json()["checks"]["postgresql"] != "ok"
+    missing = env.settings_with(table=f"{env.settings.table}_missing")
+    with serve_metrics(0, settings=missing) as server:
+        ready = httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=10)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["checks"]["table"] == (
+            f"table {missing.table} does not exist (run `filepipe init-db`)"
+        ) and ready.json()["checks"]["postgresql"] == "ok"
+
+
+def test_not_ready_while_redis_is_full(env: Env) -> None:
+    """A Redis at maxmemory under noeviction answers PING but refuses every new entry."""
+    with RedisServer(extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        full = env.settings_with(redis_url=server.url)
+        with serve_metrics(0, settings=full) as metrics_server:
+            base = f"http://127.0.0.1:{metrics_server.port}"
+            assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+            client = redis.Redis.from_url(server.url)
+            try:
+                client.config_set("maxmemory", "1")  # below what it uses already
+                time.sleep(1.1)  # the probe's cache
+                ready = httpx.get(f"{base}/readyz", timeout=10)
+                assert ready.status_code == 503, ready.text
+                assert ready.json()["checks"]["redis"].startswith("Redis is full ("), ready.text
+                assert "noeviction): it refuses new entries" in ready.json()["checks"]["redis"]
+                client.config_set("maxmemory", "0")
+                time.sleep(1.1)
+                assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+            finally:
+                client.close()
 
 
 def test_the_metrics_server_answers_only_its_own_names(env: Env) -> None:

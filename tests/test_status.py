@@ -19,6 +19,7 @@ from filepipe.cli import app
 from filepipe.constants import HEARTBEAT_TTL_S, heartbeat_key, partition_stream
 from filepipe.consumer import Consumer
 from filepipe.embedded import free_port
+from filepipe.observe import dead as observe_dead
 from filepipe.status import Status, collect_status
 from filepipe.stream import ensure_group
 from filepipe.timescale import read_extension
@@ -370,7 +371,7 @@ def test_dead_letter_reasons_follow_the_stream_between_refreshes(env: Env, monke
         collector.close()
 
     # A huge dead-letter stream: reasons come from the newest entries only, and say so.
-    monkeypatch.setattr(status, "DEAD_SCAN_LIMIT", 3)
+    monkeypatch.setattr(observe_dead, "DEAD_SCAN_LIMIT", 3)
     env.redis.delete(dead)
     for reason in ("unsafe_key", "missing", "missing", "missing", "bad_uuid"):
         env.redis.xadd(dead, {"reason": reason})
@@ -424,7 +425,9 @@ def test_partitioned_stream_is_one_view(env: Env) -> None:
     assert (t.length, t.lag, t.pending, t.arrivals_last_minute) == (3, 1, 2, 10)
     assert t.oldest_pending is not None and t.oldest_pending.consumer == "ghost"
     by_name = {c.name: c.pending for c in t.consumers}
-    assert by_name == {settings.consumer_name: 0, "ghost": 2}  # one line per consumer, all partitions
+    # One line per consumer, all partitions; the drain's consumer exited (no heartbeat, nothing pending).
+    assert by_name == {"ghost": 2} and t.exited == 1
+    assert [c.state for c in t.consumers] == ["departed"]
     assert t.dead_by_reason == {"bad_uuid": 1} and t.dead_last_minute == 1
     assert st.events is not None and st.events.rows_last_minute == 6
     text = status.render(st)

@@ -24,6 +24,7 @@ from filepipe import db, status, timescale
 from filepipe.db import init_db
 from filepipe.embedded import PostgresServer
 from filepipe.errors import ConfigError, NotPreloadedError
+from filepipe.observe import table as observe_table
 from filepipe.timescale import Extension, table_kind
 
 ABSENT = Extension()
@@ -513,7 +514,7 @@ def test_status_of_a_big_hypertable_reads_the_catalog_not_old_chunks(
         "WHERE hypertable_name = %s ORDER BY range_start LIMIT 1",
         (table,),
     )[0][0]
-    monkeypatch.setattr(status, "LARGE_TABLE_ROWS", 10_000)
+    monkeypatch.setattr(observe_table, "LARGE_TABLE_ROWS", 10_000)
     monkeypatch.setattr(status, "STATEMENT_TIMEOUT_MS", 3000)
     with psycopg.connect(env.pg_uri) as holder:
         holder.execute(f"LOCK TABLE {oldest} IN ACCESS EXCLUSIVE MODE")  # held until the block ends

@@ -66,7 +66,7 @@ def measure_redis(settings: Settings, samples: int, batch: int, tag: str) -> Red
 
 def _measure_memory(r: redis.Redis, settings: Settings, f: RedisFigures) -> None:
     """The stream's length, memory and what keeps its entries, and Redis's memory."""
-    from ..status import read_retention
+    from ..observe.retained import read_retention
 
     kept = read_retention(r, settings)
     if kept is None:

@@ -74,7 +74,7 @@ def consume(
     """Consume the stream into PostgreSQL until stopped (SIGTERM/SIGINT finish the batch in hand)."""
     metrics_names: list[str] = []
     if metrics_allowed_host:
-        from ..metrics import check_host_names
+        from ..observe.export import check_host_names
 
         metrics_names = check_host_names(metrics_allowed_host)
     if processes is not None:
@@ -113,7 +113,7 @@ def consume(
         )
     consumer = Consumer(s, drain=drain, write=None if quiet else typer.echo, install_signals=True)
     if metrics_port is not None:
-        from ..metrics import serve_metrics
+        from ..observe.export import serve_metrics
 
         serve_metrics(metrics_port, metrics_host, consumer=consumer, allowed_hosts=metrics_names)
     stats = consumer.run()

@@ -72,7 +72,7 @@ def serve(
 
     from ..config import mask_url
     from ..errors import ConfigError
-    from ..metrics import check_host_names
+    from ..observe.export import check_host_names
     from .app import create_app
 
     log = logging.getLogger("filepipe")

@@ -7,7 +7,8 @@ Prometheus metrics and the health probes.
     /upload        files from the browser into storage and the stream (--allow-upload)
     /metrics       Prometheus text format
     /healthz       the process serves
-    /readyz        Redis and PostgreSQL answer (503 otherwise)
+    /readyz        Redis answers and is not full, PostgreSQL answers and has the table
+                   (503 otherwise: `observe.health.ServiceProbe`)
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings, mask_url
-from ..metrics import ServiceProbe, check_host_names, group_families, host_allowed, retention_families
+from ..observe.export import check_host_names, group_families, host_allowed, retention_families
+from ..observe.health import ServiceProbe, readiness
+from ..observe.streams import dead_stream_name
 from ..partitions import stream_for
 from ..redaction import error_line
-from ..status import dead_stream_name
 from . import DEFAULT_UPLOAD_QUOTA_BYTES, DEFAULT_UPLOADS_PER_MINUTE
 from .monitor import Monitor
 from .upload import (
@@ -316,10 +318,9 @@ def create_app(
         return PlainTextResponse("ok\n")
 
     async def readyz(request: Request) -> Response:
-        checks = await anyio.to_thread.run_sync(probe.check)
-        ready = all(v is None for v in checks.values())
+        ready, doc = readiness(await anyio.to_thread.run_sync(probe.check))
         return JSONResponse(
-            {"ready": ready, "checks": {k: v or "ok" for k, v in checks.items()}},
+            doc,
             status_code=200 if ready else 503,
             headers={"cache-control": "no-store"},
         )

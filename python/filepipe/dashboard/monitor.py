@@ -1,26 +1,28 @@
 """The dashboard's figures, sampled once per interval by one background thread.
 
 Every page and every poll reads the last snapshot; none of them talks to Redis or
-PostgreSQL. One sample costs a handful of cheap round trips:
+PostgreSQL. What a figure means is `filepipe.observe`'s (the same as `filepipe status`
+and `/metrics`); this module only decides how to read it cheaply, every second:
 
 * Redis, one pipeline: XINFO GROUPS (pending, lag, entries read), XLEN of the
-  stream and of the dead-letter stream, XINFO CONSUMERS; then one MGET of the
-  consumers' heartbeat keys, and at most one XRANGE that reads dead letters not
-  seen yet (their reasons are counted incrementally, never rescanned);
+  stream and of the dead-letter stream, XINFO CONSUMERS; then one pipeline of GET and
+  PTTL of the consumers' heartbeats (`observe.streams.read_heartbeats`), and at most
+  one read of dead letters not seen yet (their reasons counted incrementally by
+  `observe.dead`, never rescanned);
 * with partitions (STREAM_PARTITIONS=P), still one pipeline for all of them (on a
   Redis Cluster, redis-py splits it by node): the same commands per partition, its
   dead letters read by a small script that returns those not seen yet together
   with the stream's length, atomically (a MULTI/EXEC cannot span the hash slots of
-  different partitions); then one pipeline of GETs of the heartbeats. The figures
-  are summed over the partitions, each consumer shown once;
-* what the stream keeps and why, its memory and Redis's against maxmemory: the
-  reading `filepipe status` makes (`status.read_retention`: one more pipeline and
-  one INFO);
-* PostgreSQL: the latest rows by `event_time` (indexed, LIMIT), and a row count
-  whose interval grows with its cost (an estimate when counting is too slow).
+  different partitions). The figures are summed over the partitions, each consumer
+  shown once;
+* what the stream keeps and why, its memory and Redis's (`observe.retained`);
+* PostgreSQL (`observe.table`): the latest rows by `event_time`, and the row count.
 
 The processing rate comes from the group's own counter: entries read by the group
-minus those still pending are the entries acknowledged, by every consumer.
+minus those still pending are the entries acknowledged, by every consumer; rates
+are `observe.rates`' (the headline card is the chart's last point, "last 10 s").
+While a service does not answer, the last figures stay on screen, flagged: the
+consumers seen last are shown as stale.
 """
 
 from __future__ import annotations
@@ -30,39 +32,33 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
-from .. import timescale
+import redis
+
 from ..config import Settings, mask_url
-from ..constants import SAMPLE_PAGE_BYTES, heartbeat_key
-from ..heartbeat import Heartbeat
-from ..partitions import Partition, partitions
-from ..redaction import error_line
-from ..status import (
-    HISTORY_MINUTES,
-    LARGE_TABLE_ROWS,
-    ConsumerState,
-    DeadTally,
-    PartitionState,
-    RetentionState,
-    count_reasons,
+from ..constants import SAMPLE_PAGE_BYTES
+from ..observe import dead, rates
+from ..observe.model import ConsumerState, PartitionState
+from ..observe.retained import RetentionState, read_retention, retention_json, text
+from ..observe.streams import (
+    consumers_of,
     dead_stream_name,
+    listed,
     merge_consumers,
-    read_retention,
-    retention_json,
+    read_heartbeats,
     sum_or_none,
 )
+from ..observe.table import TableReader
+from ..partitions import Partition, partitions
+from ..redaction import error_line
 from ..stream import ReadSize, entries_bytes
 
 log = logging.getLogger("filepipe")
 
-FRESH_S = 10.0  # a heartbeat older than this: the consumer is stalled (it expires at 30 s)
-RATE_WINDOW_S = 5.0  # each chart point is the rate over this many seconds
-HEADLINE_WINDOW_S = 10.0
 DEAD_SCAN_COUNT = 2000
 MAX_CONSUMERS = 500  # listed in a snapshot (the summary counts them all)
-BEATS_PER_MGET = 1000
+SHOWN_STATES = ("live", "waiting", "stale", "departed")  # the summary's keys; exited ones are not listed
 
 # One partition's dead letters after a cursor (ARGV[1]), at most ARGV[2] of them, and
 # its length, read in one atomic step: when the two disagree at the end of the
@@ -98,33 +94,12 @@ class _StreamSample:
     @property
     def entries_read(self) -> int | None:
         read = self.group.get("entries-read") if self.group else 0
-        delivered = _text(self.group.get("last-delivered-id")) if self.group else ""
+        delivered = text(self.group.get("last-delivered-id")) if self.group else ""
         if read is None and self.part.index is not None and delivered == "0-0":
             # A partition nobody has read from yet: Redis says "unknown", but it is none,
             # and one idle partition must not hide the counters of the others.
             read = 0
         return None if read is None else int(read)
-
-
-@dataclass
-class Sample:
-    """The group's counters at one instant."""
-
-    t: float
-    acked: int | None
-    dead: int | None
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _rate_at(samples: list[Sample], i: int, j: int, attr: str) -> float | None:
-    a, b = samples[j], samples[i]
-    va, vb = getattr(a, attr), getattr(b, attr)
-    if va is None or vb is None or b.t <= a.t:
-        return None
-    return float(max(vb - va, 0) / (b.t - a.t))
 
 
 class Monitor:
@@ -143,7 +118,10 @@ class Monitor:
         self.interval = interval
         self.window_s = window_s
         self.latest_n = latest
-        self.samples: deque[Sample] = deque(maxlen=max(10, int(history_s / interval) + 1))
+        size = max(10, int(history_s / interval) + 1)
+        # the group's counters: (time, entries acknowledged), (time, dead letters)
+        self.acked: deque[tuple[float, int | None]] = deque(maxlen=size)
+        self.dead: deque[tuple[float, int | None]] = deque(maxlen=size)
         self._redis: Any = None
         self._pg: Any = None
         self._lock = threading.Lock()
@@ -151,17 +129,11 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._snapshot: dict[str, Any] = self._empty()
         # dead letters by reason, counted incrementally: dead-letter stream -> tally
-        self._dead: dict[str, DeadTally] = {}
+        self._tallies: dict[str, dead.DeadTally] = {}
         self._dead_sizes: dict[str, ReadSize] = {}
-        # consumers' heartbeat history: name -> (updated, processed) pairs
-        self._beats: dict[str, deque[tuple[float, int]]] = {}
-        # the table's row count, refreshed less often the more it costs
-        self._rows: int | None = None
-        self._rows_exact = True
-        self._rows_at = 0.0
-        self._next_count = 0.0
-        # The table's kind, TimescaleDB figures and rate history, read less often the more they cost.
-        self._figures = timescale.FiguresCache(min_every=2 * interval)
+        # consumers' heartbeat history: name -> (updated, loaded) pairs
+        self._beats: dict[str, deque[tuple[float, int | None]]] = {}
+        self.table = TableReader(settings, min_every=2 * interval)
         # What the stream keeps and why, and Redis's memory, from the last sample.
         self.retention: RetentionState | None = None
 
@@ -186,10 +158,8 @@ class Monitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        if self._redis is not None:
-            self._redis.close()
-        if self._pg is not None:
-            self._pg.close()
+        self._close_redis()
+        self._close_pg()
 
     def snapshot(self) -> dict[str, Any]:
         """The last figures (a new dict each sample; never mutated after)."""
@@ -244,8 +214,9 @@ class Monitor:
             if s.partitions:
                 # (a cluster pipeline has no eval(): the command itself, routed by its key)
                 start = self._dead_start(part.dead_stream)
-                pipe.execute_command("EVAL", DEAD_PAGE_SCRIPT, 1, part.dead_stream, start,
-                                     self._dead_count(part.dead_stream))
+                pipe.execute_command(
+                    "EVAL", DEAD_PAGE_SCRIPT, 1, part.dead_stream, start, self._dead_count(part.dead_stream)
+                )
             else:
                 pipe.xlen(part.dead_stream)
             pipe.xinfo_consumers(part.stream, s.group)
@@ -253,44 +224,36 @@ class Monitor:
         streams = [self._stream_sample(part, replies[4 * i : 4 * i + 4]) for i, part in enumerate(parts)]
 
         pending = sum(st.pending for st in streams)
-        lag = sum_or_none([st.lag for st in streams])
         entries_read = sum_or_none([st.entries_read for st in streams])
         dead_len = sum(st.dead for st in streams)
-
-        beats: list[Any] = []
-        if s.partitions:
-            # Each consumer once; its heartbeat is the same on every partition it reads.
-            members = merge_consumers(st.consumers for st in streams)
-            if members:
-                hb = r.pipeline(transaction=False)
-                for member in members:
-                    hb.get(heartbeat_key(member.heartbeat_stream, member.name))
-                beats = hb.execute()
-        else:
-            members = streams[0].consumers
-            if members:
-                hb = r.pipeline(transaction=False)
-                for i in range(0, len(members), BEATS_PER_MGET):
-                    hb.mget([heartbeat_key(s.stream, m.name) for m in members[i : i + BEATS_PER_MGET]])
-                beats = [beat for chunk in hb.execute() for beat in chunk]
-        # Departed consumers (no heartbeat, nothing pending) are left out before the list is
+        # Each consumer once; its heartbeat is the same on every partition it reads.
+        members = merge_consumers(st.consumers for st in streams) if s.partitions else streams[0].consumers
+        read_heartbeats(r, members, s.stream)
+        # Exited consumers (no heartbeat, nothing pending) are left out before the list is
         # cut to MAX_CONSUMERS: the group entries of hundreds of restarts cannot hide a live one.
-        everyone = self._consumers(now, members, beats)
-        listed = everyone[:MAX_CONSUMERS]
+        everyone, exited = listed(members)
+        rows = [self._consumer_row(c) for c in everyone]
+        seen = {c.name for c in everyone}
+        for name in list(self._beats):
+            if name not in seen:
+                del self._beats[name]
 
         acked: int | None = None
         if entries_read is not None:
             acked = max(entries_read - pending, 0)
-        elif any(c["heartbeat"] for c in everyone):
+        elif any(c.heartbeat_age_s is not None for c in everyone):
             # Without the group's read counter (Redis < 7), the live consumers' own totals.
-            acked = sum(c["inserted"] + c["dead_lettered"] for c in everyone if c["heartbeat"])
+            acked = sum(
+                (c.inserted or 0) + (c.dead_lettered or 0) for c in everyone if c.heartbeat_age_s is not None
+            )
         if s.partitions:
             for st in streams:
                 self._count_dead(st.part.dead_stream, st.dead_page, st.dead)
         else:
             self._scan_dead(r, s.dead_stream, dead_len)
-        self.samples.append(Sample(now, acked, dead_len))
-        tallies = [self._dead.get(part.dead_stream) or DeadTally() for part in parts]
+        self.acked.append((now, acked))
+        self.dead.append((now, dead_len))
+        tallies = [self._tallies.get(part.dead_stream) or dead.DeadTally() for part in parts]
         reasons: Counter[str] = Counter()
         for tally in tallies:
             reasons.update(tally.reasons)
@@ -298,11 +261,12 @@ class Monitor:
             "stream_length": sum(st.length for st in streams),
             "dead_letters": dead_len,
             "pending": pending,
-            "lag": lag,
+            "lag": sum_or_none([st.lag for st in streams]),
             "group_exists": any(st.group for st in streams),
             "acked": acked,
-            "consumers": listed,
-            "consumer_health": Counter(c["health"] for c in everyone),
+            "consumers": rows[:MAX_CONSUMERS],
+            "consumer_health": Counter(row["health"] for row in rows),
+            "exited": exited,
             "dead_reasons": reasons,
             "dead_counted": sum(tally.counted for tally in tallies),
         }
@@ -317,10 +281,8 @@ class Monitor:
 
     def _stream_sample(self, part: Partition, replies: list[Any]) -> _StreamSample:
         """One stream's figures from its four pipeline replies."""
-        import redis
-
-        groups, length, dead, consumers = replies
-        for reply in (length, dead):
+        groups, length, dead_len, consumers = replies
+        for reply in (length, dead_len):
             if isinstance(reply, Exception):
                 raise reply
         # A stream or group that does not exist yet is not an error: nothing was produced.
@@ -329,85 +291,51 @@ class Monitor:
             if isinstance(groups, Exception):
                 raise groups
             for g in groups:
-                if _text(g.get("name")) == self.settings.group:
+                if text(g.get("name")) == self.settings.group:
                     group = g
         if isinstance(consumers, redis.ResponseError):
             consumers = []
         elif isinstance(consumers, Exception):
             raise consumers
         page: list[Any] = []
-        if isinstance(dead, list):  # the script's reply: [length, entries]
-            dead, raw = dead
+        if isinstance(dead_len, list):  # the script's reply: [length, entries]
+            dead_len, raw = dead_len
             page = [(entry_id, _pairs(flat)) for entry_id, flat in raw]
-        members = [
-            ConsumerState(
-                name=_text(c["name"]),
-                pending=int(c.get("pending", 0)),
-                idle_s=int(c.get("idle", 0)) / 1000,
-                heartbeat_stream=part.stream,
-            )
-            for c in consumers
-        ]
-        return _StreamSample(part, int(length), int(dead), group, members, page)
+        return _StreamSample(
+            part, int(length), int(dead_len), group, consumers_of(consumers, part.stream), page
+        )
 
-    def _consumers(self, now: float, members: list[ConsumerState], beats: list[Any]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for member, raw in zip(members, beats, strict=True):
-            name, pending = member.name, member.pending
-            beat = Heartbeat.from_json(raw)
-            if beat is None and pending == 0:
-                continue  # a consumer that left cleanly; its group entry lingers
-            seen.add(name)
-            age = None if beat is None else max(now - beat.updated, 0.0)
-            if beat is None:
-                health = "gone"
-            elif age is not None and age > FRESH_S:
-                health = "stalled"
-            else:
-                health = "healthy"
-            out.append(
-                {
-                    "name": name,
-                    "host": beat.host if beat else "",
-                    "pid": beat.pid if beat else None,
-                    "health": health,
-                    "heartbeat": beat is not None,
-                    "heartbeat_age_s": None if age is None else round(age, 1),
-                    "rate": self._consumer_rate(name, beat) if beat else None,
-                    "inserted": beat.inserted if beat else 0,
-                    "dead_lettered": beat.dead_lettered if beat else 0,
-                    "batches": beat.batches if beat else 0,
-                    "pending": pending,
-                    "idle_s": round(member.idle_s, 1),
-                    "last_error": beat.last_error if beat else "",
-                }
-            )
-        for name in list(self._beats):
-            if name not in seen:
-                del self._beats[name]
-        order = {"healthy": 0, "stalled": 1, "gone": 2}
-        out.sort(key=lambda c: (order[c["health"]], c["name"]))
-        return out
+    def _consumer_row(self, c: ConsumerState) -> dict[str, Any]:
+        row = asdict(c)
+        row["health"] = c.state
+        row["heartbeat"] = c.heartbeat_age_s is not None
+        row["rate_since_start"] = None if c.rate is None else round(c.rate, 2)
+        row["rate"] = self._consumer_rate(c)
+        if c.heartbeat_age_s is not None:
+            row["heartbeat_age_s"] = round(c.heartbeat_age_s, 1)
+        row["idle_s"] = round(c.idle_s, 1)
+        return row
 
-    def _consumer_rate(self, name: str, beat: Heartbeat) -> float | None:
-        """Entries per second over the consumer's last ~10 s of heartbeats."""
-        updated, processed = beat.updated, beat.inserted + beat.dead_lettered
-        history = self._beats.setdefault(name, deque(maxlen=64))
-        if not history or history[-1][0] != updated:
-            history.append((updated, processed))
-        while len(history) > 2 and history[1][0] <= updated - HEADLINE_WINDOW_S:
+    def _consumer_rate(self, c: ConsumerState) -> float | None:
+        """Files per second over the consumer's heartbeats of the last 10 s (`rates.LAST_10_S`)."""
+        if c.updated is None or c.heartbeat_age_s is None:
+            return None
+        history = self._beats.setdefault(c.name, deque(maxlen=64))
+        if not history or history[-1][0] != c.updated:
+            history.append((c.updated, c.loaded))
+        window = rates.LAST_10_S.seconds or 0.0
+        while len(history) > 2 and history[1][0] <= c.updated - window:
             history.popleft()
-        if len(history) < 2:
-            return None if beat.rate is None else round(beat.rate, 2)
-        (t0, n0), (t1, n1) = history[0], history[-1]
-        if time.time() - t1 > FRESH_S:
-            return 0.0
-        return round(max(n1 - n0, 0) / (t1 - t0), 2) if t1 > t0 else 0.0
+        if c.heartbeat_age_s > window:
+            return 0.0  # nothing written for the whole window
+        rate = rates.over(list(history), rates.LAST_10_S)
+        if rate is None:
+            return None if c.rate is None else round(c.rate, 2)
+        return round(rate, 2)
 
     def _dead_start(self, dead_stream: str) -> str:
         """Where the next read of `dead_stream` starts: after the last entry counted."""
-        tally = self._dead.get(dead_stream)
+        tally = self._tallies.get(dead_stream)
         return "(" + tally.last_id if tally is not None and tally.last_id else "-"
 
     def _dead_count(self, dead_stream: str) -> int:
@@ -421,7 +349,7 @@ class Monitor:
     def _scan_dead(self, r: Any, dead_stream: str, dead_len: int) -> None:
         """Counts the reasons of dead letters not seen yet, `_dead_count` per sample.
         The read and the length come from one MULTI/EXEC (see `_count_dead`)."""
-        tally = self._dead.get(dead_stream)
+        tally = self._tallies.get(dead_stream)
         if dead_len == 0 and (tally is None or tally.counted == 0):
             return
         pipe = r.pipeline(transaction=True)
@@ -432,19 +360,13 @@ class Monitor:
 
     def _count_dead(self, dead_stream: str, entries: list[Any], length: int) -> None:
         """Adds the reasons of `entries`, read after the cursor of `dead_stream` at the
-        same instant as its `length`. When the two disagree at the end of the stream,
-        entries were deleted or trimmed: the count starts over."""
-        tally = self._dead.setdefault(dead_stream, DeadTally())
-        count_reasons(tally, entries)
-        if entries:
-            tally.last_id = _text(entries[-1][0])
+        same instant as its `length` (`dead.count_page`: a stale tally starts over)."""
         size = self._dead_sizes.get(dead_stream)
         asked = size.count if size is not None else DEAD_SCAN_COUNT
-        at_end = len(entries) < asked
         if size is not None and entries:
             size.observe(len(entries), entries_bytes(entries))
-        if tally.counted > length or (at_end and tally.counted != length):
-            self._dead[dead_stream] = DeadTally()
+        tally = self._tallies.get(dead_stream) or dead.DeadTally()
+        self._tallies[dead_stream] = dead.count_page(tally, entries, length, asked)
 
     def _connection(self) -> Any:
         if self._pg is None or self._pg.closed:
@@ -466,115 +388,45 @@ class Monitor:
                 self._pg = None
 
     def _sample_pg(self) -> dict[str, Any]:
-        import psycopg
-        from psycopg import sql
-
-        from ..db import table_ident
-
         conn = self._connection()
-        ident = table_ident(self.settings.table)
-        latest_sql = sql.SQL(
-            "SELECT stream_id, filename, size_bytes, content_type, consumer, storage, event_time, "
-            "processed_at FROM {} {} ORDER BY event_time DESC, stream_id DESC LIMIT %s"
-        )
-        try:
-            # Among the last day's events first: a hypertable's older chunks are not even opened.
-            day = sql.SQL("WHERE event_time >= now() - interval '24 hours'")
-            rows = conn.execute(latest_sql.format(ident, day), (self.latest_n,)).fetchall()
-            figures = self._figures.get(conn, self.settings.table, history_minutes=HISTORY_MINUTES)
-            if len(rows) < self.latest_n:
-                # Then the whole table; of a hypertable with many chunks, the newest chunks only.
-                facts = figures.facts
-                since: sql.Composable = sql.SQL("")
-                interval = facts.chunk_interval
-                if facts.chunks > timescale.MAX_COUNTED_CHUNKS and facts.newest_chunk and interval:
-                    start = facts.newest_chunk - 2 * interval
-                    since = sql.SQL("WHERE event_time >= {}").format(sql.Literal(start))
-                rows = conn.execute(latest_sql.format(ident, since), (self.latest_n,)).fetchall()
-        except psycopg.errors.UndefinedTable:
+        state = self.table.read(conn, recent=False)
+        if not state.exists:
             raise RuntimeError(
                 f"table {self.settings.table} does not exist on {mask_url(self.settings.pg_uri)}: "
                 "run `filepipe init-db`"
-            ) from None
-        latest = [
-            {
-                "stream_id": row[0],
-                "filename": row[1],
-                "size_bytes": row[2],
-                "content_type": row[3],
-                "consumer": row[4],
-                "storage": row[5],
-                "event_time": _iso(row[6]),
-                "processed_at": _iso(row[7]),
-            }
-            for row in rows
-        ]
-        self._count_rows(conn, ident, figures)
-        table = figures.to_json()
-        return {"latest": latest, "rows": self._rows, "rows_exact": self._rows_exact, "table": table}
-
-    def _count_rows(self, conn: Any, ident: Any, figures: timescale.TableFigures) -> None:
-        """An exact count while it is cheap (at most ~2% of the time is spent counting),
-        the catalog's chunk-by-chunk estimate for a large table (or one of many chunks) or
-        when counting takes longer than the statement timeout."""
-        import psycopg
-        from psycopg import sql
-
-        now = time.monotonic()
-        estimate = figures.estimated_rows
-        if not figures.worth_counting(LARGE_TABLE_ROWS):
-            self._rows, self._rows_exact, self._rows_at = estimate, False, time.time()
-            return
-        if now < self._next_count:
-            return
-        started = time.monotonic()
-        try:
-            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
-            self._rows, self._rows_exact = int(row[0]), True
-            cost = time.monotonic() - started
-            self._next_count = time.monotonic() + max(2 * self.interval, 50 * cost)
-        except psycopg.errors.QueryCanceled:
-            self._rows, self._rows_exact = estimate, False
-            self._next_count = time.monotonic() + 300
-        self._rows_at = time.time()
+            )
+        latest = self.table.latest(conn, self.latest_n)
+        return {
+            "latest": latest,
+            "rows": state.rows_total,
+            "rows_exact": not state.rows_estimated,
+            "table": state.table,
+        }
 
     # -- the snapshot ------------------------------------------------------------------
 
-    def _series(self) -> dict[str, list[Any]]:
-        samples = list(self.samples)
-        out: dict[str, list[Any]] = {"t": [], "processed": [], "dead": []}
-        if len(samples) < 2:
-            return out
-        cutoff = samples[-1].t - self.window_s
-        j = 0
-        for i in range(1, len(samples)):
-            if samples[i].t < cutoff:
-                continue
-            while j + 1 < i and samples[j + 1].t <= samples[i].t - RATE_WINDOW_S:
-                j += 1
-            acked = _rate_at(samples, i, j, "acked")
-            dead = _rate_at(samples, i, j, "dead")
-            processed = None if acked is None else max(acked - (dead or 0.0), 0.0)
-            out["t"].append(round(samples[i].t, 3))
-            out["processed"].append(None if processed is None else round(processed, 2))
-            out["dead"].append(None if dead is None else round(dead, 2))
-        return out
+    def _processed(self, end: int, window: rates.Window) -> tuple[float | None, float | None]:
+        """Files/s loaded (entries acknowledged, dead letters apart) and dead letters/s, over
+        `window` ending at sample `end`."""
+        acked = rates.over(self.acked, window, end)
+        dead_rate = rates.over(self.dead, window, end)
+        processed = None if acked is None else max(acked - (dead_rate or 0.0), 0.0)
+        return processed, dead_rate
 
-    def _headline(self) -> tuple[float | None, float | None]:
-        samples = list(self.samples)
-        if len(samples) < 2:
-            return None, None
-        i = len(samples) - 1
-        j = i - 1
-        while j > 0 and samples[j].t > samples[i].t - HEADLINE_WINDOW_S:
-            j -= 1
-        acked = _rate_at(samples, i, j, "acked")
-        dead = _rate_at(samples, i, j, "dead")
-        processed = None if acked is None else max(acked - (dead or 0.0), 0.0)
-        return (
-            None if processed is None else round(processed, 2),
-            None if dead is None else round(dead, 2),
-        )
+    def _series(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"t": [], "processed": [], "dead": []}
+        if len(self.acked) < 2:
+            return out
+        cutoff = self.acked[-1][0] - self.window_s
+        for i in range(1, len(self.acked)):
+            t = self.acked[i][0]
+            if t < cutoff:
+                continue
+            processed, dead_rate = self._processed(i, rates.LAST_10_S)
+            out["t"].append(round(t, 3))
+            out["processed"].append(_round(processed))
+            out["dead"].append(_round(dead_rate))
+        return out
 
     def _empty(self) -> dict[str, Any]:
         s = self.settings
@@ -584,16 +436,24 @@ class Monitor:
             "table": s.table,
             "dead_stream": dead_stream_name(s),
             "updated": None,
+            "redis_seen": None,  # when Redis last answered a sample
             "interval": self.interval,
             "errors": {"redis": None, "postgresql": None},
+            "windows": {
+                "rate": rates.LAST_10_S.name,
+                "rate_minute": rates.LAST_MINUTE.name,
+                "consumer_rate": rates.LAST_10_S.name,
+            },
             "rate": None,
             "dead_rate": None,
+            "rate_minute": None,
             "series": {"t": [], "processed": [], "dead": []},
             "totals": {},
             "pending": None,
             "lag": None,
             "consumers": [],
-            "consumers_summary": {"healthy": 0, "stalled": 0, "gone": 0},
+            "consumers_summary": dict.fromkeys(SHOWN_STATES, 0),
+            "consumers_exited": 0,
             "dead_by_reason": [],
             "dead_counting": False,
             "latest": [],
@@ -609,18 +469,23 @@ class Monitor:
         snap = self._empty()
         snap["updated"] = now
         snap["errors"] = errors
-        rate, dead_rate = self._headline()
-        snap["rate"], snap["dead_rate"] = rate, dead_rate
-        snap["series"] = self._series()
+        if red is not None:
+            last = len(self.acked) - 1
+            rate, dead_rate = self._processed(last, rates.LAST_10_S)
+            snap["rate"], snap["dead_rate"] = _round(rate), _round(dead_rate)
+            snap["rate_minute"] = _round(self._processed(last, rates.LAST_MINUTE)[0])
+            snap["series"] = self._series()
         totals: dict[str, Any] = dict(previous.get("totals") or {})
         if red is not None:
+            snap["redis_seen"] = now
             totals.update(
                 stream_length=red["stream_length"], dead_letters=red["dead_letters"], acked=red["acked"]
             )
             snap["pending"], snap["lag"] = red["pending"], red["lag"]
             snap["consumers"] = red["consumers"]
             summary = red["consumer_health"]
-            snap["consumers_summary"] = {h: summary.get(h, 0) for h in ("healthy", "stalled", "gone")}
+            snap["consumers_summary"] = {h: summary.get(h, 0) for h in SHOWN_STATES}
+            snap["consumers_exited"] = red["exited"]
             snap["dead_by_reason"] = [
                 {"reason": reason, "count": n} for reason, n in red["dead_reasons"].most_common()
             ]
@@ -628,11 +493,21 @@ class Monitor:
             if "partitions" in red:
                 snap["partitions"] = red["partitions"]
             snap["retention"] = red["retention"]
-        else:  # keep the last known figures on screen, flagged by the error
-            kept = ("pending", "lag", "consumers", "consumers_summary", "dead_by_reason", "partitions")
-            for key in (*kept, "retention"):
-                if key in snap:
+        else:  # keep the last known figures on screen, flagged by the error; nobody is known live
+            for key in (
+                "pending",
+                "lag",
+                "dead_by_reason",
+                "partitions",
+                "retention",
+                "redis_seen",
+                "consumers_exited",
+                "series",
+            ):
+                if key in snap or key == "series":
                     snap[key] = previous.get(key, snap[key])
+            snap["consumers"] = [{**c, "health": "stale"} for c in previous.get("consumers", [])]
+            snap["consumers_summary"] = {**dict.fromkeys(SHOWN_STATES, 0), "stale": len(snap["consumers"])}
         if pg is not None:
             totals.update(rows=pg["rows"], rows_exact=pg["rows_exact"])
             snap["latest"], snap["table_figures"] = pg["latest"], pg["table"]
@@ -642,10 +517,10 @@ class Monitor:
         return snap
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
     """`[k1, v1, k2, v2]` (an entry's fields as a script returns them) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()

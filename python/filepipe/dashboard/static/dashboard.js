@@ -21,14 +21,24 @@
     return (i ? v.toFixed(1) : String(v)) + " " + units[i];
   }
 
+  /* The same words as `filepipe status` (observe/text.py: duration, clock). */
+  function duration(seconds) {
+    var s = Math.max(0, seconds);
+    function pad(n) { return (n < 10 ? "0" : "") + n; }
+    if (s < 10) return s.toFixed(1) + " s";
+    if (s < 60) return Math.round(s) + " s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + pad(Math.floor(s % 60)) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + pad(Math.floor(s % 3600 / 60)) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor(s % 86400 / 3600) + "h";
+  }
+
   function ago(seconds) {
     if (seconds === null || seconds === undefined) return "—";
-    seconds = Math.max(0, seconds);
-    if (seconds < 1) return "now";
-    if (seconds < 60) return Math.round(seconds) + " s ago";
-    if (seconds < 3600) return Math.round(seconds / 60) + " min ago";
-    if (seconds < 86400) return Math.round(seconds / 3600) + " h ago";
-    return Math.round(seconds / 86400) + " d ago";
+    return duration(seconds) + " ago";
+  }
+
+  function clock(at) {
+    return new Date(at * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
   }
 
   function setFigure(id, value, text) {
@@ -60,22 +70,29 @@
     $(id + "-empty").hidden = rows.length !== 0;
   }
 
+  function rateText(v) { return v === null || v === undefined ? "—" : v.toFixed(2); }
+
   function render(s) {
     var t = s.totals || {};
-    var rate = s.rate;
-    setFigure("rate", rate, rate === null || rate === undefined ? "—" : rate.toFixed(2));
+    var w = s.windows || {};
+    setFigure("rate", s.rate, rateText(s.rate));
+    $("rate-window").textContent = w.rate || "";
     $("dead-rate").textContent = s.dead_rate ? "· " + s.dead_rate.toFixed(2) + " dead/s" : "";
+    $("rate-minute").textContent = (w.rate_minute || "") + ": " + rateText(s.rate_minute) + " files/sec";
+    $("consumer-rate-window").textContent = w.consumer_rate || "";
     setFigure("rows", t.rows, t.rows === undefined || t.rows === null ? "—" : (t.rows_exact === false ? "≈ " : "") + num(t.rows));
     setFigure("pending", s.pending);
     setFigure("lag", s.lag);
     setFigure("dead", t.dead_letters);
 
     var sum = s.consumers_summary || {};
-    var live = sum.healthy || 0;
-    setFigure("consumer-count", live);
-    var parts = [live + " healthy"];
-    if (sum.stalled) parts.push(sum.stalled + " stalled");
-    if (sum.gone) parts.push(sum.gone + " gone");
+    var running = (sum.live || 0) + (sum.waiting || 0);
+    setFigure("consumer-count", running);
+    var parts = [(sum.live || 0) + " live"];
+    if (sum.waiting) parts.push(sum.waiting + " waiting");
+    if (sum.stale) parts.push(sum.stale + " stale");
+    if (sum.departed) parts.push(sum.departed + " departed");
+    if (s.consumers_exited) parts.push(s.consumers_exited + " exited");
     $("consumer-health").textContent = parts.join(" · ");
 
     chart.update(s.series, s.updated, 300);
@@ -108,10 +125,13 @@
         td.appendChild(err);
       }
       tr.appendChild(td);
-      cell(tr, c.rate === null || c.rate === undefined ? "—" : c.rate.toFixed(1), "num");
+      tr.dataset.health = c.health;
+      cell(tr, c.health === "stale" ? "—" : rateText(c.rate), "num");
       cell(tr, num(c.inserted), "num hide-sm");
       cell(tr, num(c.pending), "num");
-      cell(tr, c.heartbeat ? ago(c.heartbeat_age_s) : "none", "num hide-sm");
+      var beat = c.heartbeat ? ago(c.heartbeat_age_s) : "none";
+      if (c.health === "stale") beat = s.redis_seen ? "seen " + ago((s.updated || 0) - s.redis_seen) : "unknown";
+      cell(tr, beat, "num hide-sm");
     });
 
     var reasons = s.dead_by_reason || [];
@@ -156,19 +176,21 @@
       cell(tr, e.processed_at ? ago(now - Date.parse(e.processed_at) / 1000) : "—", "num");
     });
 
-    var errors = [];
-    if (s.errors && s.errors.redis) errors.push("Redis unreachable: " + s.errors.redis);
-    if (s.errors && s.errors.postgresql) errors.push("PostgreSQL: " + s.errors.postgresql);
+    var errors = [], down = [];
+    if (s.errors && s.errors.redis) { errors.push("Redis unreachable: " + s.errors.redis); down.push("Redis"); }
+    if (s.errors && s.errors.postgresql) { errors.push("PostgreSQL: " + s.errors.postgresql); down.push("PostgreSQL"); }
     var banner = $("banner");
     banner.textContent = errors.join(" — ") + (errors.length ? " (showing the last known figures)" : "");
     banner.hidden = errors.length === 0;
-    $("updated").textContent = s.updated ? new Date(s.updated * 1000).toLocaleTimeString() : "—";
+    $("updated").textContent = s.updated ? clock(s.updated) : "—";
+    return down;
   }
 
-  function setLive(ok, detail) {
-    live.dataset.state = ok ? "live" : "down";
-    live.textContent = ok ? "live" : "reconnecting…";
-    live.title = ok ? "Live updates every " + interval / 1000 + " s" : String(detail || "");
+  /* "live" only while the page gets snapshots and the dashboard reaches both services. */
+  function setLive(state, detail) {
+    live.dataset.state = state;
+    live.textContent = state === "live" ? "live" : state === "stale" ? detail + " unreachable" : "reconnecting…";
+    live.title = state === "live" ? "Live updates every " + interval / 1000 + " s" : String(detail || "");
   }
 
   function schedule() {
@@ -186,8 +208,12 @@
         if (!r.ok) throw new Error("HTTP " + r.status);
         return r.json();
       })
-      .then(function (s) { render(s); failures = 0; setLive(true); })
-      .catch(function (e) { failures++; setLive(false, e); })
+      .then(function (s) {
+        var down = render(s);
+        failures = 0;
+        setLive(down.length ? "stale" : "live", down.join(" and "));
+      })
+      .catch(function (e) { failures++; setLive("down", e); })
       .then(function () { inFlight = false; schedule(); });
   }
 

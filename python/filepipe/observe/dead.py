@@ -1,0 +1,114 @@
+"""Dead letters by reason, counted incrementally between readings.
+
+A `DeadTally` remembers, for one dead-letter stream, the reasons counted so far and
+the last entry counted; the next reading counts only what was added after it. One
+rule (`DeadTally.stale`) says when the counts can no longer be trusted, because
+dead letters were removed (trimmed by DEAD_LETTER_RETENTION, purged, replayed, the
+stream deleted or replaced): the tally then starts over. Two ways of reading use it:
+
+* `count_newest` (`filepipe status`): the newest DEAD_SCAN_LIMIT first, then, on each
+  refresh, what was added since;
+* `count_page` (the dashboard): a page after the cursor per sample, read at the same
+  instant as the stream's length, from the first dead letter on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import stream
+from ..constants import STATUS_SCAN_BYTES
+from .retained import text
+
+DEAD_SCAN_LIMIT = 50_000  # dead letters `count_newest` reads the first time (the newest)
+RECENT_CAP = 10_000  # dead letters read to count the last minute's
+
+
+@dataclass
+class DeadTally:
+    """What is known of one dead-letter stream between readings."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    counted: int = 0
+    last_id: str = ""
+    length_seen: int = 0  # the stream's length at the last reading
+    complete: bool = False  # counting began at the stream's first entry
+
+    def stale(self, length: int, *, at_end: bool = False, last_gone: bool = False) -> bool:
+        """Whether the counts are wrong for a stream now `length` long: more were counted
+        than it holds, it shrank, the last entry counted is gone (`last_gone`), or — read
+        to its end (`at_end`) from its first entry — it holds another number than counted."""
+        if not self.counted and not self.last_id:
+            return False
+        return (
+            self.counted > length
+            or length < self.length_seen
+            or last_gone
+            or (at_end and self.complete and self.counted != length)
+        )
+
+    def add(self, page: list[Any]) -> None:
+        """Counts the reasons of `page` ((id, fields) pairs)."""
+        for _entry_id, fields in page:
+            self.reasons[reason_of(fields)] += 1
+        self.counted += len(page)
+
+
+def reason_of(fields: dict[bytes, bytes] | None) -> str:
+    return text((fields or {}).get(b"reason", b"unknown"))
+
+
+def count_newest(r: Any, dead_stream: str, tally: DeadTally) -> DeadTally:
+    """Brings `tally` up to date with `dead_stream` and returns it (a new one when the old
+    was stale): the first time, the reasons of the newest DEAD_SCAN_LIMIT; then those of
+    what was added since. Reads at most STATUS_SCAN_BYTES, in pages of about
+    SAMPLE_PAGE_BYTES: big dead letters are read a few at a time, and only so many."""
+    length = int(r.xlen(dead_stream))
+    gone = bool(tally.last_id) and not r.xrange(dead_stream, min=tally.last_id, max=tally.last_id, count=1)
+    if not length or tally.stale(length, last_gone=gone):
+        tally = DeadTally()
+    tally.length_seen = length
+    if not length:
+        return tally
+    if not tally.last_id:
+        for page in stream.read_pages(
+            r, dead_stream, "+", "-", reverse=True, limit=DEAD_SCAN_LIMIT, total_budget=STATUS_SCAN_BYTES
+        ):
+            if not tally.last_id:
+                tally.last_id = text(page[0][0])
+            tally.add(page)
+        tally.complete = tally.counted >= length
+    else:
+        for page in stream.read_pages(
+            r, dead_stream, f"({tally.last_id}", "+", total_budget=STATUS_SCAN_BYTES
+        ):
+            tally.last_id = text(page[-1][0])
+            tally.add(page)
+    return tally
+
+
+def count_page(tally: DeadTally, entries: list[Any], length: int, asked: int) -> DeadTally:
+    """Adds `entries` (at most `asked`, read after `tally.last_id` at the same instant as
+    the stream's `length`) and returns the tally: a new one, to be read again from the
+    first dead letter, when it is stale."""
+    if not tally.counted and not tally.last_id:
+        tally.complete = True
+    tally.add(entries)
+    if entries:
+        tally.last_id = text(entries[-1][0])
+    if tally.stale(length, at_end=len(entries) < asked):
+        return DeadTally(length_seen=0)
+    tally.length_seen = length
+    return tally
+
+
+def recent_reasons(r: Any, dead_stream: str, since_ms: int) -> Counter[str]:
+    """The reasons of the dead letters written since `since_ms` (at most RECENT_CAP)."""
+    recent: Counter[str] = Counter()
+    for page in stream.read_pages(
+        r, dead_stream, f"{since_ms}-0", "+", limit=RECENT_CAP, total_budget=STATUS_SCAN_BYTES
+    ):
+        recent.update(reason_of(fields) for _, fields in page)
+    return recent
