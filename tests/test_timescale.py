@@ -330,106 +330,40 @@ def test_the_timescale_license_statements_are_known_to_this_timescaledb(env: Env
         conn.execute(f"DROP VIEW {timescale.rate_view_name(table)}")
 
 
-# TimescaleDB's full edition caps the tuples one statement may decompress to load rows into
-# compressed chunks (a redelivery, a late event); this edition has no compression, so a
-# trigger stands in for it: it refuses every row with TimescaleDB's SQLSTATE and message
-# unless the cap is lifted, as a real compressed chunk would past the cap.
-# Each refusal counts in a sequence (nextval outlives the rollback).
-CAP_TRIGGER = """
+# TimescaleDB's full edition loads a row into a compressed chunk of a table with a unique key
+# by decompressing the batches that could hold its key, and refuses (tsl/src/compression/
+# compression_dml.c): a statement past its cap on decompressed tuples, and every such row where
+# DML decompression is turned off (`timescaledb.enable_dml_decompression = off`, for a role, a
+# database or the server). This edition has no compression, so a trigger stands in for it: it
+# refuses every row with TimescaleDB's SQLSTATE and message unless the setting is as filepipe's
+# merge sets it, and counts its refusals in a sequence (nextval outlives the rollback).
+REFUSAL_TRIGGER = """
 CREATE SEQUENCE {table}_refusals;
-CREATE FUNCTION {table}_cap() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF current_setting('timescaledb.max_tuples_decompressed_per_dml_transaction') <> '0' THEN
+  IF {refused} THEN
     PERFORM nextval('{table}_refusals');
-    RAISE EXCEPTION 'tuple decompression limit exceeded by operation' USING ERRCODE = '53400';
+    RAISE EXCEPTION '{message}' USING ERRCODE = '{sqlstate}';
   END IF;
   RETURN NEW;
 END $$;
-CREATE TRIGGER decompression_cap BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_cap();
+CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_refuse();
 """
-
-
-@on_hypertable
-def test_rows_refused_for_compressed_chunks_are_merged_with_the_cap_lifted(
-    env: Env, caplog: pytest.LogCaptureFixture
-) -> None:
-    table = env.settings.table
-    env.sql(CAP_TRIGGER.format(table=table))
-    caplog.set_level(logging.INFO, logger="filepipe.db")
-    try:
-        ids = add_timed_events(env, [int(time.time() * 1000) - 60_000 + i for i in range(500)])
-        first = env.drain(batch_size=100, stream_retention="all")  # direct COPY, refused: merged
-        assert first.inserted == 500 and first.dead_lettered == 0 and env.pending() == 0
-        assert "direct COPY into compressed chunks refused, merging instead: tuple decompression limit " \
-            "exceeded by operation" in caplog.text
-        # Only the first batch was refused (one per loading connection, the batches in flight when
-        # it was): the next ones merged with the cap lifted.
-        in_flight = env.settings.pool_size
-        assert 1 <= refusals(env) <= in_flight < 5
-        env.redis.xgroup_setid(env.settings.stream, env.settings.group, "0")
-        replay = env.drain(batch_size=100, consumer_name="replayer")
-        assert replay.inserted == 0 and replay.duplicates == 500 and replay.dead_lettered == 0
-        assert 2 <= refusals(env) <= 2 * in_flight
-        assert sorted(r[0] for r in env.sql(f"SELECT stream_id FROM {table}")) == sorted(ids)
-        assert env.dead() == []
-    finally:
-        env.sql(f"DROP TRIGGER decompression_cap ON {table}; DROP FUNCTION {table}_cap()")
-
-
-def refusals(env: Env) -> int:
-    """How many statements the stand-in trigger refused."""
-    ((last, called),) = env.sql(f"SELECT last_value, is_called FROM {env.settings.table}_refusals")
-    return int(last) if called else 0
-
-
-@pytest.mark.parametrize("refusal", ["decompression cap", "DML decompression off"])
-@on_hypertable
-def test_a_merge_refused_for_compressed_chunks_is_retried_and_the_next_ones_are_not_refused(
-    env: Env, refusal: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Redeliveries merge from the start (no direct COPY first): the first merge refused is
-    retried with TimescaleDB's limits lifted, and so are the batches after it."""
-    caplog.set_level(logging.INFO, logger="filepipe.db")
-    with contextlib.ExitStack() as stack:
-        local = env
-        if refusal == "DML decompression off":
-            uri = stack.enter_context(database_with(env, "timescaledb.enable_dml_decompression = off"))
-            local = Env(env.settings_with(pg_uri=uri), env.redis, uri, env.storage, hypertable=True)
-            assert init_db(local.settings).hypertable
-        trigger = CAP_TRIGGER if refusal == "decompression cap" else NO_DML_TRIGGER
-        local.sql(trigger.format(table=local.settings.table))
-        pool = stack.enter_context(db.create_pool(local.settings))
-        loader = db.Loader(pool, local.settings)
-        for _ in range(3):
-            time.sleep(0.002)  # the made-up row is keyed by the millisecond
-            assert loader.load(loader._made_up_row("c"), 1, direct=False) == 1
-        assert refusals(local) == 1 and local.rows() == 3
-        logged = {
-            "decompression cap": "the merge met TimescaleDB's decompression cap, merging without it: tuple "
-            "decompression limit exceeded by operation",
-            "DML decompression off": "the merge was refused for compressed chunks, merging with DML "
-            "decompression on: inserting into compressed chunk with unique constraints disabled",
-        }[refusal]
-        assert caplog.text.count(logged) == 1, caplog.text
-
-
-# TimescaleDB with DML decompression turned off (`timescaledb.enable_dml_decompression = off`,
-# for a role, a database or the server) refuses every row bound for a compressed chunk of a
-# table with a unique key, with this SQLSTATE and message (tsl/src/compression/compression_dml.c).
-# The same stand-in as above: a trigger refusing as TimescaleDB would, unless it is on.
-NO_DML_TRIGGER = """
-CREATE SEQUENCE {table}_refusals;
-CREATE FUNCTION {table}_no_dml() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF NOT current_setting('timescaledb.enable_dml_decompression')::bool THEN
-    PERFORM nextval('{table}_refusals');
-    RAISE EXCEPTION 'inserting into compressed chunk with unique constraints disabled'
-      USING ERRCODE = '0A000', HINT = 'Set timescaledb.enable_dml_decompression to TRUE.';
-  END IF;
-  RETURN NEW;
-END $$;
-CREATE TRIGGER no_dml_decompression BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_no_dml();
-"""
+CAP, NO_DML = "decompression cap", "DML decompression off"
+REFUSALS = {  # (when, message, SQLSTATE, what the merge logs when it is refused)
+    CAP: (
+        "current_setting('timescaledb.max_tuples_decompressed_per_dml_transaction') <> '0'",
+        "tuple decompression limit exceeded by operation",
+        "53400",
+        "the merge met TimescaleDB's decompression cap, merging without it",
+    ),
+    NO_DML: (
+        "NOT current_setting('timescaledb.enable_dml_decompression')::bool",
+        "inserting into compressed chunk with unique constraints disabled",
+        "0A000",
+        "the merge was refused for compressed chunks, merging with DML decompression on",
+    ),
+}
 
 
 @contextlib.contextmanager
@@ -448,23 +382,49 @@ def database_with(env: Env, *settings: str) -> Iterator[str]:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.contextmanager
+def refusing(env: Env, refusal: str) -> Iterator[Env]:
+    """The test's hypertable refusing rows as a compressed chunk would (`REFUSALS`); with DML
+    decompression off, in a database of its own whose sessions start with it off."""
+    with contextlib.ExitStack() as stack:
+        local = env
+        if refusal == NO_DML:
+            uri = stack.enter_context(database_with(env, "timescaledb.enable_dml_decompression = off"))
+            local = Env(env.settings_with(pg_uri=uri), env.redis, uri, env.storage, hypertable=True)
+            assert init_db(local.settings).hypertable
+        table = local.settings.table
+        when, message, sqlstate, _ = REFUSALS[refusal]
+        local.sql(REFUSAL_TRIGGER.format(table=table, refused=when, message=message, sqlstate=sqlstate))
+        try:
+            yield local
+        finally:
+            local.sql(f"DROP FUNCTION {table}_refuse() CASCADE; DROP SEQUENCE {table}_refusals")
+
+
+def refusals(env: Env) -> int:
+    """How many statements the stand-in trigger refused."""
+    ((last, called),) = env.sql(f"SELECT last_value, is_called FROM {env.settings.table}_refusals")
+    return int(last) if called else 0
+
+
+@pytest.mark.parametrize("refusal", [CAP, NO_DML])
 @on_hypertable
-def test_rows_for_compressed_chunks_load_where_dml_decompression_is_turned_off(
-    env: Env, caplog: pytest.LogCaptureFixture
+def test_rows_refused_for_compressed_chunks_are_merged_with_the_limits_lifted(
+    env: Env, refusal: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The merge turns DML decompression on for its own transaction: a first delivery's direct
-    COPY refused goes to the merge, and the batches after it merge that way from the start."""
+    """A first delivery's direct COPY refused goes to the merge, which lifts the cap and turns
+    DML decompression on for its own transaction; the batches after it merge that way from
+    the start. A full replay, the same."""
     caplog.set_level(logging.INFO, logger="filepipe.db")
-    with database_with(env, "timescaledb.enable_dml_decompression = off") as uri:
-        local = Env(env.settings_with(pg_uri=uri), env.redis, uri, env.storage, hypertable=True)
-        assert init_db(local.settings).hypertable
-        local.sql(NO_DML_TRIGGER.format(table=local.settings.table))
+    with refusing(env, refusal) as local:
         ids = add_timed_events(local, [int(time.time() * 1000) - 60_000 + i for i in range(500)])
         first = local.drain(batch_size=100, stream_retention="all")
         assert first.inserted == 500 and first.dead_lettered == 0 and local.pending() == 0
-        assert "direct COPY into compressed chunks refused, merging instead: inserting into compressed " \
-            "chunk with unique constraints disabled" in caplog.text
-        in_flight = local.settings.pool_size  # one refusal per loading connection at most
+        message = REFUSALS[refusal][1]
+        assert f"direct COPY into compressed chunks refused, merging instead: {message}" in caplog.text
+        # Only the first batch was refused (one per loading connection at most: the batches in
+        # flight then), not each of the five.
+        in_flight = local.settings.pool_size
         assert 1 <= refusals(local) <= in_flight < 5
         local.redis.xgroup_setid(local.settings.stream, local.settings.group, "0")
         replay = local.drain(batch_size=100, consumer_name="replayer")
@@ -472,8 +432,28 @@ def test_rows_for_compressed_chunks_load_where_dml_decompression_is_turned_off(
         assert 2 <= refusals(local) <= 2 * in_flight
         assert sorted(r[0] for r in local.sql(f"SELECT stream_id FROM {local.settings.table}")) == sorted(ids)
         assert local.dead() == []
-        # What is left for everything else in that database: off, as its owner set it.
-        assert local.sql("SHOW timescaledb.enable_dml_decompression") == [("off",)]
+        setting, value = {
+            CAP: ("timescaledb.max_tuples_decompressed_per_dml_transaction", "100000"),
+            NO_DML: ("timescaledb.enable_dml_decompression", "off"),
+        }[refusal]
+        assert local.sql(f"SHOW {setting}") == [(value,)]  # as before, for the other sessions
+
+
+@pytest.mark.parametrize("refusal", [CAP, NO_DML])
+@on_hypertable
+def test_a_merge_refused_for_compressed_chunks_is_retried_and_the_next_ones_are_not_refused(
+    env: Env, refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redeliveries merge from the start (no direct COPY first): the first merge refused is
+    retried with TimescaleDB's limits lifted, and so are the batches after it."""
+    caplog.set_level(logging.INFO, logger="filepipe.db")
+    with refusing(env, refusal) as local, db.create_pool(local.settings) as pool:
+        loader = db.Loader(pool, local.settings)
+        for _ in range(3):
+            time.sleep(0.002)  # the made-up row is keyed by the millisecond
+            assert loader.load(loader._made_up_row("c"), 1, direct=False) == 1
+        assert refusals(local) == 1 and local.rows() == 3
+        assert caplog.text.count(f"{REFUSALS[refusal][3]}: {REFUSALS[refusal][1]}") == 1, caplog.text
 
 
 HISTORY_FILL = """
@@ -565,23 +545,29 @@ def test_the_rate_history_reads_the_aggregate_where_there_is_one(env: Env) -> No
     table = env.settings.table
     add_timed_events(env, [int(time.time() * 1000) - 120_000 + 7 * i for i in range(300)])
     assert env.drain().inserted == 300
+    with rate_view_stand_in(env), psycopg.connect(env.pg_uri) as conn:
+        facts = timescale.read_table(conn, table)
+        assert facts.rate_view == ""  # not a continuous aggregate, and not this edition
+        from_table = timescale.rate_history(conn, table, facts, 60)
+        facts.rate_view = timescale.rate_view_name(table)
+        from_view = timescale.rate_history(conn, table, facts, 60)
+    assert (from_table[0], from_view[0]) == ("table", "continuous aggregate")
+    assert from_view[1] == from_table[1] and sum(m.files for m in from_view[1]) == 300
+
+
+@contextlib.contextmanager
+def rate_view_stand_in(env: Env) -> Iterator[None]:
+    """A plain view of the continuous aggregate's definition, under its name (dropped after)."""
+    table = env.settings.table
     env.sql(
         f"CREATE VIEW {timescale.rate_view_name(table)} AS SELECT time_bucket(INTERVAL '1 minute', "
         "event_time) AS minute, consumer, count(*) AS files, sum(size_bytes) AS bytes "
         f"FROM {table} GROUP BY 1, 2"
     )
     try:
-        with psycopg.connect(env.pg_uri) as conn:
-            facts = timescale.read_table(conn, table)
-            assert facts.rate_view == ""  # not a continuous aggregate, and not this edition
-            from_table = timescale.rate_history(conn, table, facts, 60)
-            facts.rate_view = timescale.rate_view_name(table)
-            from_view = timescale.rate_history(conn, table, facts, 60)
-        assert (from_table[0], from_view[0]) == ("table", "continuous aggregate")
-        assert from_view[1] == from_table[1] and sum(m.files for m in from_view[1]) == 300
+        yield
     finally:
         env.sql(f"DROP VIEW {timescale.rate_view_name(table)}")
-
 
 
 @on_hypertable
@@ -602,30 +588,22 @@ def test_the_aggregate_gives_the_last_day_by_the_hour_and_the_table_does_not(env
     assert [line[0] for line in plain.to_json()["lines"]] == ["Kind", "Chunks", "Policies"]
     assert plain.to_json()["history"]["hours"] == []
 
-    env.sql(
-        f"CREATE VIEW {timescale.rate_view_name(table)} AS SELECT time_bucket(INTERVAL '1 minute', "
-        "event_time) AS minute, consumer, count(*) AS files, sum(size_bytes) AS bytes "
-        f"FROM {table} GROUP BY 1, 2"
-    )
-    try:
-        with psycopg.connect(env.pg_uri) as conn:
-            facts = timescale.read_table(conn, table)
-            facts.rate_view = timescale.rate_view_name(table)  # as on the Timescale-License edition
-            hours = timescale.rate_history_hours(conn, facts)
-            expected = conn.execute(
-                f"SELECT date_trunc('hour', event_time), consumer, count(*), sum(size_bytes) FROM {table} "
-                "WHERE event_time >= date_trunc('hour', now() - interval '23 hours') GROUP BY 1, 2 ORDER BY 1"
-            ).fetchall()
-        assert [(m.minute, m.consumer, m.files, m.bytes) for m in hours] == expected
-        assert sum(m.files for m in hours) == 165  # 8 of the 10 hours with events are in the last day
-        figures = timescale.TableFigures(facts, 205, "continuous aggregate", [], 60, hours)
-        doc = figures.to_json()
-        assert doc["lines"][-1] == [
-            "Last 24 hours",
-            f"165 files, 0.0 MB; busiest hour {hours[-1].minute.astimezone(timezone.utc):%H}:00 UTC with 25 "
-            "(from the continuous aggregate)",
-            "",
-        ]
-        assert sum(h["files"] for h in doc["history"]["hours"]) == 165
-    finally:
-        env.sql(f"DROP VIEW {timescale.rate_view_name(table)}")
+    with rate_view_stand_in(env), psycopg.connect(env.pg_uri) as conn:
+        facts = timescale.read_table(conn, table)
+        facts.rate_view = timescale.rate_view_name(table)  # as on the Timescale-License edition
+        hours = timescale.rate_history_hours(conn, facts)
+        expected = conn.execute(
+            f"SELECT date_trunc('hour', event_time), consumer, count(*), sum(size_bytes) FROM {table} "
+            "WHERE event_time >= date_trunc('hour', now() - interval '23 hours') GROUP BY 1, 2 ORDER BY 1"
+        ).fetchall()
+    assert [(m.minute, m.consumer, m.files, m.bytes) for m in hours] == expected
+    assert sum(m.files for m in hours) == 165  # 8 of the 10 hours with events are in the last day
+    figures = timescale.TableFigures(facts, 205, "continuous aggregate", [], 60, hours)
+    doc = figures.to_json()
+    assert doc["lines"][-1] == [
+        "Last 24 hours",
+        f"165 files, 0.0 MB; busiest hour {hours[-1].minute.astimezone(timezone.utc):%H}:00 UTC with 25 "
+        "(from the continuous aggregate)",
+        "",
+    ]
+    assert sum(h["files"] for h in doc["history"]["hours"]) == 165
