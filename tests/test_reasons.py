@@ -49,7 +49,8 @@ def test_a_dead_letter_with_an_unknown_reason_is_refused() -> None:
 
 def literal_reasons() -> set[tuple[str, str]]:
     """(file, code) of every string literal the package passes as a reason: to DeadLetter
-    (third argument or reason=), Measurements.fail (second argument) and S3's _Failure."""
+    (third argument or reason=), the consumer's dead_letter and Measurements.fail (second
+    argument) and S3's _Failure."""
     found = set()
     for path in (ROOT / "python" / "filepipe").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -63,7 +64,7 @@ def literal_reasons() -> set[tuple[str, str]]:
                 if isinstance(func, ast.Attribute)
                 else ""
             )
-            position = {"DeadLetter": 2, "fail": 1, "_Failure": 0}.get(name)
+            position = {"DeadLetter": 2, "dead_letter": 1, "fail": 1, "_Failure": 0}.get(name)
             if position is None:
                 continue
             args = list(node.args)
