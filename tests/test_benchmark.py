@@ -303,6 +303,38 @@ def test_a_refused_connection_is_not_an_outage(env: Env) -> None:
     assert doc["storage"]["status"] == "ok" and doc["model"] is None
 
 
+def test_what_postgresql_refuses_for_good(env: Env) -> None:
+    """Told apart by the server's (or libpq's) own words: an unknown database or role, a
+    port libpq cannot use; a closed port is an outage, not a refusal."""
+    from filepipe.retry import pg_login_refusal
+
+    parts = urlsplit(env.settings.pg_uri)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    cases = {
+        f"postgresql://postgres@{host}/fp_no_such_db": 'database "fp_no_such_db" does not exist',
+        f"postgresql://fp_no_such_role@{host}/postgres": 'role "fp_no_such_role" does not exist',
+        "postgresql://postgres@127.0.0.1:99999/postgres": 'invalid port number: "99999"',
+        f"postgresql://postgres@127.0.0.1:{free_port()}/postgres": None,
+    }
+    for uri, expected in cases.items():
+        with pytest.raises(psycopg.OperationalError) as caught:
+            psycopg.connect(uri, connect_timeout=5).close()
+        refusal = pg_login_refusal(caught.value)
+        if expected is None:
+            assert refusal is None, (uri, refusal)
+        else:
+            assert refusal is not None and expected in refusal, (uri, refusal)
+
+
+def test_a_pg_uri_that_cannot_be_parsed_is_one_line() -> None:
+    result = runner.invoke(
+        app, cli_args("redis://127.0.0.1:1/0", f"postgresql://postgres:{SECRET}%zz@127.0.0.1/db", ".")
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith("error: PG_URI cannot be used: invalid percent-encoded token")
+    assert result.output.count("\n") == 1 and SECRET not in result.output
+
+
 def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:
     settings = env.settings_with(batch_size=100)
     report = run(settings, pipeline=300)

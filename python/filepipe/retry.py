@@ -262,8 +262,9 @@ class Backoff:
 
 # How PostgreSQL (or libpq) says that it will never take a connection with these settings:
 # a wrong password or none, an unknown database or role, a client its pg_hba.conf does not
-# let in, a role without LOGIN, TLS it requires or cannot do, a certificate it rejects. Anything
-# else at connect (refused, timed out, starting up, too many clients) passes.
+# let in, a role without LOGIN, TLS it requires or cannot do, a certificate it rejects, a
+# port or sslmode libpq cannot use. Anything else at connect (refused, timed out, a name
+# that does not resolve, starting up, too many clients) passes.
 _PG_LOGIN_REFUSALS = (
     "password authentication failed",
     "authentication failed for user",
@@ -275,6 +276,8 @@ _PG_LOGIN_REFUSALS = (
     "server does not support ssl",
     "ssl off",  # pg_hba.conf: hostssl only
     "certificate verify failed",
+    "invalid port number",
+    "invalid sslmode value",
 )
 # Redis's answers to AUTH and SELECT that no retry changes.
 _REDIS_LOGIN_REFUSALS = ("WRONGPASS", "NOAUTH", "invalid password", "invalid username-password", "DB index")

@@ -17,6 +17,7 @@ with), `model`, `verdict` (grades and the `Fix`), `pipeline` (the end-to-end run
 import uuid
 from collections.abc import Callable
 
+from .. import db
 from ..config import Settings
 from .figures import COMPONENTS, DEFAULT_FILE_SIZE
 from .host_probe import measure_host
@@ -53,7 +54,9 @@ def run(
     pipeline: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Measures everything, builds the model and decides the verdict."""
+    """Measures everything, builds the model and decides the verdict. Raises ConfigError
+    when PG_URI cannot be parsed."""
+    db.check_conninfo(settings)
     say = progress or (lambda _msg: None)
     tag = uuid.uuid4().hex[:10]
     batch = settings.batch_size
