@@ -139,7 +139,8 @@ class Reader:
         s = self.settings
         parts = self.parts
         if len(parts) == 1:
-            block = min(s.block_ms, 200) if self.drain else s.block_ms
+            # Draining: whatever is in the stream now, without waiting for more.
+            block = 0 if self.drain else s.block_ms
             entries = self.redis_read(
                 lambda: stream.read_new(
                     self.redis, parts[0].stream, s.group, self.name, self.read_size.count, block
