@@ -145,3 +145,35 @@ def test_config_says_where_each_setting_came_from(env: Env, tmp_path: Path) -> N
     as_json = json.loads(run(["config", "--json"], e, below).stdout)
     source = f".env CONSUMER_BATCH_SIZE ({tmp_path / '.env'})"
     assert as_json["settings"]["CONSUMER_BATCH_SIZE"] == {"value": 77, "from": source}
+
+
+def test_json_log_lines_name_the_consumer(env: Env, tmp_path: Path) -> None:
+    env.write_file("a.txt", b"a")
+    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    e = cli_env(env, CONSUMER_NAME="json-consumer")
+    result = run(["consume", "--drain", "--log-format", "json"], e, tmp_path)
+    assert result.returncode == 0, result.stderr
+    docs = [json.loads(line) for line in (result.stdout + result.stderr).splitlines()]
+    keys = {"time", "level", "consumer", "worker", "message"}
+    assert docs and all(keys <= doc.keys() and doc["consumer"] == "json-consumer" for doc in docs), docs
+    assert any(doc["message"].startswith("Stopped: 1 inserted") for doc in docs), docs
+    bad = run(["consume", "--drain"], cli_env(env, FILEPIPE_LOG_FORMAT="yaml"), tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: FILEPIPE_LOG_FORMAT (--log-format) must be 'text' or 'json', not 'yaml'"
+    )
+
+
+def test_processes_name_the_worker_on_each_line(env: Env, tmp_path: Path) -> None:
+    for i in range(40):
+        env.write_file(f"f{i}.txt", b"x")
+        env.xadd({"file_id": str(uuid.uuid4()), "filename": f"f{i}.txt", "key": f"f{i}.txt"})
+    e = cli_env(env, CONSUMER_NAME="named")
+    result = run(["consume", "--drain", "--processes", "2"], e, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert env.rows() == 40
+    who = re.compile(r"^(\d\d:\d\d:\d\d \w+ )?(named \[supervisor\]|named-(\d) \[worker (\d)\]): ")
+    for line in (result.stdout + result.stderr).splitlines():
+        m = who.match(line)
+        assert m is not None and m.group(3) == m.group(4), line
+    assert re.search(r"^named-\d \[worker \d\]: Stopped: ", result.stdout, re.M), result.stdout

@@ -169,6 +169,10 @@ class Settings:
         option=False,
         help="Dead letters kept per dead-letter stream: a count, an age, both, or 'all'",
     )
+    # How log lines are written: `text` (time, level, consumer, message) or `json` (one object a line).
+    log_format: str = setting(
+        "text", env="FILEPIPE_LOG_FORMAT", help="Log lines as text, or json (one object a line)"
+    )
     # The dashboard's login (HTTP basic authentication); required on a non-loopback address.
     dashboard_user: str = setting(
         "filepipe", env="FILEPIPE_DASHBOARD_USER", option=False, help="Dashboard login"
@@ -472,6 +476,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"STORAGE_MODE must be 'local' or 's3', not {s.storage_mode!r}")
     if s.storage_mode == "s3" and not s.s3_bucket:
         raise ConfigError("STORAGE_MODE=s3 needs S3_BUCKET")
+    if s.log_format not in ("text", "json"):
+        raise ConfigError(f"{_label('log_format')} must be 'text' or 'json', not {s.log_format!r}")
     if s.copy_format not in ("binary", "text"):
         raise ConfigError(f"FILEPIPE_COPY_FORMAT must be 'binary' or 'text', not {s.copy_format!r}")
     if not _IDENT.match(s.table):

@@ -65,6 +65,8 @@ TRIM_LEASE_MS = 500
 DEPARTED_CHECK_S = 10.0
 # STREAM_RETENTION: "" keeps only what some consumer group has not acknowledged yet.
 DEFAULT_STREAM_RETENTION = ""
+# The environment variable `consume --processes` tells each worker its index in.
+WORKER_ENV = "FILEPIPE_WORKER"
 DEFAULT_DEAD_LETTER_RETENTION = "10000"
 # Shares at which status warns: of the dead-letter cap, and of Redis's maxmemory.
 DEAD_LETTER_WARN_SHARE = 0.8

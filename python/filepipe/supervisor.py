@@ -36,6 +36,7 @@ from types import FrameType
 
 from . import shutdown
 from .config import Settings, settings_environment
+from .constants import WORKER_ENV
 from .shutdown import SIGNALS
 
 log = logging.getLogger("filepipe")
@@ -121,7 +122,8 @@ class Supervisor:
         return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
 
     def _start(self, w: Worker) -> None:
-        w.proc = self._spawn(w, self.command(w), {**self._env, "CONSUMER_NAME": w.name})
+        env = {**self._env, "CONSUMER_NAME": w.name, WORKER_ENV: str(w.index)}
+        w.proc = self._spawn(w, self.command(w), env)
         w.started_at = time.monotonic()
         log.info("worker %s started (pid %d)", w.name, w.proc.pid)
         if self.stopping:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from typing import Annotated
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Annotated, Any
 
 import typer
 
@@ -34,27 +37,115 @@ def errors_as_lines(debug: bool) -> Iterator[None]:
     except FilepipeError as e:
         if debug:
             raise
-        typer.echo(f"error: {scrub(printable(str(e)))}", err=True)
+        message = scrub(printable(str(e)))
+        if _format == "json":
+            doc = {
+                **line_document("ERROR", f"error: {message}"),
+                "consumer": _who.consumer,
+                "worker": _who.worker,
+            }
+            typer.echo(json.dumps(doc, ensure_ascii=False), err=True)
+        else:
+            typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2 if isinstance(e, ConfigError) else 1) from None
 
 
-def setup_logging(debug: bool) -> None:
-    """filepipe's log lines on stderr: escaped and scrubbed, the libraries' own warnings too."""
-    level = logging.DEBUG if debug else logging.INFO
+class _Who(logging.Filter):
+    """Names the process on each of its log lines: the consumer, and the worker of
+    `consume --processes` (None outside one)."""
+
+    consumer: str | None = None
+    worker: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.consumer = self.consumer
+        record.worker = self.worker
+        return True
+
+
+class TextFormatter(SafeFormatter):
+    """`12:00:01 INFO worker-1 [worker 1]: message`: time, level, who, the message escaped
+    and scrubbed (the name only where one is set)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(who)s%(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        consumer, worker = getattr(record, "consumer", None), getattr(record, "worker", None)
+        where = f" [{_worker_label(worker)}]" if worker is not None else ""
+        record.who = f"{consumer}{where}: " if consumer else ""
+        return super().formatMessage(record)
+
+
+class JsonFormatter(SafeFormatter):
+    """One JSON object a line: time (ISO 8601, UTC), level, consumer, worker, message, and
+    the traceback where there is one, scrubbed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = line_document(record.levelname, scrub(record.getMessage()), record.created)
+        doc["consumer"] = getattr(record, "consumer", None)
+        doc["worker"] = getattr(record, "worker", None)
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def line_document(level: str, message: str, created: float | None = None) -> dict[str, Any]:
+    """The fields every JSON line has."""
+    when = datetime.fromtimestamp(time.time() if created is None else created, timezone.utc)
+    return {"time": when.isoformat(timespec="milliseconds"), "level": level, "message": message}
+
+
+def _worker_label(worker: str) -> str:
+    return f"worker {worker}" if worker.isdigit() else worker
+
+
+_who = _Who()
+_handler: logging.Handler | None = None
+_format = "text"
+
+
+def setup_logging(debug: bool, log_format: str = "text") -> None:
+    """filepipe's log lines on stderr, as text or JSON: escaped and scrubbed, the libraries'
+    own warnings (psycopg's pool, uvicorn) too."""
+    global _handler, _format
+    _format = log_format
     root = logging.getLogger("filepipe")
-    root.setLevel(level)
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        # Log lines quote entry fields and client libraries' messages: escaped, scrubbed.
-        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if _handler is None:
+        _handler = logging.StreamHandler(sys.stderr)
+        _handler.addFilter(_who)
+        root.addHandler(_handler)
         root.propagate = False
-        # The libraries' own warnings (psycopg's pool, uvicorn) go through it too.
         for name in ("psycopg", "uvicorn"):
             library = logging.getLogger(name)
             if not library.handlers:
-                library.addHandler(handler)
+                library.addHandler(_handler)
                 library.propagate = False
+    _handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+
+
+def log_as(consumer: str | None, worker: str | None = None) -> None:
+    """Every log line from now on names `consumer` and `worker`: the index of a worker of
+    `consume --processes` ("0", "1", …) or "supervisor"."""
+    _who.consumer, _who.worker = consumer, worker
+
+
+def line_writer(log_format: str) -> Callable[[str], None]:
+    """How a command's progress lines reach stdout: as they are, prefixed with the worker
+    under `consume --processes`, or as JSON objects like the log lines."""
+    if log_format == "json":
+
+        def write_json(line: str) -> None:
+            doc = line_document("INFO", line)
+            doc["consumer"], doc["worker"] = _who.consumer, _who.worker
+            typer.echo(json.dumps(doc, ensure_ascii=False))
+
+        return write_json
+    if _who.worker is not None:
+        prefix = f"{_who.consumer} [{_worker_label(_who.worker)}]: "
+        return lambda line: typer.echo(prefix + line)
+    return typer.echo
 
 
 def _version(value: bool) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Annotated
 
 import typer
 
 from ..config import Settings, mask_url
-from ..constants import DEFAULT_BATCH_SIZE
-from .app import app
+from ..constants import DEFAULT_BATCH_SIZE, WORKER_ENV
+from .app import app, line_writer, log_as
 from .options import LAYOUT, PIPELINE, POSTGRES, REDIS, STORAGE, command
 
 TUNING = (
@@ -29,7 +30,17 @@ TUNING = (
 @command(
     app,
     "consume",
-    settings=(*TUNING, *LAYOUT, "stream_retention", "pgbouncer", *REDIS, *POSTGRES, *PIPELINE, *STORAGE),
+    settings=(
+        *TUNING,
+        *LAYOUT,
+        "stream_retention",
+        "pgbouncer",
+        "log_format",
+        *REDIS,
+        *POSTGRES,
+        *PIPELINE,
+        *STORAGE,
+    ),
 )
 def consume(
     s: Settings,
@@ -80,6 +91,7 @@ def consume(
     if processes is not None:
         from ..supervisor import Supervisor
 
+        log_as(s.consumer_name, "supervisor")
         worker_args = [
             *(["--quiet"] if quiet else []),
             *(["--debug"] if debug else []),
@@ -92,11 +104,14 @@ def consume(
         raise typer.Exit(supervisor.run())
     from ..consumer import Consumer
 
+    # A worker of `--processes` is told its index by the supervisor.
+    log_as(s.consumer_name, os.environ.get(WORKER_ENV))
+    write = line_writer(s.log_format)
+
     log = logging.getLogger("filepipe")
     where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
     log.info(
-        "consumer %s: %s group %s on %s -> %s on %s (batch %d)",
-        s.consumer_name,
+        "consuming %s, group %s, on %s -> %s on %s (batch %d)",
         where,
         s.group,
         mask_url(s.redis_url),
@@ -111,14 +126,14 @@ def consume(
             s.batch_size,
             DEFAULT_BATCH_SIZE,
         )
-    consumer = Consumer(s, drain=drain, write=None if quiet else typer.echo, install_signals=True)
+    consumer = Consumer(s, drain=drain, write=None if quiet else write, install_signals=True)
     if metrics_port is not None:
         from ..observe.export import serve_metrics
 
         serve_metrics(metrics_port, metrics_host, consumer=consumer, allowed_hosts=metrics_names)
     stats = consumer.run()
     if not quiet:
-        typer.echo(
+        write(
             f"Stopped: {stats.inserted} inserted, {stats.duplicates} already present, "
             f"{stats.dead_lettered} dead-lettered, {stats.deleted} deleted while pending, "
             f"{stats.acked} acknowledged"

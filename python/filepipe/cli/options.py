@@ -81,6 +81,7 @@ def command(
                 if wants is None:
                     return fn(**kwargs)
                 resolved: Resolved = resolve_settings(overrides)
+                setup_logging(debug_on, resolved.settings.log_format)
                 return fn(resolved.settings if wants == "s" else resolved, **kwargs)
 
         public = signature.replace(parameters=[*own, *added, debug], return_annotation=None)
