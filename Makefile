@@ -17,6 +17,9 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml Cargo.toml $(wildcard rust/*.rs)
+	@echo "Building the Rust extension (release) and installing filepipe into $(VENV): the first build"
+	@echo "compiles the extension's crates and takes a few minutes (about 6 on a busy 2-core machine);"
+	@echo "later ones rebuild only what changed."
 	$(PIP) install --quiet -e '.[dev]'
 	@touch $(STAMP)
 

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from tests.conftest import Env
 from typer.testing import CliRunner
 
@@ -108,10 +109,47 @@ def test_unreachable_redis_is_reported_without_password(env: Env, tmp_path: Path
 
     src = tmp_path / "a.txt"
     src.write_text("a")
-    e = cli_env(env, REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    port = free_port()
+    e = cli_env(env, REDIS_URL=f"redis://:hunter2@127.0.0.1:{port}/0")
     result = run(["produce", str(src)], e, tmp_path)
     assert result.returncode == 1
-    assert "cannot reach Redis" in result.stderr and "hunter2" not in result.stderr + result.stdout
+    assert result.stderr.splitlines() == [
+        f"error: cannot reach Redis at redis://:***@127.0.0.1:{port}/0: Error 111 connecting to "
+        f"127.0.0.1:{port}. Connection refused.; nothing was stored"
+    ]
+    assert result.stdout == "" and not any(p.is_file() for p in env.storage.rglob("*"))
+
+
+def test_produce_removes_the_files_of_events_redis_never_got(env: Env, tmp_path: Path) -> None:
+    """Redis goes away after the files are stored and before their events are sent."""
+    from filepipe.embedded import RedisServer
+    from filepipe.errors import TransientError
+    from filepipe.producer import Producer
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.txt").write_text(str(i))
+    with RedisServer() as server:
+        producer = Producer(env.settings_with(redis_url=server.url))
+        stored: list[Path] = []
+
+        def after_each(_: Path) -> None:
+            stored.extend(p for p in env.storage.rglob("*") if p.is_file() and p not in stored)
+            server.stop(kill=True)
+
+        try:
+            with pytest.raises(TransientError) as e:
+                producer.produce([src], on_file=after_each)
+        finally:
+            producer.close()
+    assert len(stored) == 3  # they were stored
+    assert not any(p.is_file() for p in env.storage.rglob("*"))  # and are gone
+    message = str(e.value)
+    assert message.startswith(f"cannot reach Redis at {server.url}: Error 111 connecting to"), message
+    removed = "the 3 files stored for events not sent were removed again, no event was enqueued"
+    assert message.endswith(f"; {removed}"), message
+
 
 
 def test_a_broken_percent_escape_never_shows_the_password(env: Env, tmp_path: Path) -> None:

@@ -272,17 +272,16 @@ def purge(r: redis.Redis, dead_stream: str, entries: Iterator[DeadLetterEntry] |
 
 
 def connect(s: Settings) -> redis.Redis:
-    """A client of the dead letters' Redis, checked: TransientError naming it when unreachable."""
-    from .config import mask_url
-    from .errors import TransientError
-    from .redaction import error_line
+    """A client of the dead letters' Redis, checked: a one-line error naming it when it is
+    unreachable or refuses the login (`stream.failure`)."""
     from .stream import connect as connect_redis
+    from .stream import failure
 
     r = connect_redis(s, socket_timeout=10)
     try:
         r.ping()
-    except redis.ConnectionError as e:
-        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
+    except redis.RedisError as e:
+        raise failure(s, e) from e
     return r
 
 

@@ -13,7 +13,7 @@ import redis
 
 from . import stream
 from .config import Settings
-from .errors import StorageError
+from .errors import FilepipeError, StorageError
 from .partitions import stream_for
 from .storage import Storage, open_storage, safe_key_name
 from .storage.local import LocalStorage
@@ -81,6 +81,8 @@ class Producer:
         self.redis = r or stream.connect(settings)
         self._pipe = self.redis.pipeline(transaction=False)
         self._queued = 0
+        self._unsent: list[str] = []  # keys this producer stored for events not sent yet
+        self._failed = False
         self.enqueued = 0
 
     def add(self, src: Path, *, filename: str | None = None, key: str | None = None,
@@ -96,6 +98,7 @@ class Producer:
                 self.storage.put_file(src, key, link=link)
             else:
                 self.storage.put_file(src, key)
+            self._unsent.append(key)
         size = src.stat().st_size
         self.enqueue(event_for(file_id, name, key, size, self.storage.name, now, extra=extra))
         return file_id
@@ -110,16 +113,52 @@ class Producer:
             self.flush()
 
     def flush(self) -> int:
-        """Sends the queued events in one round trip."""
+        """Sends the queued events in one round trip. When Redis fails it, the files stored
+        for them are removed again where Redis cannot have added any of the events (it could
+        not be connected to), and the error says which files are left otherwise."""
         if self._queued:
-            self._pipe.execute()
+            try:
+                self._pipe.execute()
+            except redis.RedisError as e:
+                self._failed = True
+                raise self._not_sent(e) from e
             self.enqueued += self._queued
             self._queued = 0
+            self._unsent.clear()
         return self.enqueued
+
+    def _not_sent(self, e: redis.RedisError) -> FilepipeError:
+        error = stream.failure(self.settings, e)
+        before = f"{self.enqueued} events were enqueued before" if self.enqueued else "no event was enqueued"
+        stored, self._unsent = self._unsent, []
+        if not stored:
+            return type(error)(f"{error}; {before}")
+        # redis-py says "Error 111 connecting to …" when no command could be sent.
+        if isinstance(e, redis.AuthenticationError) or "connecting to" in str(e):
+            left = []
+            for key in stored:
+                try:
+                    self.storage.remove(key)
+                except StorageError:
+                    left.append(key)
+            if not left:
+                removed = f"the {_files(len(stored))} stored for events not sent were removed again"
+                return type(error)(f"{error}; {removed}, {before}")
+            stored = left
+        return type(error)(
+            f"{error}; {_files(len(stored))} stored for events that may not have been added are left in "
+            f"{self.storage.describe()} (first: {stored[0]}), {before}"
+        )
 
     def produce(self, paths: Iterable[str | Path], *, link: bool = False,
                 on_file: Callable[[Path], None] | None = None) -> int:
         """Stores and enqueues every file under `paths`. Returns how many were enqueued."""
+        try:
+            self.redis.ping()  # before anything is stored
+        except redis.RedisError as e:
+            self._failed = True
+            error = stream.failure(self.settings, e)
+            raise type(error)(f"{error}; nothing was stored") from e
         if isinstance(self.storage, LocalStorage):
             self.storage.ensure_root()
         for f in iter_files(paths):
@@ -129,9 +168,15 @@ class Producer:
         return self.flush()
 
     def close(self) -> None:
+        """Sends what is queued (unless Redis failed already) and closes the connections."""
         try:
-            self.flush()
+            if not self._failed:
+                self.flush()
         finally:
             self.redis.close()
             if self._owns_storage:
                 self.storage.close()
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"

@@ -18,7 +18,9 @@ from . import _native
 from . import constants as c
 from .config import Settings
 from .constants import SAMPLE_PAGE_BYTES, dead_letter_ids_key
-from .retry import redis_refusal
+from .errors import ConfigError, FilepipeError, TransientError
+from .redaction import error_line, mask_url
+from .retry import redis_login_refusal, redis_refusal
 
 Fields = dict[bytes, bytes]
 # Every reason a dead letter can give: the extension's one registry of them.
@@ -593,3 +595,13 @@ def group_lag(r: redis.Redis, stream: str, group: str) -> int | None:
             lag = g.get("lag")
             return None if lag is None else int(lag)
     return None
+
+
+def failure(settings: Settings, e: redis.RedisError) -> FilepipeError:
+    """What a command says when Redis failed it: a ConfigError (exit 2) with Redis's own
+    reason when it refused the login or the database for good, else a TransientError."""
+    where = mask_url(settings.redis_url)
+    refusal = redis_login_refusal(e)
+    if refusal is not None:
+        return ConfigError(f"Redis at {where} refused the connection: {refusal} (check REDIS_URL)")
+    return TransientError(f"cannot reach Redis at {where}: {error_line(e)}")

@@ -23,18 +23,11 @@ def produce(
     ] = False,
 ) -> None:
     """Store files and enqueue one 'file uploaded' event per file."""
-    import redis
-
-    from ..config import mask_url
-    from ..errors import TransientError
     from ..producer import Producer
-    from ..redaction import error_line
 
     producer = Producer(s)
     try:
         n = producer.produce(paths, link=link)
-    except redis.ConnectionError as e:
-        raise TransientError(f"cannot reach Redis at {mask_url(s.redis_url)}: {error_line(e)}") from e
     finally:
         producer.close()
     where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream

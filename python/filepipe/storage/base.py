@@ -61,6 +61,10 @@ class Storage(ABC):
         """Measures (size, sha256, content type) the records `indices` of `batch` whose
         storage is this backend, writing results or failures into `into`."""
 
+    @abstractmethod
+    def remove(self, key: str) -> None:
+        """Deletes what `put_file` stored under `key` (nothing if it is not there)."""
+
     def describe(self) -> str:
         """Where this storage is, for messages (no secrets)."""
         return self.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -67,6 +68,19 @@ class LocalStorage(Storage):
                 raise
         except OSError as e:
             raise StorageError(f"cannot store {src} as '{key}' in {self.root}: {e.strerror or e}") from e
+
+    def remove(self, key: str) -> None:
+        """Deletes `<root>/<key>` and the directories above it it leaves empty (not the root)."""
+        dest = self.root / key
+        try:
+            dest.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot delete '{key}' from {self.root}: {e.strerror or e}") from e
+        parent = dest.parent
+        with contextlib.suppress(OSError):  # a directory that is not empty stays
+            while parent != self.root and self.root in parent.parents:
+                parent.rmdir()
+                parent = parent.parent
 
     def measure(
         self, batch: _native.EntryBatch, indices: list[int], into: _native.Measurements, max_bytes: int

@@ -236,6 +236,13 @@ class S3Storage(Storage):
                 f"cannot store {src} as '{key}' in {self.describe()}: {_describe_error(e)}"
             ) from e
 
+    def remove(self, key: str) -> None:
+        """Deletes the object `<prefix><key>`."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        except (ClientError, BotoCoreError, OSError) as e:
+            raise StorageError(f"cannot delete '{key}' from {self.describe()}: {_describe_error(e)}") from e
+
     # -- measuring -------------------------------------------------------------------------
 
     def measure(
