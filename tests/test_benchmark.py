@@ -1,8 +1,10 @@
 """`filepipe benchmark` against real services, with real latency injected by a loopback
 TCP proxy in front of one of them.
 
-No figure is asserted against a timed threshold; only the verdict is, and the injected
-delay (40 ms each way, so 80 ms per round trip) dwarfs anything a busy 2-core machine adds.
+No figure is asserted against a timed threshold; only the verdict and the round trips'
+grades are, and the injected delay (40 ms each way, so 80 ms per round trip) dwarfs anything
+a busy 2-core machine adds. Figures a busy machine can make slow on its own (a new
+connection's 100 ms, a COPY's 20,000 rows/s) are not asserted on.
 Small batches (100) make the verdict depend on latency, not on how fast this machine's
 disk happens to be."""
 
@@ -113,6 +115,11 @@ def section(text: str, title: str) -> str:
     return text.split(title, 1)[1].split("\n\n", 1)[0]
 
 
+def line(text: str, label: str) -> str:
+    """The line of the human report for figure `label`."""
+    return next(line for line in text.splitlines() if line.startswith(f"  {label}:"))
+
+
 def database_title(timescaledb: bool) -> str:
     """The database section's title: the guide's where TimescaleDB is in the database."""
     return "TIMESCALEDB PERFORMANCE" if timescaledb else "POSTGRESQL PERFORMANCE"
@@ -127,7 +134,7 @@ def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
     assert "SOLUTION: CONSUMER_BATCH_SIZE=" in text and "Expected improvement: " in text
     pg = section(text, database_title(bool(report.postgres.timescaledb)))
     assert "⚠ SLOW!" in pg and "⚠ Creating connections is expensive!" in pg
-    assert "⚠" not in section(text, "REDIS PERFORMANCE")
+    assert "⚠" not in line(text, "PING (avg)")
     # The seed's per-file-connection consumer pays that latency per file; filepipe does not.
     assert report.model is not None
     assert report.model.old_rate() < report.model.fast_rate() < report.model.rate()
@@ -141,7 +148,7 @@ def test_slow_redis_is_the_bottleneck(slow_redis: Settings) -> None:
     assert report.to_json()["bottleneck"] == "redis"
     assert "⚠️  REDIS IS THE BOTTLENECK!" in text
     assert "⚠ SLOW!" in section(text, "REDIS PERFORMANCE")
-    assert "⚠" not in section(text, database_title(bool(report.postgres.timescaledb)))
+    assert "⚠" not in line(text, "Pooled round trip")
     assert report.exit_code == 0
 
 
@@ -152,8 +159,7 @@ def test_no_injected_latency_does_not_cry_wolf(env: Env) -> None:
     assert report.verdict.bottleneck in ("storage", "consumer"), text
     for slow in ("REDIS IS THE BOTTLENECK", "DATABASE IS THE BOTTLENECK", "UNREACHABLE"):
         assert slow not in text
-    assert "⚠" not in section(text, "REDIS PERFORMANCE")
-    assert "⚠" not in section(text, database_title(bool(report.postgres.timescaledb)))
+    assert "⚠" not in line(text, "PING (avg)") and "⚠" not in line(text, "Pooled round trip")
     assert report.exit_code == 0
 
 
