@@ -80,6 +80,23 @@ impl EntryBatch {
             .collect()
     }
 
+    /// Record indices by storage, in record order: only the storages the batch names.
+    fn by_storage(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let mut local = Vec::new();
+        let mut s3 = Vec::new();
+        for (i, r) in self.0.records.iter().enumerate() {
+            match r.storage {
+                Storage::Local => local.push(i),
+                Storage::S3 => s3.push(i),
+            }
+        }
+        [(Storage::Local, local), (Storage::S3, s3)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(st, v)| (st.as_str(), v))
+            .collect()
+    }
+
     /// The accepted records as dicts (for inspection and tests; not the hot path).
     fn records<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.0

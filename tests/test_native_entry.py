@@ -46,6 +46,15 @@ def test_accepts_the_contract() -> None:
     }
 
 
+def test_records_by_storage_in_record_order() -> None:
+    b = _native.parse_entries([(b"1-0", good()), (b"1-1", good(storage=b"s3")), (b"1-2", None),
+                               (b"1-3", good()), (b"1-4", good(storage=b"s3"))])
+    assert b.by_storage() == [("local", [0, 2]), ("s3", [1, 3])]
+    assert [m for m, _ in b.locations()] == ["local", "s3", "local", "s3"]
+    assert _native.parse_entries([(b"1-0", good())], default_storage="s3").by_storage() == [("s3", [0])]
+    assert _native.parse_entries([]).by_storage() == []
+
+
 def test_path_is_the_seeds_name_for_key() -> None:
     fields = good()
     del fields[b"key"]

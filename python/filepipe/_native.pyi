@@ -43,6 +43,8 @@ class EntryBatch:
         """Bytes of the input entries' ids, field names and values, rejected entries included."""
     def locations(self) -> list[tuple[str, str]]:
         """(storage, key) of each accepted record."""
+    def by_storage(self) -> list[tuple[str, list[int]]]:
+        """(storage, record indices) of each storage the batch names, in record order."""
     def records(self) -> list[dict[str, object]]:
         """The accepted records as dicts (for inspection and tests)."""
 

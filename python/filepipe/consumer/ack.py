@@ -73,7 +73,7 @@ class Ack:
         part = p.part
         result = self.ack(part, p.ids, p.dead + row_dead)
         held = {d.source_id for d in result.held}
-        self.in_hand.landed(part.stream, [i for i in p.ids if i not in held])
+        self.in_hand.landed(part.stream, [i for i in p.ids if i not in held] if held else p.ids)
         self.housekeeper.acked(result.acked)
         crash_point("after_ack")
         st = self.stats

@@ -28,33 +28,36 @@ log = logging.getLogger("filepipe")
 
 
 class InHand:
-    """(stream, entry id) of every entry this process has read and not yet acknowledged
-    or let go. XAUTOCLAIM cannot tell them (idle in Redis's eyes during a long wait) from
-    a dead consumer's; `keep` claims them again so that Redis does not either."""
+    """The entry ids, by stream, of every entry this process has read and not yet
+    acknowledged or let go. XAUTOCLAIM cannot tell them (idle in Redis's eyes during a
+    long wait) from a dead consumer's; `keep` claims them again so that Redis does not
+    either. (A set of ids per stream: a batch goes in and out by set operations, with no
+    Python object made per entry.)"""
 
     def __init__(self, r: redis.Redis, settings: Settings, name: str) -> None:
         self.redis = r
         self.settings = settings
         self.name = name
-        self._entries: set[tuple[str, bytes]] = set()
-        self._gone: set[tuple[str, bytes]] = set()
+        self._entries: dict[str, set[bytes]] = {}
+        self._gone: dict[str, set[bytes]] = {}
         self._lock = threading.Lock()
         self._kept_at = time.monotonic()
 
     def add(self, stream_name: str, ids: list[bytes]) -> None:
         with self._lock:
-            self._entries.update((stream_name, i) for i in ids)
+            self._entries.setdefault(stream_name, set()).update(ids)
 
     def landed(self, stream_name: str, ids: list[bytes]) -> None:
         """These entries are no longer in this consumer's hands (acknowledged, or let go)."""
         with self._lock:
-            keys = [(stream_name, i) for i in ids]
-            self._entries.difference_update(keys)
-            self._gone.difference_update(keys)
+            for held in (self._entries, self._gone):
+                in_stream = held.get(stream_name)
+                if in_stream:
+                    in_stream.difference_update(ids)
 
     def holds(self, stream_name: str, entry_id: bytes) -> bool:
         with self._lock:
-            return (stream_name, entry_id) in self._entries
+            return entry_id in self._entries.get(stream_name, ())
 
     def keep(self, *, force: bool = False) -> None:
         """Every `claim_idle_ms / 2`, claims the entries in hand again (XCLAIM JUSTID: their
@@ -65,9 +68,7 @@ class InHand:
             return
         self._kept_at = now
         with self._lock:
-            by_stream: dict[str, list[bytes]] = {}
-            for name, entry_id in self._entries:
-                by_stream.setdefault(name, []).append(entry_id)
+            by_stream = {name: list(ids) for name, ids in self._entries.items() if ids}
         for name, ids in by_stream.items():
             try:
                 kept, checked = self._claim_own(name, ids)
@@ -80,7 +81,8 @@ class InHand:
                 # XCLAIM drops entries deleted from the stream from the pending list; the
                 # others were acknowledged, or reclaimed by another consumer.
                 with self._lock:
-                    self._gone.update(k for k in ((name, i) for i in gone) if k in self._entries)
+                    in_hand = self._entries.get(name, set())
+                    self._gone.setdefault(name, set()).update(i for i in gone if i in in_hand)
 
     def _claim_own(self, name: str, ids: list[bytes]) -> tuple[set[bytes], set[bytes]]:
         """Claims again those of `ids` still pending with this consumer (not those another
@@ -104,8 +106,11 @@ class InHand:
     def take_gone(self, stream_name: str, ids: list[bytes]) -> list[bytes]:
         """Which of `ids` the last `keep` found no longer pending (taken: asked once)."""
         with self._lock:
-            gone = [i for i in ids if (stream_name, i) in self._gone]
-            self._gone.difference_update((stream_name, i) for i in gone)
+            found = self._gone.get(stream_name)
+            if not found:
+                return []
+            gone = [i for i in ids if i in found]
+            found.difference_update(gone)
         return gone
 
 

@@ -163,13 +163,11 @@ class Files:
     def measure(self, batch: _native.EntryBatch) -> _native.Measurements:
         """Measures every record's file; retries the whole measurement while a
         failure is transient (out of file descriptors, S3 throttling)."""
-        by_storage: dict[str, list[int]] = {}
-        for i, (mode, _key) in enumerate(batch.locations()):
-            by_storage.setdefault(mode, []).append(i)
+        by_storage = batch.by_storage()
         while True:
             m = _native.Measurements(len(batch))
             try:
-                for mode, indices in by_storage.items():
+                for mode, indices in by_storage:
                     problem = self.unservable(mode)
                     if problem is not None:
                         for i in indices:
