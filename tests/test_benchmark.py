@@ -218,9 +218,11 @@ def test_json_for_machines_and_words_for_people(env: Env, own_schema: Settings) 
     ):
         assert words in result.stdout, words
     assert database_title(not env.hypertable) not in result.stdout
+    # The table's kind, a space after its name however long (longer than the labels' column).
+    kind = f"hypertable (TimescaleDB {ext['installed']}, apache edition)" if env.hypertable else "plain table"
+    assert len(f"Table {table}:") > 24
+    assert re.search(rf"^  Table {re.escape(table)}: +{re.escape(kind)}$", result.stdout, re.M), result.stdout
     if env.hypertable:
-        kind = f"hypertable (TimescaleDB {ext['installed']}, apache edition)"
-        assert re.search(rf"^  Table {re.escape(table)}: *{re.escape(kind)}$", result.stdout, re.M)
         assert "Chunks:                 " in result.stdout and " of 1 day" in result.stdout
         assert "Same batch, plain:" in result.stdout and "x the hypertable's (scratch tables" in result.stdout
     elif ext["state"] == "not preloaded":

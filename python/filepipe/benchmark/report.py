@@ -102,7 +102,7 @@ def _size(n: float) -> str:
 
 
 def _line(label: str, value: str, mark: str = "") -> str:
-    text = f"  {label + ':':<24}{value:<14}"
+    text = f"  {label + ':':<23} {value:<14}"  # a space after the longest labels too
     return (text + "  " + mark).rstrip() if mark else text.rstrip()
 
 
