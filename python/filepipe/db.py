@@ -473,7 +473,7 @@ def init_db(
             "stop the consumers loading it and run `filepipe init-db` again"
         ) from e
     except psycopg.OperationalError as e:
-        raise DatabaseError(f"cannot reach PostgreSQL at {mask_url(settings.pg_uri)}: {first_line(e)}") from e
+        raise connection_failure(settings, e) from e
     except psycopg.Error as e:
         raise DatabaseError(f"cannot create table {table}: {first_line(e)}") from e
 
@@ -612,9 +612,22 @@ def drop_old_chunks(settings: Settings, older_than: timedelta) -> list[str]:
                 )
             return timescale.drop_chunks(conn, table, older_than)
     except psycopg.OperationalError as e:
-        raise DatabaseError(f"cannot reach PostgreSQL at {mask_url(settings.pg_uri)}: {first_line(e)}") from e
+        raise connection_failure(settings, e) from e
     except psycopg.Error as e:
         raise DatabaseError(f"cannot drop chunks of {table}: {first_line(e)}") from e
+
+
+def connection_failure(settings: Settings, e: psycopg.OperationalError) -> DatabaseError | ConfigError:
+    """What a command says when PostgreSQL cannot be used: a ConfigError (exit 2) with the
+    server's own reason when it refuses these settings for good (`retry.pg_login_refusal`),
+    else a DatabaseError saying it cannot be reached."""
+    from .retry import pg_login_refusal
+
+    where = mask_url(settings.pg_uri)
+    refusal = pg_login_refusal(e)
+    if refusal is not None:
+        return ConfigError(f"PostgreSQL at {where} refused the connection: {refusal} (check PG_URI)")
+    return DatabaseError(f"cannot reach PostgreSQL at {where}: {first_line(e)}")
 
 
 def first_line(e: BaseException) -> str:
