@@ -82,9 +82,10 @@ test: install test-rust browser pgbouncer timescaledb ## Run the whole test suit
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: install ## Measure: pytest-benchmark groups, then the end-to-end table (artifacts/bench-e2e.md)
+bench: install ## Measure: pytest-benchmark groups, the end-to-end table (artifacts/bench-e2e.md), where the CPU goes (artifacts/profile.md)
 	FILEPIPE_BENCH_FULL=1 $(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 	$(PY) -m benches.e2e
+	$(PY) -m benches.profile --events 1000000
 
 .PHONY: demo
 demo: install ## Run the pipeline end to end on sample files (throwaway Redis/PostgreSQL unless configured)

@@ -334,6 +334,41 @@ fn parse_entries(
     })
 }
 
+/// The ids of a reply's entries, and of those among them read without fields (deleted
+/// from the stream while pending): two lists of the reply's own id objects, made with
+/// no Python code run per entry.
+#[pyfunction]
+fn entry_ids<'py>(
+    py: Python<'py>,
+    entries: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+    let ids = PyList::empty(py);
+    let gone = PyList::empty(py);
+    for (pos, entry) in entries.try_iter()?.enumerate() {
+        let entry = entry?;
+        let not_a_pair =
+            || EntryError::new_err(format!("entry {pos} must be an (id, fields) pair"));
+        let (id, fields) = if let Ok(t) = entry.cast::<PyTuple>() {
+            if t.len() != 2 {
+                return Err(not_a_pair());
+            }
+            (t.get_item(0)?, t.get_item(1)?)
+        } else if let Ok(l) = entry.cast::<PyList>() {
+            if l.len() != 2 {
+                return Err(not_a_pair());
+            }
+            (l.get_item(0)?, l.get_item(1)?)
+        } else {
+            return Err(not_a_pair());
+        };
+        if fields.is_none() || !fields.is_truthy()? {
+            gone.append(&id)?;
+        }
+        ids.append(id)?;
+    }
+    Ok((ids, gone))
+}
+
 /// Measures every local-storage record of `batch` (size, SHA-256, sniffed type)
 /// under `root` on up to `threads` threads, with the GIL released.
 #[pyfunction]
@@ -477,6 +512,7 @@ pub fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EntryBatch>()?;
     m.add_class::<Measurements>()?;
     m.add_function(wrap_pyfunction!(parse_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(entry_ids, m)?)?;
     m.add_function(wrap_pyfunction!(measure_local, m)?)?;
     m.add_function(wrap_pyfunction!(encode_copy, m)?)?;
     m.add_function(wrap_pyfunction!(sniff_content_type, m)?)?;

@@ -55,6 +55,17 @@ def test_records_by_storage_in_record_order() -> None:
     assert _native.parse_entries([]).by_storage() == []
 
 
+def test_entry_ids_names_every_entry_and_those_read_without_fields() -> None:
+    entries: list[tuple[bytes, object]] = [(b"1-0", good()), (b"1-1", None), (b"1-2", {}),
+                                           (b"1-3", [b"k", b"v"])]
+    ids, gone = _native.entry_ids(entries)
+    assert ids == [b"1-0", b"1-1", b"1-2", b"1-3"] and gone == [b"1-1", b"1-2"]
+    assert ids[0] is entries[0][0]
+    assert _native.entry_ids([[b"2-0", [b"k", b"v"]]]) == ([b"2-0"], [])
+    with pytest.raises(EntryError, match="entry 1 must be an"):
+        _native.entry_ids([(b"1-0", None), (b"1-1",)])  # type: ignore[list-item]
+
+
 def test_path_is_the_seeds_name_for_key() -> None:
     fields = good()
     del fields[b"key"]

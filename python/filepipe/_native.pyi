@@ -10,6 +10,7 @@ __all__ = [
     "Measurements",
     "__version__",
     "encode_copy",
+    "entry_ids",
     "format_timestamp",
     "measure_local",
     "parse_entries",
@@ -66,6 +67,12 @@ class Measurements:
         """Indices of the records measured successfully."""
     def get(self, index: int) -> tuple[int, bytes, str | None] | None:
         """(size, sha256 digest, content type) of a record, or None."""
+
+def entry_ids(entries: Iterable[tuple[bytes, object] | list[object]]) -> tuple[list[bytes], list[bytes]]:
+    """The ids of a reply's entries, and of those read without fields (None or empty:
+    deleted from the stream while pending), with no Python code run per entry.
+
+    Raises EntryError if an item is not an (id, fields) pair."""
 
 def parse_entries(
     entries: Iterable[tuple[bytes | str, _Fields] | list[object]],

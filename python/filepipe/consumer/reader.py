@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from .. import metrics, stream
+from .. import _native, metrics, stream
 from ..config import Settings
 from ..partitions import Partition
 from ..redaction import error_line
@@ -277,8 +277,7 @@ class Reader:
         """Hands a batch just read to the preparer. An entry read again without its fields
         (this consumer's history, a claim) was deleted from the stream while pending: there
         is nothing to load or to dead-letter, it is only acknowledged, and counted."""
-        ids = [e[0] for e in entries]
-        gone = [e[0] for e in entries if not e[1]]  # nil (or, parsed by redis-py, empty)
+        ids, gone = _native.entry_ids(entries)  # gone: nil fields (or, parsed by redis-py, empty)
         if gone:
             entries = [e for e in entries if e[1]]
             log_deleted(part, gone)
