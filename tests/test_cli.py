@@ -95,13 +95,17 @@ def test_dotenv_is_read(env: Env, tmp_path: Path) -> None:
 
 
 def test_missing_table_is_a_clear_error(env: Env, tmp_path: Path) -> None:
-    env.write_file("a.txt", b"a")
-    env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
-    result = run(["consume", "--drain"], cli_env(env, FILEPIPE_TABLE="no_such_table_here"), tmp_path)
-    assert result.returncode == 1
-    assert "no_such_table_here does not exist: run `filepipe init-db` first" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert env.pending() == 1  # nothing acknowledged
+    """Checked at the start: with an empty stream too, not "Stopped: 0 inserted"."""
+    e = cli_env(env, FILEPIPE_TABLE="no_such_table_here")
+    for events in (0, 1):
+        if events:
+            env.write_file("a.txt", b"a")
+            env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+        result = run(["consume", "--drain"], e, tmp_path)
+        assert result.returncode == 2
+        assert "no_such_table_here does not exist: run `filepipe init-db` first" in result.stderr
+        assert "Traceback" not in result.stderr and "Stopped" not in result.stdout
+    assert env.pending() == 0  # nothing read
 
 
 def test_unreachable_redis_is_reported_without_password(env: Env, tmp_path: Path) -> None:

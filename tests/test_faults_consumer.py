@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import signal
 import subprocess
 import time
@@ -282,3 +283,31 @@ def test_dlq_list_replay_purge(fenv: Env, tmp_path: Path) -> None:
     assert "bad_uuid" not in dlq.summarize(fenv.redis, s.dead_stream)["by_reason"]
     assert cli("purge", "--yes").returncode == 0
     assert fenv.redis.xlen(s.dead_stream) == 0
+
+
+def test_progress_lines_come_when_the_batch_is_done(fenv: Env) -> None:
+    """The lines of the last batch (its dead letters too) appear once they are due, with no
+    further events to push them out; the rate names its window."""
+    import threading
+
+    from filepipe.consumer import Consumer
+
+    seed(fenv.redis, fenv.settings, fenv.storage, 50, poison_every=10)
+    lines: list[str] = []
+    consumer = Consumer(fenv.settings, write=lines.append, progress_interval=0.5)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("📊") for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fenv.pending() == 0  # everything read is acknowledged; no event comes after
+        before_stop = list(lines)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    lines = before_stop  # (a stop writes what is left anyway)
+    assert "✓ Batch complete: 45 records inserted" in lines, lines
+    assert any(line.startswith("⚠ Dead-lettered 5 entries (") for line in lines), lines
+    total = next(line for line in lines if line.startswith("📊"))
+    assert re.fullmatch(r"📊 Total: 45 \| Rate: \d+\.\d\d files/sec \(last \d+(\.\d)? s\)", total), total

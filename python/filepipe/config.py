@@ -139,6 +139,10 @@ class Settings:
     statement_timeout_ms: int = setting(
         60_000, env="FILEPIPE_STATEMENT_TIMEOUT_MS", option=False, help="PostgreSQL statement timeout, in ms"
     )
+    drain_timeout: float = setting(
+        300.0, env="FILEPIPE_DRAIN_TIMEOUT",
+        help="With --drain, give up (exit 1) on an outage this long, in seconds",
+    )
     # 0: the single stream `<stream>`; P: `<stream>:{0}` ... `<stream>:{P-1}` (partitions.py).
     partitions: int = setting(
         0,
@@ -470,6 +474,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"{_label('block_ms')} must be between 0 and 3600000, not {s.block_ms}")
     if s.claim_idle_ms < 1000:
         raise ConfigError(f"{_label('claim_idle_ms')} must be at least 1000, not {s.claim_idle_ms}")
+    if not s.drain_timeout > 0:
+        raise ConfigError(f"{_label('drain_timeout')} must be more than 0 seconds, not {s.drain_timeout:g}")
     if not 0 < s.connect_timeout_s <= 600:
         raise ConfigError(f"{_label('connect_timeout_s')} must be between 0 and 600 seconds")
     if s.storage_mode not in ("local", "s3"):

@@ -31,5 +31,9 @@ class TransientError(FilepipeError):
     """A service is unreachable or overloaded for now; the operation is retried."""
 
 
+class GaveUp(FilepipeError):
+    """A service stayed unreachable (or the table refused rows) longer than `--drain` waits."""
+
+
 class NotPreloadedError(ConfigError):
     """TimescaleDB is installed on the server but not in `shared_preload_libraries`."""

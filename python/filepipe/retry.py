@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,10 @@ import psycopg
 import redis
 from psycopg_pool import PoolTimeout
 from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
     ClusterDownError,
+    NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
@@ -21,7 +25,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from .errors import TransientError
+from .errors import GaveUp, TransientError
 from .redaction import error_line
 
 log = logging.getLogger("filepipe")
@@ -46,10 +50,50 @@ class Abandoned(Exception):
     """Retrying was given up because the consumer is stopping; the work stays unacknowledged."""
 
 
+# What PostgreSQL says, refusing a connection, when it will take it a little later.
+_PG_PASSING_REFUSALS = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "sorry, too many clients already",
+    "remaining connection slots are reserved",
+)
+# What libpq says when the client's own settings can never connect (TLS, a password).
+_PG_CLIENT_REFUSALS = ("does not support SSL", "certificate", "no password supplied", "sslmode")
+
+
+def permanent_pg(e: BaseException) -> bool:
+    """Whether PostgreSQL refused a connection for a reason that waiting will not fix: a
+    password, a role or database that does not exist, pg_hba.conf, TLS required or refused
+    (libpq gives such errors no SQLSTATE: the server's FATAL message tells)."""
+    if not isinstance(e, psycopg.OperationalError):
+        return False
+    text = str(e)
+    if "FATAL:" in text:
+        return not any(p in text for p in _PG_PASSING_REFUSALS)
+    return any(p in text for p in _PG_CLIENT_REFUSALS)
+
+
+def permanent_redis(e: BaseException) -> bool:
+    """Whether Redis refused for a reason that waiting will not fix: a password or user it
+    does not know, a command its ACL denies, a TLS handshake that fails."""
+    if isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError)):
+        return True
+    if isinstance(e, redis.ResponseError) and str(e).startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+        return True
+    cause = e.__cause__ or e.__context__
+    return isinstance(e, redis.ConnectionError) and isinstance(cause, ssl.SSLError) and not isinstance(
+        cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError))
+
+
 def is_transient_pg(e: BaseException) -> bool:
     """Whether a PostgreSQL error is worth retrying the same batch for."""
     if isinstance(e, TransientError):
         return True
+    if permanent_pg(e):
+        return False
     if isinstance(e, (PoolTimeout, psycopg.OperationalError, psycopg.InterfaceError)):
         state = getattr(getattr(e, "diag", None), "sqlstate", None) or getattr(e, "sqlstate", None)
         if state is None:
@@ -90,7 +134,10 @@ def is_transient_redis(e: BaseException) -> bool:
     """Whether a Redis error is a connection problem, a server that is not ready yet (on
     a cluster too: a master down, a slot not served or migrating), or a server that
     refuses writes for now (full, a read-only replica, a failed snapshot): each passes
-    without anything the consumer could do but wait."""
+    without anything the consumer could do but wait. Not a refused password or user, nor
+    a failed TLS handshake (`permanent_redis`)."""
+    if permanent_redis(e):
+        return False
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         return True
     if redis_refusal(e) is not None:
@@ -181,14 +228,17 @@ class Backoff:
         outage: Outage | None = None,
         on_wait: Callable[[], None] | None = None,
         on_retry: Callable[[str], None] | None = None,
+        give_up_after: float | None = None,
     ) -> None:
         """`stop`, once set, cuts the current wait short and makes `call` give up
         (raising Abandoned) instead of retrying again. `on_error` hears the error when an
         outage starts (or its message changes) and "" when it ends. Backoffs given one
         `outage` (and then its `on_error`) log and report it together. `on_wait` is called
         after every wait (to keep a heartbeat fresh through a long one); `on_retry` with the
-        service's name at every failure (a metric)."""
+        service's name at every failure (a metric). With `give_up_after`, a failure that
+        many seconds into an outage raises GaveUp instead of waiting again."""
         self.service = service
+        self.give_up_after = give_up_after
         self.on_retry = on_retry
         self.on_wait = on_wait
         self.base = base
@@ -221,6 +271,11 @@ class Backoff:
     def failed(self, e: BaseException) -> float:
         """Records a failure, logs it if it is news, sleeps, and returns the delay slept."""
         delay = self.record(e)
+        down = time.monotonic() - (self.down_since or time.monotonic())
+        if self.give_up_after is not None and down >= self.give_up_after:
+            raise GaveUp(f"{self.service} {self.outage.state} ({self.last_message}): gave up after "
+                         f"{down:.0f} s, the longest --drain waits (FILEPIPE_DRAIN_TIMEOUT="
+                         f"{self.give_up_after:g})") from e
         if self.stop is not None:
             self.stop.wait(delay)
         else:

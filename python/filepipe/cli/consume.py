@@ -37,6 +37,7 @@ TUNING = (
         "stream_retention",
         "pgbouncer",
         "log_format",
+        "drain_timeout",
         *REDIS,
         *POSTGRES,
         *PIPELINE,
@@ -143,9 +144,5 @@ def consume(
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
-    if not quiet:
-        write(
-            f"Stopped: {stats.inserted} inserted, {stats.duplicates} already present, "
-            f"{stats.dead_lettered} dead-lettered, {stats.deleted} deleted while pending, "
-            f"{stats.acked} acknowledged"
-        )
+    if not quiet or stats.abandoned:
+        write(stats.summary())

@@ -8,14 +8,17 @@ import signal
 from collections.abc import Callable
 
 import psycopg
+import redis
+from redis.exceptions import RedisClusterException
 
 from .. import db, metrics, shutdown, stream
 from .._faults import crash_point
-from ..config import Settings
+from ..config import Settings, mask_url
+from ..errors import ConfigError, DatabaseError, SchemaError
 from ..partitions import partitions
+from ..redaction import error_line
 from ..retention import Housekeeper
-from ..retry import Abandoned, Outage, is_transient_redis
-from ..retry import Backoff as _Backoff
+from ..retry import Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis, permanent_pg
 from ..storage import Storage
 from ..stream import DeadLetter, ReadSize
 from .ack import Ack
@@ -27,9 +30,6 @@ from .reader import RawBatch, Reader
 from .stage import Lifecycle, Stage
 
 log = logging.getLogger("filepipe")
-
-# Every retry counts in filepipe_retries_total.
-Backoff = functools.partial(_Backoff, on_retry=metrics.record_retry)
 
 
 class Consumer:
@@ -71,21 +71,27 @@ class Consumer:
         self.liveness = Liveness(self.redis, s, self.name, self.parts, self.stats, self.in_hand,
                                  lambda: self.acker.held_count())
         beat = self.liveness.beat
+        # Every retry counts in filepipe_retries_total; a drain gives up on an outage that
+        # lasts longer than FILEPIPE_DRAIN_TIMEOUT.
+        give_up_after = s.drain_timeout if drain else None
+        backoff = functools.partial(Backoff, on_retry=metrics.record_retry, give_up_after=give_up_after)
         # One Redis outage is one warning, whichever threads wait it out. The reader and the
         # storage give up at a stop; loading and acknowledging go on until its deadline.
         redis_outage = Outage("Redis", self._error_sink("Redis"))
-        self.redis_backoff = Backoff("Redis", stop=life.stopping, outage=redis_outage)
-        ack_backoff = Backoff("Redis", stop=life.abandon, outage=redis_outage)
-        held_backoff = Backoff("Redis", stop=life.abandon, outage=redis_outage)
-        pg_backoff = Backoff("PostgreSQL", stop=life.abandon, on_error=self._error_sink("PostgreSQL"),
+        self.redis_backoff = backoff("Redis", stop=life.stopping, outage=redis_outage)
+        ack_backoff = backoff("Redis", stop=life.abandon, outage=redis_outage)
+        held_backoff = backoff("Redis", stop=life.abandon, outage=redis_outage)
+        pg_backoff = backoff("PostgreSQL", stop=life.abandon, on_error=self._error_sink("PostgreSQL"),
                              on_wait=beat)
+        # At the start, PostgreSQL is waited for until a stop (nothing is in hand yet).
+        self._pg_start_backoff = backoff("PostgreSQL", stop=life.stopping, outage=pg_backoff.outage)
         # A table that refuses every row (a constraint, trigger or NOT NULL column no row
         # satisfies, a revoked privilege, a read-only database) is waited out like an outage.
         table = f"PostgreSQL table {s.table}"
         refusal = Outage(table, self._error_sink("table"), state="refuses rows",
                          recovery="accepts rows again")
-        table_backoff = Backoff(table, stop=life.abandon, outage=refusal, on_wait=beat)
-        storage_backoff = Backoff("Storage", stop=life.stopping, on_error=self._error_sink("Storage"),
+        table_backoff = backoff(table, stop=life.abandon, outage=refusal, on_wait=beat)
+        storage_backoff = backoff("Storage", stop=life.stopping, on_error=self._error_sink("Storage"),
                                   on_wait=beat)
 
         self.files = Files(s, storage_backoff, life.stopping.is_set, storage)
@@ -153,18 +159,7 @@ class Consumer:
         life = self.life
         started = False
         try:
-            # The configured storage: a setting it refuses is a configuration error, told
-            # before anything is read.
-            self.files.storage(self.settings.storage_mode)
-            for part in self.parts:
-                if life.stopping.is_set():
-                    break
-                self.redis_backoff.call(
-                    lambda p=part: stream.ensure_group(self.redis, p.stream, self.settings.group),  # type: ignore[misc]
-                    is_transient_redis,
-                )
-            if not life.stopping.is_set():
-                self._check_table()
+            self._start()
             if not life.stopping.is_set():
                 started = True
                 self.acking.start()
@@ -173,7 +168,7 @@ class Consumer:
                 self.housekeeper.start()
                 self.reader.run()
         except Abandoned:
-            pass  # stopped while waiting for Redis at the start: nothing was read
+            pass  # stopped while waiting for a service at the start: nothing was read (Stats.abandoned)
         finally:
             if started:
                 # Each stage finishes what it holds, in the order data flows, within one deadline.
@@ -194,15 +189,46 @@ class Consumer:
             raise life.failed
         return self.stats
 
-    def _check_table(self) -> None:
-        """Refuses at once a table this version cannot load (SchemaError: one line naming
-        `filepipe init-db`, exit 2). With PostgreSQL unreachable now, the first load checks
-        instead (db.Loader), so an outage at start is waited out as ever."""
+    def _start(self) -> None:
+        """Checks the storage, then both services, before anything is read. A refusal that
+        waiting will not fix (a password, a user, a database or role that does not exist,
+        TLS, a missing table) is a ConfigError with the server's reason: `consume` exits 2.
+        A service that does not answer is waited for, its reason logged, until a stop (or,
+        draining, FILEPIPE_DRAIN_TIMEOUT)."""
+        s = self.settings
+        self.files.storage(s.storage_mode)
+        for part in self.parts:
+            self._at_start("Redis", s.redis_url, self.redis_backoff,
+                           lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
+                           is_transient_redis)
+        self._at_start("PostgreSQL", s.pg_uri, self._pg_start_backoff, self._check_table, is_transient_pg)
+
+    def _at_start(self, service: str, url: str, backoff: Backoff, check: Callable[[], object],
+                  transient: Callable[[BaseException], bool]) -> None:
+        if self.life.stopping.is_set():
+            return
         try:
-            with db.connect(self.settings) as conn:
-                db.check_layout(conn, self.settings.table)
-        except psycopg.Error:
-            pass
+            backoff.call(check, transient)
+        except Abandoned:
+            self.stats.abandoned = (f"stopped while waiting for {service} at the start "
+                                    f"({backoff.last_message or 'no answer yet'}); nothing was read")
+            raise
+        except (redis.RedisError, RedisClusterException) as e:
+            raise ConfigError(f"Redis at {mask_url(url)} refused: {error_line(e)}") from e
+        except psycopg.Error as e:
+            if permanent_pg(e):
+                reason = error_line(e).removeprefix("connection failed: ")
+                raise ConfigError(f"PostgreSQL at {mask_url(url)} refused: {reason}") from e
+            raise DatabaseError(f"PostgreSQL at {mask_url(url)}: {error_line(e)}") from e
+
+    def _check_table(self) -> None:
+        """Refuses a table that is missing or that this version cannot load (SchemaError: one
+        line naming `filepipe init-db`, exit 2)."""
+        table = self.settings.table
+        with db.connect(self.settings) as conn:
+            if db.read_layout(conn, table) is None:
+                raise SchemaError(f"table {table} does not exist: run `filepipe init-db` first")
+            db.check_layout(conn, table)
 
     def _busy(self) -> bool:
         """Whether a batch read is still being prepared, loaded or acknowledged (or its dead

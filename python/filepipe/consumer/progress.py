@@ -27,6 +27,15 @@ class Stats:
     deleted: int = 0  # entries deleted from the stream while pending: acknowledged, nothing to load
     reasons: Counter[str] = field(default_factory=Counter)
     last_error: str = ""
+    abandoned: str = ""  # why nothing was read: stopped while waiting for a service at the start
+
+    def summary(self) -> str:
+        """The line `filepipe consume` ends with."""
+        if self.abandoned:
+            return f"Abandoned: {self.abandoned}"
+        return (f"Stopped: {self.inserted} inserted, {self.duplicates} already present, "
+                f"{self.dead_lettered} dead-lettered, {self.deleted} deleted while pending, "
+                f"{self.acked} acknowledged")
 
     def rate(self) -> float:
         """Rows inserted per second since the start (idle time included)."""
