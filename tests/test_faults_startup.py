@@ -189,7 +189,8 @@ def test_an_unreachable_service_is_waited_for_and_a_drain_gives_up(
     code, out, err, _ = run_drain(good, tmp_path, FILEPIPE_DRAIN_TIMEOUT="2", **spoilt)
     assert code == 1, err
     assert "Traceback" not in err + out
-    assert re.search(rf"WARNING .*{service} unreachable \(.*\), retrying in", err), err  # the reason, while waiting
+    # The reason, while waiting:
+    assert re.search(rf"WARNING .*{service} unreachable \(.*\), retrying in", err), err
     lines = errors(err)
     assert len(lines) == 1, err
     assert lines[0].startswith(f"error: {service} unreachable (") and "Connection refused" in lines[0]
