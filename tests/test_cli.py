@@ -126,6 +126,8 @@ def test_unreachable_redis_is_reported_without_password(env: Env, tmp_path: Path
 
 def test_produce_removes_the_files_of_events_redis_never_got(env: Env, tmp_path: Path) -> None:
     """Redis goes away after the files are stored and before their events are sent."""
+    from tests.support.processes import kill
+
     from filepipe.embedded import RedisServer
     from filepipe.errors import TransientError
     from filepipe.producer import Producer
@@ -140,7 +142,7 @@ def test_produce_removes_the_files_of_events_redis_never_got(env: Env, tmp_path:
 
         def after_each(_: Path) -> None:
             stored.extend(p for p in env.storage.rglob("*") if p.is_file() and p not in stored)
-            server.stop(kill=True)
+            kill(server)
 
         try:
             with pytest.raises(TransientError) as e:

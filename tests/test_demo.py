@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import redis
+from tests.support.processes import reap
 
 
 def test_the_demo_compares_the_guides_consumers_and_cleans_up(
@@ -115,7 +116,5 @@ def test_on_a_terminal_the_demo_serves_its_dashboard_until_enter(
                 break
         assert seen.decode(errors="replace").rstrip().endswith("✓ Cleaned up")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         os.close(leader)

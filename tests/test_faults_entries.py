@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 from tests.conftest import Env
+from tests.support.processes import reap
 from tests.support.workload import start_consumer, wait_for, wait_ready
 
 from filepipe.constants import HEARTBEAT_TTL_S, heartbeat_key
@@ -114,8 +115,7 @@ def test_a_consumer_parsing_a_wide_entry_keeps_its_heartbeat(env: Env, tmp_path:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, (tmp_path / "consumer.log").read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        reap(proc)
     assert watch.missing == 0
     # Refreshed every 2 s: a third of its TTL is a stall, whatever the machine's load.
     assert watch.longest < HEARTBEAT_TTL_S / 3, f"the heartbeat stood still for {watch.longest:.1f} s"

@@ -20,6 +20,7 @@ from typing import Any, cast
 import psycopg
 import pytest
 import redis
+from tests.support.processes import reap, restart_postgres, stop_postgres
 from tests.support.proxy import TcpProxy
 from tests.support.workload import Workload, seed, start_consumer, wait_ready
 
@@ -216,7 +217,7 @@ def test_postgres_restarted_immediate_mid_run(redis_server: RedisServer, pg_serv
     w = site.seed(20_000, poison_every=10)
     c = Draining(site.settings)
     wait_for("first rows", lambda: site.rows() > 0, 30)
-    pg_server.restart("immediate")  # SIGQUIT: backends die mid-COPY, like a crash
+    restart_postgres(pg_server, "immediate")  # SIGQUIT: backends die mid-COPY, like a crash
     recovery = progressing(site)
     assert c.alive()
     stats = c.finish(120)
@@ -236,7 +237,7 @@ def test_postgres_down_20_s_is_waited_out(redis_server: RedisServer, pg_server: 
     try:
         wait_ready(site.redis, site.settings, "patient", proc)
         wait_for("first rows", lambda: site.rows() > 0, 30)
-        pg_server.stop("fast")
+        stop_postgres(pg_server, "fast")
         t_down = time.monotonic()
         time.sleep(1.0)  # the batch being committed as the server went down is acknowledged by now
         acked, dead = site.acked(), site.redis.xlen(site.settings.dead_stream)
@@ -252,9 +253,7 @@ def test_postgres_down_20_s_is_waited_out(redis_server: RedisServer, pg_server: 
         recovery = progressing(site, timeout=45)
         assert proc.wait(120) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     text = log.read_text()
     report(capsys, f"PostgreSQL down 20 s: progressing again {recovery:.2f} s after it was back")
     down = [line for line in text.splitlines() if "PostgreSQL unreachable" in line]

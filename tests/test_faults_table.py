@@ -25,6 +25,7 @@ import psycopg
 import pytest
 import redis
 from tests.conftest import Env
+from tests.support.processes import reap, stop_postgres
 from tests.support.proxy import TcpProxy
 from tests.support.standby import start_standby, wait_replayed
 from tests.support.workload import Workload, seed, start_consumer
@@ -285,9 +286,7 @@ def test_consume_waits_out_a_read_only_database_then_drains_and_exits_0(
         admin(pg_server.uri, "ALTER SYSTEM RESET default_transaction_read_only", "SELECT pg_reload_conf()")
         assert proc.wait(120) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     text = log.read_text()
     assert "Traceback" not in text
     assert len([x for x in text.splitlines() if REFUSING in x]) == 1, text
@@ -350,7 +349,7 @@ def test_a_failover_to_a_read_only_standby_is_waited_out_until_it_is_promoted(
                 wait_for("first rows", lambda: env.rows() > 0, 30)
                 proxy.refuse()  # the primary is gone
                 wait_replayed(primary, standby)
-                primary.stop("fast")
+                stop_postgres(primary, "fast")
                 env.pg_uri = standby.uri
                 proxy.target_port = standby.port  # the address now leads to the standby
                 proxy.resume()

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .errors import ConfigError
 
@@ -29,6 +30,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(
+    proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> int | None:
+    """Sends `sig` to `proc` if it still runs, waits up to `timeout` seconds for it to
+    exit and kills it after that. Returns its exit code (None without a process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
 
 
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -84,8 +102,9 @@ def timescaledb_installed(bindir: Path | None = None) -> bool:
     if bindir is None or not (bindir / "pg_config").exists():
         return False
     try:
-        found = subprocess.run([str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True,
-                               timeout=10, check=True)
+        found = subprocess.run(
+            [str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True, timeout=10, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return (Path(found.stdout.strip()) / "extension" / "timescaledb.control").exists()
@@ -107,24 +126,32 @@ class RedisServer:
     def start(self) -> RedisServer:
         binary = _find_redis_server()
         args = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"), "--daemonize", "no",
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            str(self.dir / "redis.log"),
+            "--daemonize",
+            "no",
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_port(self.port, proc=self.proc)
         return self
 
-    def stop(self, *, kill: bool = False) -> None:
-        """Stops the server (SIGKILL with `kill`); the directory stays until `close()`."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self) -> None:
+        """Stops the server; the directory stays until `close()`."""
+        stop_process(self.proc)
         self.proc = None
 
     def close(self) -> None:
@@ -185,17 +212,38 @@ class PostgresServer:
         if self._user is not None:
             os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
         if not (self.data / "PG_VERSION").exists():
-            self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                       "-E", "UTF8", "--locale=C", "--no-sync"])
+            self._run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]
+            )
         self._launch()
         return self
 
     def _launch(self) -> None:
         assert self.bindir is not None
         settings = [
-            "-c", "listen_addresses=127.0.0.1", "-c", f"port={self.port}",
-            "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=100",
-            "-c", "shared_buffers=128MB", "-c", "logging_collector=off",
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"port={self.port}",
+            "-c",
+            f"unix_socket_directories={self.dir}",
+            "-c",
+            "max_connections=100",
+            "-c",
+            "shared_buffers=128MB",
+            "-c",
+            "logging_collector=off",
         ]
         if self.preload:
             settings += ["-c", f"shared_preload_libraries={','.join(self.preload)}"]
@@ -206,7 +254,11 @@ class PostgresServer:
         with open(self.dir / "postgres.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.bindir / "postgres"), "-D", str(self.data), *settings],
-                stdout=log, stderr=log, preexec_fn=self._demote, cwd=self.dir, start_new_session=True,
+                stdout=log,
+                stderr=log,
+                preexec_fn=self._demote,
+                cwd=self.dir,
+                start_new_session=True,
             )
         self._wait_ready()
 
@@ -239,45 +291,24 @@ class PostgresServer:
         self._uri = server.get_uri()
         return self
 
-    def stop(self, mode: str = "fast") -> None:
-        """Stops the server: `fast` (SIGINT), `immediate` (SIGQUIT: no shutdown checkpoint,
-        like a crash) or `kill` (SIGKILL of the postmaster)."""
+    def stop(self, sig: int = signal.SIGQUIT) -> None:
+        """Stops the server (SIGQUIT, PostgreSQL's immediate shutdown: a throwaway server
+        needs no checkpoint); `start()` starts it again on the same data."""
         if self._pgserver is not None:
             self._pgserver.cleanup()  # type: ignore[attr-defined]
             self._pgserver = None
             return
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        sig = {
-            "fast": signal.SIGINT,
-            "immediate": signal.SIGQUIT,
-            "kill": signal.SIGKILL,
-            "smart": signal.SIGTERM,
-        }[mode]
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if mode == "kill":
-            # Orphaned backends would keep the shared memory and port busy.
-            subprocess.run(["pkill", "-KILL", "-f", f"postgres.*{self.data}"], check=False)
-            time.sleep(0.2)
+        stop_process(self.proc, sig, timeout=30)
         self.proc = None
 
-    def restart(self, mode: str = "fast") -> None:
-        self.stop(mode)
-        self._launch()
-
     def close(self) -> None:
-        self.stop("immediate")
+        self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

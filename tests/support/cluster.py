@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import redis
-
-from filepipe.embedded import wait_port
+from tests.support.processes import reap, stop, wait_port
 
 
 def _free_cluster_port() -> int:
@@ -128,9 +127,7 @@ class RedisClusterServers:
     def restart(self, port: int, *, down_s: float = 1.0, kill: bool = True) -> None:
         """Stops the master on `port` (SIGKILL, or SIGTERM with `kill=False`), waits
         `down_s`, starts it again and waits until the cluster is ok."""
-        proc = self.procs[port]
-        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        proc.wait(30)
+        stop(self.procs[port], signal.SIGKILL if kill else signal.SIGTERM)
         time.sleep(down_s)
         self._launch(port)
         self.wait_ok()
@@ -143,9 +140,7 @@ class RedisClusterServers:
 
     def close(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            reap(proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisClusterServers:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from filepipe.embedded import free_port, wait_port
+from tests.support.processes import free_port, stop, wait_port
 
 
 def find_pgbouncer() -> str | None:
@@ -83,13 +83,8 @@ class PgBouncer:
         return self
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # immediate shutdown
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, signal.SIGINT, timeout=10)  # PgBouncer's immediate shutdown
         self.proc = None
         time.sleep(0.05)
         shutil.rmtree(self.dir, ignore_errors=True)
