@@ -17,12 +17,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
 import hypothesis
 import pytest
+import redis
 import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
@@ -40,7 +42,8 @@ from filepipe.consumer import Consumer
 from filepipe.dashboard.app import create_app
 from filepipe.dashboard.monitor import Monitor
 from filepipe.dashboard.upload import STAGING_DIR, clean_filename
-from filepipe.embedded import free_port
+from filepipe.db import init_db
+from filepipe.embedded import PostgresServer, RedisServer, free_port
 from filepipe.partitions import partitions, stream_for
 
 CHROMIUM = os.environ.get("FILEPIPE_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -534,6 +537,20 @@ def test_not_ready_and_flagged_when_postgres_is_unreachable(env: Env) -> None:
         assert client.get("/dashboard").status_code == 200
 
 
+def test_not_ready_while_the_table_is_missing(env: Env) -> None:
+    settings = env.settings_with(table=f"{env.settings.table}_missing")
+    with serve(create_app(settings, interval=0.25)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"] == {
+            "redis": "ok",
+            "postgresql": "ok",
+            "table": f"table {settings.table} does not exist (run `filepipe init-db`)",
+        }
+        error = client.get("/api/status").json()["errors"]["postgresql"]  # the first sample is taken at start
+        assert error and "does not exist" in error and "run `filepipe init-db`" in error, error
+
+
 def test_dashboard_shows_an_outage_in_the_browser(env: Env, browser: Browser) -> None:
     settings = env.settings_with(redis_url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1)
     with serve(create_app(settings, interval=0.5)) as url:
@@ -541,6 +558,84 @@ def test_dashboard_shows_an_outage_in_the_browser(env: Env, browser: Browser) ->
         page.goto(f"{url}/dashboard")
         page.wait_for_selector("#banner:not([hidden])")
         assert "Redis unreachable" in page.inner_text("#banner")
+        page.close()
+
+
+def live_dot(page: Page) -> tuple[str, str]:
+    return page.evaluate("(() => { const e = document.getElementById('live'); "
+                         "return [e.dataset.state, e.textContent]; })()")
+
+
+def consumer_health(page: Page, name: str) -> str | None:
+    return page.evaluate(  # type: ignore[no-any-return]
+        "(n) => { const r = [...document.querySelectorAll('#consumers tbody tr')]"
+        ".find(r => r.querySelector('td.name').firstChild.textContent === n); "
+        "return r ? r.dataset.health : null; }",
+        name,
+    )
+
+
+def row_is(page: Page, name: str, health: str, timeout: float = 20.0) -> None:
+    try:
+        wait_for(lambda: consumer_health(page, name) == health, timeout=timeout, what=f"the row, {health}")
+    except AssertionError as e:
+        shown = page.inner_text("#consumers")
+        raise AssertionError(f"{e}: {consumer_health(page, name)} in {shown!r}") from None
+
+
+def test_an_outage_shows_on_the_consumer_row_and_the_live_dot(env: Env, browser: Browser) -> None:
+    """On private servers the test stops: PostgreSQL down, the consumer's row says it waits
+    and the dot turns red; Redis down, the row turns stale (last seen) and the dot red;
+    each back, live again. A consumer that exited leaves the list."""
+    with RedisServer() as red, PostgresServer() as pg:
+        settings = env.settings_with(redis_url=red.url, pg_uri=pg.uri, connect_timeout_s=1)
+        init_db(settings, plain=True)
+        with serve(create_app(settings, interval=0.25)) as url, running_consumer(settings) as consumer:
+            page = browser.new_page()
+            page.goto(f"{url}/dashboard")
+            name = consumer.name
+            page.wait_for_function("() => document.getElementById('live').dataset.state === 'live'")
+            row_is(page, name, "live")
+            with httpx.Client(base_url=url, timeout=30) as client:
+                ready = client.get("/readyz").json()["checks"]
+                assert ready == {"redis": "ok", "postgresql": "ok", "table": "ok"}
+
+                pg.stop()
+                env.write_file("outage/1.txt", b"one")
+                redis_client = redis.Redis.from_url(red.url)
+                redis_client.xadd(settings.stream, {"file_id": str(uuid.uuid4()), "filename": "1.txt",
+                                                    "key": "outage/1.txt"})
+                wait_for(lambda: live_dot(page) == ["stale", "PostgreSQL unreachable"], what="the dot, red")
+                row_is(page, name, "waiting")
+                assert "PostgreSQL" in page.inner_text("#banner")
+                row = page.inner_text("#consumers")
+                assert "last error: PostgreSQL unreachable" in row, row
+                assert client.get("/readyz").status_code == 503
+                page.screenshot(path=str(ARTIFACTS / "dashboard-postgres-down.png"), full_page=True)
+
+                pg.start()
+                wait_for(lambda: live_dot(page) == ["live", "live"], what="the dot, live again", timeout=60)
+                row_is(page, name, "live", timeout=60)
+                # A consumer that ran and stopped (no heartbeat, nothing pending) is not listed.
+                Consumer(replace(settings, consumer_name="brief"), drain=True, write=None).run()
+                wait_for(lambda: client.get("/api/status").json()["consumers_exited"] == 1, what="one exited")
+                page.wait_for_function("() => document.getElementById('consumer-health').textContent"
+                                       ".includes('1 exited')")
+                assert consumer_health(page, "brief") is None and consumer_health(page, name) == "live"
+
+                red.stop()
+                wait_for(lambda: live_dot(page) == ["stale", "Redis unreachable"], what="the dot, red")
+                row_is(page, name, "stale")
+                assert "Redis unreachable" in page.inner_text("#banner")
+                heartbeat = page.inner_text("#consumers tbody tr td:last-child")
+                assert heartbeat.startswith("seen ") and heartbeat.endswith(" ago"), heartbeat
+                assert client.get("/readyz").status_code == 503
+                page.screenshot(path=str(ARTIFACTS / "dashboard-redis-down.png"), full_page=True)
+                red.start()  # empty
+                wait_for(lambda: live_dot(page) == ["live", "live"], what="the dot, live again", timeout=60)
+                page.wait_for_selector("#banner", state="hidden")
+                assert consumer_health(page, name) != "stale"
+                redis_client.close()
         page.close()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -335,6 +337,34 @@ def test_passwords_never_shown_and_unreachable_exits_1(env: Env) -> None:
     assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in result.stdout
     assert f"cannot reach PostgreSQL at postgresql://postgres:***@127.0.0.1:{port}/db" in result.stdout
     assert "✗ UNREACHABLE" in result.stdout
+
+
+def test_a_query_the_server_refuses_is_one_line(env: Env) -> None:
+    """A table without the events' columns: PostgreSQL refuses the query (a psycopg
+    ProgrammingError), and status says so in one line, with no traceback."""
+    other = f"{env.settings.table}_other"
+    env.sql(f"CREATE TABLE {other} (x int)")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "filepipe", "status", *cli_args(env, "--table", other)[1:]],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        env.sql(f"DROP TABLE {other}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    refused = [line for line in result.stdout.splitlines() if "PostgreSQL refused a status query" in line]
+    assert refused, result.stdout
+    assert all(line.endswith('column "event_time" does not exist') for line in refused), result.stdout
+
+    result = subprocess.run(
+        [sys.executable, "-m", "filepipe", "status",
+         *cli_args(env, pg_uri="postgresql://app:pw%zz@127.0.0.1:5432/test")[1:]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    shown = 'error: PG_URI cannot be used: invalid percent-encoded token: "***"'
+    assert result.stderr.strip().splitlines() == [shown], result.stderr
 
 
 def test_watch_refreshes_then_stops(env: Env) -> None:
