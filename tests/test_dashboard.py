@@ -456,7 +456,7 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
         assert snap["totals"]["dead_letters"] == 3 and snap["totals"]["stream_length"] == 4
         assert {r["reason"]: r["count"] for r in snap["dead_by_reason"]} == dict(expected)
         crashed = [c for c in snap["consumers"] if c["name"] == "crashed-consumer"]
-        assert crashed and crashed[0]["health"] == "departed" and crashed[0]["pending"] == 2
+        assert crashed and crashed[0]["health"] == "dead" and crashed[0]["pending"] == 2
         assert [e["filename"] for e in snap["latest"]][:1] == ["3.txt"]
         assert len(snap["series"]["t"]) >= 2
         figures = wait_for(
@@ -501,7 +501,7 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
     }
     assert shown == dict(expected)
     assert figure(page, "lag") == "2" and figure(page, "pending") == "2" and figure(page, "dead") == "3"
-    assert "departed" in page.inner_text("#consumers")
+    assert "dead" in page.inner_text("#consumers")
     page.wait_for_function("() => document.getElementById('table-history').textContent.includes('4 files')")
     kind = page.inner_text("#table-kind")
     assert kind.startswith("hypertable (TimescaleDB ") if env.hypertable else kind.startswith("plain table")
@@ -586,7 +586,7 @@ def row_is(page: Page, name: str, health: str, timeout: float = 20.0) -> None:
 def test_an_outage_shows_on_the_consumer_row_and_the_live_dot(env: Env, browser: Browser) -> None:
     """On private servers the test stops: PostgreSQL down, the consumer's row says it waits
     and the dot turns red; Redis down, the row turns stale (last seen) and the dot red;
-    each back, live again. A consumer that exited leaves the list."""
+    each back, live again. A consumer that stopped (departed) leaves the list."""
     with RedisServer() as red, PostgresServer() as pg:
         settings = env.settings_with(redis_url=red.url, pg_uri=pg.uri, connect_timeout_s=1)
         init_db(settings, plain=True)
@@ -618,9 +618,10 @@ def test_an_outage_shows_on_the_consumer_row_and_the_live_dot(env: Env, browser:
                 row_is(page, name, "live", timeout=60)
                 # A consumer that ran and stopped (no heartbeat, nothing pending) is not listed.
                 Consumer(replace(settings, consumer_name="brief"), drain=True, write=None).run()
-                wait_for(lambda: client.get("/api/status").json()["consumers_exited"] == 1, what="one exited")
+                snap = lambda: client.get("/api/status").json()  # noqa: E731
+                wait_for(lambda: snap()["consumers_departed"] == 1, what="one departed")
                 page.wait_for_function("() => document.getElementById('consumer-health').textContent"
-                                       ".includes('1 exited')")
+                                       ".includes('1 departed')")
                 assert consumer_health(page, "brief") is None and consumer_health(page, name) == "live"
 
                 red.stop()
@@ -783,8 +784,8 @@ def test_partitioned_stream_is_one_view(env: Env, caplog: pytest.LogCaptureFixtu
         assert (by_name["reader"]["pending"], by_name["reader"]["health"]) == (3, "live")
         assert (by_name["reader"]["host"], by_name["reader"]["inserted"]) == ("test-host", 7)
         crashed = by_name["crashed-consumer"]
-        assert (crashed["pending"], crashed["health"]) == (1, "departed")
-        assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "departed": 1}
+        assert (crashed["pending"], crashed["health"]) == (1, "dead")
+        assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "dead": 1}
         assert {e["filename"] for e in snap["latest"]} == {f"p{i}.txt" for i in range(9)}
 
         families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
@@ -1127,8 +1128,8 @@ def test_live_consumers_show_among_hundreds_departed(env: Env, parts: int) -> No
         for part in partitions(settings):
             env.redis.delete(part.stream, heartbeat_key(part.stream, "zz-live"))
     assert [(c["name"], c["health"], c["inserted"]) for c in snap["consumers"]] == [("zz-live", "live", 7)]
-    assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "departed": 0}
-    assert snap["consumers_exited"] == 600
+    assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "dead": 0}
+    assert snap["consumers_departed"] == 600
 def test_redis_memory_and_what_holds_it(env: Env, browser: Browser) -> None:
     """On its own Redis, 85 % full, the stream held back by another application's group."""
     from tests.support.workload import seed

@@ -455,9 +455,9 @@ def test_partitioned_stream_is_one_view(env: Env) -> None:
     assert (t.length, t.lag, t.pending, t.arrivals_last_minute) == (3, 1, 2, 10)
     assert t.oldest_pending is not None and t.oldest_pending.consumer == "ghost"
     by_name = {c.name: c.pending for c in t.consumers}
-    # One line per consumer, all partitions; the drain's consumer exited (no heartbeat, nothing pending).
-    assert by_name == {"ghost": 2} and t.exited == 1
-    assert [c.state for c in t.consumers] == ["departed"]
+    # One line per consumer, all partitions; the drain's consumer departed (no heartbeat, nothing pending).
+    assert by_name == {"ghost": 2} and t.departed == 1
+    assert [c.state for c in t.consumers] == ["dead"]
     assert t.dead_by_reason == {"bad_uuid": 1} and t.dead_last_minute == 1
     assert st.events is not None and st.events.rows_last_minute == 6
     text = status.render(st)

@@ -45,10 +45,9 @@ DEAD_LETTER_EXCERPT_BYTES = 1024
 
 HEARTBEAT_PREFIX = "filepipe:consumer:"
 HEARTBEAT_TTL_S = 30
-# A consumer writes its heartbeat this often (and at once when an outage starts); one
-# younger than HEARTBEAT_FRESH_S (five of them) says the consumer is live.
+# A consumer writes its heartbeat this often (and at once when an outage starts); while
+# the key exists (HEARTBEAT_TTL_S), the consumer is live (`observe.health`).
 HEARTBEAT_INTERVAL_S = 2.0
-HEARTBEAT_FRESH_S = 10.0
 
 # Trimming (retention.py). A running consumer trims each stream every TRIM_INTERVAL_S, and
 # sooner once it has acknowledged TRIM_AFTER_ENTRIES entries since its last pass; a lease

@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -63,7 +64,7 @@ class Collector:
             dead_stream=dead_stream_name(s),
             redis_url=mask_url(s.redis_url),
             pg_uri=mask_url(s.pg_uri),
-            taken_at=clock(time.time()),
+            taken_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             partitions=s.partitions,
         )
         try:
@@ -111,7 +112,8 @@ def _line(label: str, value: str, detail: str = "") -> str:
 def render(st: Status, previous: Status | None = None, elapsed: float | None = None) -> str:
     """The human report; with `previous` (`--watch`), what changed since then."""
     out = [
-        f"filepipe status · Redis {st.redis_url} · PostgreSQL {st.pg_uri} · {st.taken_at}",
+        f"filepipe status · Redis {st.redis_url} · PostgreSQL {st.pg_uri} · "
+        f"{clock(datetime.fromisoformat(st.taken_at).timestamp())}",
         "",
     ]
     t = st.redis
@@ -154,10 +156,10 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
     out.append("")
 
     if t is not None and t.group_exists:
-        exited = f", {t.exited} exited (nothing pending, no heartbeat)" if t.exited else ""
-        out.append(f"CONSUMERS ({len(t.consumers)}{exited})")
+        departed = f"; {t.departed} departed: nothing pending, no heartbeat" if t.departed else ""
+        out.append(f"CONSUMERS ({len(t.consumers)}{departed})")
         if not t.consumers:
-            out.append("  (none running)" if t.exited else "  (none has read yet)")
+            out.append("  (none running)" if t.departed else "  (none has read yet)")
         else:
             name_w = max(8, *(len(c.name) for c in t.consumers))
             host_w = max(4, *(len(c.host or "-") for c in t.consumers))

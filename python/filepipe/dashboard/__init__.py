@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..config import Settings
 
-DEFAULT_PORT = 8080
-DEFAULT_UPLOADS_PER_MINUTE = 30
-DEFAULT_UPLOAD_QUOTA_BYTES = 1024 * 1024 * 1024
+from .defaults import DEFAULT_PORT, DEFAULT_UPLOAD_QUOTA_BYTES, DEFAULT_UPLOADS_PER_MINUTE
+
+__all__ = ["DEFAULT_PORT", "DEFAULT_UPLOADS_PER_MINUTE", "DEFAULT_UPLOAD_QUOTA_BYTES", "serve"]
 
 
 def default_allowed_hosts(host: str, extra: list[str]) -> list[str]:

@@ -50,7 +50,7 @@ from ..observe.health import ServiceProbe, readiness
 from ..observe.streams import dead_stream_name
 from ..partitions import stream_for
 from ..redaction import error_line
-from . import DEFAULT_UPLOAD_QUOTA_BYTES, DEFAULT_UPLOADS_PER_MINUTE
+from .defaults import DEFAULT_UPLOAD_QUOTA_BYTES, DEFAULT_UPLOADS_PER_MINUTE
 from .monitor import Monitor
 from .upload import (
     CSRF_COOKIE,

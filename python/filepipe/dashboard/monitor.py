@@ -37,7 +37,6 @@ from typing import Any
 import redis
 
 from ..config import Settings, mask_url
-from ..constants import SAMPLE_PAGE_BYTES
 from ..observe import dead, rates
 from ..observe.model import ConsumerState, PartitionState
 from ..observe.retained import RetentionState, read_retention, retention_json, text
@@ -52,22 +51,11 @@ from ..observe.streams import (
 from ..observe.table import TableReader
 from ..partitions import Partition, partitions
 from ..redaction import error_line
-from ..stream import ReadSize, entries_bytes
 
 log = logging.getLogger("filepipe")
 
-DEAD_SCAN_COUNT = 2000
 MAX_CONSUMERS = 500  # listed in a snapshot (the summary counts them all)
-SHOWN_STATES = ("live", "waiting", "stale", "departed")  # the summary's keys; exited ones are not listed
-
-# One partition's dead letters after a cursor (ARGV[1]), at most ARGV[2] of them, and
-# its length, read in one atomic step: when the two disagree at the end of the
-# stream, entries were deleted or trimmed.
-DEAD_PAGE_SCRIPT = """
-local n = redis.call('XLEN', KEYS[1])
-if n == 0 then return {0, {}} end
-return {n, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
-"""
+SHOWN_STATES = ("live", "waiting", "stale", "dead")  # the summary's keys; departed ones are not listed
 
 
 @dataclass
@@ -129,8 +117,7 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._snapshot: dict[str, Any] = self._empty()
         # dead letters by reason, counted incrementally: dead-letter stream -> tally
-        self._tallies: dict[str, dead.DeadTally] = {}
-        self._dead_sizes: dict[str, ReadSize] = {}
+        self.dead_pages = dead.DeadPages()
         # consumers' heartbeat history: name -> (updated, loaded) pairs
         self._beats: dict[str, deque[tuple[float, int | None]]] = {}
         self.table = TableReader(settings, min_every=2 * interval)
@@ -213,10 +200,8 @@ class Monitor:
             pipe.xlen(part.stream)
             if s.partitions:
                 # (a cluster pipeline has no eval(): the command itself, routed by its key)
-                start = self._dead_start(part.dead_stream)
-                pipe.execute_command(
-                    "EVAL", DEAD_PAGE_SCRIPT, 1, part.dead_stream, start, self._dead_count(part.dead_stream)
-                )
+                start, count = self.dead_pages.next_read(part.dead_stream)
+                pipe.execute_command("EVAL", dead.DEAD_PAGE_SCRIPT, 1, part.dead_stream, start, count)
             else:
                 pipe.xlen(part.dead_stream)
             pipe.xinfo_consumers(part.stream, s.group)
@@ -229,9 +214,9 @@ class Monitor:
         # Each consumer once; its heartbeat is the same on every partition it reads.
         members = merge_consumers(st.consumers for st in streams) if s.partitions else streams[0].consumers
         read_heartbeats(r, members, s.stream)
-        # Exited consumers (no heartbeat, nothing pending) are left out before the list is
+        # Departed consumers (no heartbeat, nothing pending) are left out before the list is
         # cut to MAX_CONSUMERS: the group entries of hundreds of restarts cannot hide a live one.
-        everyone, exited = listed(members)
+        everyone, departed = listed(members)
         rows = [self._consumer_row(c) for c in everyone]
         seen = {c.name for c in everyone}
         for name in list(self._beats):
@@ -248,12 +233,12 @@ class Monitor:
             )
         if s.partitions:
             for st in streams:
-                self._count_dead(st.part.dead_stream, st.dead_page, st.dead)
+                self.dead_pages.count(st.part.dead_stream, st.dead_page, st.dead)
         else:
-            self._scan_dead(r, s.dead_stream, dead_len)
+            self.dead_pages.scan(r, s.dead_stream, dead_len)
         self.acked.append((now, acked))
         self.dead.append((now, dead_len))
-        tallies = [self._tallies.get(part.dead_stream) or dead.DeadTally() for part in parts]
+        tallies = [self.dead_pages.tally(part.dead_stream) for part in parts]
         reasons: Counter[str] = Counter()
         for tally in tallies:
             reasons.update(tally.reasons)
@@ -266,7 +251,7 @@ class Monitor:
             "acked": acked,
             "consumers": rows[:MAX_CONSUMERS],
             "consumer_health": Counter(row["health"] for row in rows),
-            "exited": exited,
+            "departed": departed,
             "dead_reasons": reasons,
             "dead_counted": sum(tally.counted for tally in tallies),
         }
@@ -332,41 +317,6 @@ class Monitor:
         if rate is None:
             return None if c.rate is None else round(c.rate, 2)
         return round(rate, 2)
-
-    def _dead_start(self, dead_stream: str) -> str:
-        """Where the next read of `dead_stream` starts: after the last entry counted."""
-        tally = self._tallies.get(dead_stream)
-        return "(" + tally.last_id if tally is not None and tally.last_id else "-"
-
-    def _dead_count(self, dead_stream: str) -> int:
-        """How many dead letters the next sample reads: at most `DEAD_SCAN_COUNT`, and
-        about SAMPLE_PAGE_BYTES of them at the sizes seen so far (big ones a few at a time)."""
-        size = self._dead_sizes.setdefault(
-            dead_stream, ReadSize(DEAD_SCAN_COUNT, SAMPLE_PAGE_BYTES, SAMPLE_PAGE_BYTES // 16)
-        )
-        return size.count
-
-    def _scan_dead(self, r: Any, dead_stream: str, dead_len: int) -> None:
-        """Counts the reasons of dead letters not seen yet, `_dead_count` per sample.
-        The read and the length come from one MULTI/EXEC (see `_count_dead`)."""
-        tally = self._tallies.get(dead_stream)
-        if dead_len == 0 and (tally is None or tally.counted == 0):
-            return
-        pipe = r.pipeline(transaction=True)
-        pipe.xrange(dead_stream, self._dead_start(dead_stream), "+", count=self._dead_count(dead_stream))
-        pipe.xlen(dead_stream)
-        entries, length = pipe.execute()
-        self._count_dead(dead_stream, entries, int(length))
-
-    def _count_dead(self, dead_stream: str, entries: list[Any], length: int) -> None:
-        """Adds the reasons of `entries`, read after the cursor of `dead_stream` at the
-        same instant as its `length` (`dead.count_page`: a stale tally starts over)."""
-        size = self._dead_sizes.get(dead_stream)
-        asked = size.count if size is not None else DEAD_SCAN_COUNT
-        if size is not None and entries:
-            size.observe(len(entries), entries_bytes(entries))
-        tally = self._tallies.get(dead_stream) or dead.DeadTally()
-        self._tallies[dead_stream] = dead.count_page(tally, entries, length, asked)
 
     def _connection(self) -> Any:
         if self._pg is None or self._pg.closed:
@@ -453,7 +403,7 @@ class Monitor:
             "lag": None,
             "consumers": [],
             "consumers_summary": dict.fromkeys(SHOWN_STATES, 0),
-            "consumers_exited": 0,
+            "consumers_departed": 0,
             "dead_by_reason": [],
             "dead_counting": False,
             "latest": [],
@@ -485,7 +435,7 @@ class Monitor:
             snap["consumers"] = red["consumers"]
             summary = red["consumer_health"]
             snap["consumers_summary"] = {h: summary.get(h, 0) for h in SHOWN_STATES}
-            snap["consumers_exited"] = red["exited"]
+            snap["consumers_departed"] = red["departed"]
             snap["dead_by_reason"] = [
                 {"reason": reason, "count": n} for reason, n in red["dead_reasons"].most_common()
             ]
@@ -501,7 +451,7 @@ class Monitor:
                 "partitions",
                 "retention",
                 "redis_seen",
-                "consumers_exited",
+                "consumers_departed",
                 "series",
             ):
                 if key in snap or key == "series":

@@ -5,7 +5,7 @@
     table.py     the events table: rows (counted or estimated), recent rows, latest events
     retained.py  what the stream keeps and why, Redis's memory
     model.py     the dataclasses all of them fill
-    health.py    when a consumer is live or departed, when the pipeline is degraded,
+    health.py    when a consumer is live, dead or departed, when the pipeline is degraded,
                  when a service is ready (`/readyz`)
     rates.py     one rate definition per window ("last 10 s", "last minute", "since start")
     text.py      how durations, sizes and times are written

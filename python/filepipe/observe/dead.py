@@ -8,8 +8,8 @@ stream deleted or replaced): the tally then starts over. Two ways of reading use
 
 * `count_newest` (`filepipe status`): the newest DEAD_SCAN_LIMIT first, then, on each
   refresh, what was added since;
-* `count_page` (the dashboard): a page after the cursor per sample, read at the same
-  instant as the stream's length, from the first dead letter on.
+* `DeadPages` (the dashboard): a page after the cursor per sample, read at the same
+  instant as the stream's length, from the first dead letter on (`count_page`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import stream
-from ..constants import STATUS_SCAN_BYTES
+from ..constants import SAMPLE_PAGE_BYTES, STATUS_SCAN_BYTES
+from ..stream import ReadSize, entries_bytes
 from .retained import text
 
 DEAD_SCAN_LIMIT = 50_000  # dead letters `count_newest` reads the first time (the newest)
 RECENT_CAP = 10_000  # dead letters read to count the last minute's
+PAGE_COUNT = 2000  # dead letters `DeadPages` reads per sample, at most
+
+# One partition's dead letters after a cursor (ARGV[1]), at most ARGV[2] of them, and
+# its length, read in one atomic step: when the two disagree at the end of the
+# stream, entries were deleted or trimmed.
+DEAD_PAGE_SCRIPT = """
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then return {0, {}} end
+return {n, redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+"""
 
 
 @dataclass
@@ -102,6 +113,50 @@ def count_page(tally: DeadTally, entries: list[Any], length: int, asked: int) ->
         return DeadTally(length_seen=0)
     tally.length_seen = length
     return tally
+
+
+class DeadPages:
+    """The dashboard's way: the tallies of several dead-letter streams, each read a page
+    per sample after its cursor, together with the stream's length (`count_page`)."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, DeadTally] = {}
+        self._sizes: dict[str, ReadSize] = {}
+
+    def tally(self, dead_stream: str) -> DeadTally:
+        return self._tallies.get(dead_stream) or DeadTally()
+
+    def next_read(self, dead_stream: str) -> tuple[str, int]:
+        """Where the next read of `dead_stream` starts (after the last entry counted) and how
+        many it reads: at most PAGE_COUNT, about SAMPLE_PAGE_BYTES at the sizes seen so far
+        (big ones a few at a time)."""
+        tally = self._tallies.get(dead_stream)
+        start = "(" + tally.last_id if tally is not None and tally.last_id else "-"
+        size = self._sizes.setdefault(
+            dead_stream, ReadSize(PAGE_COUNT, SAMPLE_PAGE_BYTES, SAMPLE_PAGE_BYTES // 16)
+        )
+        return start, size.count
+
+    def scan(self, r: Any, dead_stream: str, length: int) -> None:
+        """Reads and counts the next page of `dead_stream` (now `length` long), the page and
+        the length in one MULTI/EXEC."""
+        tally = self._tallies.get(dead_stream)
+        if length == 0 and (tally is None or tally.counted == 0):
+            return
+        start, count = self.next_read(dead_stream)
+        pipe = r.pipeline(transaction=True)
+        pipe.xrange(dead_stream, start, "+", count=count)
+        pipe.xlen(dead_stream)
+        entries, now = pipe.execute()
+        self.count(dead_stream, entries, int(now))
+
+    def count(self, dead_stream: str, entries: list[Any], length: int) -> None:
+        """Counts `entries`, read after the cursor at the same instant as the stream's `length`."""
+        size = self._sizes.get(dead_stream)
+        asked = size.count if size is not None else PAGE_COUNT
+        if size is not None and entries:
+            size.observe(len(entries), entries_bytes(entries))
+        self._tallies[dead_stream] = count_page(self.tally(dead_stream), entries, length, asked)
 
 
 def recent_reasons(r: Any, dead_stream: str, since_ms: int) -> Counter[str]:

@@ -1,4 +1,4 @@
-"""One definition of health: when a consumer is live, departed or gone, when the
+"""One definition of health: when a consumer is live, dead or departed, when the
 pipeline is degraded, and when a service is ready (`/readyz`, of the consumer's
 metrics server and of the dashboard alike).
 
@@ -7,9 +7,9 @@ A consumer's state follows from two facts Redis keeps, nothing else:
 * its heartbeat key exists (the consumer rewrites it every HEARTBEAT_INTERVAL_S with a
   TTL of HEARTBEAT_TTL_S, and deletes it when it stops): **live**, or **waiting** when it
   reports an outage it waits out (`last_error`);
-* no heartbeat: **departed** while the group still holds entries delivered to it (they
+* no heartbeat: **dead** while the group still holds entries delivered to it (they
   go to another consumer once idle for CLAIM_IDLE_MS: from then on it is *silent*, a
-  problem), **exited** when it holds none (it is not listed; the housekeeper removes
+  problem), **departed** when it holds none (it is not listed; the housekeeper removes
   it from the group).
 
 An observer that cannot reach Redis shows the consumers it saw last as **stale**.
@@ -28,21 +28,21 @@ from .model import ConsumerState, Status
 from .retained import RetentionState, read_memory
 from .text import duration, entries, size
 
-CONSUMER_STATES = ("live", "waiting", "stale", "departed", "exited")
+CONSUMER_STATES = ("live", "waiting", "stale", "dead", "departed")
 LIVE = ("live", "waiting")
 
 
 def consumer_state(state: ConsumerState) -> str:
-    """live | waiting | departed | exited, from its heartbeat and pending entries."""
+    """live | waiting | dead | departed, from its heartbeat and pending entries."""
     if state.heartbeat_age_s is not None:
         return "waiting" if state.last_error else "live"
-    return "departed" if state.pending else "exited"
+    return "dead" if state.pending else "departed"
 
 
 def silent(state: ConsumerState, claim_idle_s: float) -> bool:
-    """A departed consumer whose entries have waited CLAIM_IDLE_MS: another may take them,
+    """A dead consumer whose entries have waited CLAIM_IDLE_MS: another may take them,
     and until one does, they wait."""
-    return state.state == "departed" and state.idle_s >= claim_idle_s
+    return state.state == "dead" and state.idle_s >= claim_idle_s
 
 
 # -- the pipeline -------------------------------------------------------------------------

@@ -27,8 +27,8 @@ class ConsumerState:
     updated: float | None = None  # when it wrote its heartbeat, by its own clock
     last_error: str = ""
     heartbeat_age_s: float | None = None  # by the Redis clock; None: no heartbeat
-    state: str = ""  # live | waiting | departed | stale (`health.CONSUMER_STATES`)
-    silent: bool = False  # departed with entries pending for CLAIM_IDLE_MS or longer
+    state: str = ""  # live | waiting | stale | dead (departed ones are not listed: `health.CONSUMER_STATES`)
+    silent: bool = False  # dead with entries pending for CLAIM_IDLE_MS or longer
     heartbeat_stream: str = ""  # the (partition) stream whose heartbeat key it writes
 
 
@@ -69,8 +69,8 @@ class StreamState:
     oldest_pending: PendingEntry | None = None
     arrivals_last_minute: int = 0
     arrivals_capped: bool = False
-    consumers: list[ConsumerState] = field(default_factory=list)  # exited ones left out
-    exited: int = 0  # group members with no heartbeat and nothing pending (they left)
+    consumers: list[ConsumerState] = field(default_factory=list)  # departed ones left out
+    departed: int = 0  # group members with no heartbeat and nothing pending (they left)
     dead_total: int = 0
     dead_by_reason: dict[str, int] = field(default_factory=dict)
     dead_counted: int = 0  # dead letters whose reason was read
@@ -108,7 +108,7 @@ class Status:
     dead_stream: str
     redis_url: str
     pg_uri: str
-    taken_at: str
+    taken_at: str  # ISO 8601, UTC
     redis: StreamState | None = None
     events: TableState | None = None
     retention: RetentionState | None = None

@@ -50,7 +50,7 @@ class StreamReader:
                 for p in parts
             ]
         read_heartbeats(self.redis, out.consumers, self.settings.stream)
-        out.consumers, out.exited = listed(out.consumers)
+        out.consumers, out.departed = listed(out.consumers)
         out.writes_refused = self._write_refusal()
         return out
 
@@ -225,11 +225,11 @@ def apply_heartbeat(state: ConsumerState, beat: Heartbeat | None, pttl: Any) -> 
 
 
 def listed(consumers: list[ConsumerState]) -> tuple[list[ConsumerState], int]:
-    """The consumers worth listing (live first, then departed holding entries, by name),
-    and how many exited (no heartbeat, nothing pending: its group entry lingers until the
+    """The consumers worth listing (live first, then dead ones holding entries, by name),
+    and how many departed (no heartbeat, nothing pending: its group entry lingers until the
     housekeeper removes it)."""
-    order = {"live": 0, "waiting": 1, "stale": 2, "departed": 3}
-    shown = [c for c in consumers if c.state != "exited"]
+    order = {"live": 0, "waiting": 1, "stale": 2, "dead": 3}
+    shown = [c for c in consumers if c.state != "departed"]
     shown.sort(key=lambda c: (order.get(c.state, 9), c.name))
     return shown, len(consumers) - len(shown)
 

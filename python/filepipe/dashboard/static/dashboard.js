@@ -91,8 +91,8 @@
     var parts = [(sum.live || 0) + " live"];
     if (sum.waiting) parts.push(sum.waiting + " waiting");
     if (sum.stale) parts.push(sum.stale + " stale");
-    if (sum.departed) parts.push(sum.departed + " departed");
-    if (s.consumers_exited) parts.push(s.consumers_exited + " exited");
+    if (sum.dead) parts.push(sum.dead + " dead");
+    if (s.consumers_departed) parts.push(s.consumers_departed + " departed");
     $("consumer-health").textContent = parts.join(" · ");
 
     chart.update(s.series, s.updated, 300);
