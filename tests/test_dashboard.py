@@ -459,6 +459,11 @@ def test_status_figures_dead_letters_consumers_lag(env: Env, web: str, browser: 
         assert crashed and crashed[0]["health"] == "dead" and crashed[0]["pending"] == 2
         assert [e["filename"] for e in snap["latest"]][:1] == ["3.txt"]
         assert len(snap["series"]["t"]) >= 2
+        # One rate per window, named: the card is the chart's last point (both the last 10 s).
+        windows = {"rate": "last 10 s", "rate_minute": "last minute", "consumer_rate": "last 10 s"}
+        assert snap["windows"] == windows
+        assert snap["rate"] == snap["series"]["processed"][-1]
+        assert snap["dead_rate"] == snap["series"]["dead"][-1]
         figures = wait_for(
             lambda: (lambda f: f if f and f["history"]["summary"].startswith("4 files") else None)(
                 client.get("/api/status").json()["table_figures"]

@@ -355,11 +355,13 @@ class Monitor:
 
     # -- the snapshot ------------------------------------------------------------------
 
-    def _processed(self, end: int, window: rates.Window) -> tuple[float | None, float | None]:
+    def _processed(
+        self, end: int, window: rates.Window, *, whole: bool = False
+    ) -> tuple[float | None, float | None]:
         """Files/s loaded (entries acknowledged, dead letters apart) and dead letters/s, over
-        `window` ending at sample `end`."""
-        acked = rates.over(self.acked, window, end)
-        dead_rate = rates.over(self.dead, window, end)
+        `window` ending at sample `end` (`rates.over`)."""
+        acked = rates.over(self.acked, window, end, whole=whole)
+        dead_rate = rates.over(self.dead, window, end, whole=whole)
         processed = None if acked is None else max(acked - (dead_rate or 0.0), 0.0)
         return processed, dead_rate
 
@@ -423,7 +425,7 @@ class Monitor:
             last = len(self.acked) - 1
             rate, dead_rate = self._processed(last, rates.LAST_10_S)
             snap["rate"], snap["dead_rate"] = _round(rate), _round(dead_rate)
-            snap["rate_minute"] = _round(self._processed(last, rates.LAST_MINUTE)[0])
+            snap["rate_minute"] = _round(self._processed(last, rates.LAST_MINUTE, whole=True)[0])
             snap["series"] = self._series()
         totals: dict[str, Any] = dict(previous.get("totals") or {})
         if red is not None:

@@ -6,9 +6,10 @@ time (the group's acknowledged entries on the dashboard, a consumer's heartbeat
 figures) as (last - first) / elapsed over the window ending at the newest sample:
 
 * `LAST_10_S`: the dashboard's headline card, every point of its chart (the card is
-  the chart's last point) and its consumer rows;
+  the chart's last point) and its consumer rows (over what there is in the first 10 s);
 * `LAST_MINUTE`: `filepipe status`'s throughput, rows the table received in the last
-  60 s by its own clock (`processed_at`), and the dashboard's second figure;
+  60 s by its own clock (`processed_at`), and the dashboard's second figure (shown once
+  it has sampled a whole minute: over less it would not be the same figure);
 * `SINCE_START`: a consumer's total over its whole run, idle time included
   (`filepipe status`'s consumer rows, the consumer's progress lines).
 """
@@ -32,12 +33,14 @@ LAST_MINUTE = Window("last minute", 60.0)
 SINCE_START = Window("since start", None)
 
 
-def over(points: Sequence[tuple[float, int | None]], window: Window, end: int | None = None) -> float | None:
+def over(
+    points: Sequence[tuple[float, int | None]], window: Window, end: int | None = None, *, whole: bool = False
+) -> float | None:
     """The rate of a counter sampled at `points` ((time, value), oldest first) over
     `window`, ending at `points[end]` (the newest by default): from the newest point at
-    least `window.seconds` older (or the oldest there is). None with fewer than two
-    points, or when either value is unknown. A counter that went down (a restart)
-    counts as no progress."""
+    least `window.seconds` older, or while the samples span less, from the oldest known
+    one (with `whole`, None until they span the window). None with fewer than two known
+    points. A counter that went down (a restart) counts as no progress."""
     i = len(points) - 1 if end is None else end
     if i < 1:
         return None
@@ -47,6 +50,10 @@ def over(points: Sequence[tuple[float, int | None]], window: Window, end: int | 
         j = i - 1
         while j > 0 and points[j][0] > t1 - window.seconds:
             j -= 1
+        if whole and t1 - points[j][0] < window.seconds:
+            return None
+    while j < i and points[j][1] is None:
+        j += 1
     t0, v0 = points[j]
     if v0 is None or v1 is None or t1 <= t0:
         return None
