@@ -4,17 +4,10 @@ Every page and every poll reads the last snapshot; none of them talks to Redis o
 PostgreSQL. What a figure means is `filepipe.observe`'s (the same as `filepipe status`
 and `/metrics`); this module only decides how to read it cheaply, every second:
 
-* Redis, one pipeline: XINFO GROUPS (pending, lag, entries read), XLEN of the
-  stream and of the dead-letter stream, XINFO CONSUMERS; then one pipeline of GET and
-  PTTL of the consumers' heartbeats (`observe.streams.read_heartbeats`), and at most
-  one read of dead letters not seen yet (their reasons counted incrementally by
-  `observe.dead`, never rescanned);
-* with partitions (STREAM_PARTITIONS=P), still one pipeline for all of them (on a
-  Redis Cluster, redis-py splits it by node): the same commands per partition, its
-  dead letters read by a small script that returns those not seen yet together
-  with the stream's length, atomically (a MULTI/EXEC cannot span the hash slots of
-  different partitions). The figures are summed over the partitions, each consumer
-  shown once;
+* Redis: one pipeline for every partition, then one of the heartbeats
+  (`observe.sample.sample_group`, which `/metrics` of a consumer reads too), and at
+  most one read of dead letters not seen yet (their reasons counted incrementally by
+  `observe.dead.DeadPages`, never rescanned);
 * what the stream keeps and why, its memory and Redis's (`observe.retained`);
 * PostgreSQL (`observe.table`): the latest rows by `event_time`, and the row count.
 
@@ -31,63 +24,22 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
-
-import redis
 
 from ..config import Settings, mask_url
 from ..observe import dead, rates
-from ..observe.model import ConsumerState, PartitionState
-from ..observe.retained import RetentionState, read_retention, retention_json, text
-from ..observe.streams import (
-    consumers_of,
-    dead_stream_name,
-    listed,
-    merge_consumers,
-    read_heartbeats,
-    sum_or_none,
-)
+from ..observe.model import ConsumerState
+from ..observe.retained import RetentionState, read_retention, retention_json
+from ..observe.sample import sample_group
+from ..observe.streams import dead_stream_name
 from ..observe.table import TableReader
-from ..partitions import Partition, partitions
 from ..redaction import error_line
 
 log = logging.getLogger("filepipe")
 
 MAX_CONSUMERS = 500  # listed in a snapshot (the summary counts them all)
 SHOWN_STATES = ("live", "waiting", "stale", "dead")  # the summary's keys; departed ones are not listed
-
-
-@dataclass
-class _StreamSample:
-    """What one pipeline said of one (partition) stream."""
-
-    part: Partition
-    length: int
-    dead: int
-    group: dict[str, Any]
-    consumers: list[ConsumerState]
-    dead_page: list[Any]
-
-    @property
-    def pending(self) -> int:
-        return int(self.group["pending"]) if self.group else 0
-
-    @property
-    def lag(self) -> int | None:
-        # Before the first consumer creates the group, every entry is waiting for it.
-        lag = self.group.get("lag") if self.group else self.length
-        return None if lag is None else int(lag)
-
-    @property
-    def entries_read(self) -> int | None:
-        read = self.group.get("entries-read") if self.group else 0
-        delivered = text(self.group.get("last-delivered-id")) if self.group else ""
-        if read is None and self.part.index is not None and delivered == "0-0":
-            # A partition nobody has read from yet: Redis says "unknown", but it is none,
-            # and one idle partition must not hide the counters of the others.
-            read = 0
-        return None if read is None else int(read)
 
 
 class Monitor:
@@ -191,104 +143,35 @@ class Monitor:
                 self._redis = None
 
     def _sample_redis(self, now: float) -> dict[str, Any]:
-        s = self.settings
         r = self._client()
-        parts = partitions(s)
-        pipe = r.pipeline(transaction=False)
-        for part in parts:
-            pipe.xinfo_groups(part.stream)
-            pipe.xlen(part.stream)
-            if s.partitions:
-                # (a cluster pipeline has no eval(): the command itself, routed by its key)
-                start, count = self.dead_pages.next_read(part.dead_stream)
-                pipe.execute_command("EVAL", dead.DEAD_PAGE_SCRIPT, 1, part.dead_stream, start, count)
-            else:
-                pipe.xlen(part.dead_stream)
-            pipe.xinfo_consumers(part.stream, s.group)
-        replies = pipe.execute(raise_on_error=False)
-        streams = [self._stream_sample(part, replies[4 * i : 4 * i + 4]) for i, part in enumerate(parts)]
-
-        pending = sum(st.pending for st in streams)
-        entries_read = sum_or_none([st.entries_read for st in streams])
-        dead_len = sum(st.dead for st in streams)
-        # Each consumer once; its heartbeat is the same on every partition it reads.
-        members = merge_consumers(st.consumers for st in streams) if s.partitions else streams[0].consumers
-        read_heartbeats(r, members, s.stream)
-        # Departed consumers (no heartbeat, nothing pending) are left out before the list is
-        # cut to MAX_CONSUMERS: the group entries of hundreds of restarts cannot hide a live one.
-        everyone, departed = listed(members)
-        rows = [self._consumer_row(c) for c in everyone]
-        seen = {c.name for c in everyone}
+        g = sample_group(r, self.settings, self.dead_pages)
+        # Departed consumers were left out before the list is cut to MAX_CONSUMERS: the
+        # group entries of hundreds of restarts cannot hide a live one.
+        rows = [self._consumer_row(c) for c in g.consumers]
+        seen = {c.name for c in g.consumers}
         for name in list(self._beats):
             if name not in seen:
                 del self._beats[name]
-
-        acked: int | None = None
-        if entries_read is not None:
-            acked = max(entries_read - pending, 0)
-        elif any(c.heartbeat_age_s is not None for c in everyone):
-            # Without the group's read counter (Redis < 7), the live consumers' own totals.
-            acked = sum(
-                (c.inserted or 0) + (c.dead_lettered or 0) for c in everyone if c.heartbeat_age_s is not None
-            )
-        if s.partitions:
-            for st in streams:
-                self.dead_pages.count(st.part.dead_stream, st.dead_page, st.dead)
-        else:
-            self.dead_pages.scan(r, s.dead_stream, dead_len)
-        self.acked.append((now, acked))
-        self.dead.append((now, dead_len))
-        tallies = [self.dead_pages.tally(part.dead_stream) for part in parts]
-        reasons: Counter[str] = Counter()
-        for tally in tallies:
-            reasons.update(tally.reasons)
+        self.acked.append((now, g.acked))
+        self.dead.append((now, g.dead_letters))
         out: dict[str, Any] = {
-            "stream_length": sum(st.length for st in streams),
-            "dead_letters": dead_len,
-            "pending": pending,
-            "lag": sum_or_none([st.lag for st in streams]),
-            "group_exists": any(st.group for st in streams),
-            "acked": acked,
+            "stream_length": g.length,
+            "dead_letters": g.dead_letters,
+            "pending": g.pending,
+            "lag": g.lag,
+            "group_exists": g.group_exists,
+            "acked": g.acked,
             "consumers": rows[:MAX_CONSUMERS],
             "consumer_health": Counter(row["health"] for row in rows),
-            "departed": departed,
-            "dead_reasons": reasons,
-            "dead_counted": sum(tally.counted for tally in tallies),
+            "departed": g.departed,
+            "dead_reasons": g.dead_reasons,
+            "dead_counted": g.dead_counted,
         }
-        if s.partitions:
-            out["partitions"] = [
-                asdict(PartitionState(st.part.stream, st.length, st.lag, st.pending, st.dead, bool(st.group)))
-                for st in streams
-            ]
-        self.retention = read_retention(r, s)
+        if self.settings.partitions:
+            out["partitions"] = [asdict(p) for p in g.partitions]
+        self.retention = read_retention(r, self.settings)
         out["retention"] = None if self.retention is None else retention_json(self.retention)
         return out
-
-    def _stream_sample(self, part: Partition, replies: list[Any]) -> _StreamSample:
-        """One stream's figures from its four pipeline replies."""
-        groups, length, dead_len, consumers = replies
-        for reply in (length, dead_len):
-            if isinstance(reply, Exception):
-                raise reply
-        # A stream or group that does not exist yet is not an error: nothing was produced.
-        group: dict[str, Any] = {}
-        if not isinstance(groups, redis.ResponseError):
-            if isinstance(groups, Exception):
-                raise groups
-            for g in groups:
-                if text(g.get("name")) == self.settings.group:
-                    group = g
-        if isinstance(consumers, redis.ResponseError):
-            consumers = []
-        elif isinstance(consumers, Exception):
-            raise consumers
-        page: list[Any] = []
-        if isinstance(dead_len, list):  # the script's reply: [length, entries]
-            dead_len, raw = dead_len
-            page = [(entry_id, _pairs(flat)) for entry_id, flat in raw]
-        return _StreamSample(
-            part, int(length), int(dead_len), group, consumers_of(consumers, part.stream), page
-        )
 
     def _consumer_row(self, c: ConsumerState) -> dict[str, Any]:
         row = asdict(c)
@@ -471,8 +354,3 @@ class Monitor:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
-
-
-def _pairs(flat: list[Any]) -> dict[Any, Any]:
-    """`[k1, v1, k2, v2]` (an entry's fields as a script returns them) as a dict."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -1,6 +1,7 @@
 """The observers' one view of the pipeline, read in the order data flows.
 
     streams.py   the Redis side: streams, the group, consumers, heartbeats
+    sample.py    one cheap reading of the group (the dashboard's every second, /metrics')
     dead.py      dead letters by reason, counted incrementally, one reset rule
     table.py     the events table: rows (counted or estimated), recent rows, latest events
     retained.py  what the stream keeps and why, Redis's memory

@@ -25,17 +25,16 @@ from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from .. import __version__, stream
+from .. import __version__
 from ..config import Settings
 from ..errors import ConfigError
 from .health import ServiceProbe, readiness
 from .retained import RetentionState, read_retention
+from .sample import sample_group
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from psycopg_pool import ConnectionPool
-
-    from ..partitions import Partition
 
 
 class Consumer(Protocol):
@@ -43,7 +42,6 @@ class Consumer(Protocol):
     a protocol, so that the observers do not import the consumer."""
 
     settings: Settings
-    parts: list[Partition]
     pool: ConnectionPool
 
     def table_refusal(self) -> str: ...
@@ -135,7 +133,8 @@ def retention_families(stream: str, kept: RetentionState | None) -> list[GaugeMe
 
 class ConsumerCollector(Collector):
     """Pending, lag and pool usage of one consumer, read when scraped. Redis is asked
-    at most every `refresh` seconds (on the probe's connection, not the consumer's)."""
+    at most every `refresh` seconds (on the probe's connection, not the consumer's), the
+    way the dashboard asks (`sample.sample_group`)."""
 
     def __init__(self, consumer: Consumer, probe: ServiceProbe, refresh: float = 5.0) -> None:
         self.consumer = consumer
@@ -153,11 +152,9 @@ class ConsumerCollector(Collector):
                 s = self.consumer.settings
                 r = self.probe.redis()
                 try:
-                    # A partitioned stream: the sums over its partitions, under its own name.
-                    parts = self.consumer.parts
-                    self._pending = sum(stream.pending_count(r, p.stream, s.group) for p in parts)
-                    lags = [stream.group_lag(r, p.stream, s.group) for p in parts]
-                    self._lag = None if None in lags else sum(lag or 0 for lag in lags)
+                    # The dashboard's reading: a partitioned stream's sums, under its own name.
+                    group = sample_group(r, s)
+                    self._pending, self._lag = group.pending, group.lag
                     self._kept = read_retention(r, s)
                     self._at = time.monotonic()
                 except Exception:
