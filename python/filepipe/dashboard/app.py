@@ -418,7 +418,9 @@ def create_app(
         def budget(n: int) -> None:
             if upload_volume.spend(client, n) < 0:
                 raise UploadError(
-                    429, "quota", f"Upload quota reached: {human_bytes(upload_quota_bytes)} an hour.",
+                    429,
+                    "quota",
+                    f"Upload quota reached: {human_bytes(upload_quota_bytes)} an hour.",
                     retry_after=60,
                 )
 
