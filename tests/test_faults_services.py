@@ -304,7 +304,7 @@ def test_a_pooled_connection_gone_silent_is_cut_by_the_check(pg_server: Postgres
 
     from filepipe import db
 
-    monkeypatch.setattr(db, "CHECK_AFTER_IDLE_S", 0.0)  # every connection counts as idle
+    monkeypatch.setattr(db.connection, "CHECK_AFTER_IDLE_S", 0.0)  # every connection counts as idle
     with TcpProxy(pg_server.port) as proxy:
         settings = load_settings(
             {"redis_url": "redis://127.0.0.1:1/0", "pg_uri": f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",

@@ -237,7 +237,7 @@ def test_a_compressed_hypertable_is_refused_with_the_way_out() -> None:
         compression=True,
     )
     with pytest.raises(DatabaseError) as e:
-        db._upgrade(None, "t", "file_uploads", layout)  # type: ignore[arg-type]  # refused before any SQL
+        db.schema.upgrade_layout(None, "t", "file_uploads", layout)  # type: ignore[arg-type]  # refused before any SQL
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith("table t is a hypertable with compression enabled")
@@ -248,7 +248,7 @@ def test_an_upgrade_that_cannot_lock_the_table_gives_up_and_changes_nothing(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_old_layout_table(env, [("5-0", str(uuid.uuid4()))])
-    monkeypatch.setattr(db, "UPGRADE_LOCK_TIMEOUT_MS", 300)
+    monkeypatch.setattr(db.schema, "UPGRADE_LOCK_TIMEOUT_MS", 300)
     with psycopg.connect(env.pg_uri) as reader:
         reader.execute(f"SELECT count(*) FROM {env.settings.table}")  # holds ACCESS SHARE until rollback
         with pytest.raises(

@@ -32,7 +32,7 @@ from .observe.retained import RetentionState, read_retention
 from .observe.streams import StreamReader, dead_stream_name
 from .observe.table import TableReader
 from .observe.text import clock, duration, entries, size
-from .redaction import printable
+from .redaction import error_line, printable
 
 __all__ = ["Collector", "Status", "collect_status", "read_retention", "render", "watch"]
 
@@ -71,18 +71,18 @@ class Collector:
             st.redis = self.streams.read()
             st.retention = read_retention(self.redis, s)
         except (redis.ConnectionError, redis.TimeoutError, TransientError, RedisClusterException) as e:
-            st.redis_error = f"cannot reach Redis at {st.redis_url}: {db.first_line(e)}"
+            st.redis_error = f"cannot reach Redis at {st.redis_url}: {error_line(e)}"
             st.unreachable.append("redis")
         except redis.RedisError as e:
-            st.redis_error = f"Redis refused a status query: {db.first_line(e)}"
+            st.redis_error = f"Redis refused a status query: {error_line(e)}"
         try:
             st.events = self.table.read(self._connection())
         except (psycopg.OperationalError, TransientError) as e:
-            st.pg_error = f"cannot reach PostgreSQL at {st.pg_uri}: {db.first_line(e)}"
+            st.pg_error = f"cannot reach PostgreSQL at {st.pg_uri}: {error_line(e)}"
             st.unreachable.append("postgres")
             self._drop_pg()
         except psycopg.Error as e:
-            st.pg_error = f"PostgreSQL refused a status query: {db.first_line(e)}"
+            st.pg_error = f"PostgreSQL refused a status query: {error_line(e)}"
             self._drop_pg()
         assess(st, s)
         return st

@@ -1,0 +1,48 @@
+"""PostgreSQL, in the order a batch meets it: the events table's columns and key
+(`columns`), connections and the pool (`connection`), the table's layout as the server
+has it (`layout`), `init-db` and `drop-chunks` (`schema`), and the per-batch load
+(`loader`).
+
+A batch is loaded in one transaction: COPY into a per-connection temporary staging table,
+`INSERT … SELECT … ON CONFLICT DO NOTHING` into the events table, COMMIT (or, on a first
+delivery, a direct COPY into the table). The primary key `(stream, stream_id, event_time)`
+makes a redelivered entry a no-op, and keeps apart the rows of two streams loading one
+table.
+"""
+
+from __future__ import annotations
+
+from .columns import COLUMNS, OLD_PRIMARY_KEY, copy_statement, table_ident
+from .connection import (
+    NO_PRIVILEGE,
+    READ_ONLY,
+    check_conninfo,
+    configure_connection,
+    connect,
+    connection_kwargs,
+    create_pool,
+)
+from .layout import Layout, check_layout, read_layout
+from .loader import Loader
+from .schema import SchemaInfo, drop_old_chunks, init_db
+
+__all__ = [
+    "COLUMNS",
+    "NO_PRIVILEGE",
+    "OLD_PRIMARY_KEY",
+    "READ_ONLY",
+    "Layout",
+    "Loader",
+    "SchemaInfo",
+    "check_conninfo",
+    "check_layout",
+    "configure_connection",
+    "connect",
+    "connection_kwargs",
+    "copy_statement",
+    "create_pool",
+    "drop_old_chunks",
+    "init_db",
+    "read_layout",
+    "table_ident",
+]
