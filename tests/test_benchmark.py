@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -364,6 +368,42 @@ def test_pipeline_runs_end_to_end_and_cleans_up(env: Env) -> None:
     assert tables == []
     assert [p for p in os.listdir(env.storage) if p.startswith(benchmark.SCRATCH_DIR_PREFIX)] == []
     assert env.rows() == 0  # the events table is never touched
+
+
+def test_sigterm_mid_run_removes_the_scratch_state(env: Env) -> None:
+    """SIGTERM while the end-to-end run writes its files: the command stops like on Ctrl-C,
+    with one line, having removed its scratch stream, table and files (named by its tag)."""
+    args = cli_args(
+        env.settings.redis_url, env.settings.pg_uri, env.storage, "--pipeline", "50000", "--file-size", "1024"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filepipe", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        folders: list[str] = []
+        while not folders and proc.poll() is None and time.monotonic() < deadline:
+            folders = [p for p in os.listdir(env.storage) if p.endswith("-pipeline")]
+            time.sleep(0.05)
+        assert folders, "the run never started writing its files"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    tag = folders[0].removeprefix(benchmark.SCRATCH_DIR_PREFIX).removesuffix("-pipeline")
+    assert (proc.returncode, out, err) == (130, "", "Interrupted.\n")
+    assert os.listdir(env.storage) == []
+    assert list(env.redis.scan_iter(match=f"{benchmark.SCRATCH_KEY_PREFIX}*{tag}*")) == []
+    tables = env.sql(
+        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
+        (f"{benchmark.SCRATCH_TABLE_PREFIX}{tag}%",),
+    )
+    assert tables == []
 
 
 def test_s3_is_measured_when_configured(env: Env, tmp_path: Path) -> None:

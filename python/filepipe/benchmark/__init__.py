@@ -96,5 +96,7 @@ def run(
         report.verdict = decide(report, report.model)
     if pipeline > 0 and not report.unreachable and not report.refused:
         say(f"Running {pipeline} events end to end ...")
-        report.pipeline = run_pipeline(settings, pipeline, size, tag, report.model, hypertable=pg.hypertable)
+        report.pipeline = run_pipeline(
+            settings, pipeline, size, tag, report.model, hypertable=pg.hypertable, progress=progress
+        )
     return report

@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,9 +41,11 @@ def run_pipeline(
     model: Model | None,
     *,
     hypertable: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> PipelineRun:
     """Produces `events` synthetic events into a scratch stream and consumes them into a
-    scratch table with a real consumer in drain mode; everything is removed afterwards."""
+    scratch table with a real consumer in drain mode; everything is removed afterwards,
+    on an interrupt (KeyboardInterrupt) too, which `progress` hears of first."""
     from ..consumer import Consumer
     from ..producer import Producer, event_for
     from ..storage import open_storage
@@ -99,6 +102,12 @@ def run_pipeline(
         if stats.dead_lettered:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.reasons.items()))
             result.error = f"{stats.dead_lettered} events were dead-lettered ({reasons})"
+    except KeyboardInterrupt:
+        if progress is not None:  # removing many files takes a while: say what is going on
+            progress(
+                f"Interrupted: removing stream {scratch.stream}, table {scratch.table} and files {folder} ..."
+            )
+        raise
     except (redis.ConnectionError, redis.TimeoutError) as e:
         result.error = f"cannot reach Redis at {mask_url(settings.redis_url)}: {error_line(e)}"
     except (FilepipeError, psycopg.Error, redis.RedisError, OSError) as e:

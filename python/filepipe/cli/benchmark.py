@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
@@ -51,8 +52,25 @@ def benchmark_cmd(
     from .. import benchmark
 
     progress = None if as_json or not sys.stderr.isatty() else (lambda msg: typer.echo(msg, err=True))
-    report = benchmark.run(
-        s, samples=samples, connections=connections, file_size=file_size, pipeline=pipeline, progress=progress
-    )
+    # SIGTERM as Ctrl-C: the scratch streams, tables and files are removed before it exits.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = benchmark.run(
+            s,
+            samples=samples,
+            connections=connections,
+            file_size=file_size,
+            pipeline=pipeline,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     typer.echo(benchmark.render_json(report) if as_json else benchmark.render(report))
     raise typer.Exit(report.exit_code)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
