@@ -266,6 +266,40 @@ def test_postgres_down_20_s_is_waited_out(redis_server: RedisServer, pg_server: 
     site.close()
 
 
+def test_entries_in_hand_stay_claimed_through_an_outage(redis_server: RedisServer, pg_server: PostgresServer,
+                                                         tmp_path: Path) -> None:
+    """PostgreSQL down four times CLAIM_IDLE_MS: the entries the consumer holds are claimed
+    again while it waits (XCLAIM JUSTID, every half CLAIM_IDLE_MS), so they never look idle
+    long enough for another consumer to take them over as a dead consumer's."""
+    site = Site(redis_server, pg_server, tmp_path)
+    s = site.settings
+    w = site.seed(3000, poison_every=10)
+    log = tmp_path / "consumer.log"
+    proc = start_consumer(s, "holder", "--drain", log=log)
+    try:
+        wait_ready(site.redis, s, "holder", proc)
+        wait_for("first rows", lambda: site.rows() > 0, 30)
+        pg_server.stop("fast")
+        t_down = time.monotonic()
+        idle = 0
+        while time.monotonic() - t_down < 4 * s.claim_idle_ms / 1000:
+            held = site.redis.xpending_range(s.stream, s.group, "-", "+", 10_000, consumername="holder")
+            assert held, "the consumer holds entries while PostgreSQL is down"
+            idle = max(idle, *(int(r["time_since_delivered"]) for r in held))
+            time.sleep(0.1)
+        assert idle < s.claim_idle_ms, f"an entry in hand was idle {idle} ms"
+        # Another consumer's XAUTOCLAIM finds nothing idle enough to take over.
+        assert site.redis.xautoclaim(s.stream, s.group, "other", s.claim_idle_ms, justid=True) == []
+        pg_server.start()
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_exact(site, w)
+    site.close()
+
+
 def test_postgres_connection_stalled_is_cut_and_resumed(redis_server: RedisServer, pg_server: PostgresServer,
                                                         tmp_path: Path, logs: pytest.LogCaptureFixture,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -218,3 +218,42 @@ def test_a_stop_while_waiting_at_start_says_what_it_waited_for(
     last = out.strip().splitlines()[-1]
     assert last.startswith("Abandoned: stopped while waiting for PostgreSQL at the start ("), out
     assert out.strip().endswith("failed: Connection refused); nothing was read"), out
+
+
+def test_a_password_changed_while_consuming_fails_fast_with_the_reason(
+    pg: PostgresServer, good: dict[str, str], tmp_path: Path
+) -> None:
+    """The pool finds no connection; a connection of the consumer's own tells why, and a
+    refusal waiting cannot fix ends the consumer (exit 2), not "couldn't get a connection"."""
+    appdb = f"postgresql://postgres@127.0.0.1:{pg.port}/appdb"
+    with psycopg.connect(appdb, autocommit=True) as conn:
+        conn.execute("CREATE ROLE rotating LOGIN PASSWORD 'before'")
+        conn.execute(f"GRANT ALL ON {good['FILEPIPE_TABLE']} TO rotating")
+    hba = pg.data / "pg_hba.conf"
+    hba.write_text(hba.read_text().replace("host all app ", "host all app,rotating "))
+    with psycopg.connect(pg.uri, autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+    rotating = {**good, "PG_URI": f"postgresql://rotating:before@127.0.0.1:{pg.port}/appdb"}
+    proc = consume(rotating, tmp_path)
+    assert proc.stderr is not None
+    r = redis.Redis.from_url(good["REDIS_URL"])
+    (Path(good["LOCAL_STORAGE_DIR"]) / "a.txt").write_text("a")
+    for i in range(3):
+        r.xadd(good["STREAM_NAME"], {"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    deadline = time.monotonic() + 30
+    with psycopg.connect(appdb, autocommit=True) as conn:
+        while conn.execute(f"SELECT count(*) FROM {good['FILEPIPE_TABLE']}").fetchone() != (3,):
+            assert time.monotonic() < deadline, "the first events did not load"
+            time.sleep(0.1)
+    with psycopg.connect(pg.uri, autocommit=True) as conn:
+        conn.execute("ALTER ROLE rotating PASSWORD 'after'")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotating'")
+    r.xadd(good["STREAM_NAME"], {"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    out, err = proc.communicate(timeout=90)
+    r.close()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err + out
+    lines = errors(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: PostgreSQL at postgresql://rotating:***@127.0.0.1:{pg.port}/appdb refused: ")
+    assert lines[0].endswith('FATAL:  password authentication failed for user "rotating"'), lines[0]

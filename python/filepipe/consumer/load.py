@@ -7,19 +7,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
 from .. import _native, db, metrics
-from ..config import Settings
-from ..errors import DatabaseError, FilepipeError
+from ..config import Settings, mask_url
+from ..errors import ConfigError, DatabaseError, FilepipeError, TransientError
 from ..redaction import error_line
-from ..retry import QUERY_CANCELED, Abandoned, Backoff, is_transient_pg
+from ..retry import QUERY_CANCELED, Abandoned, Backoff, is_transient_pg, permanent_pg
 from ..stream import DeadLetter
 from .prepare import Prepared, dead_letter
 
 log = logging.getLogger("filepipe")
+
+T = TypeVar("T")
 
 # What a table refuses a write with, because of a row's values or because of the table
 # itself (a probe tells which, see Load.load): 22 data exception, 23 integrity
@@ -84,11 +89,26 @@ class Load:
             return inserted + loaded, dead
 
     def _load_buffer(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
-        return self.pg_backoff.call(
-            lambda: metrics.timed(metrics.COPY_SECONDS, self.loader.load, buf, rows, direct=direct),
-            is_transient_pg,
-        )
+        def load() -> int:
+            return metrics.timed(metrics.COPY_SECONDS, self.loader.load, buf, rows, direct=direct)
 
+        return self.pg_backoff.call(lambda: self._pooled(load), is_transient_pg)
+
+    def _pooled(self, fn: Callable[[], T]) -> T:
+        """`fn` on a pooled connection. When the pool has none to give, a connection of its
+        own says why: what waiting cannot fix (a password changed, the database dropped) is
+        a ConfigError; otherwise the server's reason, not the pool's "couldn't get a
+        connection after 10.00 sec", is what the log and the heartbeat show."""
+        try:
+            return fn()
+        except PoolTimeout as e:
+            try:
+                db.connect(self.settings).close()
+            except psycopg.Error as why:
+                if permanent_pg(why):
+                    raise pg_refused(self.settings, why) from e
+                raise TransientError(error_line(why)) from e
+            raise
     def _refusal(self, e: psycopg.Error) -> psycopg.Error:
         """`e` if the table refused the write; raises the fatal error it is otherwise."""
         if not _is_refusal(e):
@@ -98,7 +118,7 @@ class Load:
     def _probe_table(self) -> None:
         """Raises _TableRefuses unless the table takes a row like the ones it holds."""
         try:
-            self.pg_backoff.call(lambda: self.loader.probe(self.name), is_transient_pg)
+            self.pg_backoff.call(lambda: self._pooled(lambda: self.loader.probe(self.name)), is_transient_pg)
         except psycopg.Error as e:
             raise _TableRefuses(self._refusal(e)) from e
 
@@ -183,6 +203,12 @@ class _TableRefuses(Exception):
     def __init__(self, error: psycopg.Error) -> None:
         super().__init__(f"SQLSTATE {error.sqlstate or '?'}: {error_line(error)}")
         self.inserted = 0  # rows of the batch committed before the refusal was found
+
+
+def pg_refused(settings: Settings, e: psycopg.Error) -> ConfigError:
+    """The error of a connection PostgreSQL refuses for good (`retry.permanent_pg`)."""
+    reason = error_line(e).removeprefix("connection failed: ")
+    return ConfigError(f"PostgreSQL at {mask_url(settings.pg_uri)} refused: {reason}")
 
 
 def _is_refusal(e: psycopg.Error) -> bool:

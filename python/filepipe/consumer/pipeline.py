@@ -23,7 +23,7 @@ from ..storage import Storage
 from ..stream import DeadLetter, ReadSize
 from .ack import Ack
 from .liveness import InHand, Liveness
-from .load import Load
+from .load import Load, pg_refused
 from .prepare import Files, Prepared, prepare
 from .progress import Progress, Stats
 from .reader import RawBatch, Reader
@@ -217,8 +217,7 @@ class Consumer:
             raise ConfigError(f"Redis at {mask_url(url)} refused: {error_line(e)}") from e
         except psycopg.Error as e:
             if permanent_pg(e):
-                reason = error_line(e).removeprefix("connection failed: ")
-                raise ConfigError(f"PostgreSQL at {mask_url(url)} refused: {reason}") from e
+                raise pg_refused(self.settings, e) from e
             raise DatabaseError(f"PostgreSQL at {mask_url(url)}: {error_line(e)}") from e
 
     def _check_table(self) -> None:

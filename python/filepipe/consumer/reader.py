@@ -282,8 +282,12 @@ class Reader:
             entries = [e for e in entries if e[1]]
             log_deleted(part, gone)
         self.in_hand.add(part.stream, ids)
-        life = self.life
-        if not self._submit_to(
-            (part, entries, redelivered, gone), lambda: life.giving_up or life.past_deadline()
-        ):
+        if not self._submit_to((part, entries, redelivered, gone), self._give_up_handing_over):
             self.in_hand.landed(part.stream, ids)  # not handed over: pending, delivered again
+
+    def _give_up_handing_over(self) -> bool:
+        """Asked while the preparer has no room (the stages downstream wait: an outage, a
+        table refusing rows); the entries in hand keep their claim and the heartbeat stays
+        fresh meanwhile."""
+        self.beat()
+        return self.life.giving_up or self.life.past_deadline()
