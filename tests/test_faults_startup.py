@@ -238,7 +238,7 @@ def test_a_password_changed_while_consuming_fails_fast_with_the_reason(
     assert proc.stderr is not None
     r = redis.Redis.from_url(good["REDIS_URL"])
     (Path(good["LOCAL_STORAGE_DIR"]) / "a.txt").write_text("a")
-    for i in range(3):
+    for _ in range(3):
         r.xadd(good["STREAM_NAME"], {"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
     deadline = time.monotonic() + 30
     with psycopg.connect(appdb, autocommit=True) as conn:
@@ -255,5 +255,6 @@ def test_a_password_changed_while_consuming_fails_fast_with_the_reason(
     assert "Traceback" not in err + out
     lines = errors(err)
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"error: PostgreSQL at postgresql://rotating:***@127.0.0.1:{pg.port}/appdb refused: ")
+    where = f"postgresql://rotating:***@127.0.0.1:{pg.port}/appdb"
+    assert lines[0].startswith(f"error: PostgreSQL at {where} refused: "), lines[0]
     assert lines[0].endswith('FATAL:  password authentication failed for user "rotating"'), lines[0]
