@@ -279,7 +279,7 @@ def test_entries_in_hand_stay_claimed_through_an_outage(redis_server: RedisServe
     try:
         wait_ready(site.redis, s, "holder", proc)
         wait_for("first rows", lambda: site.rows() > 0, 30)
-        pg_server.stop("fast")
+        stop_postgres(pg_server, "fast")
         t_down = time.monotonic()
         idle = 0
         while time.monotonic() - t_down < 4 * s.claim_idle_ms / 1000:
