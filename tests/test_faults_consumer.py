@@ -167,9 +167,9 @@ def test_sigterm_at_random_moments_exits_0_with_nothing_pending(fenv: Env, tmp_p
 
 def test_second_signal_exits_at_once_and_loses_nothing(fenv: Env, tmp_path: Path) -> None:
     w = seed(fenv.redis, fenv.settings, fenv.storage, 3000)
-    # A database that answers nothing: the consumer is stuck loading its first batch.
-    proc = start_consumer(fenv.settings, "impatient", log=tmp_path / "impatient.log",
-                          PG_URI="postgresql://postgres@127.0.0.1:1/none", FILEPIPE_CONNECT_TIMEOUT="1")
+    # A table that refuses every row: the consumer is stuck loading its first batch.
+    refuse_every_row(fenv)
+    proc = start_consumer(fenv.settings, "impatient", log=tmp_path / "impatient.log")
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -177,16 +177,22 @@ def test_second_signal_exits_at_once_and_loses_nothing(fenv: Env, tmp_path: Path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(5) == 128 + signal.SIGTERM
     assert fenv.pending() > 0  # left for redelivery
+    fenv.sql(f"ALTER TABLE {fenv.settings.table} DROP CONSTRAINT refuses_every_row")
     finish(fenv)
     assert_exact(fenv, w)
+
+
+def refuse_every_row(env: Env) -> None:
+    """The table (as reachable as ever) refuses every row: batches in hand cannot load."""
+    env.sql(f"ALTER TABLE {env.settings.table} ADD CONSTRAINT refuses_every_row CHECK (false) NOT VALID")
 
 
 def test_stop_timeout_abandons_unloadable_batches(fenv: Env) -> None:
     from filepipe.consumer import Consumer
 
     w = seed(fenv.redis, fenv.settings, fenv.storage, 500)
-    s = fenv.settings_with(pg_uri="postgresql://postgres@127.0.0.1:1/none", connect_timeout_s=1.0)
-    c = Consumer(s, drain=True, write=None, stop_timeout=2.0)
+    refuse_every_row(fenv)
+    c = Consumer(fenv.settings, drain=True, write=None, stop_timeout=2.0)
     import threading
 
     threading.Timer(1.0, c.stop).start()
@@ -194,6 +200,7 @@ def test_stop_timeout_abandons_unloadable_batches(fenv: Env) -> None:
     c.run()
     assert time.monotonic() - t0 < 20
     assert fenv.pending() > 0 and fenv.rows() == 0
+    fenv.sql(f"ALTER TABLE {fenv.settings.table} DROP CONSTRAINT refuses_every_row")
     finish(fenv)
     assert_exact(fenv, w)
 

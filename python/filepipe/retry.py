@@ -276,6 +276,8 @@ class Backoff:
             raise GaveUp(f"{self.service} {self.outage.state} ({self.last_message}): gave up after "
                          f"{down:.0f} s, the longest --drain waits (FILEPIPE_DRAIN_TIMEOUT="
                          f"{self.give_up_after:g})") from e
+        if self.give_up_after is not None:
+            delay = min(delay, self.give_up_after - down)  # the last try comes at the deadline
         if self.stop is not None:
             self.stop.wait(delay)
         else:
