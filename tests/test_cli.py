@@ -39,8 +39,15 @@ def cli_env(env: Env, **extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "filepipe", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "filepipe", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_version_and_help() -> None:
@@ -155,7 +162,6 @@ def test_produce_removes_the_files_of_events_redis_never_got(env: Env, tmp_path:
     assert message.startswith(f"cannot reach Redis at {server.url}: Error 111 connecting to"), message
     removed = "the 3 files stored for events not sent were removed again, no event was enqueued"
     assert message.endswith(f"; {removed}"), message
-
 
 
 def test_a_broken_percent_escape_never_shows_the_password(env: Env, tmp_path: Path) -> None:

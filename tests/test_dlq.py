@@ -152,8 +152,18 @@ def test_an_unreplayable_dead_letter_does_not_stop_the_others(env: Env, r: Any, 
     )
     # An older consumer's dead letter of an entry too wide for Lua's unpack(): its last
     # field said how many of the entry's fields it left out.
-    r.xadd(s.dead_stream, {b"f0": b"v", b"error": b"e", b"reason": b"missing_field", b"consumer": b"c0",
-                           b"deliveries": b"1", b"source_id": b"1-2", b"fields_dropped": b"2007"})
+    r.xadd(
+        s.dead_stream,
+        {
+            b"f0": b"v",
+            b"error": b"e",
+            b"reason": b"missing_field",
+            b"consumer": b"c0",
+            b"deliveries": b"1",
+            b"source_id": b"1-2",
+            b"fields_dropped": b"2007",
+        },
+    )
     write_dead_letter(r, env, good[2])
     r.delete(s.stream)
     result = dlq_command(env, tmp_path, "replay")

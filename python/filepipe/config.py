@@ -140,7 +140,8 @@ class Settings:
         60_000, env="FILEPIPE_STATEMENT_TIMEOUT_MS", option=False, help="PostgreSQL statement timeout, in ms"
     )
     drain_timeout: float = setting(
-        300.0, env="FILEPIPE_DRAIN_TIMEOUT",
+        300.0,
+        env="FILEPIPE_DRAIN_TIMEOUT",
         help="With --drain, give up (exit 1) on an outage this long, in seconds",
     )
     # 0: the single stream `<stream>`; P: `<stream>:{0}` ... `<stream>:{P-1}` (partitions.py).

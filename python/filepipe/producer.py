@@ -50,8 +50,16 @@ class Event:
     fields: dict[str, str]
 
 
-def event_for(file_id: str, filename: str, key: str, size: int, storage: str, now: datetime,
-              content_type: str | None = None, extra: dict[str, str] | None = None) -> Event:
+def event_for(
+    file_id: str,
+    filename: str,
+    key: str,
+    size: int,
+    storage: str,
+    now: datetime,
+    content_type: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> Event:
     """The stream fields of the event contract (DESIGN.md)."""
     fields = {
         "file_id": file_id,
@@ -85,8 +93,15 @@ class Producer:
         self._failed = False
         self.enqueued = 0
 
-    def add(self, src: Path, *, filename: str | None = None, key: str | None = None,
-            link: bool = False, extra: dict[str, str] | None = None) -> str:
+    def add(
+        self,
+        src: Path,
+        *,
+        filename: str | None = None,
+        key: str | None = None,
+        link: bool = False,
+        extra: dict[str, str] | None = None,
+    ) -> str:
         """Stores `src` (unless `key` names where it already is) and queues its event.
         Returns the file id."""
         file_id = str(uuid.uuid4())
@@ -150,8 +165,13 @@ class Producer:
             f"{self.storage.describe()} (first: {stored[0]}), {before}"
         )
 
-    def produce(self, paths: Iterable[str | Path], *, link: bool = False,
-                on_file: Callable[[Path], None] | None = None) -> int:
+    def produce(
+        self,
+        paths: Iterable[str | Path],
+        *,
+        link: bool = False,
+        on_file: Callable[[Path], None] | None = None,
+    ) -> int:
         """Stores and enqueues every file under `paths`. Returns how many were enqueued."""
         try:
             self.redis.ping()  # before anything is stored

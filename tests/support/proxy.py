@@ -106,8 +106,9 @@ class TcpProxy:
             return
         self.connections += 1
         self._conns.update((client_w, server_w))
-        await asyncio.gather(self._pump(client_r, server_w), self._pump(server_r, client_w),
-                             return_exceptions=True)
+        await asyncio.gather(
+            self._pump(client_r, server_w), self._pump(server_r, client_w), return_exceptions=True
+        )
         for w in (client_w, server_w):
             self._conns.discard(w)
             with contextlib.suppress(Exception):

@@ -17,10 +17,23 @@ def start_standby(primary: PostgresServer) -> PostgresServer:
     assert standby.bindir is not None, "pg_basebackup needs PostgreSQL's binaries"
     if standby._user is not None:
         os.chown(standby.dir, standby._user.pw_uid, standby._user.pw_gid)
-    standby._run([
-        str(standby.bindir / "pg_basebackup"), "-D", str(standby.data), "-R", "-X", "stream",
-        "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres", "--no-sync",
-    ])
+    standby._run(
+        [
+            str(standby.bindir / "pg_basebackup"),
+            "-D",
+            str(standby.data),
+            "-R",
+            "-X",
+            "stream",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]
+    )
     return standby.start()
 
 

@@ -71,8 +71,16 @@ def write_data_files(root: Path, files: int = 200) -> None:
             p.write_bytes(f"file {i}\n".encode() * (64 + i % 128))
 
 
-def seed(r: redis.Redis, settings: Settings, root: Path, n: int, *, poison_every: int = 0,
-         files: int = 200, chunk: int = 2000) -> Workload:
+def seed(
+    r: redis.Redis,
+    settings: Settings,
+    root: Path,
+    n: int,
+    *,
+    poison_every: int = 0,
+    files: int = 200,
+    chunk: int = 2000,
+) -> Workload:
     """XADDs `n` events; every `poison_every`-th is poison (cycling through the kinds).
     Good events point at `files` distinct small files, written under `root`. With
     partitions, each event goes to the partition of its file id, like the producer's."""
@@ -139,8 +147,17 @@ def backlog(r: redis.Redis, stream: str) -> int:
     return max(int(g["pending"]) + int(g["lag"] if g["lag"] is not None else r.xlen(stream)) for g in groups)
 
 
-def produce_paced(r: redis.Redis, settings: Settings, n: int, *, max_backlog: int, poison_every: int = 0,
-                  files: int = 200, give_up_s: float = 15.0, chunk: int = 500) -> Produced:
+def produce_paced(
+    r: redis.Redis,
+    settings: Settings,
+    n: int,
+    *,
+    max_backlog: int,
+    poison_every: int = 0,
+    files: int = 200,
+    give_up_s: float = 15.0,
+    chunk: int = 500,
+) -> Produced:
     """XADDs `n` events (pointing at `write_data_files`' files) in pipelined chunks, never
     letting more than `max_backlog` wait: a producer as fast as its consumers. An XADD
     refused for memory is counted and sent again; after `give_up_s` of refusals in a row,
@@ -153,8 +170,12 @@ def produce_paced(r: redis.Redis, settings: Settings, n: int, *, max_backlog: in
             time.sleep(0.005)
         batch: list[tuple[dict[str, Any], str | None]] = []
         for k in range(i, min(n, i + chunk)):
-            fields: dict[str, Any] = {"file_id": str(uuid.uuid4()), "filename": f"file {k}.txt",
-                                      "key": f"data/{k % files:04d}.txt", "size": "0"}
+            fields: dict[str, Any] = {
+                "file_id": str(uuid.uuid4()),
+                "filename": f"file {k}.txt",
+                "key": f"data/{k % files:04d}.txt",
+                "size": "0",
+            }
             reason = None
             if poison_every and k % poison_every == poison_every - 1:
                 reason, spoil = POISON_KINDS[(k // poison_every) % 9]
@@ -195,8 +216,9 @@ class MemoryWatch:
     """Samples Redis's used_memory every `interval` seconds (with `progress()`, what the
     run had done by then) and keeps the peak."""
 
-    def __init__(self, r: redis.Redis, interval: float = 0.05,
-                 progress: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self, r: redis.Redis, interval: float = 0.05, progress: Callable[[], int] | None = None
+    ) -> None:
         self.r = r
         self.interval = interval
         self.progress = progress
@@ -224,37 +246,53 @@ class MemoryWatch:
 
 def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a `filepipe consume` subprocess for these settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER", "STREAM", "LOCAL_STORAGE"))}
-    env.update({
-        "REDIS_URL": settings.redis_url, "PG_URI": settings.pg_uri, "STREAM_NAME": settings.stream,
-        "CONSUMER_GROUP": settings.group, "FILEPIPE_TABLE": settings.table,
-        "LOCAL_STORAGE_DIR": settings.local_storage_dir, "CONSUMER_BLOCK_MS": str(settings.block_ms),
-        "CONSUMER_BATCH_SIZE": str(settings.batch_size), "MAX_FILE_BYTES": str(settings.max_file_bytes),
-        "CLAIM_IDLE_MS": str(settings.claim_idle_ms), "MAX_DELIVERIES": str(settings.max_deliveries),
-        "FILEPIPE_CONNECT_TIMEOUT": str(settings.connect_timeout_s),
-        "FILEPIPE_STATEMENT_TIMEOUT_MS": str(settings.statement_timeout_ms),
-        "STREAM_PARTITIONS": str(settings.partitions),
-        "REDIS_CLUSTER": str(int(settings.redis_cluster)),
-        "FILEPIPE_PGBOUNCER": str(int(settings.pgbouncer)),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER", "STREAM", "LOCAL_STORAGE"))
+    }
+    env.update(
+        {
+            "REDIS_URL": settings.redis_url,
+            "PG_URI": settings.pg_uri,
+            "STREAM_NAME": settings.stream,
+            "CONSUMER_GROUP": settings.group,
+            "FILEPIPE_TABLE": settings.table,
+            "LOCAL_STORAGE_DIR": settings.local_storage_dir,
+            "CONSUMER_BLOCK_MS": str(settings.block_ms),
+            "CONSUMER_BATCH_SIZE": str(settings.batch_size),
+            "MAX_FILE_BYTES": str(settings.max_file_bytes),
+            "CLAIM_IDLE_MS": str(settings.claim_idle_ms),
+            "MAX_DELIVERIES": str(settings.max_deliveries),
+            "FILEPIPE_CONNECT_TIMEOUT": str(settings.connect_timeout_s),
+            "FILEPIPE_STATEMENT_TIMEOUT_MS": str(settings.statement_timeout_ms),
+            "STREAM_PARTITIONS": str(settings.partitions),
+            "REDIS_CLUSTER": str(int(settings.redis_cluster)),
+            "FILEPIPE_PGBOUNCER": str(int(settings.pgbouncer)),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
-def start_consumer(settings: Settings, name: str, *args: str, log: Path | None = None,
-                   **extra: str) -> subprocess.Popen[bytes]:
+def start_consumer(
+    settings: Settings, name: str, *args: str, log: Path | None = None, **extra: str
+) -> subprocess.Popen[bytes]:
     """`filepipe consume` as a real subprocess."""
     with open(log, "ab") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
         return subprocess.Popen(
             [sys.executable, "-m", "filepipe", "consume", "--consumer-name", name, "-q", *args],
-            env=consumer_env(settings, **extra), stdout=out, stderr=out, cwd=settings.local_storage_dir,
+            env=consumer_env(settings, **extra),
+            stdout=out,
+            stderr=out,
+            cwd=settings.local_storage_dir,
         )
 
 
-def wait_ready(r: redis.Redis, settings: Settings, name: str, proc: subprocess.Popen[bytes],
-               timeout: float = 30.0) -> None:
+def wait_ready(
+    r: redis.Redis, settings: Settings, name: str, proc: subprocess.Popen[bytes], timeout: float = 30.0
+) -> None:
     """Waits until consumer `name` has published its first heartbeat (it is reading)."""
     import json
     import time
