@@ -41,8 +41,9 @@ format: install ## Format Python and Rust
 	cargo fmt
 
 .PHONY: lint
-lint: install ## Lint Python (ruff) and Rust (rustfmt, clippy -D warnings)
+lint: install ## Lint Python (ruff check and format) and Rust (rustfmt, clippy -D warnings)
 	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
