@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from .stream import DeadLetter
@@ -57,6 +57,15 @@ ACK_SECONDS = Histogram(
     "filepipe_ack_duration_seconds",
     "One XACK (with the batch's dead letters) round trip to Redis (successful attempts).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+READ_SIZE = Gauge(
+    "filepipe_read_size_entries",
+    "Stream entries the consumer asks for per read: raised to cover the measured round trips.",
+)
+ROUND_TRIP_SECONDS = Gauge(
+    "filepipe_round_trip_seconds",
+    "The round trip to a service, as the consumer measured it last (the least of its recent probes).",
+    ["service"],
 )
 TRIMMED = Counter(
     "filepipe_trimmed_entries_total",

@@ -190,13 +190,20 @@ class ReadSize:
         self.limit = batch_size
         self.budget = batch_bytes
         self.count = max(1, min(batch_size, batch_bytes // max(1, max_entry_bytes)))
+        self.fits = self.count  # entries the budget allows at the sizes seen last
 
     def observe(self, entries: int, nbytes: int) -> None:
         """A batch of `entries` entries held `nbytes` bytes (ids, names and values)."""
         if entries <= 0:
             return
-        fits = max(1, int(self.budget * entries / max(1, nbytes)))
+        self.fits = fits = max(1, int(self.budget * entries / max(1, nbytes)))
         self.count = max(1, min(self.limit, fits, self.count * 2))
+
+    def raise_to(self, entries: int) -> None:
+        """At least `entries` per read (the round trips to cover, consumer.pace), within
+        the cap and what the budget allows at the sizes seen last (before any entry was
+        seen, the first reads' size)."""
+        self.count = max(self.count, min(self.limit, self.fits, entries))
 
 
 def entries_bytes(entries: Iterable[Any]) -> int:

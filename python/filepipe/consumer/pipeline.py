@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -24,6 +25,7 @@ from ..stream import DeadLetter, ReadSize
 from .ack import Ack
 from .liveness import InHand, Liveness
 from .load import Load, pg_refused
+from .pace import Pace
 from .prepare import Files, Prepared, prepare
 from .progress import Progress, Stats
 from .reader import RawBatch, Reader
@@ -61,7 +63,9 @@ class Consumer:
         if self._stop_request is not None:
             self._stop_request.listen(self._on_signal)
         self.redis = stream.connect(s)
-        self.pool = db.create_pool(s)
+        # Every loader's connection opens now, in the background, while Redis is set up:
+        # on a slow network the first loads would otherwise wait for them one by one.
+        self.pool = db.create_pool(s, min_size=s.pool_size)
         # Every stream this consumer reads: the stream, or each of its partitions.
         self.parts = partitions(s)
         self._errors: dict[str, str] = {}
@@ -103,6 +107,8 @@ class Consumer:
                          self.housekeeper, ack_backoff, held_backoff, life.abandon, beat)
         read_size = ReadSize(s.batch_size, s.batch_bytes, s.max_entry_bytes)
         self._read_size = read_size
+        # Reads grow to cover the round trips to Redis and PostgreSQL, measured as it runs.
+        self.pace = Pace(read_size)
 
         # The stages, in the order data flows. At most `in_flight` batches wait between
         # them; the reader reads the next batch while the preparer works on this one.
@@ -119,7 +125,8 @@ class Consumer:
             drop=lambda raw: self.in_hand.landed(raw[0].stream, [e[0] for e in raw[1]] + raw[3]))
         self.reader = Reader(s, self.name, self.redis, self.parts, life=life, drain=drain,
                              backoff=self.redis_backoff, in_hand=self.in_hand, stats=self.stats,
-                             read_size=read_size, submit=self.preparing.put, busy=self._busy, beat=beat)
+                             read_size=read_size, submit=self.preparing.put, busy=self._busy, beat=beat,
+                             pace=self.pace)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -228,6 +235,7 @@ class Consumer:
             if db.read_layout(conn, table) is None:
                 raise SchemaError(f"table {table} does not exist: run `filepipe init-db` first")
             db.check_layout(conn, table)
+        self.load.loader.layout_checked()  # the first load need not check it again
 
     def _busy(self) -> bool:
         """Whether a batch read is still being prepared, loaded or acknowledged (or its dead
@@ -239,13 +247,16 @@ class Consumer:
     def _prepare_one(self, raw: RawBatch) -> None:
         part, entries, redelivered, gone = raw
         deliveries = self.reader.deliveries(part, entries) if redelivered and entries else {}
+        started = time.perf_counter()
         prepared = prepare(self.settings, self.name, part, entries, deliveries=deliveries,
                            measure=self.files.measure, redelivered=redelivered, gone=gone,
                            observe=self._read_size.observe)
+        self.pace.prepared(len(entries), time.perf_counter() - started)
         if not self.loading.put(prepared, lambda: self.life.giving_up):
             self.in_hand.landed(part.stream, prepared.ids)
 
     def _load_one(self, p: Prepared) -> None:
+        self.pace.probe_pg(self.pool)
         inserted, row_dead = self.load.load(p)
         crash_point("after_commit")
         # Committed: only the ids and dead letters are needed from here on.

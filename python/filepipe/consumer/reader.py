@@ -18,6 +18,7 @@ from ..retry import Backoff, is_transient_redis
 from ..stream import Entry, ReadSize
 from .ack import log_deleted
 from .liveness import InHand
+from .pace import Pace
 from .progress import Stats
 from .stage import Lifecycle
 
@@ -47,6 +48,7 @@ class Reader:
         submit: Callable[[RawBatch, Callable[[], bool]], bool],
         busy: Callable[[], bool],
         beat: Callable[[], None],
+        pace: Pace | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -61,6 +63,7 @@ class Reader:
         self._submit_to = submit
         self.busy = busy
         self.beat = beat
+        self.pace = pace
         self._turn = 0  # the partition whose turn it is to be read first
         self._last_claim = 0.0
         self._claim_cursor: dict[int, bytes] = {}
@@ -76,6 +79,7 @@ class Reader:
             self.beat()
             if history:
                 i, after = next(iter(history.items()))
+                t0 = time.perf_counter()
                 entries = self.redis_read(
                     lambda p=parts[i], h=after: stream.read_own_pending(  # type: ignore[misc]
                         self.redis, p.stream, s.group, self.name, self.read_size.count, h
@@ -84,11 +88,15 @@ class Reader:
                 if entries is None:
                     continue
                 if not entries:
+                    if self.pace is not None:  # an empty reply: one round trip, nothing else
+                        self.pace.record("Redis", time.perf_counter() - t0)
                     del history[i]
                     continue
                 history[i] = entries[-1][0]
                 self.submit(parts[i], entries, redelivered=True)
                 continue
+            if self.pace is not None:
+                self.pace.probe_redis(self.redis)  # when no read has timed a round trip for a while
             if self._claim_due() and self._reclaim_all():
                 continue
             got = self._read_new()

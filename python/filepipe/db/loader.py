@@ -105,6 +105,10 @@ class Loader:
         self.table = settings.table
         self._layout_checked = False
 
+    def layout_checked(self) -> None:
+        """The table's layout was just checked (`check_layout`): the first load skips it."""
+        self._layout_checked = True
+
     def load(self, buf: bytes, rows: int, *, direct: bool = False) -> int:
         """COPY one buffer of `rows` rows and COMMIT; returns the rows newly inserted
         (a redelivered entry's row already exists and counts 0).
