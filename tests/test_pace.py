@@ -1,0 +1,63 @@
+"""Reads paced to the round trip: behind a proxy adding 10 ms each way, the reads grow to
+cover the measured round trip after the first batches instead of doubling from the
+first read's size, and every event is loaded once."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import redis
+from tests.support.proxy import TcpProxy
+from tests.support.workload import seed
+
+from filepipe.config import load_settings
+from filepipe.consumer import Consumer
+from filepipe.db import init_db
+
+EVENTS = 4000
+
+
+def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
+    redis_url = os.environ.get("FILEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    pg_uri = os.environ.get("FILEPIPE_TEST_PG_URI", "postgresql://postgres@127.0.0.1:5432/test")
+    rport = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs.get("port", 6379)
+    pport = int(psycopg.conninfo.conninfo_to_dict(pg_uri).get("port") or 5432)
+    tag = uuid.uuid4().hex[:8]
+    with TcpProxy(rport, delay_ms=10) as rp, TcpProxy(pport, delay_ms=10) as pp:
+        user = psycopg.conninfo.conninfo_to_dict(pg_uri).get("user", "postgres")
+        dbname = psycopg.conninfo.conninfo_to_dict(pg_uri).get("dbname", "postgres")
+        s = load_settings(
+            {
+                "redis_url": f"redis://127.0.0.1:{rp.port}/0",
+                "pg_uri": f"postgresql://{user}@127.0.0.1:{pp.port}/{dbname}",
+                "stream": f"fp_pace_{tag}",
+                "table": f"fp_pace_{tag}",
+                "local_storage_dir": str(tmp_path),
+                "consumer_name": f"pace-{tag}",
+                "block_ms": 100,
+            },
+            environ={},
+            dotenv_path=None,
+        )
+        init_db(s, plain=True)
+        r = redis.Redis.from_url(redis_url)
+        try:
+            seed(r, s, tmp_path, EVENTS)
+            c = Consumer(s, drain=True, write=None)
+            stats = c.run()
+            with psycopg.connect(pg_uri) as conn:
+                rows = conn.execute(f"SELECT count(*) FROM {s.table}").fetchone()
+        finally:
+            r.delete(s.stream, s.dead_stream)
+            r.close()
+            with psycopg.connect(pg_uri, autocommit=True) as conn:
+                conn.execute(f"DROP TABLE IF EXISTS {s.table}")
+    assert stats.inserted == EVENTS == (rows[0] if rows else -1)
+    assert stats.acked == EVENTS and stats.dead_lettered == 0
+    assert c.pace.round_trip("Redis") >= 0.018  # the proxy's 20 ms, measured
+    assert c.pace.cover >= 0.018 * c.pace.rate * 4 > 0
+    # Doubling from 16 entries would take 8 reads (16 + 32 + … + 2048) to read 4000.
+    assert stats.batches <= 6, stats.batches
