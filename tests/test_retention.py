@@ -190,7 +190,8 @@ def test_retention_by_age_keeps_recent_entries(env: Env) -> None:
     s = env.settings
     now_ms = int(time.time() * 1000)
     old = [env.redis.xadd(s.stream, {"file_id": "x"}, id=f"{now_ms - 7_200_000 + i}-0") for i in range(50)]
-    recent = [env.redis.xadd(s.stream, {"file_id": "x"}, id=f"{now_ms - 60_000 + i}-0") for i in range(70)]
+    # A minute and a half old: older than "1m" however fast the first drain is.
+    recent = [env.redis.xadd(s.stream, {"file_id": "x"}, id=f"{now_ms - 90_000 + i}-0") for i in range(70)]
     env.drain(stream_retention="1h")  # (the entries are dead-lettered: no file_id UUID)
     assert ids_of(env) == recent
     assert old[0] not in ids_of(env)
