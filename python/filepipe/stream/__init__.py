@@ -1,0 +1,57 @@
+"""Redis stream and consumer-group operations, one function per round trip.
+
+In the order a batch meets Redis: `client` (connecting; what a failure means), `group`
+(creating the group; what it holds pending), `read` (XREADGROUP, and pages of a stream for
+the observers), `dead` (what a dead letter holds of its entry), `ack` (the atomic
+acknowledgement that writes the dead letters), `heartbeats`. Every name is importable from
+`filepipe.stream` itself.
+"""
+
+from __future__ import annotations
+
+from .ack import AckResult, ack
+from .client import connect, failure, group_missing, is_cluster
+from .dead import (
+    FIELDS_DROPPED,
+    INCOMPLETE_MARKERS,
+    ORIGINAL_FIELDS,
+    REASON_CODES,
+    TRUNCATED_FIELD,
+    DeadLetter,
+    dead_letter_fields,
+    excerpt,
+)
+from .group import ensure_group, group_lag, id_key, pending_count, still_pending
+from .heartbeats import set_heartbeats
+from .read import Entry, Fields, ReadSize, entries_bytes, fields_dict, read_new, read_own_pending, read_pages
+
+__all__ = [
+    "FIELDS_DROPPED",
+    "INCOMPLETE_MARKERS",
+    "ORIGINAL_FIELDS",
+    "REASON_CODES",
+    "TRUNCATED_FIELD",
+    "AckResult",
+    "DeadLetter",
+    "Entry",
+    "Fields",
+    "ReadSize",
+    "ack",
+    "connect",
+    "dead_letter_fields",
+    "ensure_group",
+    "entries_bytes",
+    "excerpt",
+    "failure",
+    "fields_dict",
+    "group_lag",
+    "group_missing",
+    "id_key",
+    "is_cluster",
+    "pending_count",
+    "read_new",
+    "read_own_pending",
+    "read_pages",
+    "set_heartbeats",
+    "still_pending",
+]

@@ -1,0 +1,92 @@
+"""Connecting to Redis, and what its failures mean."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+
+from ..config import Settings
+from ..errors import ConfigError, FilepipeError, TransientError
+from ..redaction import error_line, mask_url
+from ..retry import redis_login_refusal
+
+
+def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis.Redis:
+    """A client for `settings.redis_url` whose socket timeout outlasts a blocking read:
+    a `RedisCluster` (which follows MOVED and ASK redirections) with REDIS_CLUSTER=1.
+    `rediss://` URLs use TLS; their `ssl_*` query parameters are passed to redis-py.
+
+    Replies stay bytes: the extension parses them without decoding twice."""
+    timeout = (
+        socket_timeout
+        if socket_timeout is not None
+        else settings.block_ms / 1000 + max(2.0, settings.connect_timeout_s)
+    )
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        # No silent retries inside redis-py: a command whose reply was lost may have run
+        # (an XADD twice, a read delivered), so the caller decides what is safe to repeat.
+        "retry": Retry(NoBackoff(), retries=0),
+        "retry_on_timeout": False,
+        "client_name": "filepipe",
+    }
+    client = (
+        _connect_cluster(settings, options)
+        if settings.redis_cluster
+        else redis.Redis.from_url(settings.redis_url, **options)
+    )
+    # The extension reads entries' fields straight from the flat [name, value, …]
+    # lists the server sends: turning each entry into a dict first would be wasted work.
+    client.set_response_callback("XREADGROUP", _raw_reply)
+    return client
+
+
+def _raw_reply(response: Any, **_options: Any) -> Any:
+    return response
+
+
+def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis:
+    from redis.cluster import RedisCluster
+
+    try:
+        # Asks the node for the cluster's layout: it must answer now.
+        cluster = RedisCluster.from_url(settings.redis_url, **options)
+    except (redis.RedisError, RedisClusterException) as e:
+        where = mask_url(settings.redis_url)
+        raise TransientError(f"cannot reach Redis Cluster at {where}: {error_line(e)}") from e
+    return cluster  # type: ignore[return-value]
+
+
+def is_cluster(r: redis.Redis) -> bool:
+    """Whether `r` is a Redis Cluster client."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(r, RedisCluster)
+
+
+def group_missing(e: BaseException) -> bool:
+    """Whether Redis refused a command because the consumer group (or its stream) is
+    not there: Redis was flushed or restarted without persistence, or the stream or the
+    group was deleted (a blocked read is woken with UNBLOCKED then)."""
+    if not isinstance(e, redis.ResponseError):
+        return False
+    text = str(e)
+    return "NOGROUP" in text or text.startswith("UNBLOCKED")
+
+
+def failure(settings: Settings, e: redis.RedisError) -> FilepipeError:
+    """What a command says when Redis failed it: a ConfigError (exit 2) with Redis's own
+    reason when it refused the login or the database for good, else a TransientError."""
+    where = mask_url(settings.redis_url)
+    refusal = redis_login_refusal(e)
+    if refusal is not None:
+        return ConfigError(f"Redis at {where} refused the connection: {refusal} (check REDIS_URL)")
+    return TransientError(f"cannot reach Redis at {where}: {error_line(e)}")

@@ -1,0 +1,77 @@
+"""The consumer group: creating it, and what it has delivered and not acknowledged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from ..retry import redis_refusal
+
+
+def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
+    """Creates the consumer group (and the stream) if missing. True if it was created.
+
+    A new group starts at the beginning of the stream, so events produced before any
+    consumer existed are processed too."""
+    try:
+        r.xgroup_create(stream, group, id="0", mkstream=True)
+        return True
+    except redis.ResponseError as e:
+        if "BUSYGROUP" in str(e):
+            return False
+        # A Redis that refuses writes (full, a replica) refuses this one before it looks
+        # for the group: if the group is there, that is all that is needed.
+        if redis_refusal(e) is not None and _group_exists(r, stream, group):
+            return False
+        raise
+
+
+def _group_exists(r: redis.Redis, stream: str, group: str) -> bool:
+    try:
+        groups = r.xinfo_groups(stream)
+    except redis.ResponseError:
+        return False  # no such stream
+    return any(g["name"] in (group, group.encode()) for g in groups)
+
+
+def still_pending(r: redis.Redis, stream: str, group: str, ids: Sequence[bytes]) -> set[bytes]:
+    """Which of `ids` are pending in the group (delivered to anyone, not acknowledged)."""
+    if not ids:
+        return set()
+    keyed = sorted(ids, key=id_key)
+    rows = r.xpending_range(stream, group, min=keyed[0], max=keyed[-1], count=len(ids) + 10_000)
+    wanted = set(ids)
+    return {row["message_id"] for row in rows if row["message_id"] in wanted}
+
+
+def id_key(entry_id: bytes) -> tuple[int, int]:
+    """Sort key of a stream entry id."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def pending_count(r: redis.Redis, stream: str, group: str, consumer: str | None = None) -> int:
+    """Entries delivered and not acknowledged: the group's, or one consumer's."""
+    if consumer is None:
+        info = r.xpending(stream, group)
+        return int(info["pending"])
+    rows = r.xpending_range(stream, group, min="-", max="+", count=1, consumername=consumer)
+    if not rows:
+        return 0
+    summary = r.xpending(stream, group)
+    for row in summary.get("consumers", []):
+        name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
+        if name == consumer:
+            return int(row["pending"])
+    return 0
+
+
+def group_lag(r: redis.Redis, stream: str, group: str) -> int | None:
+    """Entries in the stream not yet delivered to the group (Redis 7 `lag`)."""
+    for g in r.xinfo_groups(stream):
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == group:
+            lag = g.get("lag")
+            return None if lag is None else int(lag)
+    return None
