@@ -526,3 +526,29 @@ def test_one_outage_one_warning_with_loaders_sharing_the_backoff(caplog: pytest.
     assert len([x for x in lines if "PostgreSQL unreachable" in x]) == 1, lines
     assert len([x for x in lines if "PostgreSQL is back" in x]) == 1, lines
     assert len(lines) <= 6, lines
+
+
+def test_a_read_that_gets_through_does_not_end_a_refusal_of_writes(caplog: pytest.LogCaptureFixture) -> None:
+    """Redis refusing writes (a failed snapshot, a replica, a full Redis) still answers
+    reads: the acknowledger asking which entries are still pending (XPENDING) after its
+    script was refused gets an answer, but the refusal goes on, so it is not "back"."""
+    import redis
+
+    from filepipe.retry import Backoff, Outage, is_transient_redis
+
+    caplog.set_level(logging.INFO, logger="filepipe")
+    stop = threading.Event()
+    stop.set()
+    outage = Outage("Redis")
+    acker, reader = Backoff("Redis", stop=stop, outage=outage), Backoff("Redis", stop=stop, outage=outage)
+    refused = redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it can't persist")
+    for _ in range(5):
+        acker.failed(refused)
+        assert acker.call(lambda: {b"1-0"}, is_transient_redis, writes=False) == {b"1-0"}
+    reader.call(lambda: None, is_transient_redis)  # a read of the reader's: not a write either
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([x for x in lines if "MISCONF" in x and "refuses writes" in x]) == 1, lines
+    assert not [x for x in lines if "is back" in x], lines
+    acker.succeeded()  # the script ran: writes are taken again
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([x for x in lines if "Redis is back" in x]) == 1, lines

@@ -169,6 +169,7 @@ class Outage:
         self.recovery = recovery
         self.since: float | None = None
         self.last_message = ""
+        self.refusing_writes = False  # the outage is Redis refusing writes (OOM, READONLY, MISCONF)
         self._failing: set[int] = set()
         self._seen: set[str] = set()
         self._lock = threading.Lock()
@@ -180,6 +181,7 @@ class Outage:
         state = _REDIS_REFUSALS[code] if code else self.state
         with self._lock:
             self._failing.add(who)
+            self.refusing_writes = code is not None
             if self.since is None:
                 # One warning per outage; a new error during it (the server going from
                 # "shutting down" to "refused", a pool timing out) is logged once, at INFO, and
@@ -198,10 +200,12 @@ class Outage:
         if changed and self.on_error is not None:
             self.on_error(f"{self.service} {state}: {message}")
 
-    def recovered(self, who: int) -> None:
-        """Backoff `who` succeeded; the outage ends when no backoff is failing any more."""
+    def recovered(self, who: int, *, wrote: bool = True) -> None:
+        """Backoff `who` succeeded; the outage ends when no backoff is failing any more. A
+        read that got through (`wrote` False) says nothing of a Redis refusing writes: it
+        still answers reads."""
         with self._lock:
-            if who not in self._failing:
+            if who not in self._failing or (self.refusing_writes and not wrote):
                 return
             self._failing.discard(who)
             if self._failing or self.since is None:
@@ -209,6 +213,7 @@ class Outage:
             log.warning("%s %s after %.1f s", self.service, self.recovery, time.monotonic() - self.since)
             self.since = None
             self.last_message = ""
+            self.refusing_writes = False
         if self.on_error is not None:
             self.on_error("")  # the outage is over: no current error
 
@@ -286,34 +291,40 @@ class Backoff:
             self.on_wait()
         return delay
 
-    def succeeded(self, started: float | None = None) -> None:
+    def succeeded(self, started: float | None = None, *, wrote: bool = True) -> None:
         """Records a success; logs the recovery if there was an outage. A success of an
         attempt `started` (monotonic) before the outage was noticed says nothing about
         now (another thread's load that got through just before the server went away):
-        it does not end the outage."""
+        it does not end the outage; nor does a read (`wrote` False) while Redis refuses
+        writes."""
         with self._lock:
             if self.down_since is not None and started is not None and started < self.down_since:
                 return
+            if not wrote and self.outage.refusing_writes:
+                return
             self.attempt = 0
             self.down_since = None
-        self.outage.recovered(id(self))
+        self.outage.recovered(id(self), wrote=wrote)
 
-    def call(self, fn: Callable[[], T], transient: Callable[[BaseException], bool]) -> T:
+    def call(
+        self, fn: Callable[[], T], transient: Callable[[BaseException], bool], *, writes: bool = True
+    ) -> T:
         """Calls `fn` until it succeeds or raises a non-transient error (or `stop` is set:
-        Abandoned)."""
+        Abandoned). `writes` False: `fn` only reads, so its success does not end a refusal
+        of writes."""
         while True:
             started = time.monotonic()
             try:
                 result = fn()
             except Exception as e:
                 if not transient(e):
-                    self.succeeded(started)  # the service answered, if only to refuse
+                    self.succeeded(started, wrote=writes)  # the service answered, if only to refuse
                     raise
                 self.failed(e)
                 if self.stop is not None and self.stop.is_set():
                     raise Abandoned(f"{self.service}: gave up retrying ({error_line(e)})") from e
                 continue
-            self.succeeded(started)
+            self.succeeded(started, wrote=writes)
             return result
 
 

@@ -142,7 +142,7 @@ class Ack:
                 if self.abandon.is_set():
                     raise Abandoned("Redis: gave up acknowledging") from e
             pending = self.backoff.call(lambda i=ids: self._still_pending(part, i),  # type: ignore[misc]
-                                        is_transient_redis)
+                                        is_transient_redis, writes=False)
             # What is no longer pending, the lost run (or another consumer) has done.
             done.acked += sum(1 for i in ids if i not in pending)
             done.written += [d for d in dead if d.source_id not in pending]
