@@ -49,7 +49,7 @@ HEARTBEAT_TTL_S = 30
 # the key exists (HEARTBEAT_TTL_S), the consumer is live (`observe.health`).
 HEARTBEAT_INTERVAL_S = 2.0
 
-# Trimming (retention.py). A running consumer trims each stream every TRIM_INTERVAL_S, and
+# Trimming (retention/). A running consumer trims each stream every TRIM_INTERVAL_S, and
 # sooner once it has acknowledged TRIM_AFTER_ENTRIES entries since its last pass; a lease
 # of TRIM_LEASE_MS per stream keeps N consumers from trimming it at the same moment.
 TRIM_LEASE_PREFIX = "filepipe:trim:"

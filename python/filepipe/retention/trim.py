@@ -1,0 +1,86 @@
+"""One trimming pass: each stream trimmed to the point no group needs below (or what
+STREAM_RETENTION keeps), its dead letters capped, in one pipeline of atomic scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .. import constants as c
+from ..config import Settings
+from ..partitions import Partition
+from .scripts import TRIM_SCRIPT, held_fields, mark_step, window_args
+
+
+@dataclass(frozen=True)
+class TrimResult:
+    """What one pass did to one stream."""
+
+    stream: str
+    leased: bool  # False: another consumer held the lease, nothing was done
+    trimmed: int = 0
+    point: str = ""
+    why: str = ""  # pending | unread | retention | no_group: what keeps the entries from `point` on
+    holder: str = ""  # the group that holds the point back (why pending or unread)
+    holder_pending: int = 0
+    holder_lag: int | None = None
+    length: int = 0
+    dead_letters: int = 0
+    dead_dropped: int = 0
+
+
+def trim_args(part: Partition, settings: Settings, owner: str, lease_ms: int) -> list[Any]:
+    """KEYS and ARGV of the trim script for one stream."""
+    w, d = settings.stream_window, settings.dead_window
+    return [
+        5,
+        part.stream,
+        c.trim_lease_key(part.stream),
+        c.retention_marks_key(part.stream),
+        part.dead_stream,
+        c.arrivals_key(part.stream),
+        owner,
+        lease_ms,
+        *window_args(w),
+        mark_step(w),
+        0 if d.keep_all else d.count,
+        0 if d.keep_all else d.age_s * 1000,
+        c.ARRIVALS_KEEP_MS,
+    ]
+
+
+def _trim_result(stream: str, reply: Any) -> TrimResult:
+    if int(reply[0]) < 0:
+        return TrimResult(stream, leased=False)
+    return TrimResult(
+        stream,
+        leased=True,
+        trimmed=int(reply[0]),
+        **held_fields(reply),
+        dead_letters=int(reply[7]),
+        dead_dropped=int(reply[8]),
+    )
+
+
+def trim(
+    r: redis.Redis,
+    parts: Sequence[Partition],
+    settings: Settings,
+    owner: str,
+    *,
+    lease_ms: int = c.TRIM_LEASE_MS,
+) -> list[TrimResult]:
+    """Trims every stream of `parts` (and caps its dead letters) in one pipeline, each
+    in one atomic script; `lease_ms=0` trims without taking the lease."""
+    pipe = r.pipeline(transaction=False)
+    for part in parts:
+        # (a cluster pipeline has no eval(): the command itself, routed by its keys)
+        pipe.execute_command("EVAL", TRIM_SCRIPT, *trim_args(part, settings, owner, lease_ms))  # type: ignore[no-untyped-call]
+    replies = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return [_trim_result(part.stream, reply) for part, reply in zip(parts, replies, strict=True)]
