@@ -46,9 +46,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         root.mkdir()
         (root / "a.txt").write_bytes(b"a small file\n")
         s = load_settings(
-            {"redis_url": redis_url, "pg_uri": pg_uri, "stream": f"fp_big_{tag}", "table": f"fp_big_{tag}",
-             "local_storage_dir": str(root), "block_ms": 100},
-            environ={}, dotenv_path=None,
+            {
+                "redis_url": redis_url,
+                "pg_uri": pg_uri,
+                "stream": f"fp_big_{tag}",
+                "table": f"fp_big_{tag}",
+                "local_storage_dir": str(root),
+                "block_ms": 100,
+            },
+            environ={},
+            dotenv_path=None,
         )
         init_db(s, plain=True)
         r = redis.Redis.from_url(redis_url)
@@ -59,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pipe = r.pipeline(transaction=False)
         for i in range(args.entries):
             blob = bytes(rng.choice(alphabet) for _ in range(256)) * (size // 256)
-            pipe.xadd(s.stream, {"file_id": str(uuid.uuid4()), "filename": f"big {i}", "key": "a.txt",
-                                 "notes": blob})
+            pipe.xadd(
+                s.stream,
+                {"file_id": str(uuid.uuid4()), "filename": f"big {i}", "key": "a.txt", "notes": blob},
+            )
             if i % 20 == 19:
                 pipe.execute()
         pipe.execute()
@@ -68,8 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         extra = {"FILEPIPE_BATCH_BYTES": str(args.batch_bytes)} if args.batch_bytes else {}
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
-                                env=consumer_env(s, **extra), cwd=root)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
+            env=consumer_env(s, **extra),
+            cwd=root,
+        )
         ps = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
@@ -86,10 +98,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         r.delete(s.stream, s.dead_stream)
         r.close()
         assert rows == (args.entries,), rows
-        result = {"entries": args.entries, "entry_kib": args.kib, "peak_rss_mb": peak / 2**20,
-                  "seconds": seconds}
-        print(f"{args.entries} entries of {args.kib} KiB: drained in {seconds:.1f} s, "
-              f"peak RSS {peak / 2**20:.0f} MB")
+        result = {
+            "entries": args.entries,
+            "entry_kib": args.kib,
+            "peak_rss_mb": peak / 2**20,
+            "seconds": seconds,
+        }
+        print(
+            f"{args.entries} entries of {args.kib} KiB: drained in {seconds:.1f} s, "
+            f"peak RSS {peak / 2**20:.0f} MB"
+        )
         return result
 
 

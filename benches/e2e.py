@@ -77,8 +77,16 @@ def fresh(base: Settings, keys: list[str], events: int) -> Settings:
     r = redis.Redis.from_url(s.redis_url)
     pipe = r.pipeline(transaction=False)
     for i in range(events):
-        pipe.xadd(s.stream, {"file_id": str(uuid.uuid4()), "filename": f"photo {i}.txt",
-                             "key": keys[i % len(keys)], "size": "0", "uploaded_at": "2024-05-01T12:00:00Z"})
+        pipe.xadd(
+            s.stream,
+            {
+                "file_id": str(uuid.uuid4()),
+                "filename": f"photo {i}.txt",
+                "key": keys[i % len(keys)],
+                "size": "0",
+                "uploaded_at": "2024-05-01T12:00:00Z",
+            },
+        )
         if (i + 1) % PIPELINE_CHUNK == 0:
             pipe.execute()
     pipe.execute()
@@ -114,6 +122,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 # -- the limits: each component alone, on the same entries ------------------------------------
+
 
 def limit_redis(s: Settings) -> float:
     """XREADGROUP + XACK of every entry, nothing else."""
@@ -194,6 +203,7 @@ def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) 
 
 # -- one scenario ----------------------------------------------------------------------------
 
+
 def scenario(
     name: str, base: Settings, keys: list[str], events: int, fast_n: int, old_n: int
 ) -> list[Result]:
@@ -222,8 +232,10 @@ def scenario(
     finally:
         cleanup(s)
 
-    for label, fn, n in (("fast consumer (pool, executemany 50)", fast_consumer, fast_n),
-                         ("old consumer (connection per file)", old_consumer, old_n)):
+    for label, fn, n in (
+        ("fast consumer (pool, executemany 50)", fast_consumer, fast_n),
+        ("old consumer (connection per file)", old_consumer, old_n),
+    ):
         if n <= 0:
             continue
         s = fresh(base, keys, n)
@@ -250,9 +262,13 @@ def sweep_point(base: Settings, keys: list[str], events: int) -> Result:
 @contextmanager
 def latency(url_port: int, delay_ms: float) -> Iterator[int]:
     """A delaying proxy in its own process; yields its port."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.proxy", str(url_port), str(delay_ms)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.proxy", str(url_port), str(delay_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     try:
         assert proc.stdout is not None
         yield int(proc.stdout.readline())
@@ -280,14 +296,18 @@ def with_port(url: str, port: int) -> str:
 
 # -- memory ----------------------------------------------------------------------------------
 
+
 def memory(base: Settings, keys: list[str], events: int) -> Result:
     """Peak RSS of a `filepipe consume --drain` process draining `events` entries."""
     from tests.support.workload import consumer_env
 
     s = fresh(base, keys, events)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
-                                env=consumer_env(s), cwd=s.local_storage_dir)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
+            env=consumer_env(s),
+            cwd=s.local_storage_dir,
+        )
         ps = psutil.Process(proc.pid)
         samples: list[tuple[float, int]] = []
         t0 = time.perf_counter()
@@ -308,15 +328,24 @@ def memory(base: Settings, keys: list[str], events: int) -> Result:
         f"rss_at_{q}pct_mb": round(samples[min(len(samples) - 1, len(samples) * q // 100)][1] / 2**20, 1)
         for q in (10, 25, 50, 75, 95)
     }
-    return Result("memory", f"filepipe consume --drain, {events:,} backlog", events, dt,
-                  f"peak RSS {peak / 2**20:.0f} MB", {"peak_rss_mb": round(peak / 2**20, 1), **quarters})
+    return Result(
+        "memory",
+        f"filepipe consume --drain, {events:,} backlog",
+        events,
+        dt,
+        f"peak RSS {peak / 2**20:.0f} MB",
+        {"peak_rss_mb": round(peak / 2**20, 1), **quarters},
+    )
 
 
 # -- report ----------------------------------------------------------------------------------
 
+
 def table(results: list[Result]) -> str:
-    lines = ["| scenario | pipeline | files | files/s | × fast consumer | × old consumer | of limit | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| scenario | pipeline | files | files/s | × fast consumer | × old consumer | of limit | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     by: dict[str, dict[str, Result]] = {}
     for r in results:
         by.setdefault(r.scenario, {})[r.name] = r
@@ -330,8 +359,10 @@ def table(results: list[Result]) -> str:
         vs_fast = f"{r.rate / fast.rate:.1f}×" if fast and not is_limit and r.scenario != "memory" else ""
         vs_old = f"{r.rate / old.rate:.0f}×" if old and not is_limit and r.scenario != "memory" else ""
         of_limit = f"{r.rate / ceiling:.2f}" if ceiling and r.name == "filepipe" else ""
-        lines.append(f"| {r.scenario} | {r.name} | {r.files:,} | {r.rate:,.0f} | {vs_fast} | {vs_old} | "
-                     f"{of_limit} | {r.note} |")
+        lines.append(
+            f"| {r.scenario} | {r.name} | {r.files:,} | {r.rate:,.0f} | {vs_fast} | {vs_old} | "
+            f"{of_limit} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -349,8 +380,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument("--cloud-old", type=int, default=60)
     ap.add_argument("--memory", type=int, default=1_000_000, help="backlog for the RSS run (0: skip)")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--sweep", default="500,1000,2000,5000,10000",
-                    help="batch sizes for the local batch-size sweep (empty: skip)")
+    ap.add_argument(
+        "--sweep",
+        default="500,1000,2000,5000,10000",
+        help="batch sizes for the local batch-size sweep (empty: skip)",
+    )
     ap.add_argument("--out", type=Path, default=Path("artifacts"))
     args = ap.parse_args(argv)
 
@@ -363,8 +397,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
             pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
         root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
         root.mkdir(parents=True, exist_ok=True)
-        overrides: dict[str, Any] = {"redis_url": redis_url, "pg_uri": pg_uri, "local_storage_dir": str(root),
-                                     "block_ms": 100}
+        overrides: dict[str, Any] = {
+            "redis_url": redis_url,
+            "pg_uri": pg_uri,
+            "local_storage_dir": str(root),
+            "block_ms": 100,
+        }
         if args.batch_size:
             overrides["batch_size"] = args.batch_size
         base = load_settings(overrides, environ={}, dotenv_path=None)
@@ -383,8 +421,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
             rp = stack.enter_context(latency(port_of(redis_url), args.latency_ms))
             pp = stack.enter_context(latency(port_of(pg_uri), args.latency_ms))
             cloud = replace(base, redis_url=with_port(redis_url, rp), pg_uri=with_port(pg_uri, pp))
-            results += scenario(f"cloud ({2 * args.latency_ms:.0f} ms RTT)", cloud, keys, args.cloud_events,
-                                args.cloud_fast, args.cloud_old)
+            results += scenario(
+                f"cloud ({2 * args.latency_ms:.0f} ms RTT)",
+                cloud,
+                keys,
+                args.cloud_events,
+                args.cloud_fast,
+                args.cloud_old,
+            )
         if args.memory > 0:
             results.append(memory(base, keys, args.memory))
 

@@ -93,8 +93,10 @@ def _make(uri: str, kind: str, indexed: bool, rows: int) -> Table:
 def _size(conn: psycopg.Connection[Any], t: Table) -> tuple[float, float]:
     """(bytes of the table with its indexes, bytes of its processed_at index)."""
     name = t.settings.table
-    size_sql = "SELECT hypertable_size(%s::regclass)" if t.kind == "hypertable" else (
-        "SELECT pg_total_relation_size(%s::regclass)"
+    size_sql = (
+        "SELECT hypertable_size(%s::regclass)"
+        if t.kind == "hypertable"
+        else ("SELECT pg_total_relation_size(%s::regclass)")
     )
     row = conn.execute(size_sql, (name,)).fetchone()
     total = float(row[0]) if row and row[0] is not None else 0.0
@@ -141,9 +143,17 @@ def measure(uri: str, rows: int, rounds: int) -> list[Result]:
             for t in tables:
                 total, index = _size(conn, t)
                 loaded = rows + rounds * LOAD_BATCH + LOAD_BATCH
-                out.append(Result(t.kind, t.indexed, LOAD_BATCH / statistics.median(t.loads),
-                                  statistics.median(t.bounded), statistics.median(t.unbounded),
-                                  total / loaded, index / 2**20))
+                out.append(
+                    Result(
+                        t.kind,
+                        t.indexed,
+                        LOAD_BATCH / statistics.median(t.loads),
+                        statistics.median(t.bounded),
+                        statistics.median(t.unbounded),
+                        total / loaded,
+                        index / 2**20,
+                    )
+                )
         return out
     finally:
         for pool in pools:
@@ -163,19 +173,27 @@ def main() -> None:
         if not uri:
             uri = stack.enter_context(PostgresServer(preload=("timescaledb",))).uri
         results = measure(uri, args.rows, args.rounds)
-    print(f"{args.rows:,} rows of history over 7 days; load: the median direct COPY of a {LOAD_BATCH}-row "
-          f"batch, {args.rounds} in each table, taking turns")
-    print(f"{'table':<11} {'processed_at':<13} {'load rows/s':>12} {'last min+hour':>14} "
-          f"{'  without day':>14} {'bytes/row':>10} {'index MB':>9}")
+    print(
+        f"{args.rows:,} rows of history over 7 days; load: the median direct COPY of a {LOAD_BATCH}-row "
+        f"batch, {args.rounds} in each table, taking turns"
+    )
+    print(
+        f"{'table':<11} {'processed_at':<13} {'load rows/s':>12} {'last min+hour':>14} "
+        f"{'  without day':>14} {'bytes/row':>10} {'index MB':>9}"
+    )
     for r in results:
-        print(f"{r.kind:<11} {'indexed' if r.indexed else 'no index':<13} {r.load_rows_per_s:>12,.0f} "
-              f"{r.bounded_ms:>11.1f} ms {r.unbounded_ms:>11.1f} ms {r.bytes_per_row:>10.0f} "
-              f"{r.index_mb:>9.1f}")
+        print(
+            f"{r.kind:<11} {'indexed' if r.indexed else 'no index':<13} {r.load_rows_per_s:>12,.0f} "
+            f"{r.bounded_ms:>11.1f} ms {r.unbounded_ms:>11.1f} ms {r.bytes_per_row:>10.0f} "
+            f"{r.index_mb:>9.1f}"
+        )
     for kind in ("plain", "hypertable"):
         base, idx = (next(r for r in results if r.kind == kind and r.indexed == i) for i in (False, True))
-        print(f"{kind}: the index costs the load {1 - idx.load_rows_per_s / base.load_rows_per_s:.0%}; "
-              f"the query takes {idx.bounded_ms / base.bounded_ms:.2f}x as long with it "
-              f"({idx.unbounded_ms / base.unbounded_ms:.2f}x without the day bound)")
+        print(
+            f"{kind}: the index costs the load {1 - idx.load_rows_per_s / base.load_rows_per_s:.0%}; "
+            f"the query takes {idx.bounded_ms / base.bounded_ms:.2f}x as long with it "
+            f"({idx.unbounded_ms / base.unbounded_ms:.2f}x without the day bound)"
+        )
 
 
 if __name__ == "__main__":

@@ -23,18 +23,20 @@ def make_entries(n: int = N) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """Entries shaped like the producer's: five fields plus one attribute."""
     out = []
     for i in range(n):
-        out.append((
-            f"{1_700_000_000_000 + i // 7}-{i % 7}".encode(),
-            {
-                b"file_id": str(uuid.UUID(int=i * 7919 + 1)).encode(),
-                b"filename": f"photo {i} from the trip.jpg".encode(),
-                b"key": f"2024/05/01/{uuid.UUID(int=i)}/photo_{i}.jpg".encode(),
-                b"size": str(1024 + i % 3072).encode(),
-                b"storage": b"local",
-                b"uploaded_at": b"2024-05-01T12:00:00.123456Z",
-                b"user_id": str(i % 100).encode(),
-            },
-        ))
+        out.append(
+            (
+                f"{1_700_000_000_000 + i // 7}-{i % 7}".encode(),
+                {
+                    b"file_id": str(uuid.UUID(int=i * 7919 + 1)).encode(),
+                    b"filename": f"photo {i} from the trip.jpg".encode(),
+                    b"key": f"2024/05/01/{uuid.UUID(int=i)}/photo_{i}.jpg".encode(),
+                    b"size": str(1024 + i % 3072).encode(),
+                    b"storage": b"local",
+                    b"uploaded_at": b"2024-05-01T12:00:00.123456Z",
+                    b"user_id": str(i % 100).encode(),
+                },
+            )
+        )
     return out
 
 
@@ -107,8 +109,20 @@ def test_reference_parse(benchmark: Any) -> None:
 
 
 # One hostile entry: 100,000 fields, as a flat list (names repeating), parsed with no cap.
-WIDE = [(b"1700000000000-0", [b"file_id", str(uuid.UUID(int=1)).encode(), b"filename", b"a", b"key", b"a",
-                              *(x for i in range(100_000) for x in (b"attr_%d" % (i % 90_000), b"v%d" % i))])]
+WIDE = [
+    (
+        b"1700000000000-0",
+        [
+            b"file_id",
+            str(uuid.UUID(int=1)).encode(),
+            b"filename",
+            b"a",
+            b"key",
+            b"a",
+            *(x for i in range(100_000) for x in (b"attr_%d" % (i % 90_000), b"v%d" % i)),
+        ],
+    )
+]
 
 
 @pytest.mark.benchmark(group="parse one 100k-field entry")
@@ -144,6 +158,8 @@ def test_ratio_native_vs_reference(benchmark: Any, capsys: pytest.CaptureFixture
         fmt = "binary" if binary else "text"
         benchmark.extra_info[f"ratio_{fmt}"] = round(ref / native, 1)
         with capsys.disabled():
-            print(f"\n  parse+encode {N} entries ({fmt}): native {native * 1e3:.2f} ms, "
-                  f"reference {ref * 1e3:.1f} ms, ratio {ref / native:.1f}x")
+            print(
+                f"\n  parse+encode {N} entries ({fmt}): native {native * 1e3:.2f} ms, "
+                f"reference {ref * 1e3:.1f} ms, ratio {ref / native:.1f}x"
+            )
     benchmark.pedantic(lambda: None, rounds=1)

@@ -67,9 +67,17 @@ def drain(case: Case, redis_url: str, uri: str, root: Path) -> tuple[float, int]
     """(files/s, chunks the table ended with)."""
     tag = uuid.uuid4().hex[:8]
     s: Settings = load_settings(
-        {"redis_url": redis_url, "pg_uri": uri, "stream": f"fp_tsb_{tag}", "table": f"fp_tsb_{tag}",
-         "local_storage_dir": str(root), "batch_size": BATCH, "consumer_name": f"bench-{tag}"},
-        environ={}, dotenv_path=None,
+        {
+            "redis_url": redis_url,
+            "pg_uri": uri,
+            "stream": f"fp_tsb_{tag}",
+            "table": f"fp_tsb_{tag}",
+            "local_storage_dir": str(root),
+            "batch_size": BATCH,
+            "consumer_name": f"bench-{tag}",
+        },
+        environ={},
+        dotenv_path=None,
     )
     init_db(s, plain=not case.hypertable)
     r = redis.Redis.from_url(redis_url)
@@ -89,9 +97,13 @@ def drain(case: Case, redis_url: str, uri: str, root: Path) -> tuple[float, int]
         with psycopg.connect(uri, autocommit=True) as conn:
             # Chunk by chunk: one statement over thousands of chunks would lock them all at once
             # (more than max_locks_per_transaction allows).
-            chunks = [r[0] for r in conn.execute(
-                "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass", (s.table,)
-            )]
+            chunks = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass",
+                    (s.table,),
+                )
+            ]
             assert sum(count(conn, t) for t in chunks or [s.table]) == EVENTS
             for t in chunks:
                 conn.execute(f"DROP TABLE {t}")
@@ -138,6 +150,8 @@ def report() -> str:
     one = RATES["hypertable, 1 chunk per batch"]
     for case in CASES:
         rate = RATES[case.name]
-        lines.append(f"| {case.name} | {rate:,.0f} | {rate / RATES[PLAIN.name]:.3f} | {rate / one:.3f} "
-                     f"| {CHUNKS[case.name]:,} |")
+        lines.append(
+            f"| {case.name} | {rate:,.0f} | {rate / RATES[PLAIN.name]:.3f} | {rate / one:.3f} "
+            f"| {CHUNKS[case.name]:,} |"
+        )
     return "\n".join(lines)
