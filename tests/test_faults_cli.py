@@ -1,10 +1,13 @@
 """Every command against servers that are down, refuse the login, or are something else on
 that port: one line on stderr, no traceback (without --debug), the documented exit code
-(2 when the settings must change, 1 for an outage)."""
+(2 when the settings must change, 1 for an outage). `consume --drain` waits an outage out,
+saying so in its log, and gives up after FILEPIPE_DRAIN_TIMEOUT: its log lines come before
+the one error line."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +16,10 @@ from urllib.parse import urlsplit
 
 import pytest
 from tests.conftest import Env
+from tests.support.tls import tls_files, tls_only_args
 
-from filepipe.embedded import RedisServer, free_port
+from filepipe.config import mask_url
+from filepipe.embedded import PostgresServer, RedisServer, free_port
 
 SECRET = "Wr0ng-Secret-77"
 
@@ -24,11 +29,17 @@ REDIS_COMMANDS = {
     "dlq list": ["dlq", "list"],
     "dlq replay": ["dlq", "replay"],
     "dlq purge": ["dlq", "purge", "--yes"],
+    "consume": ["consume", "--drain"],
 }
 PG_COMMANDS = {
     "init-db": ["init-db", "--plain"],
     "drop-chunks": ["drop-chunks", "--older-than", "90d"],
+    "consume": ["consume", "--drain"],
 }
+# How long `consume --drain` waits for a service that does not answer.
+DRAIN_TIMEOUT = "2"
+# A log line of `consume` (what it does, what it waits for) before its error line.
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +48,39 @@ def locked_redis() -> Iterator[RedisServer]:
         yield server
 
 
-def redis_cases(env: Env, locked: RedisServer) -> dict[str, tuple[str, int]]:
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis that speaks only TLS (it resets a plain connection without a word)."""
+    ca, cert, key, _ = tls_files(tmp_path_factory.mktemp("tls"))
+    port = free_port()
+    with RedisServer(port=port, extra_args=tls_only_args(port, cert, key, ca)) as server:
+        yield server
+
+
+@pytest.fixture
+def servers(locked_redis: RedisServer, tls_redis: RedisServer) -> dict[str, RedisServer]:
+    return {"locked": locked_redis, "tls": tls_redis}
+
+
+@pytest.fixture(scope="module")
+def plain_pg() -> Iterator[PostgresServer]:
+    """A PostgreSQL without SSL."""
+    with PostgresServer() as server:
+        yield server
+
+
+def redis_cases(env: Env, servers: dict[str, RedisServer]) -> dict[str, tuple[str, int]]:
     """REDIS_URL of each fault, and the exit code it must give."""
     pg_port = urlsplit(env.settings.pg_uri).port or 5432
     return {
         "down": (f"redis://:{SECRET}@127.0.0.1:{free_port()}/0", 1),
-        "wrong password": (f"redis://:{SECRET}@127.0.0.1:{locked.port}/0", 2),
+        "wrong password": (f"redis://:{SECRET}@127.0.0.1:{servers['locked'].port}/0", 2),
         "wrong port (PostgreSQL's)": (f"redis://:{SECRET}@127.0.0.1:{pg_port}/0", 1),
+        "TLS only, redis:// given": (f"redis://:{SECRET}@127.0.0.1:{servers['tls'].port}/0", 2),
     }
 
 
-def pg_cases(env: Env) -> dict[str, tuple[str, int]]:
+def pg_cases(env: Env, plain: PostgresServer) -> dict[str, tuple[str, int]]:
     """PG_URI of each fault (the server answers with trust auth: a role it does not have is
     its refusal), and the exit code it must give."""
     redis_port = urlsplit(env.settings.redis_url).port or 6379
@@ -57,6 +90,10 @@ def pg_cases(env: Env) -> dict[str, tuple[str, int]]:
         "down": (f"postgresql://postgres:{SECRET}@127.0.0.1:{free_port()}/postgres", 1),
         "refused": (f"postgresql://fp_no_such_role:{SECRET}@{host}/postgres", 2),
         "wrong port (Redis's)": (f"postgresql://postgres:{SECRET}@127.0.0.1:{redis_port}/postgres", 1),
+        "SSL required, none there": (
+            f"postgresql://postgres:{SECRET}@127.0.0.1:{plain.port}/postgres?sslmode=require",
+            2,
+        ),
     }
 
 
@@ -72,6 +109,7 @@ def run(args: list[str], env: Env, tmp_path: Path, **extra: str) -> subprocess.C
             "FILEPIPE_TABLE": env.settings.table,
             "LOCAL_STORAGE_DIR": str(env.storage),
             "FILEPIPE_CONNECT_TIMEOUT": "3",
+            "FILEPIPE_DRAIN_TIMEOUT": DRAIN_TIMEOUT,
             **extra,
         }
     )
@@ -86,43 +124,72 @@ def run(args: list[str], env: Env, tmp_path: Path, **extra: str) -> subprocess.C
     )
 
 
-def check(result: subprocess.CompletedProcess[str], code: int, what: str) -> None:
+def check(result: subprocess.CompletedProcess[str], code: int, what: str) -> str:
+    """Asserts the outcome; returns the error line."""
     output = result.stdout + result.stderr
     assert "Traceback" not in output and SECRET not in output, (what, output)
     assert result.returncode == code, (what, result.returncode, output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), (what, output)
+    *logged, last = result.stderr.strip().splitlines() or [""]
+    assert last.startswith("error: "), (what, output)
+    if what.startswith("consume"):
+        assert all(LOG_LINE.match(line) for line in logged), (what, output)
+        if code == 1:  # waited for, with the reason shown, then given up
+            assert any(" unreachable (" in line and "retrying in" in line for line in logged), (what, output)
+            assert last.endswith(f"the longest --drain waits (FILEPIPE_DRAIN_TIMEOUT={DRAIN_TIMEOUT})"), (
+                what,
+                output,
+            )
+    else:
+        assert not logged, (what, output)
     assert result.stdout == "", (what, output)
+    return last
 
 
-def test_redis_commands(env: Env, tmp_path: Path, locked_redis: RedisServer) -> None:
+def test_redis_commands(env: Env, tmp_path: Path, servers: dict[str, RedisServer]) -> None:
     (tmp_path / "one.txt").write_text("one")
-    for fault, (url, code) in redis_cases(env, locked_redis).items():
+    for fault, (url, code) in redis_cases(env, servers).items():
         for name, args in REDIS_COMMANDS.items():
             result = run([a.format(file=tmp_path / "one.txt") for a in args], env, tmp_path, REDIS_URL=url)
-            check(result, code, f"{name}, Redis {fault}")
-            if code == 2:
-                assert "refused the connection" in result.stderr and "check REDIS_URL" in result.stderr
-            else:
-                assert "cannot reach Redis at" in result.stderr
+            line = check(result, code, f"{name}, Redis {fault}")
+            if fault.startswith("TLS"):
+                assert "speaks only TLS: use a rediss:// URL" in line, line
+            elif code == 2:
+                # The server's own reason, and where it came from.
+                assert "invalid username-password pair" in line, line
+                if name == "consume":
+                    assert line.startswith(f"error: Redis at {mask_url(url)} refused: "), line
+                else:
+                    assert "refused the connection" in line and "check REDIS_URL" in line, line
+            elif name != "consume":
+                assert "cannot reach Redis at" in line, line
     assert not any(p.is_file() for p in env.storage.rglob("*"))  # produce stored nothing
 
 
-def test_postgres_commands(env: Env, tmp_path: Path) -> None:
-    for fault, (uri, code) in pg_cases(env).items():
+def test_postgres_commands(env: Env, tmp_path: Path, plain_pg: PostgresServer) -> None:
+    for fault, (uri, code) in pg_cases(env, plain_pg).items():
         for name, args in PG_COMMANDS.items():
             result = run(args, env, tmp_path, PG_URI=uri)
-            check(result, code, f"{name}, PostgreSQL {fault}")
-            if code == 2:
-                assert 'role "fp_no_such_role" does not exist (check PG_URI)' in result.stderr
-            else:
-                assert "cannot reach PostgreSQL at" in result.stderr
+            line = check(result, code, f"{name}, PostgreSQL {fault}")
+            check_uri = "" if name == "consume" else " (check PG_URI)"
+            if fault.startswith("SSL"):
+                assert line.startswith(f"error: PostgreSQL at {mask_url(uri)} refused"), line
+                assert line.endswith("server does not support SSL, but SSL was required" + check_uri), line
+            elif code == 2:
+                if name == "consume":
+                    assert line.startswith(f"error: PostgreSQL at {mask_url(uri)} refused: "), line
+                    assert line.endswith('FATAL:  role "fp_no_such_role" does not exist'), line
+                else:
+                    assert line.endswith('role "fp_no_such_role" does not exist (check PG_URI)'), line
+            elif name != "consume":
+                assert "cannot reach PostgreSQL at" in line, line
 
 
-def test_status_reports_each_fault_and_exits_1(env: Env, tmp_path: Path, locked_redis: RedisServer) -> None:
+def test_status_reports_each_fault_and_exits_1(
+    env: Env, tmp_path: Path, servers: dict[str, RedisServer], plain_pg: PostgresServer
+) -> None:
     """status renders what it could read, names what it could not, and exits 1."""
-    faults = [("REDIS_URL", url) for url, _ in redis_cases(env, locked_redis).values()]
-    faults += [("PG_URI", uri) for uri, _ in pg_cases(env).values()]
+    faults = [("REDIS_URL", url) for url, _ in redis_cases(env, servers).values()]
+    faults += [("PG_URI", uri) for uri, _ in pg_cases(env, plain_pg).values()]
     for name, value in faults:
         result = run(["status"], env, tmp_path, **{name: value})
         output = result.stdout + result.stderr

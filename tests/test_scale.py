@@ -23,6 +23,7 @@ import redis
 from tests.conftest import Env
 from tests.support.cluster import RedisClusterServers
 from tests.support.pgbouncer import PgBouncer, find_pgbouncer
+from tests.support.tls import tls_files, tls_only_args
 from tests.support.workload import Workload, consumer_env, seed, start_consumer
 
 from filepipe import dlq
@@ -441,72 +442,13 @@ def test_through_pgbouncer_in_transaction_pooling_mode(senv: Env, bouncer: PgBou
 # -- TLS --------------------------------------------------------------------------------------
 
 
-def _tls_files(directory: Path) -> tuple[Path, Path, Path, Path]:
-    """A CA, a server certificate for 127.0.0.1 signed by it, its key, and an unrelated CA."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject: str, key: Any, issuer: str, issuer_key: Any, ca: bool) -> x509.Certificate:
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            b = b.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        return b.sign(issuer_key, hashes.SHA256())
-
-    pem = serialization.Encoding.PEM
-    paths = [directory / n for n in ("ca.pem", "server.pem", "server.key", "other-ca.pem")]
-    ca_key, other_key, server_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    paths[0].write_bytes(cert("test CA", ca_key, "test CA", ca_key, True).public_bytes(pem))
-    paths[1].write_bytes(cert("127.0.0.1", server_key, "test CA", ca_key, False).public_bytes(pem))
-    paths[2].write_bytes(
-        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[3].write_bytes(cert("other CA", other_key, "other CA", other_key, True).public_bytes(pem))
-    return paths[0], paths[1], paths[2], paths[3]
-
-
 def test_rediss_url_with_a_verified_certificate(senv: Env, tmp_path: Path) -> None:
     from filepipe import stream
     from filepipe.embedded import RedisServer, free_port
 
-    ca, server_cert, server_key, other_ca = _tls_files(tmp_path)
+    ca, server_cert, server_key, other_ca = tls_files(tmp_path)
     port = free_port()
-    tls_args = [
-        "--port",
-        "0",
-        "--tls-port",
-        str(port),
-        "--tls-cert-file",
-        str(server_cert),
-        "--tls-key-file",
-        str(server_key),
-        "--tls-ca-cert-file",
-        str(ca),
-        "--tls-auth-clients",
-        "no",
-    ]
-    with RedisServer(port=port, extra_args=tls_args):
+    with RedisServer(port=port, extra_args=tls_only_args(port, server_cert, server_key, ca)):
         url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"
         s = senv.settings_with(redis_url=url)
         r = stream.connect(s, socket_timeout=10)

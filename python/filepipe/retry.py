@@ -50,6 +50,11 @@ class Abandoned(Exception):
     """Retrying was given up because the consumer is stopping; the work stays unacknowledged."""
 
 
+class TlsOnly(redis.ConnectionError):
+    """The server at a `redis://` address speaks only TLS: it cuts every plain connection
+    off, which no retry changes (a `rediss://` URL connects)."""
+
+
 # What PostgreSQL says, refusing a connection, when it will take it a little later.
 _PG_PASSING_REFUSALS = (
     "the database system is starting up",
@@ -78,8 +83,10 @@ def permanent_pg(e: BaseException) -> bool:
 
 def permanent_redis(e: BaseException) -> bool:
     """Whether Redis refused for a reason that waiting will not fix: a password or user it
-    does not know, a command its ACL denies, a TLS handshake that fails."""
-    if isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError)):
+    does not know, a command its ACL denies, a TLS handshake that fails, a plain connection
+    to a server that speaks only TLS."""
+    if isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError,
+                      TlsOnly)):
         return True
     if isinstance(e, redis.ResponseError) and str(e).startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
         return True
@@ -364,10 +371,10 @@ def pg_login_refusal(e: BaseException) -> str | None:
 
 def redis_login_refusal(e: BaseException) -> str | None:
     """Redis's reason when it refused a connection for good (a wrong user or password,
-    none given where one is needed, a database number it does not have); None for any
-    other error."""
-    if not isinstance(e, (redis.AuthenticationError, redis.ResponseError)):
+    none given where one is needed, a database number it does not have, a plain connection
+    to a server that speaks only TLS); None for any other error."""
+    if not isinstance(e, (redis.AuthenticationError, redis.ResponseError, TlsOnly)):
         return None
     text = error_line(e)
-    refused = isinstance(e, redis.AuthenticationError) or text.startswith(_REDIS_LOGIN_REFUSALS)
+    refused = isinstance(e, (redis.AuthenticationError, TlsOnly)) or text.startswith(_REDIS_LOGIN_REFUSALS)
     return text if refused else None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -12,7 +15,7 @@ from redis.retry import Retry
 from ..config import Settings
 from ..errors import ConfigError, FilepipeError, TransientError
 from ..redaction import error_line, mask_url
-from ..retry import redis_login_refusal
+from ..retry import TlsOnly, redis_login_refusal
 
 
 def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis.Redis:
@@ -38,6 +41,8 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
         "retry_on_timeout": False,
         "client_name": "filepipe",
     }
+    if urlsplit(settings.redis_url).scheme == "redis" and not settings.redis_cluster:
+        options["connection_class"] = PlainConnection
     client = (
         _connect_cluster(settings, options)
         if settings.redis_cluster
@@ -51,6 +56,46 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
 
 def _raw_reply(response: Any, **_options: Any) -> Any:
     return response
+
+
+class PlainConnection(redis.Connection):
+    """A connection without TLS that tells a server speaking only TLS from an outage. Such
+    a server cuts a plain connection off at its first bytes (a reset, no reply), as a
+    server going away might; when that happens, one TLS handshake with it tells which it
+    is, and a server that speaks only TLS raises TlsOnly (permanent: exit 2)."""
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        try:
+            super().on_connect_check_health(check_health=check_health)
+        except redis.ConnectionError as e:
+            if _cut_off(e) and speaks_tls(self.host, self.port, self.socket_connect_timeout):
+                raise TlsOnly(f"{self.host}:{self.port} speaks only TLS: use a rediss:// URL") from e
+            raise
+
+
+def _cut_off(e: redis.ConnectionError) -> bool:
+    """Whether the server closed or reset the connection instead of replying."""
+    cause = e.__cause__ or e.__context__
+    return isinstance(cause, (ConnectionResetError, BrokenPipeError)) or "closed by server" in str(e)
+
+
+def speaks_tls(host: str, port: int, timeout: float | None) -> bool:
+    """Whether the server at `host:port` answers a TLS handshake (its certificate is not
+    checked: this only asks which protocol it speaks). A TLS alert (a client certificate
+    it wants, a version it will not do) is TLS too; plain bytes back are not."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout or 5.0) as sock,
+            context.wrap_socket(sock),
+        ):
+            return True
+    except ssl.SSLError as e:
+        return "ALERT" in (e.reason or "").upper()
+    except OSError:
+        return False
 
 
 def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis:
