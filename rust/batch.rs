@@ -10,6 +10,7 @@ use crate::copy::{self, BatchColumns, Format, Measured};
 use crate::entry::{parse_entry, Limits, Record, Reject, Storage};
 use crate::error::{FileFailure, Reason};
 use crate::measure;
+use crate::resp::ReadReply;
 use crate::root::Root;
 
 /// The validated entries of one reply.
@@ -161,27 +162,93 @@ impl Copied {
             for pair in ends.windows(3).step_by(2) {
                 fields.push((&self.arena[pair[0]..pair[1]], &self.arena[pair[1]..pair[2]]));
             }
-            let parsed = catch_unwind(AssertUnwindSafe(|| {
-                test_panic(panic_key, &fields);
-                parse_entry(id, &fields, default_storage, id_prefix)
-            }))
-            .unwrap_or_else(|_| {
-                Err(Reject::new(
-                    id,
-                    Reason::Internal,
-                    "internal error while parsing (a bug: please report it)",
-                ))
-            });
-            match parsed {
-                Ok(record) => {
-                    batch.positions.push(pos);
-                    batch.records.push(record);
-                }
-                Err(reject) => batch.rejects.push((pos, reject)),
-            }
+            batch.parse_one(pos, id, &fields, default_storage, id_prefix, panic_key);
         }
         batch
     }
+}
+
+impl Batch {
+    /// Parses one entry into a record or a reject; a panic (a bug) rejects only this
+    /// entry, with reason `internal_error`.
+    fn parse_one(
+        &mut self,
+        pos: usize,
+        id: &[u8],
+        fields: &[(&[u8], &[u8])],
+        default_storage: Storage,
+        id_prefix: &str,
+        panic_key: Option<&[u8]>,
+    ) {
+        let parsed = catch_unwind(AssertUnwindSafe(|| {
+            test_panic(panic_key, fields);
+            parse_entry(id, fields, default_storage, id_prefix)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Reject::new(
+                id,
+                Reason::Internal,
+                "internal error while parsing (a bug: please report it)",
+            ))
+        });
+        match parsed {
+            Ok(record) => {
+                self.positions.push(pos);
+                self.records.push(record);
+            }
+            Err(reject) => self.rejects.push((pos, reject)),
+        }
+    }
+}
+
+/// Parses the entries of an XREADGROUP reply where they are, in the reply's bytes, as
+/// [`Copied::parse`] parses copied ones: the same caps, checked the same way (the field
+/// count before any field, then the bytes), the same rejects, and every byte counted.
+pub fn parse_reply(
+    reply: &ReadReply,
+    limits: Limits,
+    default_storage: Storage,
+    id_prefix: &str,
+    panic_key: Option<&[u8]>,
+) -> Batch {
+    let mut batch = Batch {
+        records: Vec::with_capacity(reply.len()),
+        positions: Vec::with_capacity(reply.len()),
+        ..Batch::default()
+    };
+    let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
+    for pos in 0..reply.len() {
+        let entry = reply.entry(pos);
+        let id = entry.id;
+        batch.input_bytes += id.len();
+        let Some(items) = entry.fields else {
+            batch.rejects.push((
+                pos,
+                Reject::new(id, Reason::MissingField, "was deleted from the stream"),
+            ));
+            continue;
+        };
+        let count = items.len();
+        let fits = count <= limits.max_fields;
+        let mut bytes = id.len();
+        fields.clear();
+        for (name, value) in items {
+            bytes += name.len() + value.len();
+            if fits && bytes <= limits.max_bytes {
+                fields.push((name, value));
+            }
+        }
+        batch.input_bytes += bytes - id.len();
+        let within = limits
+            .check_fields(id, count)
+            .and_then(|()| limits.check_bytes(id, bytes));
+        if let Err(reject) = within {
+            batch.rejects.push((pos, reject));
+            continue;
+        }
+        batch.parse_one(pos, id, &fields, default_storage, id_prefix, panic_key);
+    }
+    batch
 }
 
 /// Fault injection for the test suite: an entry whose `key` equals `panic_key` makes
@@ -465,6 +532,77 @@ mod tests {
         let b = c.parse(Storage::Local, "", None);
         assert_eq!(b.rejects[0].1.reason, Reason::EntryTooLarge);
         assert_eq!(b.rejects[1].1.reason, Reason::MissingField);
+    }
+
+    type ReplyEntries<'a> = [(String, Option<Vec<(&'a [u8], Vec<u8>)>>)];
+
+    /// The RESP2 XREADGROUP reply of entries `(id, fields or None)`.
+    fn reply_of(entries: &ReplyEntries<'_>) -> ReadReply {
+        let bulk = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend(format!("${}\r\n", b.len()).into_bytes());
+            out.extend_from_slice(b);
+            out.extend_from_slice(b"\r\n");
+        };
+        let mut out = b"*1\r\n*2\r\n".to_vec();
+        bulk(&mut out, b"s");
+        out.extend(format!("*{}\r\n", entries.len()).into_bytes());
+        for (id, fields) in entries {
+            out.extend_from_slice(b"*2\r\n");
+            bulk(&mut out, id.as_bytes());
+            match fields {
+                None => out.extend_from_slice(b"*-1\r\n"),
+                Some(f) => {
+                    out.extend(format!("*{}\r\n", 2 * f.len()).into_bytes());
+                    for (n, v) in f {
+                        bulk(&mut out, n);
+                        bulk(&mut out, v);
+                    }
+                }
+            }
+        }
+        ReadReply::parse(out).unwrap()
+    }
+
+    #[test]
+    fn a_reply_parses_in_place_as_its_copied_entries_do() {
+        let keys = ["a", "boom", "c", "d"];
+        let mut entries: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(pos, k)| (format!("1700000000000-{pos}"), Some(entry(k))))
+            .collect();
+        entries.push(("1-9".to_owned(), None));
+        let reply = reply_of(&entries);
+        for limits in [
+            Limits::NONE,
+            Limits {
+                max_fields: 2,
+                max_bytes: usize::MAX,
+            },
+            Limits {
+                max_fields: usize::MAX,
+                max_bytes: 70,
+            },
+        ] {
+            let mut c = copy_entries(&keys, limits);
+            c.add_deleted(4, b"1-9");
+            let copied = c.parse(Storage::Local, "p:", Some(b"boom"));
+            let read = parse_reply(&reply, limits, Storage::Local, "p:", Some(b"boom"));
+            assert_eq!(read.records, copied.records);
+            assert_eq!(read.positions, copied.positions);
+            assert_eq!(read.rejects, copied.rejects);
+            assert_eq!(read.input_bytes, copied.input_bytes);
+        }
+        let b = parse_reply(&reply, Limits::NONE, Storage::Local, "", Some(b"boom"));
+        assert_eq!(b.positions, vec![0, 2, 3]);
+        assert_eq!(b.rejects[0].1.reason, Reason::Internal);
+        assert_eq!(
+            b.rejects[1],
+            (
+                4,
+                Reject::new(b"1-9", Reason::MissingField, "was deleted from the stream")
+            )
+        );
     }
 
     #[test]

@@ -6,13 +6,14 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyIterator, PyList, PyString, PyTuple};
 
-use crate::batch::{self, encode_slots, Batch, Copied, SlotError, Slots};
+use crate::batch::{self, encode_slots, parse_reply, Batch, Copied, SlotError, Slots};
 use crate::copy::{self, BatchColumns, Format, Measured};
 use crate::entry::{format_uuid, Limits, Storage};
 use crate::error::{FileFailure, Reason};
 use crate::measure;
+use crate::resp::{ReadReply, Scanner};
 use crate::sniff;
 use crate::time::write_pg_timestamp;
 
@@ -205,6 +206,166 @@ impl Measurements {
     }
 }
 
+/// The entries of one XREADGROUP reply, in the bytes Redis sent: a sequence of
+/// `(id, [name, value, …] | None)` whose items are made only when asked for.
+#[pyclass(frozen, sequence, module = "filepipe._native")]
+pub struct Reply(ReadReply);
+
+impl Reply {
+    fn item<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyTuple>> {
+        let entry = self.0.entry(index);
+        let id = PyBytes::new(py, entry.id);
+        let fields = match entry.fields {
+            None => py.None().into_bound(py),
+            Some(fields) => {
+                let list = PyList::empty(py);
+                for (name, value) in fields {
+                    list.append(PyBytes::new(py, name))?;
+                    list.append(PyBytes::new(py, value))?;
+                }
+                list.into_any()
+            }
+        };
+        PyTuple::new(py, [id.into_any(), fields])
+    }
+}
+
+#[pymethods]
+impl Reply {
+    fn __len__(&self) -> usize {
+        self.0.len()
+    }
+
+    fn __getitem__<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyTuple>> {
+        let len = self.0.len() as isize;
+        let i = if index < 0 { index + len } else { index };
+        if i < 0 || i >= len {
+            return Err(PyIndexError::new_err("reply index out of range"));
+        }
+        self.item(py, i as usize)
+    }
+
+    /// Every entry (made at once: iterating is for the rare paths, such as filtering).
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        let items = (0..self.0.len())
+            .map(|i| self.item(py, i))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)?.try_iter()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Reply stream={:?} entries={} bytes={}>",
+            String::from_utf8_lossy(self.0.stream()),
+            self.0.len(),
+            self.0.bytes().len()
+        )
+    }
+
+    /// The stream the entries were read from.
+    #[getter]
+    fn stream<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.stream())
+    }
+
+    /// The size of the reply, in bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.0.bytes().len()
+    }
+}
+
+/// Collects the bytes of one reply as they are read from a socket, and tells when the
+/// reply is complete.
+#[pyclass(module = "filepipe._native")]
+pub struct ReplyReader {
+    buf: Vec<u8>,
+    scanner: Scanner,
+    /// The reply's length, once complete (or 0 with `invalid`).
+    end: Option<usize>,
+    invalid: bool,
+    /// Size of the last reply: room reserved for the next one.
+    last: usize,
+}
+
+#[pymethods]
+impl ReplyReader {
+    #[new]
+    fn new() -> Self {
+        ReplyReader {
+            buf: Vec::new(),
+            scanner: Scanner::new(),
+            end: None,
+            invalid: false,
+            last: 0,
+        }
+    }
+
+    /// Appends the first `n` bytes of `chunk` (a bytearray the socket was read into, or
+    /// bytes). True once a whole reply is in, or once the bytes are not a reply this
+    /// reader knows (`take` then gives them back).
+    fn feed(&mut self, chunk: &Bound<'_, PyAny>, n: usize) -> PyResult<bool> {
+        if let Ok(array) = chunk.cast::<PyByteArray>() {
+            // SAFETY: the bytes are copied out at once, with no Python code run meanwhile.
+            let data = unsafe { array.as_bytes() };
+            self.append(data.get(..n))?;
+        } else {
+            let data = chunk.cast::<PyBytes>()?.as_bytes();
+            self.append(data.get(..n))?;
+        }
+        if self.end.is_none() && !self.invalid {
+            match self.scanner.scan(&self.buf) {
+                Ok(end) => self.end = end,
+                Err(_) => self.invalid = true,
+            }
+        }
+        Ok(self.end.is_some() || self.invalid)
+    }
+
+    /// The reply collected, and the bytes read past it; the reader starts afresh. The
+    /// reply is a Reply when it is the reply of an XREADGROUP on one stream; otherwise
+    /// it is None and every byte read is given back, for another parser.
+    fn take<'py>(&mut self, py: Python<'py>) -> PyResult<(Option<Reply>, Bound<'py, PyBytes>)> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let end = if self.invalid { None } else { self.end };
+        self.scanner.reset();
+        self.end = None;
+        self.invalid = false;
+        let Some(end) = end else {
+            return Ok((None, PyBytes::new(py, &buf)));
+        };
+        let rest = PyBytes::new(py, &buf[end..]);
+        buf.truncate(end);
+        self.last = end;
+        let parse = move || ReadReply::parse(buf);
+        let parsed = if end < DETACH_BYTES {
+            parse()
+        } else {
+            py.detach(parse)
+        };
+        match parsed {
+            Ok(reply) => Ok((Some(Reply(reply)), rest)),
+            Err(mut all) => {
+                all.extend_from_slice(rest.as_bytes());
+                Ok((None, PyBytes::new(py, &all)))
+            }
+        }
+    }
+}
+
+impl ReplyReader {
+    fn append(&mut self, data: Option<&[u8]>) -> PyResult<()> {
+        let data = data.ok_or_else(|| PyValueError::new_err("n is past the chunk's end"))?;
+        if self.buf.is_empty() && self.buf.capacity() < self.last {
+            // About the size of the last reply: a reply like it is collected without
+            // growing (and copying) the buffer again and again.
+            self.buf.reserve_exact(self.last + self.last / 8);
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+}
+
 fn as_bytes<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<&'a [u8]> {
     if let Ok(b) = obj.cast::<PyBytes>() {
         return Ok(b.as_bytes());
@@ -269,11 +430,12 @@ fn limit(value: Option<usize>) -> usize {
     value.unwrap_or(usize::MAX)
 }
 
-/// Validates a batch of stream entries: `[(id, {field: value}), …]` as redis-py's
-/// XREADGROUP/XAUTOCLAIM replies hold them (bytes or str).
+/// Validates a batch of stream entries: a Reply (parsed where it is), or
+/// `[(id, {field: value}), …]` as redis-py's XREADGROUP/XAUTOCLAIM replies hold them
+/// (bytes or str).
 ///
-/// The entries are copied into owned buffers with the GIL held (an entry over a cap
-/// is rejected without being copied), then parsed with the GIL released.
+/// Those are copied into owned buffers with the GIL held (an entry over a cap is
+/// rejected without being copied), then parsed with the GIL released.
 #[pyfunction]
 #[pyo3(signature = (entries, default_storage="local", id_prefix="", max_fields=None, max_bytes=None))]
 fn parse_entries(
@@ -293,6 +455,21 @@ fn parse_entries(
         max_fields: limit(max_fields),
         max_bytes: limit(max_bytes),
     };
+    let panic_key = std::env::var_os(measure::TEST_PANIC_ENV);
+    if let Ok(reply) = entries.cast::<Reply>() {
+        // In place: nothing to copy, and the reply cannot change meanwhile.
+        let reply: &Reply = reply.get();
+        let prefix = id_prefix.to_owned();
+        let parse = || {
+            let key = panic_key.as_ref().map(|k| k.as_encoded_bytes());
+            EntryBatch(parse_reply(&reply.0, limits, default_storage, &prefix, key))
+        };
+        return Ok(if reply.0.bytes().len() < DETACH_BYTES {
+            parse()
+        } else {
+            py.detach(parse)
+        });
+    }
     let mut copied = Copied::with_capacity(entries.len().unwrap_or(0));
     for (pos, entry) in entries.try_iter()?.enumerate() {
         let entry = entry?;
@@ -321,7 +498,6 @@ fn parse_entries(
         copied.add(pos, id, count, limits, |f| for_each_field(&fields_obj, f))?;
     }
     let copied_small = copied.copied_bytes() < DETACH_BYTES;
-    let panic_key = std::env::var_os(measure::TEST_PANIC_ENV);
     let prefix = id_prefix.to_owned();
     let parse = move || {
         let key = panic_key.as_ref().map(|k| k.as_encoded_bytes());
@@ -344,6 +520,18 @@ fn entry_ids<'py>(
 ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
     let ids = PyList::empty(py);
     let gone = PyList::empty(py);
+    if let Ok(reply) = entries.cast::<Reply>() {
+        let reply = &reply.get().0;
+        for i in 0..reply.len() {
+            let entry = reply.entry(i);
+            let id = PyBytes::new(py, entry.id);
+            if entry.fields.as_ref().map_or(true, |f| f.is_empty()) {
+                gone.append(&id)?;
+            }
+            ids.append(id)?;
+        }
+        return Ok((ids, gone));
+    }
     for (pos, entry) in entries.try_iter()?.enumerate() {
         let entry = entry?;
         let not_a_pair =
@@ -511,6 +699,8 @@ pub fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SNIFF_BYTES", sniff::SNIFF_BYTES)?;
     m.add_class::<EntryBatch>()?;
     m.add_class::<Measurements>()?;
+    m.add_class::<Reply>()?;
+    m.add_class::<ReplyReader>()?;
     m.add_function(wrap_pyfunction!(parse_entries, m)?)?;
     m.add_function(wrap_pyfunction!(entry_ids, m)?)?;
     m.add_function(wrap_pyfunction!(measure_local, m)?)?;

@@ -1,6 +1,6 @@
 """The Rust hot path. Every function takes and returns a whole batch."""
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import final
 
 __all__ = [
@@ -8,6 +8,8 @@ __all__ = [
     "SNIFF_BYTES",
     "EntryBatch",
     "Measurements",
+    "Reply",
+    "ReplyReader",
     "__version__",
     "encode_copy",
     "entry_ids",
@@ -68,21 +70,60 @@ class Measurements:
     def get(self, index: int) -> tuple[int, bytes, str | None] | None:
         """(size, sha256 digest, content type) of a record, or None."""
 
-def entry_ids(entries: Iterable[tuple[bytes, object] | list[object]]) -> tuple[list[bytes], list[bytes]]:
+@final
+class Reply(Sequence[tuple[bytes, list[bytes] | None]]):
+    """The entries of one XREADGROUP reply on one stream, kept in the bytes Redis sent:
+    a sequence of `(id, [name, value, …] | None)` whose items are made only when asked
+    for (None: read without fields, deleted from the stream while pending)."""
+
+    def __len__(self) -> int:
+        """How many entries the reply holds."""
+    def __getitem__(self, index: int, /) -> tuple[bytes, list[bytes] | None]:  # type: ignore[override]
+        """Entry `index` (negative: from the end)."""
+    def __iter__(self) -> Iterator[tuple[bytes, list[bytes] | None]]:
+        """Every entry, made at once (for the rare paths: filtering, dead letters)."""
+    @property
+    def stream(self) -> bytes:
+        """The stream the entries were read from."""
+    @property
+    def nbytes(self) -> int:
+        """The size of the reply, in bytes."""
+
+@final
+class ReplyReader:
+    """Collects the bytes of one reply as a socket delivers them, and tells when the
+    reply is complete."""
+
+    def __new__(cls) -> ReplyReader:
+        """A reader waiting for the first bytes of a reply."""
+    def feed(self, chunk: bytearray | bytes, n: int) -> bool:
+        """Appends the first `n` bytes of `chunk`. True once a whole reply is in, or once
+        the bytes are not a reply this reader knows (`take` gives them back then)."""
+    def take(self) -> tuple[Reply | None, bytes]:
+        """The reply collected and the bytes read past it; the reader starts afresh. The
+        reply is a Reply if it is an XREADGROUP reply on one stream; otherwise None, and
+        the bytes are all that was read, for another parser."""
+
+_Entries = Reply | Iterable[tuple[bytes | str, _Fields] | list[object]]
+
+def entry_ids(
+    entries: Reply | Iterable[tuple[bytes, object] | list[object]],
+) -> tuple[list[bytes], list[bytes]]:
     """The ids of a reply's entries, and of those read without fields (None or empty:
     deleted from the stream while pending), with no Python code run per entry.
 
     Raises EntryError if an item is not an (id, fields) pair."""
 
 def parse_entries(
-    entries: Iterable[tuple[bytes | str, _Fields] | list[object]],
+    entries: _Entries,
     default_storage: str = "local",
     id_prefix: str = "",
     max_fields: int | None = None,
     max_bytes: int | None = None,
 ) -> EntryBatch:
-    """Validates a batch of stream entries against the event contract, in time linear in
-    its size, with the GIL released for the parse. An entry with more than `max_fields`
+    """Validates a batch of stream entries (a Reply, read where it is, or (id, fields)
+    pairs) against the event contract, in time linear in its size, with the GIL released
+    for the parse. An entry with more than `max_fields`
     fields or more than `max_bytes` bytes (id, field names and values) is rejected
     (`too_many_fields`, `entry_too_large`) without being copied; None: no cap.
 
