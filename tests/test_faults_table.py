@@ -206,6 +206,52 @@ def test_a_check_constraint_no_row_satisfies_is_waited_out(tenv: Env, logs: pyte
     )
 
 
+def only_before_now(env: Env) -> None:
+    """A rule the rows loaded so far pass and every event from now on breaks."""
+    t = env.settings.table
+    cutoff = env.sql("SELECT now()::text")[0][0]
+    env.sql(f"ALTER TABLE {t} ADD CONSTRAINT {t}_before CHECK (event_time < '{cutoff}') NOT VALID")
+
+
+def test_a_rule_only_new_rows_break_is_waited_out(tenv: Env, logs: pytest.LogCaptureFixture,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The table still takes its newest row again (the trial row passes), but every new
+    row breaks the rule: that is the table's problem too, not a thousand entries' (their
+    dead letters would fill the capped dead-letter stream and drop the oldest)."""
+    t = tenv.settings.table
+    waits_out_refusal(
+        tenv, logs, capsys,
+        lambda: only_before_now(tenv),
+        lambda: tenv.sql(f"ALTER TABLE {t} DROP CONSTRAINT {t}_before"),
+        "23514",
+    )
+    assert any("a rule new rows break" in r.getMessage() for r in warnings_with(logs, REFUSING))
+
+
+def test_a_trickle_of_rows_a_new_rule_refuses_dead_letters_only_a_few(tenv: Env) -> None:
+    """One entry per batch, every one refused the same way while the
+    table takes its newest row again: fewer than SAME_REFUSALS_FOR_THE_TABLE are
+    dead-lettered, then the consumer waits; once the rule is gone everything loads."""
+    from filepipe.constants import SAME_REFUSALS_FOR_THE_TABLE as SAME
+
+    s = tenv.settings
+    t = s.table
+    first = seed(tenv.redis, s, tenv.storage, 20)
+    Draining(s).finish(60)
+    only_before_now(tenv)
+    w = seed(tenv.redis, s, tenv.storage, SAME + 5)
+    c = Draining(tenv.settings_with(batch_size=1, in_flight=1, pool_size=1))
+    wait_for("the refusal in the heartbeat", lambda: REFUSING in heartbeat(tenv).get("last_error", ""), 30)
+    dead = tenv.redis.xlen(s.dead_stream)
+    assert 0 < dead < SAME, dead
+    holds_still(tenv, c.alive)
+    tenv.sql(f"ALTER TABLE {t} DROP CONSTRAINT {t}_before")
+    stats = c.finish(120)
+    assert stats.dead_lettered == dead
+    assert tenv.rows() == first.good + w.good - dead
+    assert tenv.pending() == 0
+
+
 def test_a_trigger_that_raises_is_waited_out(tenv: Env, logs: pytest.LogCaptureFixture,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     t = tenv.settings.table

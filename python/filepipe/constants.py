@@ -42,6 +42,11 @@ DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 DEAD_LETTER_MAX_FIELDS = DEFAULT_MAX_ENTRY_FIELDS
 DEAD_LETTER_MAX_BYTES = DEFAULT_MAX_ENTRY_BYTES
 DEAD_LETTER_EXCERPT_BYTES = 1024
+# Rows refused one by one the same way (SQLSTATE and constraint or message) with none
+# loading between them: from this many on it is the table's rule, not the entries, even
+# when the table still takes its newest row again (a rule that only new rows break): the
+# consumer waits instead of dead-lettering every entry.
+SAME_REFUSALS_FOR_THE_TABLE = 10
 
 HEARTBEAT_PREFIX = "filepipe:consumer:"
 HEARTBEAT_TTL_S = 30

@@ -16,6 +16,7 @@ from psycopg_pool import PoolTimeout
 
 from .. import _native, db, metrics
 from ..config import Settings, mask_url
+from ..constants import SAME_REFUSALS_FOR_THE_TABLE
 from ..errors import ConfigError, DatabaseError, FilepipeError, TransientError
 from ..redaction import error_line
 from ..retry import QUERY_CANCELED, Abandoned, Backoff, is_transient_pg, permanent_pg
@@ -47,6 +48,10 @@ class Load:
         self.table_backoff = table_backoff
         self.abandon = abandon
         self.binary = settings.copy_format == "binary"
+        # Rows refused alone the same way since a row last loaded (any batch, any loader).
+        self._same: tuple[str, str] | None = None
+        self._same_count = 0
+        self._same_lock = threading.Lock()
 
     def table_refusal(self) -> str:
         """Why the events table refuses every row right now ("" when it does not)."""
@@ -65,7 +70,14 @@ class Load:
         only once the table has been seen taking rows after it was refused (a neighbour
         loading, or the probe again), so that a table changing halfway through does not
         dead-letter the rest. A row that runs out of statement time alone, twice, is
-        dead-lettered too; a table that runs every probe out of time waits."""
+        dead-lettered too; a table that runs every probe out of time waits.
+
+        A rule that the newest row passes but every new one breaks (a constraint on what
+        new entries carry): SAME_REFUSALS_FOR_THE_TABLE rows refused alone the same way
+        (SQLSTATE and constraint, or message), none loading between them, in this batch or
+        across batches, make it the table's problem too: the batch waits like above. A
+        batch that big never dead-letters a row for it; a trickle of one-entry batches
+        dead-letters fewer than that many (replayable once the rule is changed)."""
         if p.rows == 0:
             return 0, []
         inserted = 0
@@ -124,7 +136,9 @@ class Load:
 
     def _load_isolating(self, p: Prepared, *, direct: bool) -> tuple[int, list[DeadLetter]]:
         try:
-            return self._load_buffer(p.buf, p.rows, direct=direct), []
+            inserted = self._load_buffer(p.buf, p.rows, direct=direct)
+            self._loaded()
+            return inserted, []
         except psycopg.Error as e:
             first = self._refusal(e)
         found = _Isolation()
@@ -153,6 +167,7 @@ class Load:
         )
         try:
             found.loaded(self._load_buffer(buf, len(indices)))
+            self._loaded()
             return
         except psycopg.Error as e:
             refused = self._refusal(e)
@@ -168,14 +183,36 @@ class Load:
         if e.sqlstate == QUERY_CANCELED:
             try:
                 found.loaded(self._load_buffer(buf, 1))
+                self._loaded()
                 return
             except psycopg.Error as again:
-                message = error_line(self._refusal(again))
+                e = self._refusal(again)
+                message = error_line(e)
                 if again.sqlstate == QUERY_CANCELED:
                     message = (f"it took longer than the statement timeout (FILEPIPE_STATEMENT_TIMEOUT_MS="
                                f"{self.settings.statement_timeout_ms}) twice on its own: {message}")
+        self._refused_the_same(e)
         found.refused.append((indices[0], message))
         found.unconfirmed = True
+
+    def _loaded(self) -> None:
+        with self._same_lock:
+            self._same, self._same_count = None, 0
+
+    def _refused_the_same(self, e: psycopg.Error) -> None:
+        """Counts a row refused alone; raises _TableRefuses once SAME_REFUSALS_FOR_THE_TABLE
+        rows in a row were refused the same way with none loading between them."""
+        diag = e.diag
+        way = (e.sqlstate or "", diag.constraint_name or diag.message_primary or error_line(e))
+        with self._same_lock:
+            if way == self._same:
+                self._same_count += 1
+            else:
+                self._same, self._same_count = way, 1
+            count = self._same_count
+        if count >= SAME_REFUSALS_FOR_THE_TABLE:
+            raise _TableRefuses(e, f"the last {count} rows were all refused so and none loaded, while "
+                                   "the table takes its newest row again: a rule new rows break")
 
     def _rejected(self, p: Prepared, index: int, message: str) -> DeadLetter:
         letter = dead_letter(p.entry(index), "db_rejected", f"PostgreSQL refused the row: {message}")
@@ -200,8 +237,9 @@ class _Isolation:
 class _TableRefuses(Exception):
     """The table refuses rows like the ones it holds: the batch waits."""
 
-    def __init__(self, error: psycopg.Error) -> None:
-        super().__init__(f"SQLSTATE {error.sqlstate or '?'}: {error_line(error)}")
+    def __init__(self, error: psycopg.Error, why: str = "") -> None:
+        text = f"SQLSTATE {error.sqlstate or '?'}: {error_line(error)}"
+        super().__init__(f"{text} ({why})" if why else text)
         self.inserted = 0  # rows of the batch committed before the refusal was found
 
 
