@@ -1,7 +1,7 @@
 """Redis comes back empty: flushed, restarted without persistence, or the stream or the
 group deleted by hand while consumers run. The consumer recreates the group (at 0: loads
 are idempotent, so what is delivered again is only skipped) and goes on, saying once what
-it found.
+it found, in its log and to `filepipe status`.
 
 Every test runs its own redis-server, so flushing it touches nothing else."""
 
@@ -18,6 +18,7 @@ from tests.test_faults_redis import Site
 
 from filepipe.consumer import Consumer, Stats
 from filepipe.embedded import RedisServer
+from filepipe.status import collect_status, render
 
 
 @pytest.fixture
@@ -104,3 +105,12 @@ def test_redis_emptied_while_consuming_is_recovered(
     found = [r.getMessage() for r in caplog.records if "recreated" in r.getMessage()]
     assert len(found) == 1, found
     assert s.group in found[0] and s.stream in found[0]
+    # status tells of it, after the consumer is gone too: when, by whom, what Redis said.
+    st = collect_status(s)
+    assert st.redis is not None and st.redis.group_recreated is not None
+    recreated = st.redis.group_recreated
+    assert recreated.consumer == s.consumer_name and recreated.stream == s.stream
+    assert recreated.reason.startswith(("NOGROUP", "UNBLOCKED")), recreated.reason
+    assert recreated.age_s < 60
+    line = next(line for line in render(st).splitlines() if "Group recreated" in line)
+    assert s.consumer_name in line and recreated.reason in line, line

@@ -53,6 +53,10 @@ HEARTBEAT_TTL_S = 30
 # A consumer writes its heartbeat this often (and at once when an outage starts); while
 # the key exists (HEARTBEAT_TTL_S), the consumer is live (`observe.health`).
 HEARTBEAT_INTERVAL_S = 2.0
+# A consumer that found its group missing and created it again says so under
+# `group_recreated_key` for this long (`filepipe status` shows it).
+GROUP_RECREATED_PREFIX = "filepipe:recreated:"
+GROUP_RECREATED_TTL_S = 86_400
 
 # Trimming (retention/). A running consumer trims each stream every TRIM_INTERVAL_S, and
 # sooner once it has acknowledged TRIM_AFTER_ENTRIES entries since its last pass; a lease
@@ -111,6 +115,14 @@ def partition_id_prefix(index: int) -> str:
 def heartbeat_key(stream: str, consumer: str) -> str:
     """The Redis key where a consumer of `stream` publishes its liveness."""
     return f"{HEARTBEAT_PREFIX}{stream}:{consumer}"
+
+
+def group_recreated_key(stream: str, group: str) -> str:
+    """Where the last consumer that found `group` of `stream` missing (Redis flushed or
+    restarted without persistence, the stream or the group deleted) and created it again
+    says so: a JSON object, `{"consumer": …, "reason": …}` (Redis's reply that told it),
+    kept GROUP_RECREATED_TTL_S; what is left of its TTL says when."""
+    return f"{GROUP_RECREATED_PREFIX}{stream}:{group}"
 
 
 def trim_lease_key(stream: str) -> str:

@@ -147,6 +147,16 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
                     f"delivered {op.deliveries}x, consumer {op.consumer}"
                 )
             out.append(_line("Pending", f"{t.pending:,} unacknowledged", detail))
+        g = t.group_recreated
+        if g is not None:
+            on = f" on {g.stream}" if t.partitions else ""
+            out.append(
+                _line(
+                    "Group recreated",
+                    f"{duration(g.age_s)} ago",
+                    f"by {g.consumer}{on}: it was missing ({g.reason}); read again from the start",
+                )
+            )
         cap = "≥" if t.arrivals_capped else ""
         out.append(_line("Arrived (last minute)", f"{cap}{t.arrivals_last_minute:,}"))
         if previous is not None and previous.redis is not None and elapsed:

@@ -3,6 +3,7 @@ dead consumers reclaimed with XAUTOCLAIM; with partitions, each stream in turn."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -212,6 +213,9 @@ class Reader:
                     part.stream,
                     error_line(e),
                 )
+                # For `filepipe status`; best effort: a failure here is the next read's to report.
+                with contextlib.suppress(redis.RedisError):
+                    stream.note_recreated(self.redis, part.stream, s.group, self.name, error_line(e))
 
     def deliveries(self, part: Partition, entries: list[Entry]) -> dict[bytes, int]:
         """How many times each of `entries` (read again) was delivered."""

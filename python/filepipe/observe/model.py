@@ -43,6 +43,17 @@ class PendingEntry:
 
 
 @dataclass
+class GroupRecreation:
+    """The last time a consumer found the group missing and created it again
+    (`constants.group_recreated_key`)."""
+
+    stream: str
+    consumer: str
+    reason: str  # Redis's reply that told it (NOGROUP …, UNBLOCKED …)
+    age_s: float  # by the Redis clock
+
+
+@dataclass
 class PartitionState:
     stream: str
     length: int
@@ -78,6 +89,7 @@ class StreamState:
     dead_last_minute_by_reason: dict[str, int] = field(default_factory=dict)
     groups_missing: list[str] = field(default_factory=list)  # streams with entries and no group
     writes_refused: str = ""  # why Redis refuses writes now (a read-only replica, a failed snapshot)
+    group_recreated: GroupRecreation | None = None  # within GROUP_RECREATED_TTL_S (the latest)
     partitions: list[PartitionState] = field(default_factory=list)  # STREAM_PARTITIONS > 0
 
 

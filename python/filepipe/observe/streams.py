@@ -11,6 +11,7 @@ clock (TIME, PTTL), so clock skew between hosts does not distort it.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -20,11 +21,18 @@ from redis.exceptions import RedisClusterException
 
 from .. import retention, stream
 from ..config import Settings
-from ..constants import HEARTBEAT_TTL_S, STATUS_SCAN_BYTES, heartbeat_key, partition_dead_stream
+from ..constants import (
+    GROUP_RECREATED_TTL_S,
+    HEARTBEAT_TTL_S,
+    STATUS_SCAN_BYTES,
+    group_recreated_key,
+    heartbeat_key,
+    partition_dead_stream,
+)
 from ..heartbeat import Heartbeat
 from ..partitions import Partition, partitions
 from . import dead, rates
-from .model import ConsumerState, PartitionState, PendingEntry, StreamState
+from .model import ConsumerState, GroupRecreation, PartitionState, PendingEntry, StreamState
 from .retained import id_ms, server_ms, text
 
 WINDOW_S = 60  # "last minute": arrivals and dead letters
@@ -127,6 +135,7 @@ class StreamReader:
             if out.length and not out.group_exists:
                 out.groups_missing = [part.stream]
         self._read_dead(out, part.dead_stream, now_ms)
+        out.group_recreated = read_recreation(r, part.stream, self.settings.group)
         return out
 
     def _read_group(self, out: StreamState, part: Partition, now_ms: int) -> None:
@@ -173,6 +182,29 @@ class StreamReader:
             recent = dead.recent_reasons(self.redis, dead_stream, now_ms - WINDOW_S * 1000)
             out.dead_last_minute = sum(recent.values())
             out.dead_last_minute_by_reason = dict(recent.most_common())
+
+
+def read_recreation(r: Any, stream_name: str, group: str) -> GroupRecreation | None:
+    """When a consumer last created the group of `stream_name` again, who and why (None
+    when none did within GROUP_RECREATED_TTL_S, or the record is not one)."""
+    key = group_recreated_key(stream_name, group)
+    pipe = r.pipeline(transaction=False)
+    pipe.get(key)
+    pipe.pttl(key)
+    raw, pttl = pipe.execute()
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    left = pttl / 1000 if isinstance(pttl, int) and pttl >= 0 else GROUP_RECREATED_TTL_S
+    return GroupRecreation(
+        stream=stream_name,
+        consumer=str(doc.get("consumer", "")),
+        reason=str(doc.get("reason", "")),
+        age_s=max(0.0, GROUP_RECREATED_TTL_S - left),
+    )
 
 
 def consumers_of(rows: Iterable[dict[Any, Any]], part_stream: str) -> list[ConsumerState]:
@@ -279,6 +311,8 @@ def _merge(parts: list[StreamState]) -> StreamState:
     if with_entries:
         out.last_entry_id = min(with_entries, key=lambda p: p.last_entry_age_s or 0.0).last_entry_id
     reasons: Counter[str] = Counter()
+    recreated = [p.group_recreated for p in parts if p.group_recreated is not None]
+    out.group_recreated = min(recreated, key=lambda g: g.age_s) if recreated else None
     recent: Counter[str] = Counter()
     for p in parts:
         reasons.update(p.dead_by_reason)

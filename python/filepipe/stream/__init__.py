@@ -21,7 +21,7 @@ from .dead import (
     dead_letter_fields,
     excerpt,
 )
-from .group import ensure_group, group_lag, id_key, pending_count, still_pending
+from .group import ensure_group, group_lag, id_key, note_recreated, pending_count, still_pending
 from .heartbeats import set_heartbeats
 from .read import Entry, Fields, ReadSize, entries_bytes, fields_dict, read_new, read_own_pending, read_pages
 
@@ -48,6 +48,7 @@ __all__ = [
     "group_missing",
     "id_key",
     "is_cluster",
+    "note_recreated",
     "pending_count",
     "read_new",
     "read_own_pending",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import redis
 
+from ..constants import GROUP_RECREATED_TTL_S, group_recreated_key
 from ..retry import redis_refusal
 
 
@@ -25,6 +27,13 @@ def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
         if redis_refusal(e) is not None and _group_exists(r, stream, group):
             return False
         raise
+
+
+def note_recreated(r: redis.Redis, stream: str, group: str, consumer: str, reason: str) -> None:
+    """Records that `consumer` found the group missing (`reason`: Redis's reply) and
+    created it again (`constants.group_recreated_key`), for `filepipe status`."""
+    value = json.dumps({"consumer": consumer, "reason": reason})
+    r.set(group_recreated_key(stream, group), value, ex=GROUP_RECREATED_TTL_S)
 
 
 def _group_exists(r: redis.Redis, stream: str, group: str) -> bool:
