@@ -81,6 +81,36 @@ def test_init_produce_consume_as_a_user(env: Env, tmp_path: Path) -> None:
     assert env.sql(f"SELECT DISTINCT consumer FROM {env.settings.table}") == [("cli-consumer",)]
 
 
+def test_one_of_each_is_counted_in_the_singular(env: Env, tmp_path: Path) -> None:
+    """One event, one dead letter, one partition: "1 event", not "1 events". The guide's
+    progress line stays as users grep it: "✓ Batch complete: 1 records inserted"."""
+    e = cli_env(env, STREAM_PARTITIONS="1")
+    (tmp_path / "one.txt").write_text("one")
+    produced = run(["produce", str(tmp_path / "one.txt")], e, tmp_path)
+    assert produced.returncode == 0, produced.stderr
+    assert produced.stdout.startswith(f"✓ Enqueued 1 event to {env.settings.stream} (1 partition) ("), (
+        produced
+    )
+    consumed = run(["consume", "--drain"], e, tmp_path)
+    assert consumed.returncode == 0, consumed.stderr
+    assert "✓ Batch complete: 1 records inserted\n" in consumed.stdout, consumed.stdout
+    assert f"consuming {env.settings.stream} (1 partition)," in consumed.stderr, consumed.stderr
+    # An entry without its file: one dead letter.
+    stream = f"{env.settings.stream}:{{0}}"
+    env.redis.xadd(stream, {"file_id": str(uuid.uuid4()), "filename": "gone.txt", "key": "gone.txt"})
+    consumed = run(["consume", "--drain"], e, tmp_path)
+    assert consumed.returncode == 0, consumed.stderr
+    assert "⚠ Dead-lettered 1 entry (missing: 1)\n" in consumed.stdout, consumed.stdout
+    replayed = run(["dlq", "replay"], e, tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == f"✓ Replayed 1 dead letter onto {env.settings.stream} (1 partition)\n"
+    run(["consume", "--drain", "-q"], e, tmp_path)
+    purged = run(["dlq", "purge", "--yes"], e, tmp_path)
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.startswith("✓ Purged 1 dead letter from "), purged.stdout
+    env.redis.delete(stream, f"{stream}:dead")
+
+
 def test_bad_configuration_is_one_line_and_exit_2(env: Env, tmp_path: Path) -> None:
     result = run(["consume", "--drain"], cli_env(env, CONSUMER_BATCH_SIZE="fifty"), tmp_path)
     assert result.returncode == 2

@@ -401,7 +401,7 @@ def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_p
     r.execute_command("XADD", part.dead_stream, "*", *[x for kv in own.items() for x in kv], *added)
     replayed = subprocess.run([sys.executable, "-m", "filepipe", "dlq", "replay"], env=consumer_env(s),
                               capture_output=True, text=True, timeout=60, check=False)
-    assert replayed.returncode == 0 and "Replayed 1 dead letters" in replayed.stdout, replayed.stderr
+    assert replayed.returncode == 0 and "Replayed 1 dead letter onto" in replayed.stdout, replayed.stderr
     ((_, fields),) = r.xrevrange(part.stream, count=1)
     assert fields == own and r.xlen(part.dead_stream) == 0
 

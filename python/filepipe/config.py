@@ -17,6 +17,7 @@ from typing import Any
 
 from . import constants as c
 from .errors import ConfigError
+from .observe.text import entries
 from .redaction import mask_url as mask_url  # where every module has always found it
 from .redaction import remember, url_secrets
 
@@ -250,7 +251,7 @@ class Window:
         """`100,000 entries`, `24h`, `100,000 entries or 24h, whichever is less`, `everything`."""
         if self.keep_all:
             return "everything"
-        parts = [f"{self.count:,} entries"] if self.count else []
+        parts = [entries(self.count)] if self.count else []
         if self.age_s:
             parts.append(self.age_text)
         if not parts:

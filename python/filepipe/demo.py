@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import Settings, load_settings, mask_url
 from .constants import dead_letter_ids_key
+from .observe.text import plural
 
 SAMPLE_NAMES = [
     "report {i}.pdf",
@@ -171,7 +172,8 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
                 f"SELECT filename, size_bytes, content_type, left(checksum_sha256, 12) FROM {settings.table} "
                 "ORDER BY event_time, stream_id LIMIT 5"
             ).fetchall()
-        echo(f"✓ {count[0] if count else 0:,} rows in {settings.table}; the first five:")
+        n = count[0] if count else 0
+        echo(f"✓ {n:,} {plural(n, 'row')} in {settings.table}; the first five:")
         for filename, size_bytes, ctype, digest in rows:
             echo(f"    {filename:<40} {size_bytes:>6} B  {ctype:<18} sha256 {digest}…")
         echo("")

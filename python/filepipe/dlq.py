@@ -10,6 +10,7 @@ import redis
 
 from .config import Settings
 from .constants import SAMPLE_PAGE_BYTES
+from .observe.text import entries
 from .partitions import Partition
 from .stream import (
     FIELDS_DROPPED,
@@ -186,7 +187,7 @@ def retention_summary(r: redis.Redis, settings: Settings, streams: list[str], to
     if w.keep_all:
         rule = "never trimmed"
     else:
-        parts = [f"the newest {w.count:,} entries"] if w.count else []
+        parts = [f"the newest {entries(w.count)}"] if w.count else []
         if w.age_s:
             parts.append(f"none older than {w.age_text}")
         rule = ", ".join(parts)

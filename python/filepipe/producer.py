@@ -14,6 +14,7 @@ import redis
 from . import stream
 from .config import Settings
 from .errors import FilepipeError, StorageError
+from .observe.text import plural
 from .partitions import stream_for
 from .storage import Storage, open_storage, safe_key_name
 from .storage.local import LocalStorage
@@ -144,7 +145,10 @@ class Producer:
 
     def _not_sent(self, e: redis.RedisError) -> FilepipeError:
         error = stream.failure(self.settings, e)
-        before = f"{self.enqueued} events were enqueued before" if self.enqueued else "no event was enqueued"
+        n = self.enqueued
+        before = (
+            f"{n} {plural(n, 'event was', 'events were')} enqueued before" if n else "no event was enqueued"
+        )
         stored, self._unsent = self._unsent, []
         if not stored:
             return type(error)(f"{error}; {before}")
@@ -199,4 +203,4 @@ class Producer:
 
 
 def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
+    return f"{n} {plural(n, 'file')}"

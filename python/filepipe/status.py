@@ -31,7 +31,7 @@ from .observe.rates import LAST_MINUTE, SINCE_START
 from .observe.retained import RetentionState, read_retention
 from .observe.streams import StreamReader, dead_stream_name
 from .observe.table import TableReader
-from .observe.text import clock, duration, entries, size
+from .observe.text import clock, duration, entries, plural, size
 from .redaction import error_line, printable
 
 __all__ = ["Collector", "Status", "collect_status", "read_retention", "render", "watch"]
@@ -117,7 +117,7 @@ def render(st: Status, previous: Status | None = None, elapsed: float | None = N
         "",
     ]
     t = st.redis
-    parts = f", {st.partitions} partitions" if st.partitions else ""
+    parts = f", {st.partitions} {plural(st.partitions, 'partition')}" if st.partitions else ""
     out.append(f"STREAM {st.stream_name} (group {st.group}{parts})")
     if t is None:
         out.append(f"  ✗ {st.redis_error}")

@@ -19,6 +19,7 @@ from .. import db, stream
 from ..config import Settings
 from ..constants import dead_letter_ids_key, heartbeat_key, trim_keys
 from ..errors import FilepipeError
+from ..observe.text import plural
 from ..partitions import partitions
 from ..redaction import error_line, mask_url
 from .figures import MIB, PipelineRun
@@ -101,7 +102,8 @@ def run_pipeline(
         result.inserted, result.dead_lettered = stats.inserted, stats.dead_lettered
         if stats.dead_lettered:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.reasons.items()))
-            result.error = f"{stats.dead_lettered} events were dead-lettered ({reasons})"
+            n = stats.dead_lettered
+            result.error = f"{n} {plural(n, 'event was', 'events were')} dead-lettered ({reasons})"
     except KeyboardInterrupt:
         if progress is not None:  # removing many files takes a while: say what is going on
             progress(

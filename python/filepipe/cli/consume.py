@@ -11,6 +11,7 @@ import typer
 
 from ..config import Settings, mask_url
 from ..constants import DEFAULT_BATCH_SIZE, WORKER_ENV
+from ..observe.text import plural
 from .app import app, line_writer, log_as
 from .options import LAYOUT, PIPELINE, POSTGRES, REDIS, STORAGE, command
 
@@ -111,7 +112,7 @@ def consume(
     write = line_writer(s.log_format)
 
     log = logging.getLogger("filepipe")
-    where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
+    where = f"{s.stream} ({s.partitions} {plural(s.partitions, 'partition')})" if s.partitions else s.stream
     log.info(
         "consuming %s, group %s, on %s -> %s on %s (batch %d)",
         where,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..config import Settings
+from ..observe.text import plural
 from ..redaction import printable
 from .app import app
 from .options import REDIS, command
@@ -77,8 +78,10 @@ def replay_cmd(s: Settings, reason: Reason = None, ids: Ids = None) -> None:
     result = Replayed()
     for p in partitions(s):
         replay(r, s, matching(r, p.dead_stream, reason, ids), p, result)
-    where = s.stream if not s.partitions else f"{s.stream} ({s.partitions} partitions)"
-    typer.echo(f"✓ Replayed {result.count} dead letters onto {where}")
+    where = (
+        s.stream if not s.partitions else f"{s.stream} ({s.partitions} {plural(s.partitions, 'partition')})"
+    )
+    typer.echo(f"✓ Replayed {result.count} {plural(result.count, 'dead letter')} onto {where}")
     if result.refused:
         n = len(result.refused)
         typer.echo(f"✗ Left {n} dead letter{'s' if n != 1 else ''} that cannot be replayed:", err=True)
@@ -112,4 +115,4 @@ def purge_cmd(
     for dead_stream in dead_streams:
         selected = None if reason is None and not ids else matching(r, dead_stream, reason, ids)
         n += purge(r, dead_stream, selected)
-    typer.echo(f"✓ Purged {n} dead letters from {shown}")
+    typer.echo(f"✓ Purged {n} {plural(n, 'dead letter')} from {shown}")

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..config import Settings
+from ..observe.text import plural
 from .app import app
 from .options import POSTGRES, command
 
@@ -26,6 +27,7 @@ def drop_chunks_cmd(
     window = parse_interval("--older-than", older_than)
     dropped = drop_old_chunks(s, window)
     if dropped:
-        typer.echo(f"✓ Dropped {len(dropped)} chunks of {s.table} older than {interval_words(window)}")
+        n = len(dropped)
+        typer.echo(f"✓ Dropped {n} {plural(n, 'chunk')} of {s.table} older than {interval_words(window)}")
     else:
         typer.echo(f"✓ No chunk of {s.table} is older than {interval_words(window)}")

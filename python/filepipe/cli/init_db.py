@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..config import Settings, mask_url
+from ..observe.text import plural
 from .app import app
 from .options import POSTGRES, command
 
@@ -71,7 +72,8 @@ def init_db_cmd(
             f"(stream, stream_id, event_time); existing rows{about} are stream '{up.stream}'"
         )
     if info.migrated_rows is not None:
-        moved = f"{info.migrated_rows:,} rows moved into chunks"
+        n = info.migrated_rows
+        moved = f"{n:,} {plural(n, 'row')} moved into chunks"
         typer.echo(f"✓ Table {info.table} turned into a hypertable: {moved}")
     typer.echo(f"✓ Table {info.table} ready: {info.describe()} on {mask_url(s.pg_uri)}")
     for note in info.notes:

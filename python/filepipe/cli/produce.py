@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..config import Settings
+from ..observe.text import plural
 from .app import app
 from .options import LAYOUT, REDIS, STORAGE, command
 
@@ -30,5 +31,5 @@ def produce(
         n = producer.produce(paths, link=link)
     finally:
         producer.close()
-    where = f"{s.stream} ({s.partitions} partitions)" if s.partitions else s.stream
-    typer.echo(f"✓ Enqueued {n} events to {where} ({producer.storage.describe()})")
+    where = f"{s.stream} ({s.partitions} {plural(s.partitions, 'partition')})" if s.partitions else s.stream
+    typer.echo(f"✓ Enqueued {n} {plural(n, 'event')} to {where} ({producer.storage.describe()})")

@@ -8,6 +8,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..observe.text import entries
 from ..stream import DeadLetter
 
 # The window of the rate the progress lines show.
@@ -106,9 +107,10 @@ class Progress:
             now = time.monotonic()
             self.last = now
             rate, span = self.rate(stats.inserted, now)
+        # The guide's line, word for word whatever the count: it is what users grep for.
         self.write(f"✓ Batch complete: {pending} records inserted")
         if dead:
             detail = ", ".join(f"{r}: {n}" for r, n in sorted(dead.items()))
-            self.write(f"⚠ Dead-lettered {sum(dead.values())} entries ({detail})")
+            self.write(f"⚠ Dead-lettered {entries(sum(dead.values()))} ({detail})")
         window = f"{RATE_WINDOW_S:.0f}" if span >= RATE_WINDOW_S else f"{span:.1f}"
         self.write(f"📊 Total: {stats.inserted} | Rate: {rate:.2f} files/sec (last {window} s)")

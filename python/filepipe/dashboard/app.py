@@ -48,6 +48,7 @@ from ..config import Settings, mask_url
 from ..observe.export import check_host_names, group_families, host_allowed, retention_families
 from ..observe.health import ServiceProbe, readiness
 from ..observe.streams import dead_stream_name
+from ..observe.text import plural
 from ..partitions import stream_for
 from ..redaction import error_line
 from .defaults import DEFAULT_UPLOAD_QUOTA_BYTES, DEFAULT_UPLOADS_PER_MINUTE
@@ -450,7 +451,7 @@ def create_app(
             for f in files:
                 f["stream"] = stream_for(settings, f["file_id"])
             used = len({f["stream"] for f in files})
-            where += f" ({used} of its {settings.partitions} partitions)"
+            where += f" ({used} of its {settings.partitions} {plural(settings.partitions, 'partition')})"
         log.info("upload: %d files (%d bytes) enqueued to %s", len(done), total, where)
         if _wants_json(request):
             body: dict[str, Any] = {"enqueued": len(done), "stream": settings.stream, "files": files}

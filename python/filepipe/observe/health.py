@@ -82,7 +82,7 @@ def assess(st: Status, settings: Settings) -> None:
             where = ", ".join(t.groups_missing[:3]) + (" …" if len(t.groups_missing) > 3 else "")
             problems.append(
                 f"consumer group {st.group} does not exist on {where}: no consumer has read it "
-                f"({t.length:,} entries)"
+                f"({entries(t.length)})"
             )
         lag = t.lag or 0
         if lag > 0:
@@ -95,12 +95,12 @@ def assess(st: Status, settings: Settings) -> None:
                 and not t.arrivals_capped
             ):
                 problems.append(
-                    f"lag growing: {lag:,} entries not yet delivered; {t.arrivals_last_minute:,} arrived and "
+                    f"lag growing: {entries(lag)} not yet delivered; {t.arrivals_last_minute:,} arrived and "
                     f"{processed:,} were processed in the last minute"
                 )
             elif not live and (t.waiting_age_s or 0) >= silent_after:
                 problems.append(
-                    f"no live consumer: {lag:,} entries waiting for {duration(t.waiting_age_s or 0)}"
+                    f"no live consumer: {entries(lag)} waiting for {duration(t.waiting_age_s or 0)}"
                 )
         if t.dead_last_minute:
             detail = ", ".join(f"{r}: {n}" for r, n in t.dead_last_minute_by_reason.items())

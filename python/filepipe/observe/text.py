@@ -1,6 +1,6 @@
 """How the observers write figures: durations, sizes, counts and clock times, one way
 for `filepipe status`, the dashboard (whose script mirrors `duration` and `clock`) and
-the problems both list."""
+the problems both list; and how every command words a count (`plural`)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,15 @@ def size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`word` for one, else `many` (by default `word` + "s"): `f"{n} {plural(n, 'event')}"`
+    is "1 event", "300 events"; the count is formatted by the caller."""
+    return word if n == 1 else many or word + "s"
+
+
 def entries(n: int) -> str:
     """`1 entry`, `5,000 entries`."""
-    return f"{n:,} entr{'y' if n == 1 else 'ies'}"
+    return f"{n:,} {plural(n, 'entry', 'entries')}"
 
 
 def clock(at: float) -> str:

@@ -107,7 +107,7 @@
       var fill = $("memory-fill");
       fill.style.width = share === null ? "0" : Math.min(100, Math.max(1, share * 100)) + "%";
       fill.classList.toggle("warn", share !== null && share >= 0.8);
-      $("stream-size").textContent = "stream: " + num(k.length) + " entries · " + bytes(k.memory_bytes);
+      $("stream-size").textContent = "stream: " + num(k.length) + (k.length === 1 ? " entry · " : " entries · ") + bytes(k.memory_bytes);
       $("kept").textContent = "Kept: " + k.reason;
     }
 
