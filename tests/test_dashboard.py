@@ -567,8 +567,9 @@ def test_dashboard_shows_an_outage_in_the_browser(env: Env, browser: Browser) ->
 
 
 def live_dot(page: Page) -> tuple[str, str]:
-    return page.evaluate("(() => { const e = document.getElementById('live'); "
-                         "return [e.dataset.state, e.textContent]; })()")
+    return page.evaluate(
+        "(() => { const e = document.getElementById('live'); return [e.dataset.state, e.textContent]; })()"
+    )
 
 
 def consumer_health(page: Page, name: str) -> str | None:
@@ -608,8 +609,10 @@ def test_an_outage_shows_on_the_consumer_row_and_the_live_dot(env: Env, browser:
                 pg.stop()
                 env.write_file("outage/1.txt", b"one")
                 redis_client = redis.Redis.from_url(red.url)
-                redis_client.xadd(settings.stream, {"file_id": str(uuid.uuid4()), "filename": "1.txt",
-                                                    "key": "outage/1.txt"})
+                redis_client.xadd(
+                    settings.stream,
+                    {"file_id": str(uuid.uuid4()), "filename": "1.txt", "key": "outage/1.txt"},
+                )
                 wait_for(lambda: live_dot(page) == ["stale", "PostgreSQL unreachable"], what="the dot, red")
                 row_is(page, name, "waiting")
                 assert "PostgreSQL" in page.inner_text("#banner")
@@ -625,8 +628,9 @@ def test_an_outage_shows_on_the_consumer_row_and_the_live_dot(env: Env, browser:
                 Consumer(replace(settings, consumer_name="brief"), drain=True, write=None).run()
                 snap = lambda: client.get("/api/status").json()  # noqa: E731
                 wait_for(lambda: snap()["consumers_departed"] == 1, what="one departed")
-                page.wait_for_function("() => document.getElementById('consumer-health').textContent"
-                                       ".includes('1 departed')")
+                page.wait_for_function(
+                    "() => document.getElementById('consumer-health').textContent.includes('1 departed')"
+                )
                 assert consumer_health(page, "brief") is None and consumer_health(page, name) == "live"
 
                 red.stop()
@@ -1135,6 +1139,8 @@ def test_live_consumers_show_among_hundreds_departed(env: Env, parts: int) -> No
     assert [(c["name"], c["health"], c["inserted"]) for c in snap["consumers"]] == [("zz-live", "live", 7)]
     assert snap["consumers_summary"] == {"live": 1, "waiting": 0, "stale": 0, "dead": 0}
     assert snap["consumers_departed"] == 600
+
+
 def test_redis_memory_and_what_holds_it(env: Env, browser: Browser) -> None:
     """On its own Redis, 85 % full, the stream held back by another application's group."""
     from tests.support.workload import seed

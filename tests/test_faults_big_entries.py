@@ -51,9 +51,17 @@ def big(pg_uri: str, tmp_path: Path) -> Iterator[tuple[Settings, redis.Redis]]:
         tag = uuid.uuid4().hex[:10]
         (tmp_path / "a.txt").write_bytes(b"a\n")
         settings = load_settings(
-            {"redis_url": server.url, "pg_uri": pg_uri, "stream": f"fp_mem_{tag}", "table": f"fp_mem_{tag}",
-             "local_storage_dir": str(tmp_path), "consumer_name": f"mem-{tag}", "block_ms": 100},
-            environ={}, dotenv_path=None,
+            {
+                "redis_url": server.url,
+                "pg_uri": pg_uri,
+                "stream": f"fp_mem_{tag}",
+                "table": f"fp_mem_{tag}",
+                "local_storage_dir": str(tmp_path),
+                "consumer_name": f"mem-{tag}",
+                "block_ms": 100,
+            },
+            environ={},
+            dotenv_path=None,
         )
         init_db(settings, plain=True)
         r = redis.Redis.from_url(server.url)

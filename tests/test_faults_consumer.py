@@ -61,8 +61,20 @@ def test_poison_one_in_ten_dead_lettered_on_first_delivery(fenv: Env) -> None:
     assert_exact(fenv, w)
     assert {f[b"deliveries"] for _, f in fenv.dead()} == {b"1"}
     reasons = {f[b"reason"].decode() for _, f in fenv.dead()}
-    assert {"missing_field", "bad_uuid", "bad_timestamp", "bad_size", "bad_storage", "bad_content_type",
-            "not_utf8", "nul_byte", "unsafe_key", "missing", "too_large", "not_a_file"} <= reasons
+    assert {
+        "missing_field",
+        "bad_uuid",
+        "bad_timestamp",
+        "bad_size",
+        "bad_storage",
+        "bad_content_type",
+        "not_utf8",
+        "nul_byte",
+        "unsafe_key",
+        "missing",
+        "too_large",
+        "not_a_file",
+    } <= reasons
 
 
 def test_kill_9_at_random_moments_with_two_consumers(fenv: Env, tmp_path: Path) -> None:
@@ -100,8 +112,9 @@ def test_kill_9_at_random_moments_with_two_consumers(fenv: Env, tmp_path: Path) 
 @pytest.mark.parametrize("point", ["after_copy", "after_commit", "after_ack"])
 def test_crash_at_each_gap_of_the_batch_cycle(fenv: Env, point: str, tmp_path: Path) -> None:
     w = seed(fenv.redis, fenv.settings, fenv.storage, 1000, poison_every=7)
-    proc = start_consumer(fenv.settings, "crasher", "--drain", log=tmp_path / "crasher.log",
-                          FILEPIPE_CRASH_AT=f"{point}:3")
+    proc = start_consumer(
+        fenv.settings, "crasher", "--drain", log=tmp_path / "crasher.log", FILEPIPE_CRASH_AT=f"{point}:3"
+    )
     assert proc.wait(60) == -signal.SIGKILL
     if point != "after_ack":
         assert stream.pending_count(fenv.redis, fenv.settings.stream, fenv.settings.group, "crasher") > 0
@@ -135,8 +148,12 @@ def test_crash_then_another_consumer_reclaims(fenv: Env, tmp_path: Path) -> None
     proc = start_consumer(fenv.settings, "dies", "--drain", FILEPIPE_CRASH_AT="after_commit:2")
     assert proc.wait(60) == -signal.SIGKILL
     # What "dies" held when it died: its second batch at least, committed, not acknowledged.
-    held = {r["message_id"] for r in fenv.redis.xpending_range(fenv.settings.stream, fenv.settings.group,
-                                                                "-", "+", 10_000, consumername="dies")}
+    held = {
+        r["message_id"]
+        for r in fenv.redis.xpending_range(
+            fenv.settings.stream, fenv.settings.group, "-", "+", 10_000, consumername="dies"
+        )
+    }
     held_poison = held & set(w.poison)
     assert held_poison, "the batches in hand hold poison entries (one in nine)"
     finisher = finish(fenv)
@@ -227,8 +244,12 @@ def test_max_deliveries_dead_letters_a_looping_entry(fenv: Env) -> None:
 def test_a_row_postgres_refuses_is_isolated(fenv: Env) -> None:
     fenv.sql(f"ALTER TABLE {fenv.settings.table} ADD CONSTRAINT no_refuse CHECK (filename <> 'refuse me')")
     fenv.write_file("ok.txt", b"ok")
-    ids = [fenv.xadd({"file_id": str(uuid.uuid4()), "filename": "refuse me" if i == 37 else f"f{i}",
-                      "key": "ok.txt"}) for i in range(80)]
+    ids = [
+        fenv.xadd(
+            {"file_id": str(uuid.uuid4()), "filename": "refuse me" if i == 37 else f"f{i}", "key": "ok.txt"}
+        )
+        for i in range(80)
+    ]
     stats = fenv.drain()
     assert stats.inserted == 79 and fenv.rows() == 79 and fenv.pending() == 0
     ((_, fields),) = fenv.dead()
@@ -243,8 +264,9 @@ def test_a_rust_panic_dead_letters_only_its_entry(fenv: Env, tmp_path: Path) -> 
         fenv.xadd(
             {"file_id": str(uuid.uuid4()), "filename": f"f{i}", "key": "boom.txt" if i == 4 else "ok.txt"}
         )
-    proc = start_consumer(fenv.settings, "panicky", "--drain", log=tmp_path / "p.log",
-                          FILEPIPE_TEST_PANIC_KEY="boom.txt")
+    proc = start_consumer(
+        fenv.settings, "panicky", "--drain", log=tmp_path / "p.log", FILEPIPE_TEST_PANIC_KEY="boom.txt"
+    )
     assert proc.wait(60) == 0
     assert fenv.rows() == 29 and fenv.pending() == 0
     ((_, fields),) = fenv.dead()

@@ -49,9 +49,16 @@ def site(small_redis: RedisServer, pg_uri: str, tmp_path: Path) -> Iterator[tupl
     prepare_storage(storage)
     write_data_files(storage)
     s = load_settings(
-        {"redis_url": small_redis.url, "pg_uri": pg_uri, "stream": f"fp_mem_{tag}", "table": f"fp_mem_{tag}",
-         "local_storage_dir": str(storage), "max_file_bytes": 64 * 1024},
-        environ={}, dotenv_path=None,
+        {
+            "redis_url": small_redis.url,
+            "pg_uri": pg_uri,
+            "stream": f"fp_mem_{tag}",
+            "table": f"fp_mem_{tag}",
+            "local_storage_dir": str(storage),
+            "max_file_bytes": 64 * 1024,
+        },
+        environ={},
+        dotenv_path=None,
     )
     init_db(s, plain=True)
     r = redis.Redis.from_url(small_redis.url, socket_timeout=10)

@@ -61,8 +61,16 @@ class Site:
     """One test's private services: settings for the consumer (possibly through
     proxies) and direct handles for the checks."""
 
-    def __init__(self, redis_server: RedisServer, pg_server: PostgresServer, root: Path, *,
-                 redis_port: int | None = None, pg_port: int | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        redis_server: RedisServer,
+        pg_server: PostgresServer,
+        root: Path,
+        *,
+        redis_port: int | None = None,
+        pg_port: int | None = None,
+        **overrides: Any,
+    ) -> None:
         tag = uuid.uuid4().hex[:10]
         self.pg_uri = pg_server.uri  # direct, for the checks
         self.redis = redis.Redis.from_url(redis_server.url, socket_timeout=10)
@@ -210,9 +218,13 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 # -- PostgreSQL -----------------------------------------------------------------------
 
 
-def test_postgres_restarted_immediate_mid_run(redis_server: RedisServer, pg_server: PostgresServer,
-                                              tmp_path: Path, logs: pytest.LogCaptureFixture,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_postgres_restarted_immediate_mid_run(
+    redis_server: RedisServer,
+    pg_server: PostgresServer,
+    tmp_path: Path,
+    logs: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     site = Site(redis_server, pg_server, tmp_path)
     w = site.seed(20_000, poison_every=10)
     c = Draining(site.settings)
@@ -228,8 +240,9 @@ def test_postgres_restarted_immediate_mid_run(redis_server: RedisServer, pg_serv
     site.close()
 
 
-def test_postgres_down_20_s_is_waited_out(redis_server: RedisServer, pg_server: PostgresServer,
-                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_postgres_down_20_s_is_waited_out(
+    redis_server: RedisServer, pg_server: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     site = Site(redis_server, pg_server, tmp_path)
     w = site.seed(20_000, poison_every=10)
     log = tmp_path / "consumer.log"
@@ -266,8 +279,9 @@ def test_postgres_down_20_s_is_waited_out(redis_server: RedisServer, pg_server: 
     site.close()
 
 
-def test_entries_in_hand_stay_claimed_through_an_outage(redis_server: RedisServer, pg_server: PostgresServer,
-                                                         tmp_path: Path) -> None:
+def test_entries_in_hand_stay_claimed_through_an_outage(
+    redis_server: RedisServer, pg_server: PostgresServer, tmp_path: Path
+) -> None:
     """PostgreSQL down four times CLAIM_IDLE_MS: the entries the consumer holds are claimed
     again while it waits (XCLAIM JUSTID, every half CLAIM_IDLE_MS), so they never look idle
     long enough for another consumer to take them over as a dead consumer's."""
@@ -300,9 +314,13 @@ def test_entries_in_hand_stay_claimed_through_an_outage(redis_server: RedisServe
     site.close()
 
 
-def test_postgres_connection_stalled_is_cut_and_resumed(redis_server: RedisServer, pg_server: PostgresServer,
-                                                        tmp_path: Path, logs: pytest.LogCaptureFixture,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_postgres_connection_stalled_is_cut_and_resumed(
+    redis_server: RedisServer,
+    pg_server: PostgresServer,
+    tmp_path: Path,
+    logs: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with TcpProxy(pg_server.port) as proxy:
         site = Site(redis_server, pg_server, tmp_path, pg_port=proxy.port)
         w = site.seed(20_000, poison_every=10)
@@ -311,9 +329,11 @@ def test_postgres_connection_stalled_is_cut_and_resumed(redis_server: RedisServe
         proxy.stall()  # a silent network: connections stay open, nothing gets through
         t_stall = time.time()
         # statement_timeout 2 s + max(2, connect_timeout 2 s) = 4 s, then the watchdog cuts.
-        detected = wait_for("the silent connection noticed",
-                            lambda: bool(warnings_with(logs, "connection silent")
-                                         or warnings_with(logs, "did not answer")), 15)
+        detected = wait_for(
+            "the silent connection noticed",
+            lambda: bool(warnings_with(logs, "connection silent") or warnings_with(logs, "did not answer")),
+            15,
+        )
         first = min(r.created for r in warnings_with(logs, "silent") + warnings_with(logs, "did not answer"))
         rows, acked = site.rows(), site.acked()
         time.sleep(1.0)
@@ -322,16 +342,22 @@ def test_postgres_connection_stalled_is_cut_and_resumed(redis_server: RedisServe
         recovery = progressing(site)
         stats = c.finish(120)
         site.close()
-    report(capsys, f"PostgreSQL stall: noticed after {first - t_stall:.2f} s (log seen by the test after "
-                   f"{detected:.2f} s); progressing {recovery:.2f} s after resume")
+    report(
+        capsys,
+        f"PostgreSQL stall: noticed after {first - t_stall:.2f} s (log seen by the test after "
+        f"{detected:.2f} s); progressing {recovery:.2f} s after resume",
+    )
     assert first - t_stall < 15
     assert stats.inserted <= w.good
     assert_exact(site, w)
 
 
-def test_a_pooled_connection_gone_silent_is_cut_by_the_check(pg_server: PostgresServer, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_pooled_connection_gone_silent_is_cut_by_the_check(
+    pg_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The pool tests an idle connection before handing it out, before the load's
     watchdog starts: that test must not wait forever on a silent network either."""
     from psycopg_pool import PoolTimeout
@@ -341,9 +367,14 @@ def test_a_pooled_connection_gone_silent_is_cut_by_the_check(pg_server: Postgres
     monkeypatch.setattr(db.connection, "CHECK_AFTER_IDLE_S", 0.0)  # every connection counts as idle
     with TcpProxy(pg_server.port) as proxy:
         settings = load_settings(
-            {"redis_url": "redis://127.0.0.1:1/0", "pg_uri": f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
-             "local_storage_dir": str(tmp_path), **SVC_SETTINGS},
-            environ={}, dotenv_path=None,
+            {
+                "redis_url": "redis://127.0.0.1:1/0",
+                "pg_uri": f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
+                "local_storage_dir": str(tmp_path),
+                **SVC_SETTINGS,
+            },
+            environ={},
+            dotenv_path=None,
         )
         pool = db.create_pool(settings)
         try:
@@ -378,9 +409,13 @@ def test_a_pooled_connection_gone_silent_is_cut_by_the_check(pg_server: Postgres
 # -- Redis ------------------------------------------------------------------------------
 
 
-def test_redis_connections_killed_repeatedly(redis_server: RedisServer, pg_server: PostgresServer,
-                                             tmp_path: Path, logs: pytest.LogCaptureFixture,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_redis_connections_killed_repeatedly(
+    redis_server: RedisServer,
+    pg_server: PostgresServer,
+    tmp_path: Path,
+    logs: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # Small batches, and 2 ms each way to Redis: many round trips for the kills to land
     # in, and a backlog that outlasts them however fast the consumer gets.
     with TcpProxy(redis_server.port, delay_ms=2) as proxy:
@@ -392,8 +427,11 @@ def test_redis_connections_killed_repeatedly(redis_server: RedisServer, pg_serve
         t0 = time.monotonic()
         while time.monotonic() - t0 < 3.0 and c.alive():
             # Every client but the test's own: the consumer's reads, acks and heartbeats.
-            killed += int(site.redis.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"))
+            killed += int(
+                site.redis.execute_command(  # type: ignore[no-untyped-call]
+                    "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+                )
+            )
             kills += 1
             time.sleep(0.2)
         t_end = time.monotonic()
@@ -402,17 +440,24 @@ def test_redis_connections_killed_repeatedly(redis_server: RedisServer, pg_serve
         stats = c.finish(120)
         done = time.monotonic() - t_end
         site.close()
-    report(capsys, f"Redis clients killed {kills} times ({killed} connections): "
-                   f"{rows_at_end} rows when the kills stopped, drained {done:.2f} s later")
+    report(
+        capsys,
+        f"Redis clients killed {kills} times ({killed} connections): "
+        f"{rows_at_end} rows when the kills stopped, drained {done:.2f} s later",
+    )
     assert kills >= 10 and killed >= 10
     assert warnings_with(logs, "Redis unreachable")
     assert stats.inserted <= w.good
     assert_exact(site, w)
 
 
-def test_redis_connection_stalled_times_out_and_resumes(redis_server: RedisServer, pg_server: PostgresServer,
-                                                        tmp_path: Path, logs: pytest.LogCaptureFixture,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_redis_connection_stalled_times_out_and_resumes(
+    redis_server: RedisServer,
+    pg_server: PostgresServer,
+    tmp_path: Path,
+    logs: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with TcpProxy(redis_server.port) as proxy:
         site = Site(redis_server, pg_server, tmp_path, redis_port=proxy.port)
         w = site.seed(20_000, poison_every=10)
@@ -421,8 +466,9 @@ def test_redis_connection_stalled_times_out_and_resumes(redis_server: RedisServe
         proxy.stall()
         t_stall = time.time()
         # socket timeout: block 0.1 s + max(2, connect_timeout 2 s) = 2.1 s
-        detected = wait_for("the silent Redis noticed",
-                            lambda: bool(warnings_with(logs, "Redis unreachable")), 15)
+        detected = wait_for(
+            "the silent Redis noticed", lambda: bool(warnings_with(logs, "Redis unreachable")), 15
+        )
         first = min(r.created for r in warnings_with(logs, "Redis unreachable"))
         time.sleep(2.0)
         acked = site.acked()
@@ -432,17 +478,24 @@ def test_redis_connection_stalled_times_out_and_resumes(redis_server: RedisServe
         recovery = progressing(site)
         stats = c.finish(120)
         site.close()
-    report(capsys, f"Redis stall: noticed after {first - t_stall:.2f} s (log seen by the test after "
-                   f"{detected:.2f} s); progressing {recovery:.2f} s after resume")
+    report(
+        capsys,
+        f"Redis stall: noticed after {first - t_stall:.2f} s (log seen by the test after "
+        f"{detected:.2f} s); progressing {recovery:.2f} s after resume",
+    )
     assert first - t_stall < 15
     assert warnings_with(logs, "Redis is back")
     assert stats.inserted <= w.good
     assert_exact(site, w)
 
 
-def test_redis_cut_then_refusing_for_5_s(redis_server: RedisServer, pg_server: PostgresServer,
-                                         tmp_path: Path, logs: pytest.LogCaptureFixture,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_redis_cut_then_refusing_for_5_s(
+    redis_server: RedisServer,
+    pg_server: PostgresServer,
+    tmp_path: Path,
+    logs: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Redis restarting, as the consumer sees it: its connections reset, then nothing
     accepts for a while. (A real restart of a Redis without persistence would lose the
     stream itself, which is not the consumer's to recover.)"""
@@ -463,8 +516,9 @@ def test_redis_cut_then_refusing_for_5_s(redis_server: RedisServer, pg_server: P
         recovery = progressing(site)
         stats = c.finish(120)
         site.close()
-    report(capsys, f"Redis cut 3 times then refusing 5 s: progressing {recovery:.2f} s "
-                   "after it accepted again")
+    report(
+        capsys, f"Redis cut 3 times then refusing 5 s: progressing {recovery:.2f} s after it accepted again"
+    )
     down = warnings_with(logs, "Redis unreachable")
     assert down and warnings_with(logs, "Redis is back")
     assert stats.inserted <= w.good
@@ -485,8 +539,10 @@ def test_an_ack_run_twice_writes_each_dead_letter_once(redis_server: RedisServer
     wide = {f"f{i}".encode(): b"v" for i in range(5000)}  # more fields than Lua can unpack at once
     ids.append(cast(bytes, r.xadd(s, wide)))  # type: ignore[arg-type]
     r.xreadgroup(g, "a", {s: ">"}, count=100)
-    dead = [DeadLetter(ids[3], {b"file_id": b"x", b"reason": b"own"}, "bad_uuid", "not a uuid"),
-            DeadLetter(ids[-1], wide, "missing_field", "no filename")]
+    dead = [
+        DeadLetter(ids[3], {b"file_id": b"x", b"reason": b"own"}, "bad_uuid", "not a uuid"),
+        DeadLetter(ids[-1], wide, "missing_field", "no filename"),
+    ]
     first = stream.ack(r, s, g, ids, dead, dead_stream=dead_stream, consumer="a")
     assert first.acked == 51 and first.written == dead
     again = stream.ack(r, s, g, ids, dead, dead_stream=dead_stream, consumer="b")

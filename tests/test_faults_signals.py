@@ -48,7 +48,9 @@ def consume(env: Env, name: str, log: Path, *args: str, **extra: str) -> subproc
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "filepipe", "consume", "--consumer-name", name, *args],
-            env=consumer_env(env.settings, **extra), stdout=out, stderr=out,
+            env=consumer_env(env.settings, **extra),
+            stdout=out,
+            stderr=out,
             cwd=env.settings.local_storage_dir,
         )
 
@@ -84,8 +86,11 @@ def assert_window(uncaught: list[float], what: str, capsys: pytest.CaptureFixtur
     filepipe's imports, not connecting), measured against a bare interpreter here."""
     bound = max(100.0, 5 * interpreter_start_ms())
     with capsys.disabled():
-        print(f"\n  {what}: SIGTERM before its handler existed at {uncaught} ms (bound {bound:.0f} ms), "
-              "clean from then on", end="")
+        print(
+            f"\n  {what}: SIGTERM before its handler existed at {uncaught} ms (bound {bound:.0f} ms), "
+            "clean from then on",
+            end="",
+        )
     assert all(m <= bound for m in uncaught), (uncaught, bound)
 
 
@@ -99,8 +104,9 @@ def finish_and_check(env: Env, w_ids: list[bytes], good: int, poison: dict[bytes
     assert sorted(sources) == sorted(poison)
 
 
-def test_sigterm_at_any_moment_of_consume(senv: Env, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigterm_at_any_moment_of_consume(
+    senv: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     w = seed(senv.redis, senv.settings, senv.storage, 6000, poison_every=20)
     stream.ensure_group(senv.redis, senv.settings.stream, senv.settings.group)
     uncaught: list[float] = []
@@ -136,8 +142,9 @@ def test_sigterm_while_services_do_not_answer_at_start(senv: Env, tmp_path: Path
             assert "Traceback" not in log.read_text()
 
 
-def test_sigterm_at_any_moment_of_the_supervisor(senv: Env, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_sigterm_at_any_moment_of_the_supervisor(
+    senv: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     w = seed(senv.redis, senv.settings, senv.storage, 4000, poison_every=20)
     stream.ensure_group(senv.redis, senv.settings.stream, senv.settings.group)
     tag = uuid.uuid4().hex[:6]
@@ -157,8 +164,9 @@ def test_sigterm_at_any_moment_of_the_supervisor(senv: Env, tmp_path: Path,
             name = f"sup{tag}{i}-{k}"
             assert stream.pending_count(senv.redis, senv.settings.stream, senv.settings.group, name) == 0
     # No worker outlived its supervisor.
-    out = subprocess.run(["pgrep", "-f", f"consumer-name sup{tag}"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        ["pgrep", "-f", f"consumer-name sup{tag}"], capture_output=True, text=True, check=False
+    )
     assert out.stdout.split() == []
     assert_window(uncaught, "supervisor", capsys)
     finish_and_check(senv, w.ids, w.good, w.poison)

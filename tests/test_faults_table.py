@@ -74,10 +74,18 @@ def private_env(redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path) -> 
     storage = tmp_path / "storage"
     storage.mkdir()
     settings = load_settings(
-        {"redis_url": redis_url, "pg_uri": pg_uri, "stream": f"fp_table_{tag}",
-         "group": "file_processors", "table": f"fp_table_{tag}", "local_storage_dir": str(storage),
-         "consumer_name": f"table-{tag}", **TABLE_SETTINGS},
-        environ={}, dotenv_path=None,
+        {
+            "redis_url": redis_url,
+            "pg_uri": pg_uri,
+            "stream": f"fp_table_{tag}",
+            "group": "file_processors",
+            "table": f"fp_table_{tag}",
+            "local_storage_dir": str(storage),
+            "consumer_name": f"table-{tag}",
+            **TABLE_SETTINGS,
+        },
+        environ={},
+        dotenv_path=None,
     )
     init_db(settings, plain=True)
     r = redis.Redis.from_url(redis_url)
@@ -132,9 +140,18 @@ def admin(uri: str, *statements: str) -> None:
             conn.execute(statement)  # type: ignore[arg-type]
 
 
-def waits_out_refusal(env: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
-                      refuse: Callable[[], None], accept: Callable[[], None], sqlstate: str, *,
-                      loaded_before: int = 50, events: int = 1000, metrics: bool = False) -> None:
+def waits_out_refusal(
+    env: Env,
+    logs: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    refuse: Callable[[], None],
+    accept: Callable[[], None],
+    sqlstate: str,
+    *,
+    loaded_before: int = 50,
+    events: int = 1000,
+    metrics: bool = False,
+) -> None:
     """Rows load; the table starts refusing every row; the consumer waits, keeps every
     entry pending, shows why, and once the table accepts rows again loads everything:
     exact counts, no entry dead-lettered for the refusal."""
@@ -194,11 +211,14 @@ def waits_out_refusal(env: Env, logs: pytest.LogCaptureFixture, capsys: pytest.C
 # -- the table changes (a table of its own on the shared server) ------------------------
 
 
-def test_a_check_constraint_no_row_satisfies_is_waited_out(tenv: Env, logs: pytest.LogCaptureFixture,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_check_constraint_no_row_satisfies_is_waited_out(
+    tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     t = tenv.settings.table
     waits_out_refusal(
-        tenv, logs, capsys,
+        tenv,
+        logs,
+        capsys,
         lambda: tenv.sql(f"ALTER TABLE {t} ADD CONSTRAINT {t}_frozen CHECK (size_bytes < 0) NOT VALID"),
         lambda: tenv.sql(f"ALTER TABLE {t} DROP CONSTRAINT {t}_frozen"),
         "23514",
@@ -213,14 +233,17 @@ def only_before_now(env: Env) -> None:
     env.sql(f"ALTER TABLE {t} ADD CONSTRAINT {t}_before CHECK (event_time < '{cutoff}') NOT VALID")
 
 
-def test_a_rule_only_new_rows_break_is_waited_out(tenv: Env, logs: pytest.LogCaptureFixture,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_rule_only_new_rows_break_is_waited_out(
+    tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The table still takes its newest row again (the trial row passes), but every new
     row breaks the rule: that is the table's problem too, not a thousand entries' (their
     dead letters would fill the capped dead-letter stream and drop the oldest)."""
     t = tenv.settings.table
     waits_out_refusal(
-        tenv, logs, capsys,
+        tenv,
+        logs,
+        capsys,
         lambda: only_before_now(tenv),
         lambda: tenv.sql(f"ALTER TABLE {t} DROP CONSTRAINT {t}_before"),
         "23514",
@@ -252,12 +275,15 @@ def test_a_trickle_of_rows_a_new_rule_refuses_dead_letters_only_a_few(tenv: Env)
     assert tenv.pending() == 0
 
 
-def test_a_trigger_that_raises_is_waited_out(tenv: Env, logs: pytest.LogCaptureFixture,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_trigger_that_raises_is_waited_out(
+    tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     t = tenv.settings.table
     try:
         waits_out_refusal(
-            tenv, logs, capsys,
+            tenv,
+            logs,
+            capsys,
             lambda: tenv.sql(
                 f"CREATE FUNCTION {t}_freeze() RETURNS trigger LANGUAGE plpgsql AS "
                 f"$$BEGIN RAISE EXCEPTION 'uploads are frozen for maintenance'; END$$;"
@@ -271,12 +297,15 @@ def test_a_trigger_that_raises_is_waited_out(tenv: Env, logs: pytest.LogCaptureF
 
 
 def test_a_not_null_column_without_default_is_waited_out_on_an_empty_table(
-        tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Nothing loaded yet, so no row of the table to compare with: the consumer tries a
     row made up by itself, which the table refuses as well."""
     t = tenv.settings.table
     waits_out_refusal(
-        tenv, logs, capsys,
+        tenv,
+        logs,
+        capsys,
         lambda: tenv.sql(f"ALTER TABLE {t} ADD COLUMN region text NOT NULL"),
         lambda: tenv.sql(f"ALTER TABLE {t} ALTER COLUMN region SET DEFAULT 'eu'"),
         "23502",
@@ -287,37 +316,44 @@ def test_a_not_null_column_without_default_is_waited_out_on_an_empty_table(
 # -- the server changes (a private PostgreSQL) -------------------------------------------
 
 
-def test_a_revoked_insert_privilege_is_waited_out(penv: Env, pg_server: PostgresServer,
-                                                  logs: pytest.LogCaptureFixture,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_revoked_insert_privilege_is_waited_out(
+    penv: Env, pg_server: PostgresServer, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     t = penv.settings.table
     admin(pg_server.uri, "CREATE ROLE fp_writer LOGIN", f"GRANT SELECT, INSERT ON {t} TO fp_writer")
     penv.settings = penv.settings_with(pg_uri=f"postgresql://fp_writer@127.0.0.1:{pg_server.port}/postgres")
     waits_out_refusal(
-        penv, logs, capsys,
+        penv,
+        logs,
+        capsys,
         lambda: admin(pg_server.uri, f"REVOKE INSERT ON {t} FROM fp_writer"),
         lambda: admin(pg_server.uri, f"GRANT INSERT ON {t} TO fp_writer"),
         "42501",
     )
 
 
-def test_a_read_only_server_is_waited_out(penv: Env, pg_server: PostgresServer,
-                                          logs: pytest.LogCaptureFixture,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_read_only_server_is_waited_out(
+    penv: Env, pg_server: PostgresServer, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`default_transaction_read_only` set in the server's configuration: it applies to
     the consumer's open connections at the reload."""
     waits_out_refusal(
-        penv, logs, capsys,
-        lambda: admin(pg_server.uri, "ALTER SYSTEM SET default_transaction_read_only = on",
-                      "SELECT pg_reload_conf()"),
-        lambda: admin(pg_server.uri, "ALTER SYSTEM RESET default_transaction_read_only",
-                      "SELECT pg_reload_conf()"),
+        penv,
+        logs,
+        capsys,
+        lambda: admin(
+            pg_server.uri, "ALTER SYSTEM SET default_transaction_read_only = on", "SELECT pg_reload_conf()"
+        ),
+        lambda: admin(
+            pg_server.uri, "ALTER SYSTEM RESET default_transaction_read_only", "SELECT pg_reload_conf()"
+        ),
         "25006",
     )
 
 
 def test_consume_waits_out_a_read_only_database_then_drains_and_exits_0(
-        penv: Env, pg_server: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    penv: Env, pg_server: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`filepipe consume --drain` as a user runs it: once read-only, it used to exit 1."""
     s = penv.settings
     first = seed(penv.redis, s, penv.storage, 50)
@@ -364,15 +400,17 @@ def test_a_stop_while_the_table_refuses_rows_leaves_the_batches_pending(tenv: En
 
 
 def test_a_database_made_read_only_for_new_sessions_is_waited_out(
-        penv: Env, pg_server: PostgresServer, logs: pytest.LogCaptureFixture,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    penv: Env, pg_server: PostgresServer, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`ALTER DATABASE … SET default_transaction_read_only = on` and the sessions cut
     (as a switchover does): every new connection is read-only, which its staging table
     cannot survive either. When the setting is reset, the consumer must not keep its
     read-only sessions for good."""
     cut = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'filepipe'"
     waits_out_refusal(
-        penv, logs, capsys,
+        penv,
+        logs,
+        capsys,
         lambda: admin(pg_server.uri, "ALTER DATABASE postgres SET default_transaction_read_only = on", cut),
         lambda: admin(pg_server.uri, "ALTER DATABASE postgres RESET default_transaction_read_only"),
         "25006",
@@ -380,8 +418,8 @@ def test_a_database_made_read_only_for_new_sessions_is_waited_out(
 
 
 def test_a_failover_to_a_read_only_standby_is_waited_out_until_it_is_promoted(
-        redis_url: str, tmp_path: Path, logs: pytest.LogCaptureFixture,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    redis_url: str, tmp_path: Path, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The address the consumer uses moves from the primary to a hot standby (read-only:
     25006 on every write), which is promoted a while later."""
     with PostgresServer() as primary, TcpProxy(primary.port) as proxy:
@@ -402,8 +440,11 @@ def test_a_failover_to_a_read_only_standby_is_waited_out_until_it_is_promoted(
                 wait_for("the refusal logged", lambda: bool(warnings_with(logs, REFUSING)), 60)
                 done = holds_still(env, c.alive)
                 assert done < len(w.ids)
-                wait_for("the refusal in the heartbeat",
-                         lambda: "25006" in heartbeat(env).get("last_error", ""), 15)
+                wait_for(
+                    "the refusal in the heartbeat",
+                    lambda: "25006" in heartbeat(env).get("last_error", ""),
+                    15,
+                )
                 admin(standby.uri, "SELECT pg_promote()")
                 c.finish(120)
                 assert_exact(env, w)
@@ -418,8 +459,9 @@ def test_a_failover_to_a_read_only_standby_is_waited_out_until_it_is_promoted(
 # -- rows refused while rows like them load: dead-lettered, one by one -------------------
 
 
-def test_one_bad_entry_alone_in_an_idle_stream_is_dead_lettered(tenv: Env,
-                                                                logs: pytest.LogCaptureFixture) -> None:
+def test_one_bad_entry_alone_in_an_idle_stream_is_dead_lettered(
+    tenv: Env, logs: pytest.LogCaptureFixture
+) -> None:
     """The ambiguous case: the batch's only row fails. The table still takes a row like
     the ones it holds, so the entry is at fault: dead-lettered, and the drain ends."""
     t = tenv.settings.table
@@ -435,8 +477,9 @@ def test_one_bad_entry_alone_in_an_idle_stream_is_dead_lettered(tenv: Env,
     assert not warnings_with(logs, REFUSING)
 
 
-def test_one_bad_entry_alone_on_an_empty_table_is_dead_lettered(tenv: Env,
-                                                                logs: pytest.LogCaptureFixture) -> None:
+def test_one_bad_entry_alone_on_an_empty_table_is_dead_lettered(
+    tenv: Env, logs: pytest.LogCaptureFixture
+) -> None:
     """No row in the table to compare with: a row the consumer makes up is taken, so the
     entry is at fault."""
     t = tenv.settings.table
@@ -449,8 +492,9 @@ def test_one_bad_entry_alone_on_an_empty_table_is_dead_lettered(tenv: Env,
     assert not warnings_with(logs, REFUSING)
 
 
-def test_a_trigger_refusing_some_rows_dead_letters_only_those(tenv: Env,
-                                                              logs: pytest.LogCaptureFixture) -> None:
+def test_a_trigger_refusing_some_rows_dead_letters_only_those(
+    tenv: Env, logs: pytest.LogCaptureFixture
+) -> None:
     t = tenv.settings.table
     try:
         tenv.sql(
@@ -476,8 +520,9 @@ def test_a_trigger_refusing_some_rows_dead_letters_only_those(tenv: Env,
 # -- statement timeouts -------------------------------------------------------------------
 
 
-def test_a_row_slower_than_the_statement_timeout_is_dead_lettered(tenv: Env,
-                                                                  logs: pytest.LogCaptureFixture) -> None:
+def test_a_row_slower_than_the_statement_timeout_is_dead_lettered(
+    tenv: Env, logs: pytest.LogCaptureFixture
+) -> None:
     """A row that takes longer than FILEPIPE_STATEMENT_TIMEOUT_MS to insert (here a trigger
     that sleeps on it) is split off like a refused value and, timing out alone again, is
     dead-lettered with the timeout named; the batch is not retried forever."""
@@ -504,8 +549,9 @@ def test_a_row_slower_than_the_statement_timeout_is_dead_lettered(tenv: Env,
         tenv.sql(f"DROP FUNCTION IF EXISTS {t}_slow() CASCADE")
 
 
-def test_a_table_locked_past_the_statement_timeout_is_waited_out(tenv: Env,
-                                                                 logs: pytest.LogCaptureFixture) -> None:
+def test_a_table_locked_past_the_statement_timeout_is_waited_out(
+    tenv: Env, logs: pytest.LogCaptureFixture
+) -> None:
     """Every load times out because the table is locked: that is the table's problem,
     not the rows', so nothing is split down to dead letters."""
     t = tenv.settings.table

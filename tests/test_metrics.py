@@ -189,9 +189,11 @@ def test_health_and_readiness_follow_the_services(env: Env) -> None:
     with serve_metrics(0, settings=missing) as server:
         ready = httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=10)
         assert ready.status_code == 503, ready.text
-        assert ready.json()["checks"]["table"] == (
-            f"table {missing.table} does not exist (run `filepipe init-db`)"
-        ) and ready.json()["checks"]["postgresql"] == "ok"
+        assert (
+            ready.json()["checks"]["table"]
+            == (f"table {missing.table} does not exist (run `filepipe init-db`)")
+            and ready.json()["checks"]["postgresql"] == "ok"
+        )
 
 
 def test_not_ready_while_redis_is_full(env: Env) -> None:
@@ -277,8 +279,17 @@ def test_consume_command_serves_metrics(env: Env, tmp_path: Path) -> None:
     )
     add_good(env, 8)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "filepipe", "consume", "--quiet", "--metrics-port", str(port),
-         "--metrics-allowed-host", "scraper.example"],
+        [
+            sys.executable,
+            "-m",
+            "filepipe",
+            "consume",
+            "--quiet",
+            "--metrics-port",
+            str(port),
+            "--metrics-allowed-host",
+            "scraper.example",
+        ],
         env=e,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -325,8 +336,13 @@ def test_consumer_metrics_show_what_is_kept_and_what_is_trimmed(env: Env) -> Non
             wait_for(lambda: env.rows() == 50, 20, "the rows")
 
             def kept(samples: Samples) -> float:
-                return value(samples, "filepipe_stream_kept_entries", stream=s.stream, reason="unread",
-                             group="other_app")
+                return value(
+                    samples,
+                    "filepipe_stream_kept_entries",
+                    stream=s.stream,
+                    reason="unread",
+                    group="other_app",
+                )
 
             held = scrape_until(url, lambda smp: kept(smp) == 50, "the entries held by the other group")
             assert value(held, "filepipe_stream_entries", stream=s.stream) == 50

@@ -63,8 +63,13 @@ def batches(
         if draw(st.integers(0, 5)) == 0:
             measurements.append(None)
         else:
-            measurements.append((draw(st.integers(0, 2**62)), draw(st.binary(min_size=32, max_size=32)),
-                                 draw(st.sampled_from([None, "image/png", "text/plain"]))))
+            measurements.append(
+                (
+                    draw(st.integers(0, 2**62)),
+                    draw(st.binary(min_size=32, max_size=32)),
+                    draw(st.sampled_from([None, "image/png", "text/plain"])),
+                )
+            )
     return entries, measurements
 
 
@@ -165,8 +170,12 @@ def test_round_trip_through_postgres(
 def test_text_escaping_matches_postgres_copy_out(conn: psycopg.Connection[Any]) -> None:
     """PostgreSQL's own COPY TO output is the definition of the text format's escaping."""
     nasty = "tab\there nl\nhere cr\rhere bs\\here \x08\x0b\x0c\x01\x1f\x7f é 🚀 \"quotes' \\N"
-    entries = [(b"1700000000000-0", {b"file_id": UUID.encode(), b"filename": nasty.encode(), b"key": b"k",
-                                     b"note": nasty.encode()})]
+    entries = [
+        (
+            b"1700000000000-0",
+            {b"file_id": UUID.encode(), b"filename": nasty.encode(), b"key": b"k", b"note": nasty.encode()},
+        )
+    ]
     batch = _native.parse_entries(entries)
     buf = _native.encode_copy(batch, [(5, b"\x00" * 32, "x/y")], "c", binary=False, stream=nasty)
     copy_in(conn, buf, binary=False)
@@ -195,8 +204,13 @@ def unescape(field: bytes) -> str:
 
 
 def test_binary_and_text_load_the_same_rows(conn: psycopg.Connection[Any]) -> None:
-    entries = [(f"17000000000{i:02d}-0".encode(), {b"file_id": UUID.encode(), b"filename": f"f\t{i}".encode(),
-                                                   b"key": b"k", b"x": b"\\y\n"}) for i in range(50)]
+    entries = [
+        (
+            f"17000000000{i:02d}-0".encode(),
+            {b"file_id": UUID.encode(), b"filename": f"f\t{i}".encode(), b"key": b"k", b"x": b"\\y\n"},
+        )
+        for i in range(50)
+    ]
     batch = _native.parse_entries(entries)
     ms = [(i, bytes([i]) * 32, None) for i in range(50)]
     assert copy_in(conn, _native.encode_copy(batch, ms, "c", True, stream="s\t1"), True) == copy_in(

@@ -28,8 +28,16 @@ def parse(fields: dict[bytes, bytes] | None, entry_id: bytes = b"1700000000123-4
 
 
 def test_accepts_the_contract() -> None:
-    b = parse(good(size=b"10", content_type=b"application/pdf", uploaded_at=b"2024-05-01T12:00:00.5+02:00",
-                   storage=b"s3", user=b"ann", path=b"other"))
+    b = parse(
+        good(
+            size=b"10",
+            content_type=b"application/pdf",
+            uploaded_at=b"2024-05-01T12:00:00.5+02:00",
+            storage=b"s3",
+            user=b"ann",
+            path=b"other",
+        )
+    )
     assert len(b) == 1 and b.rejects == []
     (r,) = b.records()
     assert r == {
@@ -47,8 +55,15 @@ def test_accepts_the_contract() -> None:
 
 
 def test_records_by_storage_in_record_order() -> None:
-    b = _native.parse_entries([(b"1-0", good()), (b"1-1", good(storage=b"s3")), (b"1-2", None),
-                               (b"1-3", good()), (b"1-4", good(storage=b"s3"))])
+    b = _native.parse_entries(
+        [
+            (b"1-0", good()),
+            (b"1-1", good(storage=b"s3")),
+            (b"1-2", None),
+            (b"1-3", good()),
+            (b"1-4", good(storage=b"s3")),
+        ]
+    )
     assert b.by_storage() == [("local", [0, 2]), ("s3", [1, 3])]
     assert [m for m, _ in b.locations()] == ["local", "s3", "local", "s3"]
     assert _native.parse_entries([(b"1-0", good())], default_storage="s3").by_storage() == [("s3", [0])]
@@ -56,8 +71,12 @@ def test_records_by_storage_in_record_order() -> None:
 
 
 def test_entry_ids_names_every_entry_and_those_read_without_fields() -> None:
-    entries: list[tuple[bytes, object]] = [(b"1-0", good()), (b"1-1", None), (b"1-2", {}),
-                                           (b"1-3", [b"k", b"v"])]
+    entries: list[tuple[bytes, object]] = [
+        (b"1-0", good()),
+        (b"1-1", None),
+        (b"1-2", {}),
+        (b"1-3", [b"k", b"v"]),
+    ]
     ids, gone = _native.entry_ids(entries)
     assert ids == [b"1-0", b"1-1", b"1-2", b"1-3"] and gone == [b"1-1", b"1-2"]
     assert ids[0] is entries[0][0]
@@ -129,8 +148,12 @@ def test_rejects_do_not_disturb_the_rest_of_the_batch() -> None:
 
 
 def test_accepts_str_and_flat_lists() -> None:
-    b = _native.parse_entries([("9-0", {"file_id": UUID, "filename": "n", "key": "k"}),
-                               (b"9-1", [b"file_id", UUID.encode(), b"filename", b"n", b"key", b"k"])])
+    b = _native.parse_entries(
+        [
+            ("9-0", {"file_id": UUID, "filename": "n", "key": "k"}),
+            (b"9-1", [b"file_id", UUID.encode(), b"filename", b"n", b"key", b"k"]),
+        ]
+    )
     assert len(b) == 2
 
 
@@ -203,8 +226,11 @@ def entries(draw: st.DrawFn) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     for _ in range(draw(st.integers(0, 8))):
         ms = draw(st.integers(0, 2**45))
         entry_id = draw(st.one_of(st.just(f"{ms}-{draw(st.integers(0, 9))}".encode()), st.binary(max_size=6)))
-        base = {b"file_id": str(uuid.UUID(int=draw(st.integers(0, 2**128 - 1)))).encode(),
-                b"filename": draw(_texts), b"key": draw(_texts)}
+        base = {
+            b"file_id": str(uuid.UUID(int=draw(st.integers(0, 2**128 - 1)))).encode(),
+            b"filename": draw(_texts),
+            b"key": draw(_texts),
+        }
         extra = draw(st.dictionaries(_field_names, _values, max_size=5))
         drop = draw(st.sets(st.sampled_from([b"file_id", b"filename", b"key"]), max_size=1))
         fields = {k: v for k, v in {**base, **extra}.items() if k not in drop}
@@ -268,7 +294,11 @@ def test_an_entry_over_the_byte_cap_is_rejected_naming_its_size_and_the_setting(
 def test_input_bytes_counts_every_input_entry() -> None:
     wide = good(**{f"a{i}": b"v" * i for i in range(20)})
     entries: list[tuple[bytes, dict[bytes, bytes] | None]] = [
-        (b"1-0", good()), (b"2-0", None), (b"nope", good()), (b"3-0", wide), (b"4-0", good(note=b"y" * 500)),
+        (b"1-0", good()),
+        (b"2-0", None),
+        (b"nope", good()),
+        (b"3-0", wide),
+        (b"4-0", good(note=b"y" * 500)),
     ]
     expected = sum(size_of(i, f) if f is not None else len(i) for i, f in entries)
     for caps in ({}, {"max_fields": 10}, {"max_bytes": 300}):
@@ -286,8 +316,10 @@ def test_a_wide_entry_is_parsed_with_the_gil_released() -> None:
     for i in range(200_000):
         flat += [b"attr_%d" % (i % 150_000), b"v%d" % i]
     result: list[_native.EntryBatch] = []
-    share = max(timed_with_free_share(lambda: result.append(_native.parse_entries([(b"1-0", flat)])))[1]
-                for _ in range(3))
+    share = max(
+        timed_with_free_share(lambda: result.append(_native.parse_entries([(b"1-0", flat)])))[1]
+        for _ in range(3)
+    )
     assert share > 0.5, f"another thread ran during only {share:.0%} of the parse"
     (record,) = result[0].records()
     attributes = record["attributes"]

@@ -103,7 +103,7 @@ NASTY_NAMES = [
     "x" * 500 + ".txt",
     "control \x01\x02\x1f\x7f chars.txt",
     "\\N",
-    "comma, semi; {json: \"like\"}",
+    'comma, semi; {json: "like"}',
 ]
 
 
@@ -160,8 +160,13 @@ def test_each_reject_reason_is_dead_lettered_and_the_rest_loads(env: Env) -> Non
         assert fields[b"consumer"].decode() == env.settings.consumer_name
         assert fields[b"deliveries"] == b"1"
     assert dead[symlink_id][b"key"] == b"escape"
-    assert env.sql(f"SELECT count(*) FROM {env.settings.table} WHERE checksum_sha256 = %s",
-                   (hashlib.sha256(b"canary").hexdigest(),))[0][0] == 0
+    assert (
+        env.sql(
+            f"SELECT count(*) FROM {env.settings.table} WHERE checksum_sha256 = %s",
+            (hashlib.sha256(b"canary").hexdigest(),),
+        )[0][0]
+        == 0
+    )
 
 
 def test_group_is_created_from_the_start_of_the_stream(env: Env) -> None:
@@ -174,8 +179,16 @@ def test_group_is_created_from_the_start_of_the_stream(env: Env) -> None:
 def test_declared_content_type_wins_and_attributes_are_kept(env: Env) -> None:
     env.write_file("a.bin", PNG)
     fid = str(uuid.uuid4())
-    env.xadd({"file_id": fid, "filename": "a.bin", "path": "a.bin", "content_type": "application/x-custom",
-              "user_id": "42", "tags": "x,y"})
+    env.xadd(
+        {
+            "file_id": fid,
+            "filename": "a.bin",
+            "path": "a.bin",
+            "content_type": "application/x-custom",
+            "user_id": "42",
+            "tags": "x,y",
+        }
+    )
     env.drain()
     ((ctype, attrs),) = env.sql(f"SELECT content_type, attributes FROM {env.settings.table}")
     assert ctype == "application/x-custom" and attrs == {"user_id": "42", "tags": "x,y"}
@@ -230,8 +243,10 @@ def test_text_round_trips_whatever_the_client_encoding_would_be(
     env.write_file("a.txt", b"a")
     latin = ["café.txt", "Ærøskøbing ½.txt", "plain.txt"]
     other = ["日本語.txt", "emoji 🚀.txt"] if where == "database" else []
-    names = {env.xadd({"file_id": str(uuid.uuid4()), "filename": n, "key": "a.txt", "note": n}): n
-             for n in [*latin, *other]}
+    names = {
+        env.xadd({"file_id": str(uuid.uuid4()), "filename": n, "key": "a.txt", "note": n}): n
+        for n in [*latin, *other]
+    }
     stats = env.drain(pg_uri=uri, copy_format=copy_format)
     assert stats.inserted == len(latin) and stats.dead_lettered == len(other) and env.pending() == 0
     with psycopg.connect(uri, client_encoding="UTF8") as conn:

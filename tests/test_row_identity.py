@@ -50,8 +50,9 @@ def test_two_streams_into_one_table_keep_every_row(env: Env) -> None:
         assert by_stream == {streams[0]: N, streams[1]: N}
         # Replaying one stream from the start adds nothing: the key still holds.
         env.redis.xgroup_setid(streams[1], env.settings.group, "0")
-        again = env.drain(stream=streams[1], consumer_name=f"{streams[1]}-2", batch_size=500,
-                          stream_retention="all")
+        again = env.drain(
+            stream=streams[1], consumer_name=f"{streams[1]}-2", batch_size=500, stream_retention="all"
+        )
         assert again.inserted == 0 and again.duplicates == N
         assert env.rows() == 2 * N
     finally:
@@ -109,8 +110,9 @@ def make_old_layout_table(env: Env, entries: list[tuple[str, str]]) -> None:
                 [(int(entry_id.split("-")[0]), entry_id, file_id) for entry_id, file_id in entries],
             )
         if env.hypertable:  # as a hypertable of the previous version, its rows in chunks
-            conn.execute("SELECT create_hypertable(%s::regclass, 'event_time', migrate_data => TRUE)",
-                         (table,))
+            conn.execute(
+                "SELECT create_hypertable(%s::regclass, 'event_time', migrate_data => TRUE)", (table,)
+            )
 
 
 def add_events(env: Env, n: int) -> list[tuple[str, str]]:

@@ -330,7 +330,10 @@ def test_partitions_on_the_cluster_are_trimmed_each_on_its_own(
     assert st.retention is not None and st.retention.length == kept
     held_state = st.retention.held
     assert held_state is not None and (held_state.stream, held_state.why, held_state.holder) == (
-        held.stream, "unread", "other_app")
+        held.stream,
+        "unread",
+        "other_app",
+    )
     assert st.retention.memory is not None and st.retention.memory.node  # the fullest master, named
     # The other application reads and acknowledges its partition: the next pass trims it.
     got = r.xreadgroup("other_app", "o1", {held.stream: ">"}, count=10_000)
@@ -396,11 +399,29 @@ def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_p
     # A dead letter on partition 3 goes back to partition 3, its fields as they were.
     part = partitions(s)[3]
     own = {b"file_id": b"x", b"reason": b"the entry's own", b"key": b"k"}
-    added = [b"original_fields", b"3", b"error", b"e", b"reason", b"missing", b"consumer", b"cl-0",
-             b"deliveries", b"1", b"source_id", b"1-1"]
+    added = [
+        b"original_fields",
+        b"3",
+        b"error",
+        b"e",
+        b"reason",
+        b"missing",
+        b"consumer",
+        b"cl-0",
+        b"deliveries",
+        b"1",
+        b"source_id",
+        b"1-1",
+    ]
     r.execute_command("XADD", part.dead_stream, "*", *[x for kv in own.items() for x in kv], *added)
-    replayed = subprocess.run([sys.executable, "-m", "filepipe", "dlq", "replay"], env=consumer_env(s),
-                              capture_output=True, text=True, timeout=60, check=False)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "filepipe", "dlq", "replay"],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert replayed.returncode == 0 and "Replayed 1 dead letter onto" in replayed.stdout, replayed.stderr
     ((_, fields),) = r.xrevrange(part.stream, count=1)
     assert fields == own and r.xlen(part.dead_stream) == 0
@@ -422,8 +443,14 @@ def bouncer(pg_uri: str) -> Iterator[PgBouncer]:
 def test_through_pgbouncer_in_transaction_pooling_mode(senv: Env, bouncer: PgBouncer) -> None:
     s = senv.settings_with(pg_uri=bouncer.uri, pgbouncer=True, pool_size=3, in_flight=3, batch_size=200)
     w = seed(senv.redis, s, senv.storage, 4000, poison_every=50)
-    options: dict[str, Any] = {"pg_uri": bouncer.uri, "pgbouncer": True, "pool_size": 3, "in_flight": 3,
-                               "batch_size": 200, "stream_retention": "all"}  # kept, to be replayed
+    options: dict[str, Any] = {
+        "pg_uri": bouncer.uri,
+        "pgbouncer": True,
+        "pool_size": 3,
+        "in_flight": 3,
+        "batch_size": 200,
+        "stream_retention": "all",
+    }  # kept, to be replayed
     first = senv.drain(**options)
     assert first.inserted == w.good
     # Replay the whole stream: every batch is merged through a staging table, dozens of

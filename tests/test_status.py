@@ -347,7 +347,9 @@ def test_a_query_the_server_refuses_is_one_line(env: Env) -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-m", "filepipe", "status", *cli_args(env, "--table", other)[1:]],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         env.sql(f"DROP TABLE {other}")
@@ -358,9 +360,16 @@ def test_a_query_the_server_refuses_is_one_line(env: Env) -> None:
     assert all(line.endswith('column "event_time" does not exist') for line in refused), result.stdout
 
     result = subprocess.run(
-        [sys.executable, "-m", "filepipe", "status",
-         *cli_args(env, pg_uri="postgresql://app:pw%zz@127.0.0.1:5432/test")[1:]],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "filepipe",
+            "status",
+            *cli_args(env, pg_uri="postgresql://app:pw%zz@127.0.0.1:5432/test")[1:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     shown = 'error: PG_URI cannot be used: invalid percent-encoded token: "***"'

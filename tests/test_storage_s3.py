@@ -654,7 +654,11 @@ def test_entry_naming_s3_on_a_consumer_without_s3_is_dead_lettered(env: Env, tmp
     remote = [event("b.txt", storage="s3") for _ in range(3)]
     run = subprocess.run(
         [sys.executable, "-m", "filepipe", "consume", "--processes", "2", "--drain", "-q"],
-        env=consumer_env(env.settings), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=consumer_env(env.settings),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
     assert run.returncode == 0, run.stderr
@@ -677,8 +681,9 @@ def test_entry_naming_local_on_an_s3_consumer_without_a_local_root(
     missing_root = str(tmp_path / "no-such-dir")
     settings = s3_settings(env, s3, bucket, storage_mode="s3", local_storage_dir=missing_root)
     done: list[Any] = []
-    drainer = threading.Thread(target=lambda: done.append(Consumer(settings, drain=True, write=None).run()),
-                               daemon=True)
+    drainer = threading.Thread(
+        target=lambda: done.append(Consumer(settings, drain=True, write=None).run()), daemon=True
+    )
     drainer.start()
     drainer.join(60)
     assert done, "the consumer waited for a local storage root it was never given"
@@ -693,7 +698,9 @@ def test_a_consumer_whose_own_storage_is_misconfigured_stops_before_reading(env:
     """The storage the consumer is configured for is checked when it starts: a bad S3
     setting is a configuration error (exit 2) before any entry is read."""
     env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt", "storage": "s3"})
-    bad = env.settings_with(storage_mode="s3", s3_bucket="b", s3_prefix="../up", s3_endpoint_url="http://127.0.0.1:1")
+    bad = env.settings_with(
+        storage_mode="s3", s3_bucket="b", s3_prefix="../up", s3_endpoint_url="http://127.0.0.1:1"
+    )
     with pytest.raises(ConfigError, match="S3_PREFIX"):
         Consumer(bad, drain=True, write=None).run()
     assert env.dead() == [] and env.rows() == 0

@@ -122,8 +122,11 @@ def add_timed_events(env: Env, times_ms: list[int]) -> list[str]:
     ids = []
     for n, ms in enumerate(sorted(times_ms)):
         entry_id = f"{ms}-{n}"
-        pipe.xadd(env.settings.stream, {"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"},
-                  id=entry_id)
+        pipe.xadd(
+            env.settings.stream,
+            {"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"},
+            id=entry_id,
+        )
         ids.append(entry_id)
     pipe.execute()
     return ids
@@ -170,8 +173,9 @@ def timescale_version() -> str:
 
     bindir = _find_pg_bindir()
     assert bindir is not None
-    share = subprocess.run([str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    share = subprocess.run(
+        [str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     control = (Path(share) / "extension" / "timescaledb.control").read_text()
     return re.search(r"default_version\s*=\s*'([^']+)'", control).group(1)  # type: ignore[union-attr]
 
@@ -245,8 +249,10 @@ def test_a_plain_table_with_rows_becomes_a_hypertable_only_when_asked(env: Env, 
     env.redis.xgroup_setid(env.settings.stream, env.settings.group, "0")
     again = env.drain(consumer_name="replayer")
     assert again.inserted == 0 and again.duplicates == 1000 and env.rows() == 1000
-    assert run(["init-db", "--migrate-to-hypertable"], e, tmp_path).stdout.splitlines()[0].startswith(
-        f"✓ Table {table} ready: TimescaleDB hypertable"
+    assert (
+        run(["init-db", "--migrate-to-hypertable"], e, tmp_path)
+        .stdout.splitlines()[0]
+        .startswith(f"✓ Table {table} ready: TimescaleDB hypertable")
     )  # nothing left to migrate
 
 
@@ -271,7 +277,7 @@ def test_retention_on_the_apache_edition_is_drop_chunks_from_cron(env: Env, tmp_
 
     dropped = run(["drop-chunks", "--older-than", "5d"], e, tmp_path)
     assert dropped.returncode == 0, dropped.stderr
-    (left, oldest, cutoff), = env.sql(
+    ((left, oldest, cutoff),) = env.sql(
         "SELECT count(*), min(range_start), now() - interval '5 days' FROM timescaledb_information.chunks "
         "WHERE hypertable_name = %s",
         (table,),
@@ -325,8 +331,9 @@ def test_the_timescale_license_statements_are_known_to_this_timescaledb(env: Env
                 conn.execute(statement, {"t": table, "after": timedelta(days=7)})
     with psycopg.connect(env.pg_uri, autocommit=True) as conn:  # what a mistake would get instead
         with pytest.raises(psycopg.errors.UndefinedFunction):
-            conn.execute("SELECT add_retention_policy(%s::regclass, dropafter => '1 day'::interval)",
-                         (table,))
+            conn.execute(
+                "SELECT add_retention_policy(%s::regclass, dropafter => '1 day'::interval)", (table,)
+            )
         conn.execute(f"DROP VIEW {timescale.rate_view_name(table)}")
 
 
@@ -482,7 +489,7 @@ def test_status_of_a_big_hypertable_reads_the_catalog_not_old_chunks(
         SELECT now() - g * interval '1 ms', 'new', 'n-' || g, gen_random_uuid(), 'f', 'local', 'k', 100, 'x',
                now(), 'c' FROM generate_series(1, 30000) g"""
     )
-    (newest, reltuples), = env.sql(
+    ((newest, reltuples),) = env.sql(
         "SELECT c.oid::regclass::text, c.reltuples FROM pg_class c WHERE c.oid = (SELECT "
         "format('%%I.%%I', chunk_schema, chunk_name)::regclass FROM timescaledb_information.chunks "
         "WHERE hypertable_name = %s ORDER BY range_start DESC LIMIT 1)",
