@@ -18,7 +18,7 @@ from ..errors import ConfigError, StorageError, TransientError
 from ..partitions import Partition
 from ..retry import Abandoned, Backoff
 from ..storage import Storage, open_storage
-from ..stream import DeadLetter, Entry
+from ..stream import DeadLetter, Entries, Entry
 
 _EMPTY_BATCH = _native.parse_entries([])
 
@@ -39,7 +39,7 @@ class Prepared:
     ids: list[bytes]
     batch: _native.EntryBatch
     measurements: _native.Measurements
-    entries: list[Entry]
+    entries: Entries
     buf: bytes
     rows: int
     dead: list[DeadLetter]
@@ -65,7 +65,7 @@ def prepare(
     settings: Settings,
     name: str,
     part: Partition,
-    entries: list[Entry],
+    entries: Entries,
     *,
     deliveries: dict[bytes, int],
     measure: Callable[[_native.EntryBatch], _native.Measurements],
@@ -104,7 +104,7 @@ def prepare(
         dead.append(dead_letter(entry, reason, message, deliveries.get(entry[0], 1)))
     buf = _native.encode_copy(batch, measurements, name, s.copy_format == "binary", stream=s.stream)
     return Prepared(
-        ids=[e[0] for e in entries] + gone,
+        ids=_native.entry_ids(entries)[0] + gone,
         batch=batch,
         measurements=measurements,
         entries=ok,

@@ -16,7 +16,7 @@ from ..config import Settings
 from ..partitions import Partition
 from ..redaction import error_line
 from ..retry import Backoff, is_transient_redis
-from ..stream import Entry, ReadSize
+from ..stream import Entries, Entry, ReadSize
 from .ack import log_deleted
 from .liveness import InHand
 from .pace import Pace
@@ -27,7 +27,7 @@ log = logging.getLogger("filepipe")
 
 # A batch just read: its stream, its entries, whether they were delivered before, and the
 # ids of those read again without fields (deleted from the stream while pending).
-RawBatch = tuple[Partition, list[Entry], bool, list[bytes]]
+RawBatch = tuple[Partition, Entries, bool, list[bytes]]
 
 
 class Reader:
@@ -139,7 +139,7 @@ class Reader:
             self.beat()
             time.sleep(0.005)
 
-    def _read_new(self) -> tuple[Partition, list[Entry]] | None:
+    def _read_new(self) -> tuple[Partition, Entries] | None:
         """Never-delivered entries, from one stream. With partitions, each in turn: a
         read that does not block on every partition, starting after the one read last,
         then, if all are empty, a short blocking read on one (a cluster cannot block on
@@ -217,10 +217,10 @@ class Reader:
                 with contextlib.suppress(redis.RedisError):
                     stream.note_recreated(self.redis, part.stream, s.group, self.name, error_line(e))
 
-    def deliveries(self, part: Partition, entries: list[Entry]) -> dict[bytes, int]:
+    def deliveries(self, part: Partition, entries: Entries) -> dict[bytes, int]:
         """How many times each of `entries` (read again) was delivered."""
         s = self.settings
-        ids = [e[0] for e in entries]
+        ids, _ = _native.entry_ids(entries)
         rows = self.redis_read(
             lambda: self.redis.xpending_range(
                 part.stream,
@@ -285,7 +285,7 @@ class Reader:
             log.info("reclaimed %d entries idle for more than %d ms", len(entries), s.claim_idle_ms)
         return entries
 
-    def submit(self, part: Partition, entries: list[Entry], *, redelivered: bool) -> None:
+    def submit(self, part: Partition, entries: Entries, *, redelivered: bool) -> None:
         """Hands a batch just read to the preparer. An entry read again without its fields
         (this consumer's history, a claim) was deleted from the stream while pending: there
         is nothing to load or to dead-letter, it is only acknowledged, and counted."""

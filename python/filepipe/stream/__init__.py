@@ -23,7 +23,17 @@ from .dead import (
 )
 from .group import ensure_group, group_lag, id_key, note_recreated, pending_count, still_pending
 from .heartbeats import set_heartbeats
-from .read import Entry, Fields, ReadSize, entries_bytes, fields_dict, read_new, read_own_pending, read_pages
+from .read import (
+    Entries,
+    Entry,
+    Fields,
+    ReadSize,
+    entries_bytes,
+    fields_dict,
+    read_new,
+    read_own_pending,
+    read_pages,
+)
 
 __all__ = [
     "FIELDS_DROPPED",
@@ -33,6 +43,7 @@ __all__ = [
     "TRUNCATED_FIELD",
     "AckResult",
     "DeadLetter",
+    "Entries",
     "Entry",
     "Fields",
     "ReadSize",

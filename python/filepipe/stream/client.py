@@ -16,6 +16,7 @@ from ..config import Settings
 from ..errors import ConfigError, FilepipeError, TransientError
 from ..redaction import error_line, mask_url
 from ..retry import TlsOnly, redis_login_refusal
+from . import reply
 
 
 def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis.Redis:
@@ -43,6 +44,11 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
     }
     if urlsplit(settings.redis_url).scheme == "redis" and not settings.redis_cluster:
         options["connection_class"] = PlainConnection
+    parser, packer = reply.parser_class(), reply.command_packer()
+    if parser is not None and packer is not None and not settings.redis_cluster:
+        # XREADGROUP replies read in place, commands packed in one call (stream.reply).
+        options["parser_class"] = parser
+        options["command_packer"] = packer
     client = (
         _connect_cluster(settings, options)
         if settings.redis_cluster

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
 
+from .. import _native
 from ..constants import SAMPLE_PAGE_BYTES
 from .client import is_cluster
+from .reply import entries_in_place
 
 Fields = dict[bytes, bytes]
-Entry = tuple[bytes, Fields]
+# An entry's id and fields: the flat [name, value, …] list the server sends (a dict where
+# redis-py made one), or None when it was read without them (deleted while pending).
+Entry = tuple[bytes, Any]
+# The entries of one read: a `_native.Reply` (the reply's own bytes), or a list.
+Entries = Sequence[Entry]
 
 
 def fields_dict(fields: Any) -> Fields:
@@ -26,9 +32,7 @@ def fields_dict(fields: Any) -> Fields:
     return dict(zip(it, it, strict=False))
 
 
-def read_new(
-    r: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
-) -> list[Entry]:
+def read_new(r: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int) -> Entries:
     """XREADGROUP `>`: up to `count` never-delivered entries, blocking up to `block_ms`
     (0: not at all)."""
     return _entries(_xreadgroup(r, stream, group, consumer, b">", count, block_ms or None))
@@ -36,7 +40,7 @@ def read_new(
 
 def read_own_pending(
     r: redis.Redis, stream: str, group: str, consumer: str, count: int, after: bytes = b"0"
-) -> list[Entry]:
+) -> Entries:
     """XREADGROUP from `after`: this consumer's own delivered-but-unacked entries."""
     return _entries(_xreadgroup(r, stream, group, consumer, after, count, None))
 
@@ -45,7 +49,8 @@ def _xreadgroup(
     r: redis.Redis, stream: str, group: str, consumer: str, after: bytes, count: int, block_ms: int | None
 ) -> Any:
     if not is_cluster(r):
-        return r.xreadgroup(group, consumer, {stream: after}, count=count, block=block_ms)
+        with entries_in_place():
+            return r.xreadgroup(group, consumer, {stream: after}, count=count, block=block_ms)
     # XREADGROUP's keys are "movable": left to itself, the cluster client would ask a
     # node (COMMAND GETKEYS) before every read. The stream's slot names the node; a
     # stale slot map is corrected by the MOVED reply, which the client follows.
@@ -56,8 +61,11 @@ def _xreadgroup(
     return r.execute_command(*args, target_nodes=r.get_node_from_key(stream))  # type: ignore[attr-defined,no-untyped-call]
 
 
-def _entries(reply: Any) -> list[Entry]:
-    """The entries of a one-stream XREADGROUP reply: a map under RESP3, a list under RESP2."""
+def _entries(reply: Any) -> Entries:
+    """The entries of a one-stream XREADGROUP reply: the reply itself when the extension
+    read it in place; else a map under RESP3, a list under RESP2."""
+    if isinstance(reply, _native.Reply):
+        return reply
     if not reply:
         return []
     value = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
