@@ -90,8 +90,13 @@ class InHand:
         the ids whose state this found out (the pending list read may end early)."""
         count = len(ids) * 2
         rows: list[dict[str, Any]] = self.redis.xpending_range(
-            name, self.settings.group, min=min(ids, key=stream.id_key), max=max(ids, key=stream.id_key),
-            count=count, consumername=self.name)
+            name,
+            self.settings.group,
+            min=min(ids, key=stream.id_key),
+            max=max(ids, key=stream.id_key),
+            count=count,
+            consumername=self.name,
+        )
         checked = set(ids)
         if len(rows) >= count:  # read up to the last row only
             last = stream.id_key(rows[-1]["message_id"])
@@ -99,8 +104,14 @@ class InHand:
         own: list[Any] = [r["message_id"] for r in rows if r["message_id"] in checked]
         if not own:
             return set(), checked
-        kept: list[bytes] = self.redis.xclaim(name, self.settings.group, self.name, 0, own,  # type: ignore[assignment]
-                                              justid=True)
+        kept: list[bytes] = self.redis.xclaim(
+            name,
+            self.settings.group,
+            self.name,
+            0,
+            own,  # type: ignore[assignment]
+            justid=True,
+        )
         return set(kept), checked
 
     def take_gone(self, stream_name: str, ids: list[bytes]) -> list[bytes]:
@@ -119,8 +130,16 @@ class Liveness:
     refreshed at most every HEARTBEAT_INTERVAL_S, and with it the claims on the entries
     in hand. Anything that waits calls `beat()`."""
 
-    def __init__(self, r: redis.Redis, settings: Settings, name: str, parts: list[Partition], stats: Stats,
-                 in_hand: InHand, dead_letters_waiting: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        settings: Settings,
+        name: str,
+        parts: list[Partition],
+        stats: Stats,
+        in_hand: InHand,
+        dead_letters_waiting: Callable[[], int],
+    ) -> None:
         self.redis = r
         self.settings = settings
         self.name = name
@@ -160,8 +179,9 @@ class Liveness:
         value = beat.to_json()
         # Liveness is best effort; the read loop reports Redis outages.
         with contextlib.suppress(redis.RedisError, RedisClusterException):
-            stream.set_heartbeats(self.redis, {heartbeat_key(p.stream, self.name): value for p in self.parts},
-                                  HEARTBEAT_TTL_S)
+            stream.set_heartbeats(
+                self.redis, {heartbeat_key(p.stream, self.name): value for p in self.parts}, HEARTBEAT_TTL_S
+            )
 
     def remove(self) -> None:
         with contextlib.suppress(redis.RedisError, RedisClusterException):

@@ -39,8 +39,15 @@ _REFUSAL_STATES = (db.READ_ONLY, db.NO_PRIVILEGE, QUERY_CANCELED)
 class Load:
     """Loads batches into the table (one instance shared by the loader threads)."""
 
-    def __init__(self, settings: Settings, name: str, loader: db.Loader, pg_backoff: Backoff,
-                 table_backoff: Backoff, abandon: threading.Event) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        loader: db.Loader,
+        pg_backoff: Backoff,
+        table_backoff: Backoff,
+        abandon: threading.Event,
+    ) -> None:
         self.settings = settings
         self.name = name
         self.loader = loader
@@ -121,6 +128,7 @@ class Load:
                     raise pg_refused(self.settings, why) from e
                 raise TransientError(error_line(why)) from e
             raise
+
     def _refusal(self, e: psycopg.Error) -> psycopg.Error:
         """`e` if the table refused the write; raises the fatal error it is otherwise."""
         if not _is_refusal(e):
@@ -189,8 +197,10 @@ class Load:
                 e = self._refusal(again)
                 message = error_line(e)
                 if again.sqlstate == QUERY_CANCELED:
-                    message = (f"it took longer than the statement timeout (FILEPIPE_STATEMENT_TIMEOUT_MS="
-                               f"{self.settings.statement_timeout_ms}) twice on its own: {message}")
+                    message = (
+                        f"it took longer than the statement timeout (FILEPIPE_STATEMENT_TIMEOUT_MS="
+                        f"{self.settings.statement_timeout_ms}) twice on its own: {message}"
+                    )
         self._refused_the_same(e)
         found.refused.append((indices[0], message))
         found.unconfirmed = True
@@ -211,8 +221,11 @@ class Load:
                 self._same, self._same_count = way, 1
             count = self._same_count
         if count >= SAME_REFUSALS_FOR_THE_TABLE:
-            raise _TableRefuses(e, f"the last {count} rows were all refused so and none loaded, while "
-                                   "the table takes its newest row again: a rule new rows break")
+            raise _TableRefuses(
+                e,
+                f"the last {count} rows were all refused so and none loaded, while "
+                "the table takes its newest row again: a rule new rows break",
+            )
 
     def _rejected(self, p: Prepared, index: int, message: str) -> DeadLetter:
         letter = dead_letter(p.entry(index), "db_rejected", f"PostgreSQL refused the row: {message}")

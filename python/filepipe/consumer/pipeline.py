@@ -72,8 +72,9 @@ class Consumer:
         life = self.life
 
         self.in_hand = InHand(self.redis, s, self.name)
-        self.liveness = Liveness(self.redis, s, self.name, self.parts, self.stats, self.in_hand,
-                                 lambda: self.acker.held_count())
+        self.liveness = Liveness(
+            self.redis, s, self.name, self.parts, self.stats, self.in_hand, lambda: self.acker.held_count()
+        )
         beat = self.liveness.beat
         # Every retry counts in filepipe_retries_total; a drain gives up on an outage that
         # lasts longer than FILEPIPE_DRAIN_TIMEOUT.
@@ -85,26 +86,42 @@ class Consumer:
         self.redis_backoff = backoff("Redis", stop=life.stopping, outage=redis_outage)
         ack_backoff = backoff("Redis", stop=life.abandon, outage=redis_outage)
         held_backoff = backoff("Redis", stop=life.abandon, outage=redis_outage)
-        pg_backoff = backoff("PostgreSQL", stop=life.abandon, on_error=self._error_sink("PostgreSQL"),
-                             on_wait=beat)
+        pg_backoff = backoff(
+            "PostgreSQL", stop=life.abandon, on_error=self._error_sink("PostgreSQL"), on_wait=beat
+        )
         # At the start, PostgreSQL is waited for until a stop (nothing is in hand yet).
         self._pg_start_backoff = backoff("PostgreSQL", stop=life.stopping, outage=pg_backoff.outage)
         # A table that refuses every row (a constraint, trigger or NOT NULL column no row
         # satisfies, a revoked privilege, a read-only database) is waited out like an outage.
         table = f"PostgreSQL table {s.table}"
-        refusal = Outage(table, self._error_sink("table"), state="refuses rows",
-                         recovery="accepts rows again")
+        refusal = Outage(
+            table, self._error_sink("table"), state="refuses rows", recovery="accepts rows again"
+        )
         table_backoff = backoff(table, stop=life.abandon, outage=refusal, on_wait=beat)
-        storage_backoff = backoff("Storage", stop=life.stopping, on_error=self._error_sink("Storage"),
-                                  on_wait=beat)
+        storage_backoff = backoff(
+            "Storage", stop=life.stopping, on_error=self._error_sink("Storage"), on_wait=beat
+        )
 
         self.files = Files(s, storage_backoff, life.stopping.is_set, storage)
         self.load = Load(s, self.name, db.Loader(self.pool, s), pg_backoff, table_backoff, life.abandon)
         # Trims what every group has acknowledged, caps dead letters, removes departed consumers.
-        self.housekeeper = Housekeeper(s, self.redis, self.parts, self.name,
-                                       on_error=self._error_sink("Trimming"))
-        self.acker = Ack(s, self.name, self.redis, self.parts, self.stats, self.progress, self.in_hand,
-                         self.housekeeper, ack_backoff, held_backoff, life.abandon, beat)
+        self.housekeeper = Housekeeper(
+            s, self.redis, self.parts, self.name, on_error=self._error_sink("Trimming")
+        )
+        self.acker = Ack(
+            s,
+            self.name,
+            self.redis,
+            self.parts,
+            self.stats,
+            self.progress,
+            self.in_hand,
+            self.housekeeper,
+            ack_backoff,
+            held_backoff,
+            life.abandon,
+            beat,
+        )
         read_size = ReadSize(s.batch_size, s.batch_bytes, s.max_entry_bytes)
         self._read_size = read_size
         # Reads grow to cover the round trips to Redis and PostgreSQL, measured as it runs.
@@ -113,20 +130,48 @@ class Consumer:
         # The stages, in the order data flows. At most `in_flight` batches wait between
         # them; the reader reads the next batch while the preparer works on this one.
         self.acking: Stage[tuple[Prepared, int, list[DeadLetter]]] = Stage(
-            "acker", life, self.acker.finish_batch, maxsize=s.in_flight, drop=self.acker.drop,
-            idle=self.acker.idle, on_idle=self.acker.on_idle, on_end=self.acker.on_end)
+            "acker",
+            life,
+            self.acker.finish_batch,
+            maxsize=s.in_flight,
+            drop=self.acker.drop,
+            idle=self.acker.idle,
+            on_idle=self.acker.on_idle,
+            on_end=self.acker.on_end,
+        )
         # One loader per pooled connection: several COPYs can be in flight (PostgreSQL works
         # on one while the next is sent), and the next starts while one is acknowledged.
         self.loading: Stage[Prepared] = Stage(
-            "loader", life, self._load_one, maxsize=s.in_flight, workers=s.pool_size,
-            drop=lambda p: self.in_hand.landed(p.part.stream, p.ids))
+            "loader",
+            life,
+            self._load_one,
+            maxsize=s.in_flight,
+            workers=s.pool_size,
+            drop=lambda p: self.in_hand.landed(p.part.stream, p.ids),
+        )
         self.preparing: Stage[RawBatch] = Stage(
-            "preparer", life, self._prepare_one, maxsize=1,
-            drop=lambda raw: self.in_hand.landed(raw[0].stream, [e[0] for e in raw[1]] + raw[3]))
-        self.reader = Reader(s, self.name, self.redis, self.parts, life=life, drain=drain,
-                             backoff=self.redis_backoff, in_hand=self.in_hand, stats=self.stats,
-                             read_size=read_size, submit=self.preparing.put, busy=self._busy, beat=beat,
-                             pace=self.pace)
+            "preparer",
+            life,
+            self._prepare_one,
+            maxsize=1,
+            drop=lambda raw: self.in_hand.landed(raw[0].stream, [e[0] for e in raw[1]] + raw[3]),
+        )
+        self.reader = Reader(
+            s,
+            self.name,
+            self.redis,
+            self.parts,
+            life=life,
+            drain=drain,
+            backoff=self.redis_backoff,
+            in_hand=self.in_hand,
+            stats=self.stats,
+            read_size=read_size,
+            submit=self.preparing.put,
+            busy=self._busy,
+            beat=beat,
+            pace=self.pace,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -205,20 +250,32 @@ class Consumer:
         s = self.settings
         self.files.storage(s.storage_mode)
         for part in self.parts:
-            self._at_start("Redis", s.redis_url, self.redis_backoff,
-                           lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
-                           is_transient_redis)
+            self._at_start(
+                "Redis",
+                s.redis_url,
+                self.redis_backoff,
+                lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
+                is_transient_redis,
+            )
         self._at_start("PostgreSQL", s.pg_uri, self._pg_start_backoff, self._check_table, is_transient_pg)
 
-    def _at_start(self, service: str, url: str, backoff: Backoff, check: Callable[[], object],
-                  transient: Callable[[BaseException], bool]) -> None:
+    def _at_start(
+        self,
+        service: str,
+        url: str,
+        backoff: Backoff,
+        check: Callable[[], object],
+        transient: Callable[[BaseException], bool],
+    ) -> None:
         if self.life.stopping.is_set():
             return
         try:
             backoff.call(check, transient)
         except Abandoned:
-            self.stats.abandoned = (f"stopped while waiting for {service} at the start "
-                                    f"({backoff.last_message or 'no answer yet'}); nothing was read")
+            self.stats.abandoned = (
+                f"stopped while waiting for {service} at the start "
+                f"({backoff.last_message or 'no answer yet'}); nothing was read"
+            )
             raise
         except (redis.RedisError, RedisClusterException) as e:
             raise ConfigError(f"Redis at {mask_url(url)} refused: {error_line(e)}") from e
@@ -248,9 +305,17 @@ class Consumer:
         part, entries, redelivered, gone = raw
         deliveries = self.reader.deliveries(part, entries) if redelivered and entries else {}
         started = time.perf_counter()
-        prepared = prepare(self.settings, self.name, part, entries, deliveries=deliveries,
-                           measure=self.files.measure, redelivered=redelivered, gone=gone,
-                           observe=self._read_size.observe)
+        prepared = prepare(
+            self.settings,
+            self.name,
+            part,
+            entries,
+            deliveries=deliveries,
+            measure=self.files.measure,
+            redelivered=redelivered,
+            gone=gone,
+            observe=self._read_size.observe,
+        )
         self.pace.prepared(len(entries), time.perf_counter() - started)
         if not self.loading.put(prepared, lambda: self.life.giving_up):
             self.in_hand.landed(part.stream, prepared.ids)

@@ -66,8 +66,11 @@ class Lifecycle:
             if self.abandon.is_set():
                 return
             self.abandon.set()
-        log.warning("stop timeout (%.0f s) reached: leaving the batches in hand unacknowledged; "
-                    "they will be delivered again", self.stop_timeout)
+        log.warning(
+            "stop timeout (%.0f s) reached: leaving the batches in hand unacknowledged; "
+            "they will be delivered again",
+            self.stop_timeout,
+        )
 
     @property
     def giving_up(self) -> bool:
@@ -123,8 +126,9 @@ class Stage(Generic[T]):
         self._ended = 0
         self._lock = threading.Lock()
         self.threads = [
-            threading.Thread(target=self._loop, name=f"filepipe-{name}{f'-{i}' if workers > 1 else ''}",
-                             daemon=True)
+            threading.Thread(
+                target=self._loop, name=f"filepipe-{name}{f'-{i}' if workers > 1 else ''}", daemon=True
+            )
             for i in range(workers)
         ]
 

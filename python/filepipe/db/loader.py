@@ -148,8 +148,9 @@ class Loader:
             return self._run(buf, direct=False)
         except psycopg.Error as e:
             if decompression_cap(e):
-                log.info("the merge met TimescaleDB's decompression cap, merging without it: %s",
-                         error_line(e))
+                log.info(
+                    "the merge met TimescaleDB's decompression cap, merging without it: %s", error_line(e)
+                )
             elif compressed_chunk_refusal(e):
                 log.info(
                     "the merge was refused for compressed chunks, merging with DML decompression on: %s",

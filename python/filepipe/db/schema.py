@@ -200,8 +200,15 @@ def init_db(
                 interval = facts.chunk_interval
                 notes += _apply_policies(conn, table, facts, retention, compress_after)
             return SchemaInfo(
-                table=table, hypertable=hypertable, timescaledb=in_use, upgraded=upgraded, extension=ext,
-                license=license, chunk_interval=interval, migrated_rows=migrated, notes=tuple(notes),
+                table=table,
+                hypertable=hypertable,
+                timescaledb=in_use,
+                upgraded=upgraded,
+                extension=ext,
+                license=license,
+                chunk_interval=interval,
+                migrated_rows=migrated,
+                notes=tuple(notes),
             )
     except psycopg.errors.LockNotAvailable as e:
         raise DatabaseError(
