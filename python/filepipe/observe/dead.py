@@ -20,8 +20,7 @@ from typing import Any
 
 from .. import stream
 from ..constants import SAMPLE_PAGE_BYTES, STATUS_SCAN_BYTES
-from ..stream import ReadSize, entries_bytes
-from .retained import text
+from ..stream import ReadSize, entries_bytes, reply_text
 
 DEAD_SCAN_LIMIT = 50_000  # dead letters `count_newest` reads the first time (the newest)
 RECENT_CAP = 10_000  # dead letters read to count the last minute's
@@ -68,7 +67,7 @@ class DeadTally:
 
 
 def reason_of(fields: dict[bytes, bytes] | None) -> str:
-    return text((fields or {}).get(b"reason", b"unknown"))
+    return reply_text((fields or {}).get(b"reason", b"unknown"))
 
 
 def count_newest(r: Any, dead_stream: str, tally: DeadTally) -> DeadTally:
@@ -88,14 +87,14 @@ def count_newest(r: Any, dead_stream: str, tally: DeadTally) -> DeadTally:
             r, dead_stream, "+", "-", reverse=True, limit=DEAD_SCAN_LIMIT, total_budget=STATUS_SCAN_BYTES
         ):
             if not tally.last_id:
-                tally.last_id = text(page[0][0])
+                tally.last_id = reply_text(page[0][0])
             tally.add(page)
         tally.complete = tally.counted >= length
     else:
         for page in stream.read_pages(
             r, dead_stream, f"({tally.last_id}", "+", total_budget=STATUS_SCAN_BYTES
         ):
-            tally.last_id = text(page[-1][0])
+            tally.last_id = reply_text(page[-1][0])
             tally.add(page)
     return tally
 
@@ -108,7 +107,7 @@ def count_page(tally: DeadTally, entries: list[Any], length: int, asked: int) ->
         tally.complete = True
     tally.add(entries)
     if entries:
-        tally.last_id = text(entries[-1][0])
+        tally.last_id = reply_text(entries[-1][0])
     if tally.stale(length, at_end=len(entries) < asked):
         return DeadTally(length_seen=0)
     tally.length_seen = length

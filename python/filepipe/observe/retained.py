@@ -11,17 +11,13 @@ from redis.exceptions import ResponseError
 from .. import retention, stream
 from ..config import Settings
 from ..partitions import partitions
+from ..stream import reply_text
 from .text import duration, entries
-
-
-def text(value: Any) -> str:
-    """A reply from Redis as text (bytes decoded, invalid UTF-8 replaced)."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def id_ms(entry_id: Any) -> int:
     """The milliseconds part of a stream entry id."""
-    return int(text(entry_id).partition("-")[0] or 0)
+    return int(reply_text(entry_id).partition("-")[0] or 0)
 
 
 def server_ms(r: Any) -> int:
@@ -185,7 +181,7 @@ def read_memory(r: Any) -> RedisMemory:
             used_bytes=int(info.get("used_memory", 0)),
             max_bytes=int(info.get("maxmemory", 0)),
             policy=str(info.get("maxmemory_policy", "")),
-            node=text(name),
+            node=reply_text(name),
         )
         if best is None or (m.share or 0.0, m.used_bytes) > (best.share or 0.0, best.used_bytes):
             best = m

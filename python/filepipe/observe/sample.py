@@ -21,9 +21,9 @@ import redis
 
 from ..config import Settings
 from ..partitions import Partition, partitions
+from ..stream import group_row, reply_text
 from . import dead
 from .model import ConsumerState, PartitionState
-from .retained import text
 from .streams import consumers_of, listed, merge_consumers, read_heartbeats, sum_or_none
 
 
@@ -123,7 +123,7 @@ class _StreamSample:
     @property
     def entries_read(self) -> int | None:
         read = self.group.get("entries-read") if self.group else 0
-        delivered = text(self.group.get("last-delivered-id")) if self.group else ""
+        delivered = reply_text(self.group.get("last-delivered-id")) if self.group else ""
         if read is None and self.part.index is not None and delivered == "0-0":
             # A partition nobody has read from yet: Redis says "unknown", but it is none,
             # and one idle partition must not hide the counters of the others.
@@ -142,9 +142,7 @@ def _stream_sample(settings: Settings, part: Partition, replies: list[Any]) -> _
     if not isinstance(groups, redis.ResponseError):
         if isinstance(groups, Exception):
             raise groups
-        for g in groups:
-            if text(g.get("name")) == settings.group:
-                group = g
+        group = group_row(groups, settings.group) or {}
     if isinstance(consumers, redis.ResponseError):
         consumers = []
     elif isinstance(consumers, Exception):

@@ -31,9 +31,10 @@ from ..constants import (
 )
 from ..heartbeat import Heartbeat
 from ..partitions import Partition, partitions
+from ..stream import reply_text
 from . import dead, rates
 from .model import ConsumerState, GroupRecreation, PartitionState, PendingEntry, StreamState
-from .retained import id_ms, server_ms, text
+from .retained import id_ms, server_ms
 
 WINDOW_S = 60  # "last minute": arrivals and dead letters
 ARRIVALS_CAP = 10_000  # entries read to count the last minute's arrivals
@@ -90,8 +91,8 @@ class StreamReader:
             first = next(iter(config.values()), None)
             if isinstance(first, dict):  # a cluster client: one node's
                 config = first
-            refusing = text(config.get("stop-writes-on-bgsave-error", "")) == "yes" and bool(
-                text(config.get("save", "")).strip()
+            refusing = reply_text(config.get("stop-writes-on-bgsave-error", "")) == "yes" and bool(
+                reply_text(config.get("save", "")).strip()
             )
             if refusing or not config:
                 return (
@@ -114,8 +115,8 @@ class StreamReader:
             out.exists = True
             out.length = int(info["length"])
             last = info.get("last-generated-id")
-            if last and text(last) != "0-0":
-                out.last_entry_id = text(last)
+            if last and reply_text(last) != "0-0":
+                out.last_entry_id = reply_text(last)
                 out.last_entry_age_s = max(0.0, (now_ms - id_ms(last)) / 1000)
             added = info.get("entries-added")
             out.entries_added = None if added is None else int(added)
@@ -140,12 +141,12 @@ class StreamReader:
 
     def _read_group(self, out: StreamState, part: Partition, now_ms: int) -> None:
         s, r = self.settings, self.redis
-        group = next((g for g in r.xinfo_groups(part.stream) if text(g["name"]) == s.group), None)
+        group = stream.group_info(r, part.stream, s.group)
         if group is None:
             return
         out.group_exists = True
         out.pending = int(group["pending"])
-        last_delivered = text(group.get("last-delivered-id", "0-0"))
+        last_delivered = reply_text(group.get("last-delivered-id", "0-0"))
         read = group.get("entries-read")
         out.entries_read = None if read is None else int(read)
         lag = group.get("lag")
@@ -162,8 +163,8 @@ class StreamReader:
             if rows:
                 row = rows[0]
                 out.oldest_pending = PendingEntry(
-                    id=text(row["message_id"]),
-                    consumer=text(row["consumer"]),
+                    id=reply_text(row["message_id"]),
+                    consumer=reply_text(row["consumer"]),
                     age_s=max(0.0, (now_ms - id_ms(row["message_id"])) / 1000),
                     idle_s=int(row["time_since_delivered"]) / 1000,
                     deliveries=int(row["times_delivered"]),
@@ -211,7 +212,7 @@ def consumers_of(rows: Iterable[dict[Any, Any]], part_stream: str) -> list[Consu
     """The group's members from an XINFO CONSUMERS reply."""
     return [
         ConsumerState(
-            name=text(row["name"]),
+            name=reply_text(row["name"]),
             pending=int(row.get("pending", 0)),
             idle_s=int(row.get("idle", 0)) / 1000,
             heartbeat_stream=part_stream,

@@ -8,7 +8,7 @@ import redis
 
 from .. import constants as c
 from ..partitions import Partition
-from .scripts import reply_text
+from ..stream import reply_text
 
 DEPARTED_BATCH = 100  # consumers checked (and removed) per script call
 

@@ -11,7 +11,8 @@ import redis
 from .. import constants as c
 from ..config import Settings
 from ..partitions import Partition
-from .scripts import PLAN_SCRIPT, held_fields, reply_text, window_args
+from ..stream import reply_text
+from .scripts import PLAN_SCRIPT, held_fields, window_args
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Window
+from ..stream import reply_text
 
 # How far apart (in entries added) the marks of a count retention are: the newest N are
 # kept to within N / MARK_STEPS (plus what arrives between two passes).
@@ -170,11 +171,6 @@ local first = info['first-entry']
 return {1, point, why, holder, pending, lag, info['length'], first and first[1] or '', dead_count(KEYS[3])}
 """
 )
-
-
-def reply_text(value: Any) -> str:
-    """A script's reply item as text."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def window_args(window: Window) -> list[Any]:

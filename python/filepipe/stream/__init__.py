@@ -10,7 +10,7 @@ acknowledgement that writes the dead letters), `heartbeats`. Every name is impor
 from __future__ import annotations
 
 from .ack import AckResult, ack
-from .client import connect, failure, group_missing, is_cluster
+from .client import connect, failure, group_missing, is_cluster, reply_text
 from .dead import (
     FIELDS_DROPPED,
     INCOMPLETE_MARKERS,
@@ -21,7 +21,7 @@ from .dead import (
     dead_letter_fields,
     excerpt,
 )
-from .group import ensure_group, group_lag, id_key, note_recreated, pending_count, still_pending
+from .group import ensure_group, group_info, group_row, id_key, note_recreated, pending_count, still_pending
 from .heartbeats import set_heartbeats
 from .read import (
     Entries,
@@ -55,8 +55,9 @@ __all__ = [
     "excerpt",
     "failure",
     "fields_dict",
-    "group_lag",
+    "group_info",
     "group_missing",
+    "group_row",
     "id_key",
     "is_cluster",
     "note_recreated",
@@ -64,6 +65,7 @@ __all__ = [
     "read_new",
     "read_own_pending",
     "read_pages",
+    "reply_text",
     "set_heartbeats",
     "still_pending",
 ]

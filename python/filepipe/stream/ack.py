@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from ..constants import dead_letter_ids_key
+from .client import reply_text
 from .dead import DeadLetter, dead_letter_fields
 
 
@@ -70,8 +71,8 @@ def ack(
     except redis.exceptions.NoScriptError:
         reply = r.eval(_ACK_SCRIPT, len(keys), *keys, *args)
     acked, outcomes, refusal = reply
-    result = AckResult(acked=int(acked), refusal=refusal.decode() if isinstance(refusal, bytes) else refusal)
-    for d, outcome in zip(dead, outcomes.decode() if isinstance(outcomes, bytes) else outcomes, strict=True):
+    result = AckResult(acked=int(acked), refusal=reply_text(refusal))
+    for d, outcome in zip(dead, reply_text(outcomes), strict=True):
         if outcome == "w":
             result.written.append(d)
         elif outcome == "h":

@@ -64,6 +64,11 @@ def _raw_reply(response: Any, **_options: Any) -> Any:
     return response
 
 
+def reply_text(value: Any) -> str:
+    """A reply from Redis as text (bytes decoded, invalid UTF-8 replaced)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 class PlainConnection(redis.Connection):
     """A connection without TLS that tells a server speaking only TLS from an outage. Such
     a server cuts a plain connection off at its first bytes (a reset, no reply), as a

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 
 from ..constants import GROUP_RECREATED_TTL_S, group_recreated_key
 from ..retry import redis_refusal
+from .client import reply_text
 
 
 def ensure_group(r: redis.Redis, stream: str, group: str) -> bool:
@@ -38,10 +40,9 @@ def note_recreated(r: redis.Redis, stream: str, group: str, consumer: str, reaso
 
 def _group_exists(r: redis.Redis, stream: str, group: str) -> bool:
     try:
-        groups = r.xinfo_groups(stream)
+        return group_info(r, stream, group) is not None
     except redis.ResponseError:
         return False  # no such stream
-    return any(g["name"] in (group, group.encode()) for g in groups)
 
 
 def still_pending(r: redis.Redis, stream: str, group: str, ids: Sequence[bytes]) -> set[bytes]:
@@ -70,17 +71,17 @@ def pending_count(r: redis.Redis, stream: str, group: str, consumer: str | None 
         return 0
     summary = r.xpending(stream, group)
     for row in summary.get("consumers", []):
-        name = row["name"].decode() if isinstance(row["name"], bytes) else row["name"]
-        if name == consumer:
+        if reply_text(row["name"]) == consumer:
             return int(row["pending"])
     return 0
 
 
-def group_lag(r: redis.Redis, stream: str, group: str) -> int | None:
-    """Entries in the stream not yet delivered to the group (Redis 7 `lag`)."""
-    for g in r.xinfo_groups(stream):
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == group:
-            lag = g.get("lag")
-            return None if lag is None else int(lag)
-    return None
+def group_info(r: redis.Redis, stream: str, group: str) -> dict[str, Any] | None:
+    """The group's row of XINFO GROUPS (name, consumers, pending, last-delivered-id, and on
+    Redis 7 entries-read and lag), None when the stream has no such group."""
+    return group_row(r.xinfo_groups(stream), group)
+
+
+def group_row(groups: Iterable[dict[str, Any]], group: str) -> dict[str, Any] | None:
+    """`group`'s row in an XINFO GROUPS reply (one read in a pipeline), None without it."""
+    return next((g for g in groups if reply_text(g.get("name")) == group), None)
