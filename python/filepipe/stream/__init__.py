@@ -1,8 +1,9 @@
 """Redis stream and consumer-group operations, one function per round trip.
 
-In the order a batch meets Redis: `client` (connecting; what a failure means), `group`
-(creating the group; what it holds pending), `read` (XREADGROUP, and pages of a stream for
-the observers), `dead` (what a dead letter holds of its entry), `ack` (the atomic
+In the order a batch meets Redis: `client` (connecting; what a failure means; replies as
+text), `group` (creating the group; what it holds pending), `read` (XREADGROUP, and pages of
+a stream for the observers), `reply` (XREADGROUP replies handed to the extension as the
+bytes Redis sent), `dead` (what a dead letter holds of its entry), `ack` (the atomic
 acknowledgement that writes the dead letters), `heartbeats`. Every name is importable from
 `filepipe.stream` itself.
 """
