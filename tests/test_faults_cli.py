@@ -77,6 +77,8 @@ def redis_cases(env: Env, servers: dict[str, RedisServer]) -> dict[str, tuple[st
         "wrong password": (f"redis://:{SECRET}@127.0.0.1:{servers['locked'].port}/0", 2),
         "wrong port (PostgreSQL's)": (f"redis://:{SECRET}@127.0.0.1:{pg_port}/0", 1),
         "TLS only, redis:// given": (f"redis://:{SECRET}@127.0.0.1:{servers['tls'].port}/0", 2),
+        "no TLS, rediss:// given": (f"rediss://:{SECRET}@127.0.0.1:{servers['locked'].port}/0", 2),
+        "TLS, its certificate not trusted": (f"rediss://:{SECRET}@127.0.0.1:{servers['tls'].port}/0", 2),
     }
 
 
@@ -151,8 +153,12 @@ def test_redis_commands(env: Env, tmp_path: Path, servers: dict[str, RedisServer
         for name, args in REDIS_COMMANDS.items():
             result = run([a.format(file=tmp_path / "one.txt") for a in args], env, tmp_path, REDIS_URL=url)
             line = check(result, code, f"{name}, Redis {fault}")
-            if fault.startswith("TLS"):
+            if fault.startswith("TLS only"):
                 assert "speaks only TLS: use a rediss:// URL" in line, line
+            elif fault.startswith("no TLS"):
+                assert "does not speak TLS: use a redis:// URL" in line, line
+            elif fault.startswith("TLS"):
+                assert "certificate verify failed" in line, line
             elif code == 2:
                 # The server's own reason, and where it came from.
                 assert "invalid username-password pair" in line, line

@@ -50,9 +50,10 @@ class Abandoned(Exception):
     """Retrying was given up because the consumer is stopping; the work stays unacknowledged."""
 
 
-class TlsOnly(redis.ConnectionError):
-    """The server at a `redis://` address speaks only TLS: it cuts every plain connection
-    off, which no retry changes (a `rediss://` URL connects)."""
+class TlsMismatch(redis.ConnectionError):
+    """The server at a `redis://` address speaks only TLS (it cuts every plain connection
+    off), or the one at a `rediss://` address does not speak TLS (it never answers the
+    handshake): no retry changes that, the URL's scheme must."""
 
 
 # What PostgreSQL says, refusing a connection, when it will take it a little later.
@@ -86,10 +87,17 @@ def permanent_redis(e: BaseException) -> bool:
     does not know, a command its ACL denies, a TLS handshake that fails, a plain connection
     to a server that speaks only TLS."""
     if isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError,
-                      TlsOnly)):
+                      TlsMismatch)):
         return True
     if isinstance(e, redis.ResponseError) and str(e).startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
         return True
+    return tls_failed(e)
+
+
+def tls_failed(e: BaseException) -> bool:
+    """Whether a Redis connection failed in its TLS handshake for a reason a retry does not
+    change (a certificate not trusted, a protocol version refused), not a connection cut
+    off in the middle of it."""
     cause = e.__cause__ or e.__context__
     return isinstance(e, redis.ConnectionError) and isinstance(cause, ssl.SSLError) and not isinstance(
         cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError))
@@ -371,10 +379,13 @@ def pg_login_refusal(e: BaseException) -> str | None:
 
 def redis_login_refusal(e: BaseException) -> str | None:
     """Redis's reason when it refused a connection for good (a wrong user or password,
-    none given where one is needed, a database number it does not have, a plain connection
-    to a server that speaks only TLS); None for any other error."""
-    if not isinstance(e, (redis.AuthenticationError, redis.ResponseError, TlsOnly)):
+    none given where one is needed, a database number it does not have, TLS where the
+    server has none or the other way round, a TLS handshake that fails); None for any
+    other error."""
+    if not isinstance(e, (redis.AuthenticationError, redis.ResponseError, redis.ConnectionError)):
         return None
     text = error_line(e)
-    refused = isinstance(e, (redis.AuthenticationError, TlsOnly)) or text.startswith(_REDIS_LOGIN_REFUSALS)
+    if isinstance(e, (redis.AuthenticationError, TlsMismatch)) or tls_failed(e):
+        return text
+    refused = isinstance(e, redis.ResponseError) and text.startswith(_REDIS_LOGIN_REFUSALS)
     return text if refused else None

@@ -15,7 +15,7 @@ from redis.retry import Retry
 from ..config import Settings
 from ..errors import ConfigError, FilepipeError, TransientError
 from ..redaction import error_line, mask_url
-from ..retry import TlsOnly, redis_login_refusal
+from ..retry import TlsMismatch, redis_login_refusal
 from . import reply
 
 
@@ -42,8 +42,9 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
         "retry_on_timeout": False,
         "client_name": "filepipe",
     }
-    if urlsplit(settings.redis_url).scheme == "redis" and not settings.redis_cluster:
-        options["connection_class"] = PlainConnection
+    scheme = urlsplit(settings.redis_url).scheme
+    if scheme in _CONNECTIONS and not settings.redis_cluster:
+        options["connection_class"] = _CONNECTIONS[scheme]
     parser, packer = reply.parser_class(), reply.command_packer()
     if parser is not None and packer is not None and not settings.redis_cluster:
         # XREADGROUP replies read in place, commands packed in one call (stream.reply).
@@ -73,15 +74,42 @@ class PlainConnection(redis.Connection):
     """A connection without TLS that tells a server speaking only TLS from an outage. Such
     a server cuts a plain connection off at its first bytes (a reset, no reply), as a
     server going away might; when that happens, one TLS handshake with it tells which it
-    is, and a server that speaks only TLS raises TlsOnly (permanent: exit 2)."""
+    is, and a server that speaks only TLS raises TlsMismatch (permanent: exit 2)."""
 
     def on_connect_check_health(self, check_health: bool = True) -> None:
         try:
             super().on_connect_check_health(check_health=check_health)
         except redis.ConnectionError as e:
             if _cut_off(e) and speaks_tls(self.host, self.port, self.socket_connect_timeout):
-                raise TlsOnly(f"{self.host}:{self.port} speaks only TLS: use a rediss:// URL") from e
+                raise TlsMismatch(f"{self.host}:{self.port} speaks only TLS: use a rediss:// URL") from e
             raise
+
+
+class TlsConnection(redis.SSLConnection):
+    """A TLS connection that tells a server without TLS from an outage. Such a server
+    waits for the end of a command that the handshake's bytes never give, so the
+    handshake times out as with a server too busy to answer; when it does, one plain
+    PING tells which it is, and a server that answers it raises TlsMismatch (permanent)."""
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock: socket.socket = super()._connect()  # type: ignore[no-untyped-call]
+        except (TimeoutError, ssl.SSLError) as e:
+            if speaks_plain_redis(self.host, self.port, self.socket_connect_timeout):
+                raise TlsMismatch(f"{self.host}:{self.port} does not speak TLS: use a redis:// URL") from e
+            raise
+        return sock
+
+    def _wrap_socket_with_ssl(self, sock: socket.socket) -> socket.socket:
+        # The handshake is part of connecting: it waits the connect timeout, not that of
+        # a reply (which outlasts a blocking read).
+        sock.settimeout(self.socket_connect_timeout)
+        tls: socket.socket = super()._wrap_socket_with_ssl(sock)  # type: ignore[no-untyped-call]
+        tls.settimeout(self.socket_timeout)
+        return tls
+
+
+_CONNECTIONS: dict[str, type[redis.Connection]] = {"redis": PlainConnection, "rediss": TlsConnection}
 
 
 def _cut_off(e: redis.ConnectionError) -> bool:
@@ -107,6 +135,18 @@ def speaks_tls(host: str, port: int, timeout: float | None) -> bool:
         return "ALERT" in (e.reason or "").upper()
     except OSError:
         return False
+
+
+def speaks_plain_redis(host: str, port: int, timeout: float | None) -> bool:
+    """Whether the server at `host:port` answers a plain inline PING as Redis does (`+PONG`,
+    or an error such as `-NOAUTH`)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout or 5.0) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError:
+        return False
+    return reply[:1] in (b"+", b"-") and reply.endswith(b"\r\n")
 
 
 def _connect_cluster(settings: Settings, options: dict[str, Any]) -> redis.Redis:
