@@ -499,8 +499,9 @@ def test_redis_cut_then_refusing_for_5_s(
     """Redis restarting, as the consumer sees it: its connections reset, then nothing
     accepts for a while. (A real restart of a Redis without persistence would lose the
     stream itself, which is not the consumer's to recover.)"""
-    with TcpProxy(redis_server.port) as proxy:
-        site = Site(redis_server, pg_server, tmp_path, redis_port=proxy.port)
+    # Batches of 50 and 2 ms each way: the drain lasts several seconds, past the faults.
+    with TcpProxy(redis_server.port, delay_ms=2) as proxy:
+        site = Site(redis_server, pg_server, tmp_path, redis_port=proxy.port, batch_size=50)
         w = site.seed(20_000, poison_every=10)
         c = Draining(site.settings)
         wait_for("first rows", lambda: site.rows() > 0, 30)
@@ -510,8 +511,10 @@ def test_redis_cut_then_refusing_for_5_s(
         proxy.refuse()
         time.sleep(1.0)
         acked = site.acked()
+        assert acked < len(w.ids), "drained before Redis refused: the backlog is too small"
         time.sleep(4.0)
-        assert c.alive() and site.acked() == acked
+        assert c.alive(), (c.error, c.stats)
+        assert site.acked() == acked
         proxy.resume()
         recovery = progressing(site)
         stats = c.finish(120)
