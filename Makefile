@@ -84,6 +84,7 @@ test: install test-rust browser pgbouncer timescaledb ## Run the whole test suit
 
 .PHONY: bench
 bench: install ## Measure: pytest-benchmark groups, the end-to-end table (artifacts/bench-e2e.md), where the CPU goes (artifacts/profile.md)
+	cargo test --release --no-default-features -- --ignored
 	FILEPIPE_BENCH_FULL=1 $(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 	$(PY) -m benches.e2e
 	$(PY) -m benches.profile --events 1000000
