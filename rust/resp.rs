@@ -29,45 +29,61 @@ struct Header {
     next: usize,
 }
 
-/// The header line starting at `pos`, or None while it is incomplete.
+/// The header line starting at `pos`, or None while it is incomplete. A length or a
+/// count is read digit by digit, in the one pass that finds the line's end.
 fn header(buf: &[u8], pos: usize) -> Result<Option<Header>, ProtocolError> {
     let Some(&kind) = buf.get(pos) else {
         return Ok(None);
     };
-    let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
-        return Ok(None);
-    };
-    let end = pos + nl;
-    if nl < 1 || buf[end - 1] != b'\r' {
-        return Err(ProtocolError("a line does not end with CRLF"));
-    }
-    let text = &buf[pos + 1..end - 1];
-    let number = match kind {
+    match kind {
         b'$' | b'!' | b'=' | b'*' | b'~' | b'>' | b'%' | b'|' => {
-            parse_i64(text).ok_or(ProtocolError("a length or count is not a number"))?
+            let not_a_number = ProtocolError("a length or count is not a number");
+            let negative = buf.get(pos + 1) == Some(&b'-');
+            let start = pos + 1 + usize::from(negative);
+            let mut i = start;
+            let mut number: i64 = 0;
+            loop {
+                let Some(&c) = buf.get(i) else {
+                    return Ok(None);
+                };
+                if !c.is_ascii_digit() {
+                    break;
+                }
+                if i - start == 18 {
+                    return Err(not_a_number);
+                }
+                number = number * 10 + i64::from(c - b'0');
+                i += 1;
+            }
+            if buf[i] != b'\r' || i == start {
+                return Err(not_a_number);
+            }
+            match buf.get(i + 1) {
+                None => Ok(None),
+                Some(b'\n') => Ok(Some(Header {
+                    kind,
+                    number: if negative { -number } else { number },
+                    next: i + 2,
+                })),
+                Some(_) => Err(ProtocolError("a line does not end with CRLF")),
+            }
         }
-        b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => 0,
-        _ => return Err(ProtocolError("unknown reply type")),
-    };
-    Ok(Some(Header {
-        kind,
-        number,
-        next: end + 1,
-    }))
-}
-
-fn parse_i64(text: &[u8]) -> Option<i64> {
-    let (negative, digits) = match text.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, text),
-    };
-    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
+        b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => {
+            let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+                return Ok(None);
+            };
+            let end = pos + nl;
+            if nl < 2 || buf[end - 1] != b'\r' {
+                return Err(ProtocolError("a line does not end with CRLF"));
+            }
+            Ok(Some(Header {
+                kind,
+                number: 0,
+                next: end + 1,
+            }))
+        }
+        _ => Err(ProtocolError("unknown reply type")),
     }
-    let value = digits
-        .iter()
-        .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
-    Some(if negative { -value } else { value })
 }
 
 impl Scanner {
@@ -222,13 +238,20 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
+/// Where one entry of a [`ReadReply`] is: its id, and the header of its fields.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    id: (usize, usize),
+    fields: usize,
+}
+
 /// The entries of a one-stream XREADGROUP reply, in the reply's own bytes: where each
-/// entry starts, and nothing else per entry.
+/// entry's id and fields are, and nothing else per entry.
 #[derive(Debug)]
 pub struct ReadReply {
     buf: Vec<u8>,
     stream: (usize, usize),
-    starts: Vec<usize>,
+    spans: Vec<Span>,
 }
 
 impl ReadReply {
@@ -238,16 +261,12 @@ impl ReadReply {
     /// is any other reply (an error, a null, several streams).
     pub fn parse(buf: Vec<u8>) -> Result<ReadReply, Vec<u8>> {
         match Self::index(&buf) {
-            Some((stream, starts)) => Ok(ReadReply {
-                buf,
-                stream,
-                starts,
-            }),
+            Some((stream, spans)) => Ok(ReadReply { buf, stream, spans }),
             None => Err(buf),
         }
     }
 
-    fn index(buf: &[u8]) -> Option<((usize, usize), Vec<usize>)> {
+    fn index(buf: &[u8]) -> Option<((usize, usize), Vec<Span>)> {
         let mut c = Cursor { buf, pos: 0 };
         let top = c.header()?;
         match (top.kind, top.number) {
@@ -263,13 +282,17 @@ impl ReadReply {
         let end = c.pos - 2;
         let stream = (end - name.len(), end);
         let count = c.array().ok()??;
-        let mut starts = Vec::with_capacity(count.min(buf.len() / 8));
+        let mut spans = Vec::with_capacity(count.min(buf.len() / 8));
         for _ in 0..count {
-            starts.push(c.pos);
             if c.array().ok()?? != 2 {
                 return None;
             }
-            c.bulk()?;
+            let id = c.bulk()?;
+            let fields = c.pos;
+            spans.push(Span {
+                id: (fields - 2 - id.len(), fields - 2),
+                fields,
+            });
             if let Some(items) = c.array().ok()? {
                 if items % 2 != 0 {
                     return None;
@@ -279,15 +302,15 @@ impl ReadReply {
                 }
             }
         }
-        (c.pos == buf.len()).then_some((stream, starts))
+        (c.pos == buf.len()).then_some((stream, spans))
     }
 
     pub fn len(&self) -> usize {
-        self.starts.len()
+        self.spans.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.starts.is_empty()
+        self.spans.is_empty()
     }
 
     /// The stream's name.
@@ -300,15 +323,21 @@ impl ReadReply {
         &self.buf
     }
 
+    /// The id of entry `index` (< `len()`).
+    pub fn id(&self, index: usize) -> &[u8] {
+        let (start, end) = self.spans[index].id;
+        &self.buf[start..end]
+    }
+
     /// Entry `index` (< `len()`).
     pub fn entry(&self, index: usize) -> ReplyEntry<'_> {
+        let span = self.spans[index];
         let mut cursor = Cursor {
             buf: &self.buf,
-            pos: self.starts[index],
+            pos: span.fields,
         };
-        // Read once in full when the reply was made: these reads cannot fail.
-        let _pair = cursor.array();
-        let id = cursor.bulk().unwrap_or_default();
+        // Read once in full when the reply was made: this read cannot fail.
+        let id = self.id(index);
         let fields = match cursor.array() {
             Ok(Some(items)) => Some(Fields {
                 cursor,
