@@ -13,7 +13,7 @@ use crate::copy::{self, BatchColumns, Format, Measured};
 use crate::entry::{format_uuid, Limits, Storage};
 use crate::error::{FileFailure, Reason};
 use crate::measure;
-use crate::resp::{ReadReply, Scanner};
+use crate::resp::{self, ReadReply, Scanner};
 use crate::sniff;
 use crate::time::write_pg_timestamp;
 
@@ -356,10 +356,10 @@ impl ReplyReader {
 impl ReplyReader {
     fn append(&mut self, data: Option<&[u8]>) -> PyResult<()> {
         let data = data.ok_or_else(|| PyValueError::new_err("n is past the chunk's end"))?;
-        if self.buf.is_empty() && self.buf.capacity() < self.last {
+        if self.buf.capacity() == 0 {
             // About the size of the last reply: a reply like it is collected without
             // growing (and copying) the buffer again and again.
-            self.buf.reserve_exact(self.last + self.last / 8);
+            self.buf = resp::buffer(self.last + self.last / 8);
         }
         self.buf.extend_from_slice(data);
         Ok(())

@@ -7,6 +7,8 @@
 /// nests four deep.
 const MAX_DEPTH: usize = 128;
 
+use std::sync::Mutex;
+
 /// Why bytes are not a RESP reply.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ProtocolError(pub &'static str);
@@ -199,6 +201,12 @@ impl<'a> Cursor<'a> {
     }
 }
 
+impl Drop for ReadReply {
+    fn drop(&mut self) {
+        keep_spare(std::mem::take(&mut self.buf));
+    }
+}
+
 /// One entry of a [`ReadReply`]: its id and, unless it was read without them (deleted
 /// from the stream while pending), its fields as (name, value) pairs.
 pub struct ReplyEntry<'a> {
@@ -235,6 +243,37 @@ impl<'a> Iterator for Fields<'a> {
         let name = self.cursor.bulk().unwrap_or_default();
         let value = self.cursor.bulk().unwrap_or_default();
         Some((name, value))
+    }
+}
+
+/// The buffers of replies no longer needed, kept for the next replies (at most this many
+/// bytes of them): a reply is collected in one thread and dropped in another, after its
+/// batch is committed, and memory handed back and forth between threads that way is
+/// reused by the allocator late, if at all, so that every reply would fault in fresh
+/// pages (and the process would hold more of them).
+const SPARE_BYTES: usize = 16 * 1024 * 1024;
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// An empty buffer for a reply of about `size` bytes: a spare one if there is one.
+pub fn buffer(size: usize) -> Vec<u8> {
+    let spare = SPARE.lock().map(|mut s| s.pop()).unwrap_or(None);
+    let mut buf = spare.unwrap_or_default();
+    if buf.capacity() < size {
+        buf.reserve_exact(size);
+    }
+    buf
+}
+
+fn keep_spare(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 {
+        return;
+    }
+    buf.clear();
+    if let Ok(mut spare) = SPARE.lock() {
+        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        if kept + buf.capacity() <= SPARE_BYTES {
+            spare.push(buf);
+        }
     }
 }
 
