@@ -264,3 +264,43 @@ def test_a_password_changed_while_consuming_fails_fast_with_the_reason(
     where = f"postgresql://rotating:***@127.0.0.1:{pg.port}/appdb"
     assert lines[0].startswith(f"error: PostgreSQL at {where} refused: "), lines[0]
     assert lines[0].endswith('FATAL:  password authentication failed for user "rotating"'), lines[0]
+
+
+def test_a_redis_password_changed_while_consuming_fails_fast_with_the_reason(
+    rs: RedisServer, good: dict[str, str], tmp_path: Path
+) -> None:
+    """Redis refuses the consumer's new connections for good (its user's password was
+    changed): one line with Redis's reason, exit 2, no traceback, not a retry forever."""
+    admin = redis.Redis.from_url(rs.url)
+    admin.acl_setuser("rotating", enabled=True, passwords=["+before"], keys=["*"], commands=["+@all"])
+    own_stream = f"fp_start_{uuid.uuid4().hex[:8]}"
+    rotating = {
+        **good,
+        "REDIS_URL": f"redis://rotating:before@127.0.0.1:{rs.port}/0",
+        "STREAM_NAME": own_stream,
+    }
+    proc = consume(rotating, tmp_path)
+    assert proc.stderr is not None
+    (Path(good["LOCAL_STORAGE_DIR"]) / "b.txt").write_text("b")
+    admin.xadd(own_stream, {"file_id": str(uuid.uuid4()), "filename": "b.txt", "key": "b.txt"})
+    deadline = time.monotonic() + 30
+    while not consumed(admin, own_stream):
+        assert time.monotonic() < deadline, "the first event was not consumed"
+        time.sleep(0.1)
+    admin.acl_setuser("rotating", reset_passwords=True, passwords=["+after"])
+    admin.client_kill_filter(user="rotating")
+    out, err = proc.communicate(timeout=90)
+    admin.close()
+    assert "Traceback" not in err + out, err
+    assert proc.returncode == 2, err
+    lines = errors(err)
+    assert len(lines) == 1, err
+    where = f"redis://rotating:***@127.0.0.1:{rs.port}/0"
+    assert lines[0].startswith(f"error: Redis at {where} refused: "), lines[0]
+    assert "invalid username-password pair" in lines[0], lines[0]
+
+
+def consumed(r: redis.Redis, stream: str) -> bool:
+    """Whether the group has read the stream's entries and acknowledged them all."""
+    groups = r.xinfo_groups(stream) if r.exists(stream) else []
+    return bool(groups) and groups[0]["lag"] == 0 and groups[0]["pending"] == 0

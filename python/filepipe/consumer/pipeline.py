@@ -19,7 +19,15 @@ from ..errors import ConfigError, DatabaseError, SchemaError
 from ..partitions import partitions
 from ..redaction import error_line
 from ..retention import Housekeeper
-from ..retry import Abandoned, Backoff, Outage, is_transient_pg, is_transient_redis, permanent_pg
+from ..retry import (
+    Abandoned,
+    Backoff,
+    Outage,
+    is_transient_pg,
+    is_transient_redis,
+    permanent_pg,
+    permanent_redis,
+)
 from ..storage import Storage
 from ..stream import DeadLetter, ReadSize
 from .ack import Ack
@@ -207,7 +215,17 @@ class Consumer:
         return self.load.table_refusal()
 
     def run(self) -> Stats:
-        """Consumes until stopped (or drained). Returns the totals."""
+        """Consumes until stopped (or drained). Returns the totals. A refusal of Redis's
+        that waiting will not fix, at the start or later (a password changed, a user
+        disabled, a command the ACL now denies), is a ConfigError with its reason: exit 2."""
+        try:
+            return self._run()
+        except (redis.RedisError, RedisClusterException) as e:
+            if permanent_redis(e):
+                raise redis_refused(self.settings, e) from e
+            raise
+
+    def _run(self) -> Stats:
         life = self.life
         started = False
         try:
@@ -278,7 +296,7 @@ class Consumer:
             )
             raise
         except (redis.RedisError, RedisClusterException) as e:
-            raise ConfigError(f"Redis at {mask_url(url)} refused: {error_line(e)}") from e
+            raise redis_refused(self.settings, e) from e
         except psycopg.Error as e:
             if permanent_pg(e):
                 raise pg_refused(self.settings, e) from e
@@ -327,3 +345,8 @@ class Consumer:
         # Committed: only the ids and dead letters are needed from here on.
         p.release()
         self.acking.put((p, inserted, row_dead), lambda: self.life.abandon.is_set())
+
+
+def redis_refused(settings: Settings, e: BaseException) -> ConfigError:
+    """The error of a Redis that refuses this consumer for good (`retry.permanent_redis`)."""
+    return ConfigError(f"Redis at {mask_url(settings.redis_url)} refused: {error_line(e)}")
