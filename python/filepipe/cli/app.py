@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import __version__
 from ..errors import ConfigError, FilepipeError
 from ..redaction import SafeFormatter, printable, scrub
 
@@ -150,7 +149,7 @@ def line_writer(log_format: str) -> Callable[[str], None]:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import _native
+        from .. import __version__, _native  # (importlib.metadata: only when asked)
 
         typer.echo(f"filepipe {__version__} (extension {_native.__version__})")
         raise typer.Exit()

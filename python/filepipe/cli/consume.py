@@ -104,6 +104,7 @@ def consume(
         for name in metrics_names:
             worker_args += ["--metrics-allowed-host", name]
         supervisor = Supervisor(s, processes, drain=drain, worker_args=worker_args, metrics_port=metrics_port)
+        gc.enable()  # (off while `python -m filepipe consume` starts: see filepipe.__main__)
         raise typer.Exit(supervisor.run())
     from ..consumer import Consumer
 
@@ -136,10 +137,12 @@ def consume(
         serve_metrics(metrics_port, metrics_host, consumer=consumer, allowed_hosts=metrics_names)
     # What the hot path allocates dies with its batch; collecting every 700 new objects
     # walked the batches in flight and took a fifth of the CPU (python -m benches.profile).
-    # Cycles are still collected, less often; what start-up made is left out of it.
+    # Cycles are still collected, less often; what start-up made is left out of it (the
+    # collector is off while `python -m filepipe consume` starts: see filepipe.__main__).
     threshold = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    gc.enable()
     try:
         stats = consumer.run()
     finally:

@@ -306,10 +306,14 @@ class Consumer:
         """Refuses a table that is missing or that this version cannot load (SchemaError: one
         line naming `filepipe init-db`, exit 2)."""
         table = self.settings.table
-        with db.connect(self.settings) as conn:
-            if db.read_layout(conn, table) is None:
-                raise SchemaError(f"table {table} does not exist: run `filepipe init-db` first")
-            db.check_layout(conn, table)
+        # Autocommit: the one catalog query is all (no BEGIN and COMMIT round trips).
+        with db.connect(self.settings, autocommit=True) as conn:
+            layout = db.read_layout(conn, table, compression=False)
+        if layout is None:
+            raise SchemaError(f"table {table} does not exist: run `filepipe init-db` first")
+        problem = layout.problem(table)
+        if problem:
+            raise SchemaError(problem)
         self.load.loader.layout_checked()  # the first load need not check it again
 
     def _busy(self) -> bool:

@@ -113,23 +113,21 @@ class Reader:
                 self._wait_idle()
                 if not life.running:
                     return
-                mine = self.redis_read(
-                    lambda: [stream.pending_count(self.redis, p.stream, s.group, self.name) for p in parts]
+                # (The group's and this consumer's, in one round trip per stream.)
+                counts = self.redis_read(
+                    lambda: [stream.pending_counts(self.redis, p.stream, s.group, self.name) for p in parts]
                 )
-                if mine is None:
+                if counts is None:
                     continue
-                if any(mine):
-                    history = {i: b"0" for i, n in enumerate(mine) if n}
+                if any(mine for _, mine in counts):
+                    history = {i: b"0" for i, (_, mine) in enumerate(counts) if mine}
                     continue
-                if self._reclaim_all():
-                    continue
+                if not any(group for group, _ in counts):
+                    return
                 # Entries still pending elsewhere belong to a live consumer (wait for it) or
                 # to a dead one (reclaimed once idle long enough).
-                group_pending = self.redis_read(
-                    lambda: sum(stream.pending_count(self.redis, p.stream, s.group) for p in parts)
-                )
-                if group_pending == 0:
-                    return
+                if self._reclaim_all():
+                    continue
                 life.stopping.wait(0.2)
 
     def _wait_idle(self) -> None:

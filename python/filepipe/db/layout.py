@@ -38,50 +38,53 @@ class Layout:
         return None
 
 
-_PRIMARY_KEY_SQL = """
-SELECT c.conname, a.attname
-FROM pg_constraint c
-JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n) ON true
-JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-WHERE c.conrelid = %s::regclass AND c.contype = 'p'
-ORDER BY k.n
+# The table, its columns and its primary key (in key order), and whether TimescaleDB is
+# installed: one round trip. (TimescaleDB's own views exist only where it is installed, so
+# whether compression is enabled is a second query, there only.)
+_LAYOUT_SQL = """
+SELECT t.oid,
+  ARRAY(SELECT attname::text FROM pg_attribute
+        WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped),
+  (SELECT conname::text FROM pg_constraint WHERE conrelid = t.oid AND contype = 'p'),
+  ARRAY(SELECT a.attname::text
+        FROM pg_constraint c
+        JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n) ON true
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+        WHERE c.conrelid = t.oid AND c.contype = 'p'
+        ORDER BY k.n),
+  EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+FROM (SELECT to_regclass(%s)::oid AS oid) t
 """
 
 
-def read_layout(conn: psycopg.Connection[Any], table: str) -> Layout | None:
-    """The table's columns and primary key, or None if there is no such table."""
-    row = conn.execute("SELECT to_regclass(%s)::oid", (table,)).fetchone()
+def read_layout(conn: psycopg.Connection[Any], table: str, *, compression: bool = True) -> Layout | None:
+    """The table's columns and primary key, or None if there is no such table. One round
+    trip; with `compression` (whether a hypertable compresses its chunks), a second one
+    where TimescaleDB is installed (`compression` False: reported as False)."""
+    row = conn.execute(_LAYOUT_SQL, (table,)).fetchone()
     if row is None or row[0] is None:
         return None
-    oid = row[0]
-    columns = frozenset(
-        name
-        for (name,) in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
-            (oid,),
-        )
-    )
-    key = conn.execute(_PRIMARY_KEY_SQL, (oid,)).fetchall()
-    compression = False
-    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+    oid, columns, key_name, key, timescaledb = row
+    compressed = False
+    if compression and timescaledb:
         found = conn.execute(
             "SELECT compression_enabled FROM timescaledb_information.hypertables "
             "WHERE format('%%I.%%I', hypertable_schema, hypertable_name)::regclass = %s::regclass",
             (oid,),
         ).fetchone()
-        compression = bool(found and found[0])
+        compressed = bool(found and found[0])
     return Layout(
-        columns=columns,
-        primary_key=tuple(name for _, name in key),
-        primary_key_name=key[0][0] if key else None,
-        compression=compression,
+        columns=frozenset(columns),
+        primary_key=tuple(key),
+        primary_key_name=key_name,
+        compression=compressed,
     )
 
 
 def check_layout(conn: psycopg.Connection[Any], table: str) -> None:
     """Raises SchemaError (one line naming `filepipe init-db`) if the table exists with a
     layout this version cannot load; a missing table is reported at the first load."""
-    layout = read_layout(conn, table)
+    layout = read_layout(conn, table, compression=False)
     problem = layout.problem(table) if layout is not None else None
     if problem:
         raise SchemaError(problem)

@@ -22,7 +22,16 @@ from .dead import (
     dead_letter_fields,
     excerpt,
 )
-from .group import ensure_group, group_info, group_row, id_key, note_recreated, pending_count, still_pending
+from .group import (
+    ensure_group,
+    group_info,
+    group_row,
+    id_key,
+    note_recreated,
+    pending_count,
+    pending_counts,
+    still_pending,
+)
 from .heartbeats import set_heartbeats
 from .read import (
     Entries,
@@ -63,6 +72,7 @@ __all__ = [
     "is_cluster",
     "note_recreated",
     "pending_count",
+    "pending_counts",
     "read_new",
     "read_own_pending",
     "read_pages",

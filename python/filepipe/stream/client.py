@@ -41,6 +41,7 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
         "retry": Retry(NoBackoff(), retries=0),
         "retry_on_timeout": False,
         "client_name": "filepipe",
+        **_HANDSHAKE,
     }
     scheme = urlsplit(settings.redis_url).scheme
     if scheme in _CONNECTIONS and not settings.redis_cluster:
@@ -59,6 +60,30 @@ def connect(settings: Settings, *, socket_timeout: float | None = None) -> redis
     # lists the server sends: turning each entry into a dict first would be wasted work.
     client.set_response_callback("XREADGROUP", _raw_reply)
     return client
+
+
+def _handshake() -> dict[str, Any]:
+    """Options that leave out round trips redis-py makes on every new connection, before its
+    first command, for what filepipe does not use: CLIENT SETINFO (two), and from redis-py 7
+    the CLIENT MAINT_NOTIFICATIONS handshake (notices of a managed service's planned
+    maintenance, which filepipe's own backoff waits out like any outage)."""
+    options: dict[str, Any] = {}
+    try:
+        from redis.driver_info import DriverInfo  # noqa: F401 (redis-py 7.1+)
+
+        options["driver_info"] = None
+    except ImportError:
+        options["lib_name"] = options["lib_version"] = None
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    except ImportError:
+        pass
+    return options
+
+
+_HANDSHAKE = _handshake()
 
 
 def _raw_reply(response: Any, **_options: Any) -> Any:

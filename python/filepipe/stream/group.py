@@ -76,6 +76,13 @@ def pending_count(r: redis.Redis, stream: str, group: str, consumer: str | None 
     return 0
 
 
+def pending_counts(r: redis.Redis, stream: str, group: str, consumer: str) -> tuple[int, int]:
+    """Entries delivered and not acknowledged: the group's and `consumer`'s, in one round trip."""
+    summary = r.xpending(stream, group)
+    mine = next((row for row in summary.get("consumers") or [] if reply_text(row["name"]) == consumer), None)
+    return int(summary["pending"]), int(mine["pending"]) if mine else 0
+
+
 def group_info(r: redis.Redis, stream: str, group: str) -> dict[str, Any] | None:
     """The group's row of XINFO GROUPS (name, consumers, pending, last-delivered-id, and on
     Redis 7 entries-read and lag), None when the stream has no such group."""

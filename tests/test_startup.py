@@ -1,0 +1,135 @@
+"""What `filepipe consume` does before and after it reads: the round trips of its start
+checks and of a drain that finds nothing, and the garbage collector it starts without."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import pq
+from tests.conftest import Env
+
+from filepipe import stream
+from filepipe.db.layout import read_layout
+from filepipe.embedded import RedisServer
+
+
+def command_env(env: Env, **extra: str) -> dict[str, str]:
+    s = env.settings
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))
+    }
+    base.update(
+        {
+            "REDIS_URL": s.redis_url,
+            "PG_URI": s.pg_uri,
+            "STREAM_NAME": s.stream,
+            "FILEPIPE_TABLE": s.table,
+            "LOCAL_STORAGE_DIR": str(env.storage),
+        }
+    )
+    base.update(extra)
+    return base
+
+
+def commands_run(r: redis.Redis) -> dict[str, int]:
+    """Calls per command since the server started (`INFO commandstats`), INFO aside."""
+    stats: dict[str, Any] = r.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items() if name != "cmdstat_info"
+    }
+
+
+def test_an_empty_drain_makes_only_the_round_trips_it_needs(env: Env) -> None:
+    """A new connection says HELLO and its name, nothing redis-py would add for itself
+    (CLIENT SETINFO twice, CLIENT MAINT_NOTIFICATIONS); a drain that finds nothing asks
+    once what is pending (the group's and its own, one XPENDING) and claims once."""
+    with RedisServer() as server:
+        done = subprocess.run(
+            [sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
+            env=command_env(env, REDIS_URL=server.url),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        # (Read on a connection of filepipe's own: its handshake is counted too.)
+        r = stream.connect(env.settings_with(redis_url=server.url))
+        calls = commands_run(r)
+        # A server that does not know a command counts it as an error, not a call (a
+        # script run by its digest before it was loaded is NOSCRIPT, and is loaded).
+        refused = {k: v for k, v in r.info("errorstats").items() if k != "errorstat_NOSCRIPT"}
+    assert "client|setinfo" not in calls, sorted(calls.items())
+    assert "client|maint_notifications" not in calls, sorted(calls.items())
+    assert refused == {}, refused
+    assert calls["hello"] == calls["client|setname"], calls  # once per connection
+    assert calls["xpending"] == 1, calls
+    assert calls["xautoclaim"] == 1, calls
+
+
+def round_trips(conn: psycopg.Connection[Any], fn: Any) -> tuple[Any, int]:
+    """`fn()`'s result, and how many times the server said it was ready for the next query
+    meanwhile (libpq's trace of the messages): its round trips."""
+    with tempfile.TemporaryFile() as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            result = fn()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        lines = trace.read().decode(errors="replace").splitlines()
+    return result, sum(1 for line in lines if line.startswith("B") and "ReadyForQuery" in line)
+
+
+def test_the_start_check_reads_the_table_layout_in_one_round_trip(env: Env) -> None:
+    table = env.settings.table
+    with psycopg.connect(env.pg_uri, autocommit=True) as conn:
+        layout, trips = round_trips(conn, lambda: read_layout(conn, table, compression=False))
+        missing, missing_trips = round_trips(
+            conn, lambda: read_layout(conn, f"{table}_none", compression=False)
+        )
+    assert trips == 1 and missing_trips == 1
+    assert layout is not None and layout.problem(table) is None
+    assert layout.primary_key == ("stream", "stream_id", "event_time")
+    assert layout.primary_key_name is not None
+    assert missing is None
+
+
+def test_consume_starts_without_the_collector_and_consumes_with_it(env: Env) -> None:
+    """`python -m filepipe consume` starts with the cyclic garbage collector off (what
+    start-up makes is kept for good) and turns it on to consume: a long run must not keep
+    every cycle it makes."""
+    code = (
+        "import gc, sys\n"
+        "from filepipe.__main__ import main\n"
+        "from filepipe.consumer import pipeline\n"
+        "init, run = pipeline.Consumer.__init__, pipeline.Consumer.run\n"
+        "def observed_init(self, *args, **kwargs):\n"
+        "    print('starting, collecting:', gc.isenabled())\n"
+        "    init(self, *args, **kwargs)\n"
+        "def observed_run(self):\n"
+        "    print('consuming, collecting:', gc.isenabled())\n"
+        "    return run(self)\n"
+        "pipeline.Consumer.__init__, pipeline.Consumer.run = observed_init, observed_run\n"
+        "sys.argv = ['filepipe', 'consume', '--drain', '-q']\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=command_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["starting, collecting: False", "consuming, collecting: True"], (
+        done.stdout
+    )
