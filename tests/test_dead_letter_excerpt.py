@@ -84,3 +84,16 @@ def test_many_large_values_stop_at_the_byte_bound() -> None:
 def test_an_entry_field_named_like_the_marker_is_the_entrys() -> None:
     own, added = split(DeadLetter(b"1-0", {**CONTRACT, b"truncated": b"mine"}, "missing", "gone"))
     assert TRUNCATED_FIELD not in added and own[-1] == (b"truncated", b"mine")
+
+
+def test_the_bounds_follow_the_consumers_caps() -> None:
+    """With the caps raised, what they admit is kept whole; what is over them, an excerpt
+    within them."""
+    fields = {**CONTRACT, **{b"a%d" % i: b"v" * 600 for i in range(4_997)}}
+    assert excerpt(fields) != (fields, None)
+    kept, truncated = excerpt(fields, 5_000, 4 << 20)
+    assert kept is fields and truncated is None
+    kept, truncated = excerpt(fields, 3_000, 4 << 20)
+    assert truncated is not None and len(kept) == 3_000 and list(kept)[:3] == list(CONTRACT)
+    kept, truncated = excerpt(fields, 5_000, 1 << 20)
+    assert truncated is not None and size(kept) <= 1 << 20 < size(fields)

@@ -19,6 +19,7 @@ from tests.conftest import Env
 from tests.support.workload import consumer_env, start_consumer
 
 from filepipe import dlq, stream
+from filepipe.embedded import RedisServer
 from filepipe.stream import DeadLetter
 
 RAW_RANGE = "return redis.call('XRANGE', KEYS[1], '-', '+')"
@@ -188,6 +189,84 @@ def test_an_unreplayable_dead_letter_does_not_stop_the_others(env: Env, r: Any, 
     ]
     left = [d.fields[b"source_id"] for d in dlq.scan(r, s.dead_stream)]
     assert left == [deleted, wide, b"1-2"] and old not in [d.id for d in dlq.scan(r, s.dead_stream)]
+
+
+@pytest.mark.parametrize("width", [3_000, 20_000])
+def test_an_entry_the_raised_caps_admit_is_dead_lettered_whole_and_replayed(
+    env: Env, tmp_path: Path, width: int
+) -> None:
+    """With FILEPIPE_MAX_ENTRY_FIELDS / FILEPIPE_MAX_ENTRY_BYTES raised, an entry over the
+    default caps (3,000 fields and 2.4 MiB; 20,000 fields, past what one Lua call takes) is
+    admitted, names a file that is not there, and is dead-lettered whole: acknowledged,
+    then replayed byte for byte."""
+    s = env.settings
+    flat = [b"file_id", str(uuid.uuid4()).encode(), b"filename", b"gone.txt", b"key", b"gone.txt"]
+    for i in range(width - 3):
+        flat += [b"attr_%d" % i, b"%d:" % i + b"x" * (2_400_000 // width)]
+    env.redis.execute_command("XADD", s.stream, "*", *flat)
+    stats = env.drain(max_entry_fields=50_000, max_entry_bytes=8 << 20)
+    assert stats.dead_lettered == 1 and env.pending() == 0
+    ((_, letter),) = raw_entries(env.redis, s.dead_stream)
+    added = dict(zip(letter[2 * width + 2 :: 2], letter[2 * width + 3 :: 2], strict=True))
+    assert letter[2 * width : 2 * width + 2] == [b"original_fields", str(width).encode()]
+    assert added[b"reason"] == b"missing" and b"truncated" not in added and b"fields_dropped" not in added
+    env.redis.delete(s.stream)
+    result = dlq_command(env, tmp_path, "replay")
+    assert result.returncode == 0, result.stderr
+    ((_, replayed),) = raw_entries(env.redis, s.stream)
+    assert replayed == flat and env.redis.xlen(s.dead_stream) == 0
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_dead_letter_too_wide_for_the_script_waits_while_redis_refuses_writes(env: Env, fault: str) -> None:
+    """Written in a transaction of its own, a 10,000-field dead letter is held back by a
+    full Redis (its entry stays pending, the other entries are acknowledged) and raises on
+    a replica, as the script does; once Redis takes writes, it is written once, whole."""
+    from tests.test_faults_redis import FAULTS
+
+    start, end, _ = FAULTS[fault]
+    s = env.settings
+    wide = {b"file_id": b"w", **{b"f%d" % i: b"v" for i in range(9_999)}}
+    with RedisServer(extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        r = redis.Redis.from_url(server.url)
+        try:
+            stream.ensure_group(r, s.stream, s.group)
+            wide_id = r.execute_command("XADD", s.stream, "*", *[x for kv in wide.items() for x in kv])
+            other = r.xadd(s.stream, {"file_id": "o"})
+            stream.read_new(r, s.stream, s.group, "c", 10, 0)
+            letter = DeadLetter(wide_id, wide, "missing", "gone")
+
+            def ack() -> stream.AckResult:
+                return stream.ack(
+                    r,
+                    s.stream,
+                    s.group,
+                    [wide_id, other],
+                    [letter],
+                    dead_stream=s.dead_stream,
+                    consumer="c",
+                    max_fields=20_000,
+                    max_bytes=1 << 20,
+                )
+
+            start(r)
+            if fault == "full":
+                held = ack()
+                assert held.held == [letter] and held.acked == 1 and held.refusal.startswith("OOM ")
+            else:
+                with pytest.raises(redis.exceptions.ReadOnlyError):
+                    ack()
+            assert r.xlen(s.dead_stream) == 0 and r.xpending(s.stream, s.group)["pending"] == (
+                1 if fault == "full" else 2
+            )
+            end(r)
+            done = ack()
+            assert done.written == [letter] and done.acked == (1 if fault == "full" else 2)
+            assert ack().acked == 0 and r.xlen(s.dead_stream) == 1
+            ((_, flat),) = raw_entries(r, s.dead_stream)
+            assert flat[: 2 * len(wide)] == [x for kv in wide.items() for x in kv]
+        finally:
+            r.close()
 
 
 def test_dlq_list_and_the_log_escape_what_an_entry_holds(env: Env, tmp_path: Path) -> None:

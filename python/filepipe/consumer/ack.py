@@ -126,7 +126,8 @@ class Ack:
         while True:
             try:
                 result = metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, part.stream, s.group, ids,
-                                       dead, dead_stream=part.dead_stream, consumer=self.name)
+                                       dead, dead_stream=part.dead_stream, consumer=self.name,
+                                       max_fields=s.max_entry_fields, max_bytes=s.max_entry_bytes)
                 self.backoff.succeeded()
                 done.add(result)
                 return done

@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from .. import constants as c
 from ..constants import dead_letter_ids_key
 from .client import reply_text
 from .dead import DeadLetter, dead_letter_fields
@@ -43,6 +44,8 @@ def ack(
     *,
     dead_stream: str,
     consumer: str,
+    max_fields: int = c.DEAD_LETTER_MAX_FIELDS,
+    max_bytes: int = c.DEAD_LETTER_MAX_BYTES,
 ) -> AckResult:
     """Writes the dead letters and acknowledges `ids` (which include theirs) in one
     atomic script: either all of it happens or none of it, so a crash cannot lose a
@@ -55,24 +58,42 @@ def ack(
     A full Redis (`maxmemory`) refuses the dead letters but not the acknowledgements:
     the entries without a dead letter are acknowledged, those with one are held back
     (`AckResult.held`), unacknowledged, to be tried again. Any other refusal (a
-    read-only replica, MISCONF) raises before anything is written."""
+    read-only replica, MISCONF) raises before anything is written.
+
+    A dead letter keeps its entry whole when the entry is within `max_fields` and
+    `max_bytes` (the consumer's caps: every entry it admitted), or within the default caps
+    when those are larger; an excerpt otherwise. One with more fields than a Lua call takes
+    is written before the script, in a transaction of its own (`_write_wide`)."""
     dead = list(dead)
     if not ids and not dead:
         return AckResult()
-    args: list[Any] = [group, len(dead)]
-    for d in dead:
-        # Lua's unpack() has a limit: as many of the entry's fields as fit under it.
-        items = [x for kv in dead_letter_fields(d, consumer, _MAX_DEAD_ITEMS) for x in kv]
+    max_fields, max_bytes = max(max_fields, c.DEAD_LETTER_MAX_FIELDS), max(max_bytes, c.DEAD_LETTER_MAX_BYTES)
+    keys = (stream, dead_stream, dead_letter_ids_key(stream))
+    letters = [
+        (d, [x for kv in dead_letter_fields(d, consumer, max_fields, max_bytes) for x in kv]) for d in dead
+    ]
+    wide: dict[bytes, str] = {}
+    full = ""  # Redis's refusal of a wide dead letter: the next ones are held back too
+    for d, items in letters:
+        if len(items) > _MAX_DEAD_ITEMS:
+            wide[d.source_id], full = ("h", full) if full else _write_wide(r, keys, group, consumer, d, items)
+    if wide:
+        # Held back or handled by another consumer now: not acknowledged by this run.
+        ids = [i for i in ids if wide.get(i) not in ("h", "o")]
+    narrow = [(d, items) for d, items in letters if d.source_id not in wide]
+    args: list[Any] = [group, len(narrow)]
+    for d, items in narrow:
         args += [d.source_id, len(items), *items]
     args += list(ids)
-    keys = (stream, dead_stream, dead_letter_ids_key(stream))
     try:
         reply = r.evalsha(_ACK_SHA, len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:
         reply = r.eval(_ACK_SCRIPT, len(keys), *keys, *args)
     acked, outcomes, refusal = reply
-    result = AckResult(acked=int(acked), refusal=reply_text(refusal))
-    for d, outcome in zip(dead, reply_text(outcomes), strict=True):
+    result = AckResult(acked=int(acked), refusal=reply_text(refusal) or full)
+    replies = iter(reply_text(outcomes))
+    for d in dead:
+        outcome = wide[d.source_id] if d.source_id in wide else next(replies)
         if outcome == "w":
             result.written.append(d)
         elif outcome == "h":
@@ -82,7 +103,67 @@ def ack(
     return result
 
 
+# Lua's unpack() returns at most about 8,000 values: a dead letter of more items is
+# written by `_write_wide`.
 _MAX_DEAD_ITEMS = 6000
+
+
+def _write_wide(
+    r: redis.Redis, keys: tuple[str, str, str], group: str, consumer: str, d: DeadLetter, items: list[bytes]
+) -> tuple[str, str]:
+    """Writes one dead letter too wide for the script: what the script would reply for it
+    (w written, d dead-lettered before, p no longer pending, h held back: Redis is full),
+    or o: another consumer has claimed its entry since, and will see to it; and Redis's
+    refusal when it held it back.
+
+    The dead letter and its id's mark go in one MULTI/EXEC, so a crash leaves both or
+    neither; the entry, still pending, is then acknowledged by the script, which finds the
+    mark. The checks run under WATCH of the marks: a dead letter another consumer writes
+    meanwhile makes the transaction fail, and the checks run again."""
+    stream, dead, marks = keys
+    member = _mark(d.source_id)
+    while True:
+        with r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(marks)  # type: ignore[no-untyped-call]
+                pending = pipe.xpending_range(stream, group, min=d.source_id, max=d.source_id, count=1)
+                if not pending:
+                    return "p", ""
+                if pipe.zscore(marks, member) is not None:
+                    return "d", ""
+                owner = pending[0]["consumer"]
+                if (owner.decode() if isinstance(owner, bytes) else owner) != consumer:
+                    return "o", ""
+                pipe.multi()
+                pipe.execute_command("XADD", dead, "*", *items)  # type: ignore[no-untyped-call]
+                pipe.zadd(marks, {member: 0})
+                pipe.execute()
+                return "w", ""
+            except redis.WatchError:
+                continue
+            except redis.ResponseError as e:
+                _unannotated(e)
+                text = str(e)
+                if isinstance(e, redis.exceptions.OutOfMemoryError) or text.startswith("OOM "):
+                    # redis-py drops the code of the replies it has a class for.
+                    return "h", text if text.startswith("OOM ") else f"OOM {text}"
+                raise
+
+
+def _mark(entry_id: bytes) -> bytes:
+    """An entry id as a member of the marks: zero-padded, as the script's `mark`."""
+    ms, _, seq = entry_id.partition(b"-")
+    return ms.rjust(20, b"0") + b"-" + seq.rjust(20, b"0")
+
+
+def _unannotated(e: redis.ResponseError) -> None:
+    """Gives a refused command of a transaction the server's own reply back (redis-py
+    puts the command before it), which is what names the refusal (`retry.redis_refusal`)."""
+    text = str(e)
+    _, sep, reply = text.partition(" of pipeline caused error: ")
+    if sep:
+        e.args = (reply, *e.args[1:])
+
 
 # KEYS: stream, dead-letter stream, the stream's dead-letter ids (a sorted set).
 # ARGV: group, number of dead letters, then for each one its source id, the number of

@@ -40,8 +40,8 @@ class DeadLetter:
 # `reason`, `orig_x`, `original_fields`), its fields come back byte for byte; a reader by
 # name (a dict of the fields) sees the added values, which come last.
 ORIGINAL_FIELDS = b"original_fields"
-# Added when a dead letter could not keep every field of its entry: such a dead letter
-# cannot be replayed faithfully.
+# Added by consumers before this version when a dead letter could not keep every field
+# of its entry: such a dead letter cannot be replayed faithfully.
 FIELDS_DROPPED = b"fields_dropped"
 # Added after `source_id` when a dead letter holds an excerpt of its entry, not the entry
 # itself: a JSON object saying what was cut (see `excerpt`). Such a dead letter cannot be
@@ -65,14 +65,16 @@ _CUT_NAME_CHARS = 64
 
 
 def dead_letter_fields(
-    d: DeadLetter, consumer: str, max_items: int | None = None
+    d: DeadLetter,
+    consumer: str,
+    max_fields: int = c.DEAD_LETTER_MAX_FIELDS,
+    max_bytes: int = c.DEAD_LETTER_MAX_BYTES,
 ) -> list[tuple[bytes, bytes]]:
     """The dead letter's fields: the entry's own, then `original_fields`, error, reason,
-    consumer, deliveries and source_id. Of an entry larger than a dead letter holds whole,
-    an excerpt of its fields, and `truncated` (see `excerpt`). With `max_items`
-    (names and values counted apart), only as many of the entry's fields as fit are kept,
-    and `fields_dropped` says how many were not."""
-    kept, truncated = excerpt(d.fields)
+    consumer, deliveries and source_id. Of an entry over `max_fields` fields or
+    `max_bytes` bytes (the consumer's caps on entries), an excerpt of its fields, and
+    `truncated` (see `excerpt`)."""
+    kept, truncated = excerpt(d.fields, max_fields, max_bytes)
     original = list(kept.items())
     added = [
         (b"error", d.error.encode()),
@@ -83,43 +85,41 @@ def dead_letter_fields(
     ]
     if truncated is not None:
         added.append((TRUNCATED_FIELD, truncated))
-    dropped = 0
-    if max_items is not None and 2 * (len(original) + len(added) + 1) > max_items:
-        keep = max(0, max_items // 2 - len(added) - 2)
-        dropped = len(original) - keep
-        original = original[:keep]
-    out = [*original, (ORIGINAL_FIELDS, str(len(original)).encode()), *added]
-    if dropped:
-        out.append((FIELDS_DROPPED, str(dropped).encode()))
-    return out
+    return [*original, (ORIGINAL_FIELDS, str(len(original)).encode()), *added]
 
 
-def excerpt(fields: Fields) -> tuple[Fields, bytes | None]:
+def excerpt(
+    fields: Fields,
+    max_fields: int = c.DEAD_LETTER_MAX_FIELDS,
+    max_bytes: int = c.DEAD_LETTER_MAX_BYTES,
+) -> tuple[Fields, bytes | None]:
     """The fields a dead letter keeps of an entry, and the value of its `truncated` field
     (None: the entry is kept whole).
 
-    An entry of at most DEAD_LETTER_MAX_FIELDS fields and DEAD_LETTER_MAX_BYTES bytes (the
-    default caps on entries) is kept whole. A larger one is excerpted, so that one hostile
-    entry cannot double its memory in the dead-letter stream: the contract's fields first,
-    then the others in entry order, each name or value longer than DEAD_LETTER_EXCERPT_BYTES
-    cut to its first bytes and marked `…(cut: <size> bytes)`, until either bound is reached.
+    An entry of at most `max_fields` fields and `max_bytes` bytes of names and values is
+    kept whole: given the consumer's caps on entries (FILEPIPE_MAX_ENTRY_FIELDS and
+    FILEPIPE_MAX_ENTRY_BYTES, which also count the id), every entry the consumer admitted.
+    A larger one is excerpted, so that one hostile entry cannot double its memory in the
+    dead-letter stream: the contract's fields first, then the others in entry order, each
+    name or value longer than DEAD_LETTER_EXCERPT_BYTES cut to its first bytes and marked
+    `…(cut: <size> bytes)`, until either bound is reached.
     `truncated` is a JSON object: the entry's `fields` and `bytes`, how many fields were
     `kept`, and `cut`: [name, original size] of the first values (or names) cut."""
     count = len(fields)
     size = sum(len(k) + len(v) for k, v in fields.items())
-    if count <= c.DEAD_LETTER_MAX_FIELDS and size <= c.DEAD_LETTER_MAX_BYTES:
+    if count <= max_fields and size <= max_bytes:
         return fields, None
     first = [k for k in _CONTRACT_FIELDS if k in fields]
     # Only as many of the other fields are looked at as can be kept.
     others = (k for k in fields if k not in _CONTRACT_FIELDS)
-    names = [*first, *itertools.islice(others, c.DEAD_LETTER_MAX_FIELDS - len(first))]
+    names = [*first, *itertools.islice(others, max(0, max_fields - len(first)))]
     kept: Fields = {}
     cut: list[tuple[str, int]] = []
     used = cut_count = 0
     for name in names:
         value = fields[name]
         short_name, short_value = _cut(name), _cut(value)
-        if used + len(short_name) + len(short_value) > c.DEAD_LETTER_MAX_BYTES:
+        if used + len(short_name) + len(short_value) > max_bytes:
             break
         kept[short_name] = short_value
         used += len(short_name) + len(short_value)
