@@ -218,6 +218,39 @@ def test_not_ready_while_redis_is_full(env: Env) -> None:
                 client.close()
 
 
+@pytest.mark.parametrize(
+    ("fault", "says"),
+    [
+        ("read-only", "Redis is a read only replica (of 127.0.0.1:"),
+        ("misconf", "Redis refuses writes (MISCONF): its last RDB snapshot failed"),
+    ],
+)
+def test_not_ready_while_redis_refuses_writes(env: Env, fault: str, says: str) -> None:
+    """A replica (as during a failover) and a Redis whose last snapshot failed answer PING
+    and reads but refuse every write: not ready, with the reason status gives, until they
+    take writes again."""
+    from tests.test_faults_redis import FAULTS
+
+    start, end, _ = FAULTS[fault]
+    with RedisServer(extra_args=["--enable-protected-configs", "yes"]) as server:
+        refusing = env.settings_with(redis_url=server.url)
+        with serve_metrics(0, settings=refusing) as metrics_server:
+            readyz = f"http://127.0.0.1:{metrics_server.port}/readyz"
+            assert httpx.get(readyz, timeout=10).status_code == 200
+            client = redis.Redis.from_url(server.url)
+            try:
+                start(client)
+                ready = wait_for(
+                    lambda: (r := httpx.get(readyz, timeout=10)).status_code == 503 and r,
+                    what="/readyz to answer 503",
+                )
+                assert ready.json()["checks"]["redis"].startswith(says), ready.text
+                end(client)
+                wait_for(lambda: httpx.get(readyz, timeout=10).status_code == 200, what="ready again")
+            finally:
+                client.close()
+
+
 def test_the_metrics_server_answers_only_its_own_names(env: Env) -> None:
     """A page served as evil.example that resolves to this host (DNS rebinding) gets
     nothing; Prometheus scraping by address, a loopback name or a given name does."""

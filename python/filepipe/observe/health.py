@@ -152,7 +152,8 @@ def readiness(checks: dict[str, str | None]) -> tuple[bool, dict[str, Any]]:
 
 class ServiceProbe:
     """Checks that Redis answers and takes writes (not full: maxmemory reached under
-    `noeviction`), and that PostgreSQL answers and has the events table; each on its own
+    `noeviction`; not a read-only replica; no failed snapshot stopping writes), and that
+    PostgreSQL answers and has the events table; each on its own
     long-lived connection (never the consumer's), with short timeouts. Results are cached
     for `ttl` seconds so frequent probes cost nothing."""
 
@@ -175,10 +176,20 @@ class ServiceProbe:
         return self._redis
 
     def _check_redis(self) -> str | None:
+        from ..retry import redis_refusal
+        from .streams import write_refusal
+
         try:
             r = self.redis()
-            r.ping()
+            try:
+                r.ping()
+            except Exception as e:
+                # A failed snapshot refuses even PING (MISCONF): said as status says it.
+                if redis_refusal(e) is None:
+                    raise
+                return write_refusal(r) or error_line(e)
             m = read_memory(r)
+            refusal = write_refusal(r)
         except Exception as e:
             return error_line(e)
         if m.refuses_writes:
@@ -187,7 +198,7 @@ class ServiceProbe:
                 f"Redis is full ({size(m.used_bytes)} of {size(m.max_bytes)} maxmemory, {m.policy}{node}): "
                 "it refuses new entries and dead letters"
             )
-        return None
+        return refusal or None
 
     def _check_pg(self) -> tuple[str | None, str | None]:
         import psycopg

@@ -60,47 +60,8 @@ class StreamReader:
             ]
         read_heartbeats(self.redis, out.consumers, self.settings.stream)
         out.consumers, out.departed = listed(out.consumers)
-        out.writes_refused = self._write_refusal()
+        out.writes_refused = write_refusal(self.redis)
         return out
-
-    def _write_refusal(self) -> str:
-        """Why Redis takes no write now, from its own state: a replica (as during a
-        failover), or a failed snapshot with `stop-writes-on-bgsave-error` (MISCONF).
-        A full Redis is seen in the consumers' heartbeats, which still get through."""
-        r = self.redis
-        replies = r.info("replication"), r.info("persistence")
-        nodes: list[list[dict[str, Any]]] = []
-        for reply in replies:
-            # A cluster client asks every node: one dict per node.
-            values = list(reply.values()) if "role" not in reply and "loading" not in reply else [reply]
-            nodes.append([v for v in values if isinstance(v, dict)])
-        for info in nodes[0]:
-            if info.get("role") == "slave":
-                master = f"{info.get('master_host')}:{info.get('master_port')}"
-                link = info.get("master_link_status", "down")
-                return (
-                    f"Redis is a read only replica (of {master}, link {link}): it refuses writes "
-                    "(READONLY), and consumers wait for a writable master"
-                )
-        if any(info.get("rdb_last_bgsave_status") == "err" for info in nodes[1]):
-            try:
-                config = r.config_get("stop-writes-on-bgsave-error")
-                config.update(r.config_get("save"))
-            except (redis.RedisError, RedisClusterException):
-                config = {}  # CONFIG is often disabled on managed servers
-            first = next(iter(config.values()), None)
-            if isinstance(first, dict):  # a cluster client: one node's
-                config = first
-            refusing = reply_text(config.get("stop-writes-on-bgsave-error", "")) == "yes" and bool(
-                reply_text(config.get("save", "")).strip()
-            )
-            if refusing or not config:
-                return (
-                    "Redis refuses writes (MISCONF)"
-                    + ("" if refusing else ", if snapshots are on")
-                    + ": its last RDB snapshot failed; consumers wait until one succeeds"
-                )
-        return ""
 
     def _read_partition(self, part: Partition, now_ms: int) -> StreamState:
         r = self.redis
@@ -346,3 +307,43 @@ def dead_stream_name(settings: Settings) -> str:
     if not settings.partitions:
         return settings.dead_stream
     return partition_dead_stream(settings.stream, 0).replace("{0}", "{i}")
+
+
+def write_refusal(r: Any) -> str:
+    """Why Redis takes no write now, from its own state: a replica (as during a
+    failover), or a failed snapshot with `stop-writes-on-bgsave-error` (MISCONF).
+    A full Redis is seen in the consumers' heartbeats, which still get through (and by
+    `/readyz` from its memory). Empty when it takes writes."""
+    replies = r.info("replication"), r.info("persistence")
+    nodes: list[list[dict[str, Any]]] = []
+    for reply in replies:
+        # A cluster client asks every node: one dict per node.
+        values = list(reply.values()) if "role" not in reply and "loading" not in reply else [reply]
+        nodes.append([v for v in values if isinstance(v, dict)])
+    for info in nodes[0]:
+        if info.get("role") == "slave":
+            master = f"{info.get('master_host')}:{info.get('master_port')}"
+            link = info.get("master_link_status", "down")
+            return (
+                f"Redis is a read only replica (of {master}, link {link}): it refuses writes "
+                "(READONLY), and consumers wait for a writable master"
+            )
+    if any(info.get("rdb_last_bgsave_status") == "err" for info in nodes[1]):
+        try:
+            config = r.config_get("stop-writes-on-bgsave-error")
+            config.update(r.config_get("save"))
+        except (redis.RedisError, RedisClusterException):
+            config = {}  # CONFIG is often disabled on managed servers
+        first = next(iter(config.values()), None)
+        if isinstance(first, dict):  # a cluster client: one node's
+            config = first
+        refusing = reply_text(config.get("stop-writes-on-bgsave-error", "")) == "yes" and bool(
+            reply_text(config.get("save", "")).strip()
+        )
+        if refusing or not config:
+            return (
+                "Redis refuses writes (MISCONF)"
+                + ("" if refusing else ", if snapshots are on")
+                + ": its last RDB snapshot failed; consumers wait until one succeeds"
+            )
+    return ""
