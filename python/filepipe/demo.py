@@ -16,9 +16,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import redis
+from redis.exceptions import RedisClusterException
+
 from .config import Settings, load_settings, mask_url
 from .constants import dead_letter_ids_key
+from .errors import FilepipeError, TransientError
 from .observe.text import plural
+from .redaction import error_line
 
 SAMPLE_NAMES = [
     "report {i}.pdf",
@@ -98,6 +103,8 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
     base = load_settings()
     work = Path(tempfile.mkdtemp(prefix="filepipe-demo-"))
     stack = contextlib.ExitStack()
+    left: list[str] = []  # what the cleanup could not remove
+    settings = base
     try:
         redis_url, pg_uri = base.redis_url, base.pg_uri
         env_redis = os.environ.get("REDIS_URL") or _dotenv("REDIS_URL")
@@ -126,6 +133,7 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
         echo(f"  Redis:      {mask_url(settings.redis_url)} (stream {settings.stream})")
         echo(f"  PostgreSQL: {mask_url(settings.pg_uri)} (table {settings.table})")
         echo(f"  Storage:    {settings.local_storage_dir}")
+        _check_redis(settings)
 
         plain = False
         try:
@@ -142,7 +150,7 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
         if env_pg:
             stack.callback(_drop_table, settings)
         if env_redis:
-            stack.callback(_delete_stream, settings)
+            stack.callback(_delete_stream, settings, left)
         echo(f"✓ Table {info.table} ready ({'hypertable' if info.hypertable else 'plain table'})")
 
         samples = store_samples(settings, work / "samples", min(files, MAX_SAMPLE_FILES))
@@ -187,10 +195,12 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
                 "Dashboard: `filepipe dashboard` serves it at http://127.0.0.1:8000/dashboard "
                 "(run the demo on a terminal to keep these servers up and see it)."
             )
+    except (redis.RedisError, RedisClusterException) as e:
+        raise stream_failure(settings, e) from e
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
-        echo("✓ Cleaned up")
+        echo(f"! Cleaned up, except {'; '.join(left)}" if left else "✓ Cleaned up")
 
 
 def store_samples(settings: Settings, directory: Path, count: int) -> list[Sample]:
@@ -346,7 +356,29 @@ def _drop_table(settings: Settings) -> None:
         conn.execute(f"DROP TABLE IF EXISTS {settings.table}")
 
 
-def _delete_stream(settings: Settings) -> None:
+def _check_redis(settings: Settings) -> None:
+    """Fails in one line, before anything is made, when Redis cannot be used."""
+    from . import stream
+
+    r = stream.connect(settings)
+    try:
+        r.ping()
+    finally:
+        r.close()
+
+
+def stream_failure(settings: Settings, e: Exception) -> FilepipeError:
+    """What the demo says when Redis failed it: a refusal for good (exit 2) or an outage."""
+    from . import stream
+
+    if isinstance(e, redis.RedisError):
+        return stream.failure(settings, e)
+    return TransientError(f"cannot reach Redis at {mask_url(settings.redis_url)}: {error_line(e)}")
+
+
+def _delete_stream(settings: Settings, left: list[str] | None = None) -> None:
+    """Removes the stream and its keys; what it could not remove goes to `left` (raises
+    without one)."""
     from . import stream
     from .constants import trim_keys
 
@@ -358,13 +390,21 @@ def _delete_stream(settings: Settings) -> None:
             dead_letter_ids_key(settings.stream),
             *trim_keys(settings.stream),
         )
+    except redis.RedisError as e:
+        if left is None:
+            raise
+        left.append(f"stream {settings.stream} in Redis ({error_line(e)})")
     finally:
         r.close()
 
 
 def _dotenv(name: str) -> str | None:
-    if not Path(".env").is_file():
+    """`name` in the `.env` every command reads (the first from the working directory up)."""
+    from .config import find_dotenv
+
+    found = find_dotenv()
+    if found is None or not found.is_file():
         return None
     from dotenv import dotenv_values
 
-    return dotenv_values(".env").get(name)
+    return dotenv_values(found).get(name)
