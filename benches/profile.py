@@ -6,7 +6,7 @@ of a backlog of small files (what `make bench` writes to artifacts/profile.md).
     python -m benches.profile --python /other/venv/bin/python   # another build, same run
 
 Three runs of the same drain, each on a fresh stream of --events entries over the
-benches' small files (1-4 KiB):
+benches' small files (1-4 KiB), read once before each drain (in the page cache):
 1. plain: the process's user and system CPU (rusage) and peak RSS; minus the CPU of a
    drain of an empty stream (start-up), over the files: CPU µs per file.
 2. under py-spy (--native, every thread): the on-CPU samples, classified by thread and
@@ -80,10 +80,20 @@ def drain(s: Settings, files: int, python: str, wrap: list[str] | None = None) -
     return Drain(files, wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss / 1024)
 
 
+def warm(root: Path, keys: list[str]) -> None:
+    """Reads every file once, so that each drain finds them all in the page cache: a
+    file evicted meanwhile (memory pressure from other work on the machine) would be
+    read from disk, and the kernel's share would measure the disk, not the consumer."""
+    for key in keys:
+        with open(root / key, "rb") as f:
+            f.read()
+
+
 def on_fresh(
     base: Settings, keys: list[str], events: int, python: str, wrap: list[str] | None = None
 ) -> Drain:
     s = fresh(base, keys, events)
+    warm(Path(s.local_storage_dir), keys)
     try:
         return drain(s, events, python, wrap)
     finally:
@@ -133,6 +143,7 @@ KINDS: list[tuple[str, re.Pattern[str]]] = [
         ),
     ),
     ("hiredis (reply → objects)", re.compile(r"hiredis")),
+    ("reply in place (extension)", re.compile(r"filepipe::resp::|ReplyReader|filepipe::python::Reply")),
     ("SHA-256", re.compile(r"sha2::")),
     ("extension (other)", re.compile(r"_native")),
     ("interpreter", re.compile(r"libpython|/python3")),
@@ -189,6 +200,7 @@ def profiled(base: Settings, keys: list[str], events: int, python: str, prof: Pr
             prof.note.append(f"perf cannot record here: {probe.stderr.strip()[:200]}")
             return
         s = fresh(base, keys, events)
+        warm(Path(s.local_storage_dir), keys)
         names: dict[int, str] = {}
         try:
             proc = subprocess.Popen(

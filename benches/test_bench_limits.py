@@ -1,8 +1,8 @@
 """What retention (trimming), byte-bounded batches and the per-entry caps cost: one
-consumer draining the same backlog with the defaults, and with all three off
+consumer draining the same backlog with the defaults, with all three off
 (STREAM_RETENTION=all, FILEPIPE_BATCH_BYTES and FILEPIPE_MAX_ENTRY_BYTES as high as
-allowed, FILEPIPE_MAX_ENTRY_FIELDS too), alternated in the same run, the best rate of
-each. The normal test run drains 5,000 events once each; `make bench`
+allowed, FILEPIPE_MAX_ENTRY_FIELDS too), and with each one alone off, alternated in the
+same run, the best rate of each. The normal test run drains 5,000 events once each; `make bench`
 (FILEPIPE_BENCH_FULL=1) 200,000, three times each."""
 
 from __future__ import annotations
@@ -25,15 +25,24 @@ from filepipe.db import init_db
 FULL = os.environ.get("FILEPIPE_BENCH_FULL", "") not in ("", "0")
 EVENTS = 200_000 if FULL else 5_000
 ROUNDS = 3 if FULL else 1
+BIG = 1 << 40
 WITH, WITHOUT = "defaults", "no trimming, no byte bound, no entry caps"
+# Each limit alone off, to tell which one costs what: trimming; the byte bound (reads of
+# CONSUMER_BATCH_SIZE entries from the first, whatever their size); the per-entry caps.
+ALONE: dict[str, dict[str, Any]] = {
+    "no trimming": {"stream_retention": "all"},
+    "no byte bound": {"batch_bytes": BIG, "max_entry_bytes": BIG // 5000},
+    "no entry caps": {"max_entry_bytes": BIG // 5000, "max_entry_fields": 100_000_000},
+}
 MODES: dict[str, dict[str, Any]] = {
     WITH: {},
     WITHOUT: {
         "stream_retention": "all",
-        "batch_bytes": 1 << 40,
-        "max_entry_bytes": (1 << 40) // 5000,
+        "batch_bytes": BIG,
+        "max_entry_bytes": BIG // 5000,
         "max_entry_fields": 100_000_000,
     },
+    **ALONE,
 }
 
 
@@ -74,18 +83,23 @@ def test_retention_byte_bound_and_caps_cost(benchmark: pytest.FixtureRequest, tm
     best: dict[str, float] = {}
 
     def alternate() -> None:
+        names = list(MODES)
         for i in range(ROUNDS):
-            for name in (WITH, WITHOUT) if i % 2 == 0 else (WITHOUT, WITH):
+            for name in names if i % 2 == 0 else names[::-1]:
                 best[name] = max(best.get(name, 0.0), drain(tmp_path, MODES[name]))
 
     benchmark.pedantic(alternate, rounds=1, iterations=1)  # type: ignore[attr-defined]
     ratio = best[WITH] / best[WITHOUT]
     print(f"\n{WITH}: {best[WITH]:,.0f} files/s; {WITHOUT}: {best[WITHOUT]:,.0f} files/s; ratio {ratio:.3f}")
+    for name in ALONE:
+        # Below 1: that limit costs; the defaults against the defaults with it off.
+        print(f"  defaults / {name}: {best[WITH] / best[name]:.3f} ({best[name]:,.0f} files/s)")
     benchmark.extra_info.update(
         {
             "files_per_s_with": round(best[WITH]),
             "files_per_s_without": round(best[WITHOUT]),
             "ratio": round(ratio, 3),
+            **{f"ratio_to_{name.replace(' ', '_')}": round(best[WITH] / best[name], 3) for name in ALONE},
         }
     )  # type: ignore[attr-defined]
-    assert best[WITH] > 0 and best[WITHOUT] > 0
+    assert all(rate > 0 for rate in best.values())
