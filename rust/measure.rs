@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -134,7 +135,8 @@ fn measure_guarded(
     })
 }
 
-/// Measures many files under one root on up to `threads` threads.
+/// Measures many files under one root on up to `threads` threads: the calling thread
+/// and pooled ones (see [`pool`]).
 pub fn measure_all(
     root: &Root,
     keys: &[&str],
@@ -152,40 +154,154 @@ pub fn measure_all(
             .collect();
     }
     let next = AtomicUsize::new(0);
-    let mut results: Vec<Option<Result<Measured, FileFailure>>> = vec![None; keys.len()];
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                // Named, so that a profile tells the measuring threads apart.
-                std::thread::Builder::new()
-                    .name("filepipe-measure".to_owned())
-                    .spawn_scoped(s, || {
-                        let mut buf = Vec::new();
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            if i >= keys.len() {
-                                return done;
-                            }
-                            done.push((
-                                i,
-                                measure_guarded(root, keys[i], max_bytes, &mut buf, panic_key),
-                            ));
-                        }
-                    })
-                    .expect("a measuring thread can be started")
-            })
-            .collect();
-        for worker in workers {
-            for (i, r) in worker.join().expect("a measuring thread panicked") {
-                results[i] = Some(r);
+    let collected = Mutex::new(Vec::with_capacity(keys.len()));
+    let task = || {
+        let mut buf = Vec::new();
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= keys.len() {
+                break;
             }
+            done.push((
+                i,
+                measure_guarded(root, keys[i], max_bytes, &mut buf, panic_key),
+            ));
         }
-    });
+        collected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(done);
+    };
+    assert!(pool::run(threads - 1, &task), "a measuring thread panicked");
+    let mut results: Vec<Option<Result<Measured, FileFailure>>> = vec![None; keys.len()];
+    for (i, r) in collected.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        results[i] = Some(r);
+    }
     results
         .into_iter()
         .map(|r| r.expect("every slot is filled"))
         .collect()
+}
+
+/// Threads that measure files, started the first time they are needed and kept: a
+/// batch's files are handed to them rather than to threads started for each batch, whose
+/// start, stacks and fresh allocator heaps would cost page faults at every batch.
+pub mod pool {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Arc, Condvar, Mutex};
+
+    type Task = dyn Fn() + Sync;
+
+    /// A borrowed task, for a pooled thread to run once.
+    struct TaskRef(*const Task);
+
+    // SAFETY: the task is Sync, and `run` does not return (nor unwind) before every
+    // thread it was given to has run it and let go of it.
+    unsafe impl Send for TaskRef {}
+
+    /// Counts down the threads still running a task, and whether one of them panicked.
+    struct Latch {
+        state: Mutex<(usize, bool)>,
+        done: Condvar,
+    }
+
+    impl Latch {
+        fn count_down(&self, panicked: bool) {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.0 -= 1;
+            state.1 |= panicked;
+            if state.0 == 0 {
+                self.done.notify_all();
+            }
+        }
+
+        /// Waits for every thread; false if one panicked.
+        fn wait(&self) -> bool {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            while state.0 > 0 {
+                state = self.done.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            !state.1
+        }
+    }
+
+    struct Job {
+        task: TaskRef,
+        latch: Arc<Latch>,
+    }
+
+    struct Pool {
+        /// The process the threads belong to: a child forked since has none of them.
+        pid: u32,
+        workers: Vec<Sender<Job>>,
+    }
+
+    static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+    fn spawn() -> Option<Sender<Job>> {
+        let (tx, rx) = channel::<Job>();
+        std::thread::Builder::new()
+            // Named, so that a profile tells the measuring threads apart.
+            .name("filepipe-measure".to_owned())
+            .spawn(move || {
+                for job in rx {
+                    // SAFETY: the caller of `run` waits for this count-down, so the task
+                    // outlives this call.
+                    let ran = catch_unwind(AssertUnwindSafe(|| unsafe { (*job.task.0)() }));
+                    job.latch.count_down(ran.is_err());
+                }
+            })
+            .ok()?;
+        Some(tx)
+    }
+
+    /// Runs `task` in this thread and at once on `extra` pooled threads, and returns
+    /// once all of them have run it: false if any of them panicked.
+    pub fn run(extra: usize, task: &(dyn Fn() + Sync)) -> bool {
+        let latch = Arc::new(Latch {
+            state: Mutex::new((extra + 1, false)),
+            done: Condvar::new(),
+        });
+        // SAFETY: the lifetime is erased only while `run` waits for the task to be done.
+        let erased: *const Task =
+            unsafe { std::mem::transmute::<&(dyn Fn() + Sync), &'static Task>(task) };
+        let mut sent = 0;
+        {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let pid = std::process::id();
+            if !matches!(pool.as_ref(), Some(p) if p.pid == pid) {
+                *pool = Some(Pool {
+                    pid,
+                    workers: Vec::new(),
+                });
+            }
+            let workers = &mut pool.as_mut().expect("made above").workers;
+            while workers.len() < extra {
+                match spawn() {
+                    Some(tx) => workers.push(tx),
+                    None => break,
+                }
+            }
+            for tx in workers.iter().take(extra) {
+                let job = Job {
+                    task: TaskRef(erased),
+                    latch: Arc::clone(&latch),
+                };
+                if tx.send(job).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        // What could not be handed out (no thread could be started) is not waited for.
+        for _ in sent..extra {
+            latch.count_down(false);
+        }
+        let here = catch_unwind(AssertUnwindSafe(task));
+        latch.count_down(here.is_err());
+        latch.wait()
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +368,40 @@ mod tests {
         let all = measure_all(&root, &["sub/a.txt"; 100], 100, 4);
         assert!(all.iter().all(|r| r.as_ref().unwrap().sha256 == expected));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn pooled_threads_run_a_borrowed_task_and_are_kept() {
+        let ran = AtomicUsize::new(0);
+        let seen = Mutex::new(Vec::new());
+        for _ in 0..50 {
+            let task = || {
+                ran.fetch_add(1, Ordering::Relaxed);
+                let me = std::thread::current();
+                seen.lock()
+                    .unwrap()
+                    .push((me.name().map(str::to_owned), me.id()));
+            };
+            assert!(pool::run(3, &task));
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 50 * 4);
+        let seen = seen.into_inner().unwrap();
+        let pooled: std::collections::HashSet<_> = seen
+            .iter()
+            .filter(|(name, _)| name.as_deref() == Some("filepipe-measure"))
+            .map(|(_, id)| *id)
+            .collect();
+        // 50 runs here, 150 on three threads started once (no other test asks for more).
+        assert_eq!(seen.len() - 150, 50);
+        assert_eq!(pooled.len(), 3);
+        // A panic anywhere is reported once every thread is done, and the pool goes on.
+        let boom = || {
+            if std::thread::current().name() == Some("filepipe-measure") {
+                panic!("test panic in a pooled thread");
+            }
+        };
+        assert!(!pool::run(2, &boom));
+        assert!(pool::run(2, &|| ()));
     }
 
     /// Hands out at most `step` bytes a read, and counts the reads.
