@@ -133,3 +133,24 @@ def test_consume_starts_without_the_collector_and_consumes_with_it(env: Env) -> 
     assert done.stdout.splitlines() == ["starting, collecting: False", "consuming, collecting: True"], (
         done.stdout
     )
+
+
+def test_a_command_line_built_with_only_its_command_reads_as_the_whole_app() -> None:
+    """`filepipe X …` builds the parser of X alone: its help, its errors and the root's
+    options are those of the whole app."""
+    from typer.testing import CliRunner
+
+    from filepipe.cli import app
+    from filepipe.cli.app import command_line
+
+    runner = CliRunner()
+    names = [c.name for c in app.registered_commands]
+    assert "consume" in names and "init-db" in names
+    for name in names:
+        assert name is not None
+        one = command_line([name])
+        assert [c.name for c in one.registered_commands] == [name]
+        for args in ([name, "--help"], [name, "--no-such-option"]):
+            alone, whole = runner.invoke(one, args), runner.invoke(app, args)
+            assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), args
+    assert command_line(["--version"]) is app and command_line(["dlq"]) is app and command_line([]) is app

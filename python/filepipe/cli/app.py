@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -167,4 +168,18 @@ def _root(
 def main() -> None:
     """Entry point of the `filepipe` script."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    command_line(sys.argv[1:2])()
+
+
+def command_line(first: list[str]) -> typer.Typer:
+    """The app that runs a command line starting with `first`: when it names a command,
+    the app with only that command (Typer builds the parser of every command it has
+    before it runs one, a few milliseconds each; the others' help and errors are not
+    needed to run this one); otherwise the whole app."""
+    picked = [c for c in app.registered_commands if first and c.name == first[0]]
+    if not picked:
+        return app
+    one = copy.copy(app)
+    one.registered_commands = picked
+    one.registered_groups = []
+    return one

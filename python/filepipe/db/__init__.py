@@ -12,6 +12,8 @@ table.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .columns import COLUMNS, OLD_PRIMARY_KEY, copy_statement, table_ident
 from .connection import (
     NO_PRIVILEGE,
@@ -24,7 +26,9 @@ from .connection import (
 )
 from .layout import Layout, check_layout, read_layout
 from .loader import Loader
-from .schema import SchemaInfo, drop_old_chunks, init_db
+
+if TYPE_CHECKING:
+    from .schema import SchemaInfo, drop_old_chunks, init_db
 
 __all__ = [
     "COLUMNS",
@@ -46,3 +50,13 @@ __all__ = [
     "read_layout",
     "table_ident",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`init_db`, `drop_old_chunks` and `SchemaInfo`, imported when first asked for: the
+    consumer does not make tables (nor import TimescaleDB's part) to start."""
+    if name in ("SchemaInfo", "drop_old_chunks", "init_db"):
+        from . import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module 'filepipe.db' has no attribute {name!r}")
