@@ -14,6 +14,7 @@ from redis.exceptions import RedisClusterException
 from .. import constants as c
 from .. import metrics
 from ..config import Settings
+from ..observe.text import duration
 from ..partitions import Partition
 from ..redaction import error_line
 from ..retry import is_transient_redis
@@ -56,6 +57,7 @@ class Housekeeper:
         self._reported = False  # the error is in the heartbeat's last_error
         self._next_departed = time.monotonic() + min(c.DEPARTED_CHECK_S, settings.claim_idle_ms / 1000)
         self._dead_warned: set[str] = set()
+        self._dead_age_warned: set[str] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="filepipe-housekeeper", daemon=True)
@@ -148,6 +150,24 @@ class Housekeeper:
                     )
             elif result.dead_letters < c.DEAD_LETTER_WARN_SHARE * window.count / 2:
                 self._dead_warned.discard(dead)
+        age = result.dead_oldest_age_ms
+        if window.age_s and not window.keep_all and age is not None:
+            share = age / (window.age_s * 1000)
+            if share >= c.DEAD_LETTER_WARN_SHARE:
+                if dead not in self._dead_age_warned:
+                    self._dead_age_warned.add(dead)
+                    log.warning(
+                        "dead-letter stream %s holds dead letters %s old, %d%% of "
+                        "DEAD_LETTER_RETENTION=%s: those older than %s are dropped "
+                        "(replay or purge them with `filepipe dlq`)",
+                        dead,
+                        duration(age / 1000),
+                        int(100 * share),
+                        self.settings.dead_letter_retention,
+                        window.age_text,
+                    )
+            elif share < c.DEAD_LETTER_WARN_SHARE / 2:
+                self._dead_age_warned.discard(dead)
 
     def _remove_departed(self, part: Partition) -> None:
         s = self.settings

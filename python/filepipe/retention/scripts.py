@@ -108,7 +108,8 @@ end
 # lease ms (0: no lease), keep the stream (1: STREAM_RETENTION=all), count, age ms, mark
 # step, dead-letter count, dead-letter age ms, how long arrival samples are kept (ms).
 # Returns {-1} when another consumer holds the lease, else {trimmed, point, why, holder,
-# its pending, its lag, length, dead letters, dropped}.
+# its pending, its lag, length, dead letters, dropped, the oldest dead letter's id (with a
+# dead-letter age, else ''), the server's time in ms}.
 TRIM_SCRIPT = (
     "#!lua flags=allow-oom\n"
     + _LUA_LIB
@@ -143,11 +144,14 @@ local dropped = 0
 if tonumber(ARGV[7]) > 0 then
   dropped = dropped + redis.call('XTRIM', KEYS[4], 'MAXLEN', ARGV[7])
 end
+local oldest = ''
 if tonumber(ARGV[8]) > 0 then
   local cutoff = string.format('%d-0', math.max(now - tonumber(ARGV[8]), 0))
   dropped = dropped + redis.call('XTRIM', KEYS[4], 'MINID', cutoff)
+  local first = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
+  if #first > 0 then oldest = first[1][1] end
 end
-return {trimmed, point, why, holder, pending, lag, length, dead_count(KEYS[4]), dropped}
+return {trimmed, point, why, holder, pending, lag, length, dead_count(KEYS[4]), dropped, oldest, now}
 """
 )
 

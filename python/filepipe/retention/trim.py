@@ -12,6 +12,7 @@ import redis
 from .. import constants as c
 from ..config import Settings
 from ..partitions import Partition
+from ..stream import reply_text
 from .scripts import TRIM_SCRIPT, held_fields, mark_step, window_args
 
 
@@ -30,6 +31,7 @@ class TrimResult:
     length: int = 0
     dead_letters: int = 0
     dead_dropped: int = 0
+    dead_oldest_age_ms: int | None = None  # with a dead-letter age: how old the oldest is
 
 
 def trim_args(part: Partition, settings: Settings, owner: str, lease_ms: int) -> list[Any]:
@@ -62,6 +64,7 @@ def _trim_result(stream: str, reply: Any) -> TrimResult:
         **held_fields(reply),
         dead_letters=int(reply[7]),
         dead_dropped=int(reply[8]),
+        dead_oldest_age_ms=int(reply[10]) - int(reply_text(reply[9]).partition("-")[0]) if reply[9] else None,
     )
 
 
