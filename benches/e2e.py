@@ -7,7 +7,15 @@ limit of each component, measured in one run on the same events, files and table
 Scenarios: local services, and "cloud" (a loopback proxy adding --latency-ms each way
 in front of both Redis and PostgreSQL). Then the peak RSS of a consumer process
 draining a backlog of --memory entries. Uses FILEPIPE_BENCH_REDIS_URL / _PG_URI (or the
-FILEPIPE_TEST_* ones); without them it starts throwaway servers."""
+FILEPIPE_TEST_* ones); without them it starts throwaway servers.
+
+"of limit" is filepipe over the slowest component alone. Each limit has the machine's cores
+to itself, while filepipe runs the three at once on them; so, locally, the CPU each limit
+takes per file (this process, and the Redis and PostgreSQL server processes when they run
+on this machine) is measured too, and "of shared limit" is filepipe over what those add up
+to on the cores (never more than the slowest alone). The CPU figures count clock ticks
+(10 ms): they need tens of thousands of events, and servers that serve nobody else
+(throwaway ones: leave the URLs unset) to be this run's alone."""
 
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import psycopg
@@ -121,13 +130,75 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+# -- CPU: what each run costs this process, Redis and PostgreSQL ----------------------------
+
+
+def listener(port: int) -> psutil.Process | None:
+    """The local process listening on `port` (None if there is none this user can see)."""
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return psutil.Process(c.pid)
+    except psutil.Error:
+        pass
+    return None
+
+
+@dataclass
+class Cpu:
+    """CPU seconds of this process and of the local Redis and PostgreSQL servers (the
+    postmaster with its backends, live or exited), sampled around a run."""
+
+    redis: psutil.Process | None
+    pg: psutil.Process | None
+
+    @classmethod
+    def of(cls, s: Settings) -> Cpu:
+        return cls(listener(port_of(s.redis_url)), listener(port_of(s.pg_uri)))
+
+    @property
+    def known(self) -> bool:
+        return self.redis is not None and self.pg is not None
+
+    def sample(self) -> tuple[float, float, float]:
+        def of(p: psutil.Process | None, children: bool) -> float:
+            if p is None:
+                return 0.0
+            t = p.cpu_times()
+            total = t.user + t.system
+            if children:
+                total += t.children_user + t.children_system
+                for ch in p.children(recursive=True):
+                    try:
+                        ct = ch.cpu_times()
+                        total += ct.user + ct.system
+                    except psutil.Error:
+                        pass
+            return total
+
+        return time.process_time(), of(self.redis, False), of(self.pg, True)
+
+    def extra(self, spent: dict[str, float]) -> dict[str, Any]:
+        """A result's `extra` for the CPU `spent` (nothing when the servers are not known:
+        remote, or behind the latency proxy)."""
+        return {"cpu_us": spent} if self.known else {}
+
+    def spent(self, before: tuple[float, float, float], files: int) -> dict[str, float]:
+        """µs of CPU per file since `before`: this process, Redis, PostgreSQL."""
+        time.sleep(0.2)  # backends of a closed pool exit and are reaped (their CPU counts then)
+        after = self.sample()
+        us = [(b - a) * 1e6 / max(1, files) for a, b in zip(before, after, strict=True)]
+        return {"client": us[0], "redis": us[1], "postgres": us[2]}
+
+
 # -- the limits: each component alone, on the same entries ------------------------------------
 
 
-def limit_redis(s: Settings) -> float:
+def limit_redis(s: Settings, cpu: Cpu) -> tuple[float, dict[str, float]]:
     """XREADGROUP + XACK of every entry, nothing else."""
     r = stream.connect(s)
     n = 0
+    before = cpu.sample()
     t0 = time.perf_counter()
     while True:
         entries = stream.read_new(r, s.stream, s.group, "limit", s.batch_size, 0)
@@ -136,8 +207,9 @@ def limit_redis(s: Settings) -> float:
         r.xack(s.stream, s.group, *[e[0] for e in entries])
         n += len(entries)
     dt = time.perf_counter() - t0
+    spent = cpu.spent(before, n)
     r.close()
-    return n / dt
+    return n / dt, spent
 
 
 def batches_of(s: Settings) -> Iterator[_native.EntryBatch]:
@@ -152,7 +224,7 @@ def batches_of(s: Settings) -> Iterator[_native.EntryBatch]:
     r.close()
 
 
-def limit_files(s: Settings) -> tuple[float, list[tuple[bytes, int]]]:
+def limit_files(s: Settings) -> tuple[float, dict[str, float], list[tuple[bytes, int]]]:
     """Measuring every entry's file (size, SHA-256, type) in batches, as the consumer does;
     also returns the COPY buffers of the measured batches for the PostgreSQL limit."""
     batches = list(batches_of(s))
@@ -160,17 +232,21 @@ def limit_files(s: Settings) -> tuple[float, list[tuple[bytes, int]]]:
     # are in the page cache; the timed pass measures that, not the disk.
     for b in batches:
         _native.measure_local(b, s.local_storage_dir, s.max_file_bytes, s.hash_threads)
-    n, spent, bufs = 0, 0.0, []
+    n, spent, cpu, bufs = 0, 0.0, 0.0, []
     for b in batches:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         m = _native.measure_local(b, s.local_storage_dir, s.max_file_bytes, s.hash_threads)
         spent += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         n += len(b)
         bufs.append((_native.encode_copy(b, m, "limit", stream="limit"), len(b)))
-    return n / spent, bufs
+    return n / spent, {"client": cpu * 1e6 / max(1, n), "redis": 0.0, "postgres": 0.0}, bufs
 
 
-def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) -> float:
+def limit_postgres(
+    s: Settings, bufs: list[tuple[bytes, int]], cpu: Cpu, *, direct: bool
+) -> tuple[float, dict[str, float]]:
     """COPY of the same rows, as filepipe loads them (one loader per pooled connection)."""
     table_settings = replace(s, table=s.table + ("_d" if direct else "_m"))
     init_db(table_settings, plain=True)
@@ -189,6 +265,7 @@ def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) 
             loader.load(buf, rows, direct=direct)
 
     threads = [threading.Thread(target=work) for _ in range(table_settings.pool_size)]
+    before = cpu.sample()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -197,38 +274,71 @@ def limit_postgres(s: Settings, bufs: list[tuple[bytes, int]], *, direct: bool) 
     dt = time.perf_counter() - t0
     pool.close()
     rows = count_rows(table_settings)
+    spent = cpu.spent(before, rows)
     cleanup(table_settings)
-    return rows / dt
+    return rows / dt, spent
 
 
 # -- one scenario ----------------------------------------------------------------------------
 
 
+SHARED_LIMIT = "shared limit: the three limits' CPU per file on"
+
+
 def scenario(
-    name: str, base: Settings, keys: list[str], events: int, fast_n: int, old_n: int
+    name: str, base: Settings, keys: list[str], events: int, fast_n: int, old_n: int, cpu: Cpu | None = None
 ) -> list[Result]:
+    """The limits, filepipe and the guide's consumers on `events` events. With `cpu` (the
+    local servers' processes), the CPU per file of each run too, and the shared limit."""
     results: list[Result] = []
+    cpu = cpu or Cpu(None, None)
 
     s = fresh(base, keys, events)
     try:
-        redis_rate = limit_redis(s)
-        files_rate, bufs = limit_files(s)
-        pg_direct = limit_postgres(s, bufs, direct=True)
-        pg_merge = limit_postgres(s, bufs, direct=False)
+        redis_rate, redis_cpu = limit_redis(s, cpu)
+        files_rate, files_cpu, bufs = limit_files(s)
+        pg_direct, pg_cpu = limit_postgres(s, bufs, cpu, direct=True)
+        pg_merge, merge_cpu = limit_postgres(s, bufs, cpu, direct=False)
     finally:
         cleanup(s)
     results += [
-        Result(name, "limit: Redis XREADGROUP + XACK", events, events / redis_rate),
-        Result(name, "limit: files (size, SHA-256, type)", events, events / files_rate),
-        Result(name, "limit: PostgreSQL COPY (direct)", events, events / pg_direct),
-        Result(name, "limit: PostgreSQL COPY + merge", events, events / pg_merge),
+        Result(
+            name, "limit: Redis XREADGROUP + XACK", events, events / redis_rate, extra=cpu.extra(redis_cpu)
+        ),
+        Result(
+            name,
+            "limit: files (size, SHA-256, type)",
+            events,
+            events / files_rate,
+            extra=cpu.extra(files_cpu),
+        ),
+        Result(name, "limit: PostgreSQL COPY (direct)", events, events / pg_direct, extra=cpu.extra(pg_cpu)),
+        Result(name, "limit: PostgreSQL COPY + merge", events, events / pg_merge, extra=cpu.extra(merge_cpu)),
     ]
+    if cpu.known:
+        # Each limit above has the cores to itself; filepipe runs all three at once on them. The
+        # most the three can do together is the cores over the CPU they need per file, each
+        # as measured alone (and never more than the slowest alone).
+        cores = os.cpu_count() or 1
+        need = sum(sum(c.values()) for c in (redis_cpu, files_cpu, pg_cpu))
+        shared = min(cores * 1e6 / need, redis_rate, files_rate, pg_direct)
+        results.append(
+            Result(
+                name,
+                f"{SHARED_LIMIT} {cores} cores",
+                events,
+                events / shared,
+                f"{need:.1f} µs of CPU per file",
+            )
+        )
 
     s = fresh(base, keys, events)
     try:
+        before = cpu.sample()
         stats, dt = timed(lambda: Consumer(s, drain=True, write=None).run())
+        spent = cpu.spent(before, events)
         assert stats.inserted == events == count_rows(s), (stats, events)
-        results.append(Result(name, "filepipe", events, dt, f"batch {s.batch_size}"))
+        results.append(Result(name, "filepipe", events, dt, f"batch {s.batch_size}", cpu.extra(spent)))
     finally:
         cleanup(s)
 
@@ -280,13 +390,11 @@ def latency(url_port: int, delay_ms: float) -> Iterator[int]:
 
 
 def port_of(url: str) -> int:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).port or (6379 if url.startswith("redis") else 5432)
 
 
 def with_port(url: str, port: int) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlunsplit
 
     p = urlsplit(url)
     host = p.netloc.rsplit("@", 1)
@@ -342,9 +450,12 @@ def memory(base: Settings, keys: list[str], events: int) -> Result:
 
 
 def table(results: list[Result]) -> str:
+    """The results; "of limit" is filepipe over the slowest component alone, "of shared
+    limit" over what the three components' CPU per file allows on this machine's cores."""
     lines = [
-        "| scenario | pipeline | files | files/s | × fast consumer | × old consumer | of limit | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| scenario | pipeline | files | files/s | × fast consumer | × old consumer | of limit | "
+        "of shared limit | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     by: dict[str, dict[str, Result]] = {}
     for r in results:
@@ -355,13 +466,34 @@ def table(results: list[Result]) -> str:
         old = group.get("old consumer (connection per file)")
         limits = [x.rate for k, x in group.items() if k.startswith("limit:") and "merge" not in k]
         ceiling = min(limits) if limits else 0.0
-        is_limit = r.name.startswith("limit:")
+        shared = next((x.rate for k, x in group.items() if k.startswith(SHARED_LIMIT)), 0.0)
+        is_limit = r.name.startswith(("limit:", SHARED_LIMIT))
         vs_fast = f"{r.rate / fast.rate:.1f}×" if fast and not is_limit and r.scenario != "memory" else ""
         vs_old = f"{r.rate / old.rate:.0f}×" if old and not is_limit and r.scenario != "memory" else ""
         of_limit = f"{r.rate / ceiling:.2f}" if ceiling and r.name == "filepipe" else ""
+        of_shared = f"{r.rate / shared:.2f}" if shared and r.name == "filepipe" else ""
         lines.append(
             f"| {r.scenario} | {r.name} | {r.files:,} | {r.rate:,.0f} | {vs_fast} | {vs_old} | "
-            f"{of_limit} | {r.note} |"
+            f"{of_limit} | {of_shared} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(results: list[Result]) -> str:
+    """CPU per file of each run that was measured: this process (the client), Redis,
+    PostgreSQL."""
+    rows = [r for r in results if "cpu_us" in r.extra]
+    if not rows:
+        return ""
+    lines = [
+        "| scenario | run | client µs/file | Redis µs/file | PostgreSQL µs/file | sum |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = r.extra["cpu_us"]
+        lines.append(
+            f"| {r.scenario} | {r.name} | {c['client']:.1f} | {c['redis']:.1f} | {c['postgres']:.1f} | "
+            f"{sum(c.values()):.1f} |"
         )
     return "\n".join(lines)
 
@@ -413,8 +545,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
             flush=True,
         )
 
-        results = scenario("local", base, keys, args.events, args.fast, args.old)
-        print(table(results), flush=True)
+        local_cpu = Cpu.of(base)
+        results = scenario("local", base, keys, args.events, args.fast, args.old, local_cpu)
+        print(table(results) + "\n\n" + cpu_table(results), flush=True)
         for size in [int(x) for x in args.sweep.split(",") if x.strip()]:
             results.append(sweep_point(replace(base, batch_size=size), keys, args.events))
         if args.latency_ms > 0:
@@ -432,7 +565,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if args.memory > 0:
             results.append(memory(base, keys, args.memory))
 
-    report = table(results)
+    report = table(results) + "\n\n" + cpu_table(results)
     print("\n" + report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-e2e.md").write_text(report + "\n")

@@ -1,0 +1,278 @@
+"""Where the end-to-end time goes: one drain of the e2e workload, with the CPU of every
+process (the consumer per thread, Redis, PostgreSQL's postmaster and backends) and the
+busy time of each stage of the consumer, per file and as a share of the wall time.
+
+    python -m benches.e2e_breakdown --events 50000
+    FILEPIPE_POOL_SIZE=1 python -m benches.e2e_breakdown --events 50000   # one COPY stream
+
+Uses FILEPIPE_BENCH_REDIS_URL / _PG_URI (or the FILEPIPE_TEST_* ones) like benches.e2e;
+with --private (or without them) it starts throwaway servers, so that their CPU is this
+run's alone. A 2-core machine shared by the three: the sum of the CPU per file over the
+cores is the floor of the wall time per file, whatever the stages overlap."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from filepipe import stream
+from filepipe.config import load_settings
+from filepipe.consumer import Consumer
+from filepipe.embedded import PostgresServer, RedisServer
+
+from .e2e import cleanup, count_rows, fresh, make_files, port_of
+
+
+def listener(port: int) -> psutil.Process:
+    """The process listening on 127.0.0.1:`port`."""
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            return psutil.Process(c.pid)
+    raise RuntimeError(f"no process listens on port {port}")
+
+
+def cpu_of(p: psutil.Process, *, children: bool) -> float:
+    """User + system seconds of `p` (and, with `children`, of its children, live or reaped)."""
+    t = p.cpu_times()
+    total = t.user + t.system
+    if children:
+        total += t.children_user + t.children_system
+        for ch in p.children(recursive=True):
+            try:
+                ct = ch.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                pass
+    return total
+
+
+comms: dict[int, str] = {}  # thread names as the kernel knows them (the extension's too)
+
+
+def thread_cpu() -> dict[int, float]:
+    """Seconds on a CPU of every thread of this process, by native id (schedstat: ns)."""
+    out: dict[int, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+            if int(tid) not in comms:
+                comms[int(tid)] = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+class Clock:
+    """Busy seconds per named activity, summed over threads."""
+
+    def __init__(self) -> None:
+        self.busy: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.spans: list[tuple[str, float, float]] = []
+        self._lock = threading.Lock()
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                with self._lock:
+                    self.spans.append((name, t0, t0 + dt))
+                    self.busy[name] += dt
+                    self.calls[name] += 1
+
+        return timed
+
+
+@contextmanager
+def patched(obj: Any, attr: str, clock: Clock, name: str) -> Iterator[None]:
+    old = getattr(obj, attr)
+    setattr(obj, attr, clock.wrap(name, old))
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> str:
+    clock = Clock()
+    names: dict[int, str] = {}
+    with ExitStack() as stack:
+        # The Redis calls of the reader and of the acknowledger, timed where the stages call them.
+        stack.enter_context(patched(stream, "read_new", clock, "reader: XREADGROUP"))
+        stack.enter_context(patched(stream, "ack", clock, "acker: ack script"))
+        cpu0 = (time.process_time(), cpu_of(redis_proc, children=False), cpu_of(pg_proc, children=True))
+        threads0 = thread_cpu()
+        machine0 = psutil.cpu_times()
+        t0 = time.perf_counter()
+        consumer = Consumer(s, drain=True, write=None)
+        t_built = time.perf_counter()
+        c = consumer
+        timeline: list[tuple[float, int]] = []  # (when a batch was handed to the preparer, entries)
+
+        def note(raw: Any, *rest: Any, submit: Callable[..., bool] = c.reader._submit_to) -> bool:
+            timeline.append((time.perf_counter(), len(raw[1])))
+            return submit(raw, *rest)
+
+        c.reader._submit_to = note
+        c.preparing.handle = clock.wrap("preparer: prepare (busy)", c.preparing.handle)
+        c.loading.handle = clock.wrap("loaders: load + hand to acker (busy, summed)", c.loading.handle)
+        c.acking.handle = clock.wrap("acker: finish_batch (busy)", c.acking.handle)
+        c.reader._submit_to = clock.wrap("reader: hand to preparer (waiting for room)", c.reader._submit_to)
+        c.load.loader.load = clock.wrap("loaders: COPY + COMMIT (summed)", c.load.loader.load)
+        c.files.measure = clock.wrap("preparer: measure files", c.files.measure)
+        c.loading.put = clock.wrap("preparer: hand to loaders (waiting for room)", c.loading.put)
+        c.acking.put = clock.wrap("loaders: hand to acker (waiting for room)", c.acking.put)
+        started: list[float] = []
+        c.reader.run = lambda run=c.reader.run: (started.append(time.perf_counter()), run())[1]  # type: ignore[method-assign]
+        done = threading.Event()
+        seen: dict[int, float] = {}  # the last CPU seen of each thread (they end with the run)
+
+        def names_of_threads() -> None:
+            while not done.is_set():
+                for t in threading.enumerate():
+                    if t.native_id is not None:
+                        names[t.native_id] = t.name
+                seen.update(thread_cpu())
+                done.wait(0.01)
+
+        watcher = threading.Thread(target=names_of_threads, daemon=True)
+        watcher.start()
+        stats = consumer.run()
+        t_end = time.perf_counter()
+        machine1 = psutil.cpu_times()
+        done.set()
+        watcher.join()
+        threads1 = {**seen, **thread_cpu()}
+        time.sleep(0.3)  # the backends of the closed pool exit and are reaped
+        cpu1 = (time.process_time(), cpu_of(redis_proc, children=False), cpu_of(pg_proc, children=True))
+    assert stats.inserted == count_rows(s), stats
+    n = stats.inserted
+    wall = t_end - t0
+    running = t_end - (started[0] if started else t_built)
+    consumer_cpu, redis_cpu, pg_cpu = (b - a for a, b in zip(cpu0, cpu1, strict=True))
+    me = threading.get_native_id()
+    names[me] = "reader (main thread)"
+    per_thread: dict[str, float] = defaultdict(float)
+    threads1.pop(watcher.native_id or 0, None)
+    for tid, sec in threads1.items():
+        spent = sec - threads0.get(tid, 0.0)
+        if spent > 0.0005:
+            name = names.get(tid) or comms.get(tid, "?")
+            per_thread[name.rsplit("-", 1)[0] if name.startswith("filepipe-loader") else name] += spent
+    per_thread["(not sampled: threads' last 10 ms)"] = consumer_cpu - sum(per_thread.values())
+    us = 1e6 / n
+    lines = [
+        f"{n:,} files, batch {s.batch_size}, pool {s.pool_size}, in flight {s.in_flight}, "
+        f"hash threads {s.hash_threads}, {psutil.cpu_count()} cores",
+        f"wall {wall:.3f} s ({n / wall:,.0f} files/s); from the first read {running:.3f} s "
+        f"({n / running:,.0f} files/s); start {(started[0] if started else t_built) - t0:.3f} s",
+        "",
+        "| CPU | seconds | µs per file | of wall × cores |",
+        "|---|---:|---:|---:|",
+    ]
+    cores = psutil.cpu_count() or 1
+    for label, sec in (
+        ("consumer (this process)", consumer_cpu),
+        ("Redis", redis_cpu),
+        ("PostgreSQL (postmaster + backends)", pg_cpu),
+        ("sum", consumer_cpu + redis_cpu + pg_cpu),
+    ):
+        lines.append(f"| {label} | {sec:.3f} | {sec * us:.1f} | {sec / (wall * cores):.2f} |")
+    busy = sum(machine1) - sum(machine0) - (machine1.idle - machine0.idle)
+    idle = machine1.idle - machine0.idle
+    ours = consumer_cpu + redis_cpu + pg_cpu
+    lines.append(
+        f"| everything else on the machine | {busy - ours:.3f} | | {(busy - ours) / (wall * cores):.2f} |"
+    )
+    lines.append(f"| idle | {idle:.3f} | | {idle / (wall * cores):.2f} |")
+    lines += ["", "| consumer thread | CPU s | µs per file |", "|---|---:|---:|"]
+    for name, sec in sorted(per_thread.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {sec:.3f} | {sec * us:.1f} |")
+    lines += [
+        "",
+        "| stage activity (wall, summed over its threads) | seconds | of the run | calls |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in sorted(clock.busy):
+        lines.append(
+            f"| {name} | {clock.busy[name]:.3f} | {clock.busy[name] / running:.2f} | {clock.calls[name]} |"
+        )
+    first = started[0] if started else t_built
+    ramp = [(when, k) for when, k in timeline if k < s.batch_size]
+    if ramp:
+        got = sum(k for _, k in ramp)
+        lines.append(
+            f"\nreads below the batch size: {len(ramp)} of {len(timeline)}, {got:,} entries, "
+            f"handed over by {ramp[-1][0] - first:.3f} s after the first read ({got / n:.0%} of the entries)"
+        )
+    lines.append(
+        "timeline (ms after the first read, entries): "
+        + ", ".join(f"{(w - first) * 1000:.0f}:{k}" for w, k in timeline)
+    )
+    tail = timeline[-1][0]
+    for label in (
+        "preparer: prepare (busy)",
+        "loaders: COPY + COMMIT (summed)",
+        "acker: finish_batch (busy)",
+    ):
+        spans = [(a, b) for name, a, b in clock.spans if name == label and b > tail]
+        lines.append(
+            f"after the last hand-over, {label}: "
+            + ", ".join(f"{(a - tail) * 1000:.0f}-{(b - tail) * 1000:.0f} ms" for a, b in spans)
+        )
+    lines.append(f"after the last hand-over: {t_end - timeline[-1][0]:.3f} s to the end of run()")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--files", type=int, default=50_000)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--private", action="store_true", help="throwaway Redis and PostgreSQL servers")
+    ap.add_argument("--runs", type=int, default=1)
+    args = ap.parse_args(argv)
+    with ExitStack() as stack:
+        redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
+        pg_uri = os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI")
+        if args.private or not redis_url:
+            redis_url = stack.enter_context(RedisServer()).url
+        if args.private or not pg_uri:
+            pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
+        root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
+        root.mkdir(parents=True, exist_ok=True)
+        overrides: dict[str, Any] = {
+            "redis_url": redis_url,
+            "pg_uri": pg_uri,
+            "local_storage_dir": str(root),
+            "block_ms": 100,
+        }
+        if args.batch_size:
+            overrides["batch_size"] = args.batch_size
+        base = load_settings(overrides, environ=dict(os.environ), dotenv_path=None)
+        keys = make_files(root, args.files)
+        redis_proc = listener(port_of(redis_url))
+        pg_proc = listener(urlsplit(pg_uri).port or 5432)
+        for _ in range(args.runs):
+            s = fresh(base, keys, args.events)
+            try:
+                print(run(s, redis_proc, pg_proc), "\n", flush=True)
+            finally:
+                cleanup(s)
+
+
+if __name__ == "__main__":
+    main()
