@@ -6,7 +6,10 @@ resumes by itself once the table accepts rows again, with nothing dead-lettered.
 refused while rows like it load is the entry's problem: it alone is dead-lettered.
 
 Tests that change server settings or roles run their own PostgreSQL; tests that only
-change the table use a table of their own on the shared server."""
+change the table use a table of their own on the shared server. The refusals the trial
+row must tell from bad entries (a CHECK, a trigger, a NOT NULL column, a revoked
+privilege, a read-only server) run on a plain table and on a hypertable (TimescaleDB
+preloaded: the shared test cluster, or a private one)."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import httpx
 import psycopg
 import pytest
 import redis
-from tests.conftest import Env
+from tests.conftest import HYPERTABLE, PLAIN, Env, both_tables
 from tests.support.processes import reap, stop_postgres
 from tests.support.proxy import TcpProxy
 from tests.support.standby import start_standby, wait_replayed
@@ -61,15 +64,25 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 @pytest.fixture
-def pg_server() -> Iterator[PostgresServer]:
-    with PostgresServer() as server:
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    """A private PostgreSQL; parametrized by `private_tables`, one preloading TimescaleDB
+    whose events table is a hypertable."""
+    preload = ("timescaledb",) if getattr(request, "param", PLAIN) == HYPERTABLE else ()
+    with PostgresServer(preload=preload) as server:
         yield server
 
 
+# Runs a test on a private server's plain table and on a private TimescaleDB's hypertable.
+private_tables = pytest.mark.parametrize("pg_server", [PLAIN, HYPERTABLE], indirect=True)
+
+
 @contextlib.contextmanager
-def private_env(redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path) -> Iterator[Env]:
+def private_env(
+    redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path, *, hypertable: bool = False
+) -> Iterator[Env]:
     """A stream of its own on the shared Redis; a consumer's PostgreSQL at `pg_uri` (a
-    private server, maybe through a proxy), checked at `check_uri`."""
+    private server, maybe through a proxy), checked at `check_uri`; a plain table, or a
+    hypertable."""
     tag = uuid.uuid4().hex[:10]
     storage = tmp_path / "storage"
     storage.mkdir()
@@ -87,10 +100,10 @@ def private_env(redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path) -> 
         environ={},
         dotenv_path=None,
     )
-    init_db(settings, plain=True)
+    assert init_db(settings, plain=not hypertable).hypertable == hypertable
     r = redis.Redis.from_url(redis_url)
     try:
-        yield Env(settings=settings, redis=r, pg_uri=check_uri, storage=storage)
+        yield Env(settings=settings, redis=r, pg_uri=check_uri, storage=storage, hypertable=hypertable)
     finally:
         for key in r.scan_iter(match=f"*fp_table_{tag}*"):
             r.delete(key)
@@ -99,7 +112,8 @@ def private_env(redis_url: str, pg_uri: str, check_uri: str, tmp_path: Path) -> 
 
 @pytest.fixture
 def penv(redis_url: str, pg_server: PostgresServer, tmp_path: Path) -> Iterator[Env]:
-    with private_env(redis_url, pg_server.uri, pg_server.uri, tmp_path) as env:
+    hypertable = "timescaledb" in pg_server.preload
+    with private_env(redis_url, pg_server.uri, pg_server.uri, tmp_path, hypertable=hypertable) as env:
         yield env
 
 
@@ -211,6 +225,7 @@ def waits_out_refusal(
 # -- the table changes (a table of its own on the shared server) ------------------------
 
 
+@both_tables
 def test_a_check_constraint_no_row_satisfies_is_waited_out(
     tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -275,6 +290,7 @@ def test_a_trickle_of_rows_a_new_rule_refuses_dead_letters_only_a_few(tenv: Env)
     assert tenv.pending() == 0
 
 
+@both_tables
 def test_a_trigger_that_raises_is_waited_out(
     tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -296,6 +312,7 @@ def test_a_trigger_that_raises_is_waited_out(
         tenv.sql(f"DROP FUNCTION IF EXISTS {t}_freeze() CASCADE")
 
 
+@both_tables
 def test_a_not_null_column_without_default_is_waited_out_on_an_empty_table(
     tenv: Env, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,6 +333,7 @@ def test_a_not_null_column_without_default_is_waited_out_on_an_empty_table(
 # -- the server changes (a private PostgreSQL) -------------------------------------------
 
 
+@private_tables
 def test_a_revoked_insert_privilege_is_waited_out(
     penv: Env, pg_server: PostgresServer, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -332,6 +350,7 @@ def test_a_revoked_insert_privilege_is_waited_out(
     )
 
 
+@private_tables
 def test_a_read_only_server_is_waited_out(
     penv: Env, pg_server: PostgresServer, logs: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
