@@ -122,8 +122,8 @@ class Profile:
 # threads) -> the stage it runs.
 THREADS: list[tuple[str, str]] = [
     ("MainThread", "read (XREADGROUP, reply parsing, hand-over)"),
-    ("filepipe-preparer", "prepare (parse_entries, encode_copy, dead letters)"),
-    ("filepipe-measur", "measure files (extension threads: openat2, fstat, read, SHA-256)"),
+    ("filepipe-preparer", "prepare (parse_entries, encode_copy, dead letters; its share of measuring)"),
+    ("filepipe-measur", "measure files (the extension's pooled threads: openat2, fstat, read, SHA-256)"),
     ("filepipe-loader", "load (COPY)"),
     ("filepipe-acker", "ack (XACK)"),
 ]
