@@ -198,15 +198,23 @@ def test_postgres_commands(env: Env, tmp_path: Path, plain_pg: PostgresServer) -
 def test_status_reports_each_fault_and_exits_1(
     env: Env, tmp_path: Path, servers: dict[str, RedisServer], plain_pg: PostgresServer
 ) -> None:
-    """status renders what it could read, names what it could not, and exits 1."""
-    faults = [("REDIS_URL", url) for url, _ in redis_cases(env, servers).values()]
-    faults += [("PG_URI", uri) for uri, _ in pg_cases(env, plain_pg).values()]
-    for name, value in faults:
+    """status renders what it could read, names what it could not (a refusal as one, with
+    the setting to check), and exits 1."""
+    faults = [("REDIS_URL", url, code) for url, code in redis_cases(env, servers).values()]
+    faults += [("PG_URI", uri, code) for uri, code in pg_cases(env, plain_pg).values()]
+    for name, value, code in faults:
         result = run(["status"], env, tmp_path, **{name: value})
         output = result.stdout + result.stderr
         assert "Traceback" not in output and SECRET not in output, (name, value, output)
         assert result.returncode == 1, (name, value, output)
         assert "✗ UNREACHABLE" in result.stdout or "✗ DEGRADED" in result.stdout, output
+        service = "Redis" if name == "REDIS_URL" else "PostgreSQL"
+        said = next(line for line in result.stdout.splitlines() if line.startswith("  ✗ "))
+        if code == 2:
+            assert said.startswith(f"  ✗ {service} at {mask_url(value)} refused the connection: "), said
+            assert said.endswith(f"(check {name})"), said
+        else:
+            assert said.startswith(f"  ✗ cannot reach {service} at {mask_url(value)}: "), said
 
 
 def test_debug_shows_the_traceback(env: Env, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from redis.exceptions import RedisClusterException
 
 from . import db, stream
 from .config import Settings, mask_url
+from .db.connection import connection_failure
 from .errors import TransientError
 from .observe.health import assess
 from .observe.model import Status, StreamState
@@ -70,14 +71,22 @@ class Collector:
         try:
             st.redis = self.streams.read()
             st.retention = read_retention(self.redis, s)
-        except (redis.ConnectionError, redis.TimeoutError, TransientError, RedisClusterException) as e:
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # What every command says: refused for good (the setting to check), or unreachable.
+            st.redis_error = str(stream.failure(s, e))
+            st.unreachable.append("redis")
+        except (TransientError, RedisClusterException) as e:
             st.redis_error = f"cannot reach Redis at {st.redis_url}: {error_line(e)}"
             st.unreachable.append("redis")
         except redis.RedisError as e:
             st.redis_error = f"Redis refused a status query: {error_line(e)}"
         try:
             st.events = self.table.read(self._connection())
-        except (psycopg.OperationalError, TransientError) as e:
+        except psycopg.OperationalError as e:
+            st.pg_error = str(connection_failure(s, e))
+            st.unreachable.append("postgres")
+            self._drop_pg()
+        except TransientError as e:
             st.pg_error = f"cannot reach PostgreSQL at {st.pg_uri}: {error_line(e)}"
             st.unreachable.append("postgres")
             self._drop_pg()
