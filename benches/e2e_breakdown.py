@@ -30,7 +30,7 @@ from filepipe.config import load_settings
 from filepipe.consumer import Consumer
 from filepipe.embedded import PostgresServer, RedisServer
 
-from .e2e import cleanup, count_rows, fresh, make_files, port_of
+from .e2e import cleanup, count_rows, fresh, make_files, port_of, replace
 
 
 def listener(port: int) -> psutil.Process:
@@ -106,7 +106,7 @@ def patched(obj: Any, attr: str, clock: Clock, name: str) -> Iterator[None]:
         setattr(obj, attr, old)
 
 
-def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> str:
+def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> tuple[str, dict[str, float]]:
     clock = Clock()
     names: dict[int, str] = {}
     with ExitStack() as stack:
@@ -234,7 +234,14 @@ def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> str:
             + ", ".join(f"{(a - tail) * 1000:.0f}-{(b - tail) * 1000:.0f} ms" for a, b in spans)
         )
     lines.append(f"after the last hand-over: {t_end - timeline[-1][0]:.3f} s to the end of run()")
-    return "\n".join(lines)
+    summary = {
+        "files/s": n / wall,
+        "µs/file": ours * us,
+        "ours": ours / (wall * cores),
+        "others": (busy - ours) / (wall * cores),
+        "idle": idle / (wall * cores),
+    }
+    return "\n".join(lines), summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--private", action="store_true", help="throwaway Redis and PostgreSQL servers")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument(
+        "--pool-sizes",
+        default="",
+        help="FILEPIPE_POOL_SIZE values to alternate, run after run (one COPY stream vs two: 1,2)",
+    )
     args = ap.parse_args(argv)
     with ExitStack() as stack:
         redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
@@ -266,12 +278,24 @@ def main(argv: list[str] | None = None) -> None:
         keys = make_files(root, args.files)
         redis_proc = listener(port_of(redis_url))
         pg_proc = listener(urlsplit(pg_uri).port or 5432)
+        pools = [int(x) for x in args.pool_sizes.split(",") if x.strip()] or [base.pool_size]
+        summaries: list[tuple[int, dict[str, float]]] = []
         for _ in range(args.runs):
-            s = fresh(base, keys, args.events)
-            try:
-                print(run(s, redis_proc, pg_proc), "\n", flush=True)
-            finally:
-                cleanup(s)
+            for pool in pools:
+                s = fresh(replace(base, pool_size=pool), keys, args.events)
+                try:
+                    text, summary = run(s, redis_proc, pg_proc)
+                    print(text, "\n", flush=True)
+                    summaries.append((pool, summary))
+                finally:
+                    cleanup(s)
+        print("| pool | files/s | CPU µs/file (ours) | cores: ours | others | idle |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for pool, m in sorted(summaries, key=lambda x: x[0]):
+            print(
+                f"| {pool} | {m['files/s']:,.0f} | {m['µs/file']:.1f} | {m['ours']:.2f} | "
+                f"{m['others']:.2f} | {m['idle']:.2f} |"
+            )
 
 
 if __name__ == "__main__":
