@@ -43,6 +43,7 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
         [sys.executable, "-m", "filepipe", *args],
         env=env,
         cwd=cwd,
+        stdin=subprocess.DEVNULL,  # not a terminal: the demo does not wait for Enter
         capture_output=True,
         text=True,
         timeout=120,
@@ -109,6 +110,10 @@ def test_one_of_each_is_counted_in_the_singular(env: Env, tmp_path: Path) -> Non
     assert purged.returncode == 0, purged.stderr
     assert purged.stdout.startswith("✓ Purged 1 dead letter from "), purged.stdout
     env.redis.delete(stream, f"{stream}:dead")
+    demo = run(["demo", "--files", "1"], cli_env(env), tmp_path)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "✓ Stored 1 sample file (" in demo.stdout, demo.stdout
+    assert "  … filepipe consume --drain: 1 event\n" in demo.stdout, demo.stdout
 
 
 def test_bad_configuration_is_one_line_and_exit_2(env: Env, tmp_path: Path) -> None:

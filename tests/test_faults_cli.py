@@ -121,6 +121,7 @@ def run(args: list[str], env: Env, tmp_path: Path, **extra: str) -> subprocess.C
         [sys.executable, "-m", "filepipe", *args],
         env=base,
         cwd=tmp_path,
+        stdin=subprocess.DEVNULL,  # not a terminal: the demo does not wait for Enter
         capture_output=True,
         text=True,
         timeout=60,

@@ -155,7 +155,7 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
 
         samples = store_samples(settings, work / "samples", min(files, MAX_SAMPLE_FILES))
         size = sum(s.path.stat().st_size for s in samples)
-        echo(f"✓ Stored {len(samples)} sample files ({size / 1e6:.1f} MB)")
+        echo(f"✓ Stored {len(samples)} sample {plural(len(samples), 'file')} ({size / 1e6:.1f} MB)")
 
         old_n, fast_n = guide_counts(files)
         echo(
@@ -166,7 +166,7 @@ def run_demo(files: int, echo: Callable[[str], None] = print, *, serve: bool | N
             guide_run(settings, samples, old_n, "old", plain=plain or not info.hypertable, echo=echo),
             guide_run(settings, samples, fast_n, "fast", plain=plain or not info.hypertable, echo=echo),
         ]
-        echo(f"  … {FILEPIPE}: {files:,} events")
+        echo(f"  … {FILEPIPE}: {files:,} {plural(files, 'event')}")
         enqueue(settings, samples, files)
         runs.append(filepipe_run(settings, files))
         echo("")
@@ -258,7 +258,7 @@ def guide_run(
         stream.ensure_group(r, s.stream, s.group)
         r.close()
         label = GUIDE_OLD if which == "old" else GUIDE_FAST
-        echo(f"  … {label.split(' (')[0]}: {events:,} events")
+        echo(f"  … {label.split(' (')[0]}: {events:,} {plural(events, 'event')}")
         consume = guide.old_consumer if which == "old" else guide.fast_consumer
         done, seconds = consume(s, events)
         return Run(label, done, seconds)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..constants import MEMORY_WARN_SHARE
+from ..observe.text import plural
 from ..redaction import mask_url, printable, scrub
 from .figures import KIB, MIB, Figures, PipelineRun, RedisFigures, StorageFigures
 from .model import SEED_FAST_BATCH, Model
@@ -258,12 +259,12 @@ def render(report: Report) -> str:
     if p is not None:
         out.append(f"END-TO-END RUN (--pipeline {p.events})")
         if p.produce_s:
-            out.append(_line("Produced", f"{p.events:,} events in {p.produce_s:.2f} s"))
+            out.append(_line("Produced", f"{p.events:,} {plural(p.events, 'event')} in {p.produce_s:.2f} s"))
         if p.consume_s:
             out.append(
                 _line(
                     "Consumed",
-                    f"{p.inserted:,} rows in {p.consume_s:.2f} s",
+                    f"{p.inserted:,} {plural(p.inserted, 'row')} in {p.consume_s:.2f} s",
                     f"→ {p.files_per_s:,.1f} files/sec, start to finish",
                 )
             )

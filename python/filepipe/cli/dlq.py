@@ -84,7 +84,7 @@ def replay_cmd(s: Settings, reason: Reason = None, ids: Ids = None) -> None:
     typer.echo(f"✓ Replayed {result.count} {plural(result.count, 'dead letter')} onto {where}")
     if result.refused:
         n = len(result.refused)
-        typer.echo(f"✗ Left {n} dead letter{'s' if n != 1 else ''} that cannot be replayed:", err=True)
+        typer.echo(f"✗ Left {n} {plural(n, 'dead letter')} that cannot be replayed:", err=True)
         for d, why in result.refused[:SHOWN]:
             source = d.fields.get(b"source_id", b"?")
             echo(f"  {d.id.decode()} (source {source.decode(errors='replace')}): {why}", err=True)
