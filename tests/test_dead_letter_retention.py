@@ -68,3 +68,22 @@ def test_an_age_cap_warns_once_before_it_drops(env: Env, caplog: pytest.LogCaptu
         "DEAD_LETTER_RETENTION=7d: those older than 7d are dropped"
     ), warning
     assert env.redis.xlen(env.settings.dead_stream) == 3
+
+
+def test_status_shows_dead_letters_nearing_the_age(env: Env) -> None:
+    """Status (and so the dashboard and /readyz's neighbours) is degraded once the oldest
+    dead letter is past 80 % of the age, naming its age and the setting."""
+    from filepipe.status import collect_status
+
+    s = env.settings_with(dead_letter_retention="500,7d")
+    dead_letters_aged(env, 2, 1 / 24)
+    assert not [p for p in collect_status(s).problems if "dead letters" in p]
+    env.redis.delete(s.dead_stream)
+    dead_letters_aged(env, 6, 1 / 24)
+    st = collect_status(s)
+    assert st.health == "degraded"
+    (problem,) = [p for p in st.problems if "dead letters" in p]
+    assert problem.startswith(
+        f"dead letters near their age: the oldest in {s.dead_stream} is 6d 0h old, 85% of "
+        "DEAD_LETTER_RETENTION=500,7d (those older than 7d are dropped"
+    ), problem

@@ -36,9 +36,11 @@ DEFAULT_LOCAL_STORAGE_DIR = "./uploads"
 # the parse of one entry under a millisecond and a batch of them within memory.
 DEFAULT_MAX_ENTRY_FIELDS = 1000
 DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
-# A dead letter holds its entry whole up to the default caps; a larger entry's dead letter
-# holds an excerpt: at most this many of its fields and bytes, each value (and name) over
-# DEAD_LETTER_EXCERPT_BYTES cut to that many bytes. Its `truncated` field says what was cut.
+# A dead letter holds its entry whole up to the consumer's caps (FILEPIPE_MAX_ENTRY_FIELDS,
+# FILEPIPE_MAX_ENTRY_BYTES), and at least up to these (the default caps); a larger entry's
+# dead letter holds an excerpt: at most that many of its fields and bytes, each value (and
+# name) over DEAD_LETTER_EXCERPT_BYTES cut to that many bytes. Its `truncated` field says
+# what was cut.
 DEAD_LETTER_MAX_FIELDS = DEFAULT_MAX_ENTRY_FIELDS
 DEAD_LETTER_MAX_BYTES = DEFAULT_MAX_ENTRY_BYTES
 DEAD_LETTER_EXCERPT_BYTES = 1024

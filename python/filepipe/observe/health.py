@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from .. import constants as c
-from ..config import Settings
+from ..config import Settings, Window
 from ..redaction import error_line
 from .model import ConsumerState, Status
 from .retained import RetentionState, read_memory
@@ -115,7 +115,8 @@ def assess(st: Status, settings: Settings) -> None:
 
 def retention_problems(kept: RetentionState | None) -> list[str]:
     """Redis memory above MEMORY_WARN_SHARE of maxmemory (naming what holds the entries),
-    and dead-letter streams above DEAD_LETTER_WARN_SHARE of their cap."""
+    and dead-letter streams above DEAD_LETTER_WARN_SHARE of their cap: of its count, or
+    of its age by the oldest dead letter."""
     if kept is None:
         return []
     problems = []
@@ -137,6 +138,17 @@ def retention_problems(kept: RetentionState | None) -> list[str]:
                     f"dead letters near their cap: {k.dead_letters:,} of {kept.dead_cap:,} in {k.stream}"
                     f"{c.DEAD_LETTER_SUFFIX} (DEAD_LETTER_RETENTION={kept.dead_letter_retention}: the oldest "
                     "are dropped beyond it; replay or purge them with `filepipe dlq`)"
+                )
+    if kept.dead_age_s:
+        limit = Window(age_s=kept.dead_age_s).age_text
+        for k in kept.streams:
+            age = k.dead_oldest_age_s
+            if age is not None and age >= c.DEAD_LETTER_WARN_SHARE * kept.dead_age_s:
+                problems.append(
+                    f"dead letters near their age: the oldest in {k.stream}{c.DEAD_LETTER_SUFFIX} is "
+                    f"{duration(age)} old, {int(100 * age / kept.dead_age_s)}% of DEAD_LETTER_RETENTION="
+                    f"{kept.dead_letter_retention} (those older than {limit} are dropped; "
+                    "replay or purge them with `filepipe dlq`)"
                 )
     return problems
 

@@ -45,6 +45,7 @@ class KeptState:
     trimmable: bool = False  # entries below the point wait for the next pass
     dead_letters: int = 0
     dead_memory_bytes: int = 0
+    dead_oldest_age_s: float | None = None
 
 
 @dataclass
@@ -78,6 +79,7 @@ class RetentionState:
     kept_by_retention: str = ""  # what it keeps, in words
     dead_letter_retention: str = ""
     dead_cap: int = 0  # 0: no count limit
+    dead_age_s: int = 0  # 0: no age limit
 
     @property
     def length(self) -> int:
@@ -145,6 +147,7 @@ def read_retention(r: Any, settings: Settings, now_ms: int | None = None) -> Ret
         kept_by_retention=settings.stream_window.describe(),
         dead_letter_retention=settings.dead_letter_retention,
         dead_cap=0 if settings.dead_window.keep_all else settings.dead_window.count,
+        dead_age_s=0 if settings.dead_window.keep_all else settings.dead_window.age_s,
     )
     for i, part in enumerate(parts):
         plan = retention.parse_plan(part.stream, replies[3 * i])
@@ -164,6 +167,8 @@ def read_retention(r: Any, settings: Settings, now_ms: int | None = None) -> Ret
         )
         if plan.first_id:
             kept.oldest_age_s = max(0.0, (now_ms - id_ms(plan.first_id)) / 1000)
+        if plan.dead_first_id:
+            kept.dead_oldest_age_s = max(0.0, (now_ms - id_ms(plan.dead_first_id)) / 1000)
         out.streams.append(kept)
     return out
 

@@ -29,6 +29,7 @@ class StreamPlan:
     length: int
     first_id: str  # the oldest entry kept
     dead_letters: int
+    dead_first_id: str = ""  # the oldest dead letter
 
     @property
     def trimmable(self) -> bool:
@@ -63,6 +64,7 @@ def parse_plan(stream: str, reply: Any) -> StreamPlan:
         **held_fields(reply),
         first_id=reply_text(reply[7]),
         dead_letters=int(reply[8]),
+        dead_first_id=reply_text(reply[9]),
     )
 
 

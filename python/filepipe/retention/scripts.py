@@ -102,6 +102,11 @@ end
 local function dead_count(dead)
   return redis.call('XLEN', dead)
 end
+
+local function dead_first(dead)
+  local first = redis.call('XRANGE', dead, '-', '+', 'COUNT', 1)
+  return #first > 0 and first[1][1] or ''
+end
 """
 
 # KEYS: stream, lease, marks, dead-letter stream, arrival samples. ARGV: lease owner,
@@ -148,8 +153,7 @@ local oldest = ''
 if tonumber(ARGV[8]) > 0 then
   local cutoff = string.format('%d-0', math.max(now - tonumber(ARGV[8]), 0))
   dropped = dropped + redis.call('XTRIM', KEYS[4], 'MINID', cutoff)
-  local first = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
-  if #first > 0 then oldest = first[1][1] end
+  oldest = dead_first(KEYS[4])
 end
 return {trimmed, point, why, holder, pending, lag, length, dead_count(KEYS[4]), dropped, oldest, now}
 """
@@ -157,13 +161,14 @@ return {trimmed, point, why, holder, pending, lag, length, dead_count(KEYS[4]), 
 
 # The same reading without writing anything (for status, the dashboard, metrics):
 # KEYS: stream, marks, dead-letter stream; ARGV: keep (1: all), count, age ms. Returns
-# {exists, point, why, holder, its pending, its lag, length, first entry id, dead letters}.
+# {exists, point, why, holder, its pending, its lag, length, first entry id, dead letters,
+# the oldest dead letter's id}.
 PLAN_SCRIPT = (
     "#!lua flags=no-writes\n"
     + _LUA_LIB
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0, '', '', '', 0, -1, 0, '', dead_count(KEYS[3])}
+  return {0, '', '', '', 0, -1, 0, '', dead_count(KEYS[3]), dead_first(KEYS[3])}
 end
 local info = map(redis.call('XINFO', 'STREAM', KEYS[1]))
 local point, why, holder, pending, lag = '0-0', 'retention', '', 0, -1
@@ -172,7 +177,8 @@ if ARGV[1] ~= '1' then
                                           false)
 end
 local first = info['first-entry']
-return {1, point, why, holder, pending, lag, info['length'], first and first[1] or '', dead_count(KEYS[3])}
+return {1, point, why, holder, pending, lag, info['length'], first and first[1] or '', dead_count(KEYS[3]),
+        dead_first(KEYS[3])}
 """
 )
 
