@@ -18,12 +18,18 @@ from typer.testing import CliRunner
 
 from filepipe import status
 from filepipe.cli import app
-from filepipe.constants import HEARTBEAT_TTL_S, heartbeat_key, partition_stream
+from filepipe.constants import (
+    GROUP_RECREATED_TTL_S,
+    HEARTBEAT_TTL_S,
+    group_recreated_key,
+    heartbeat_key,
+    partition_stream,
+)
 from filepipe.consumer import Consumer
 from filepipe.embedded import free_port
 from filepipe.observe import dead as observe_dead
 from filepipe.status import Status, collect_status
-from filepipe.stream import ensure_group
+from filepipe.stream import ensure_group, note_recreated
 from filepipe.timescale import read_extension
 
 runner = CliRunner()
@@ -471,6 +477,18 @@ def test_partitioned_stream_is_one_view(env: Env) -> None:
     assert st.events is not None and st.events.rows_last_minute == 6
     text = status.render(st)
     assert "3 partitions" in text and "Partitions:" in text and f"most lag 1 on {names[1]}" in text
+    assert t.group_recreated is None and "Group recreated" not in text
+
+    # Two partitions' groups were found missing and created again: the latest is shown.
+    note_recreated(env.redis, names[0], settings.group, "c1", "NOGROUP No such key")
+    env.redis.expire(group_recreated_key(names[0], settings.group), GROUP_RECREATED_TTL_S - 300)
+    note_recreated(env.redis, names[1], settings.group, "c2", "UNBLOCKED the stream key no longer exists")
+    st = collect_status(settings)
+    assert st.redis is not None and st.redis.group_recreated is not None
+    assert (st.redis.group_recreated.stream, st.redis.group_recreated.consumer) == (names[1], "c2")
+    line = next(line for line in status.render(st).splitlines() if "Group recreated" in line)
+    assert f"by c2 on {names[1]}: it was missing (UNBLOCKED the stream key no longer exists)" in line, line
+    assert st.to_json()["redis"]["group_recreated"]["consumer"] == "c2"
 
 
 def test_partitions_on_a_redis_cluster(env: Env) -> None:
