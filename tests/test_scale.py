@@ -342,6 +342,25 @@ def test_partitions_on_the_cluster_are_trimmed_each_on_its_own(
     assert [int(r.xlen(p.stream)) for p in parts] == [0] * 6
 
 
+def test_a_dead_letter_too_wide_for_a_lua_call_is_written_whole_on_the_cluster(
+    cenv: tuple[Env, redis.Redis],
+) -> None:
+    """With the caps raised, a 10,000-field entry naming a file that is not there: its
+    dead letter goes in a transaction of its own on the partition's master, whole."""
+    env, r = cenv
+    s = env.settings
+    part = partitions(s)[3]
+    flat = [b"file_id", b"0b7e2a4c-3c1d-4e4f-9a55-2d0c6a1b9e01", b"filename", b"gone", b"key", b"gone"]
+    for i in range(9_997):
+        flat += [b"a%d" % i, b"v%d" % i]
+    r.execute_command("XADD", part.stream, "*", *flat)
+    stats = env.drain(max_entry_fields=20_000)
+    assert stats.dead_lettered == 1
+    (letter,) = dlq.scan(r, part.dead_stream)
+    assert letter.reason == "missing" and letter.unreplayable() is None
+    assert [x for kv in letter.original() for x in kv] == flat
+
+
 def test_producer_and_status_on_the_cluster(cenv: tuple[Env, redis.Redis], tmp_path: Path) -> None:
     env, r = cenv
     s = env.settings
