@@ -59,12 +59,14 @@ def cpu_of(p: psutil.Process, *, children: bool) -> float:
 comms: dict[int, str] = {}  # thread names as the kernel knows them (the extension's too)
 
 
-def thread_cpu() -> dict[int, float]:
-    """Seconds on a CPU of every thread of this process, by native id (schedstat: ns)."""
-    out: dict[int, float] = {}
+def thread_cpu() -> dict[int, tuple[float, float]]:
+    """Seconds on a CPU, and runnable but waiting for one, of every thread of this process,
+    by native id (schedstat: ns)."""
+    out: dict[int, tuple[float, float]] = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            out[int(tid)] = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+            on, waiting = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[:2]
+            out[int(tid)] = (int(on) / 1e9, int(waiting) / 1e9)
             if int(tid) not in comms:
                 comms[int(tid)] = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
         except (OSError, ValueError, IndexError):
@@ -138,7 +140,7 @@ def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> tuple[st
         started: list[float] = []
         c.reader.run = lambda run=c.reader.run: (started.append(time.perf_counter()), run())[1]  # type: ignore[method-assign]
         done = threading.Event()
-        seen: dict[int, float] = {}  # the last CPU seen of each thread (they end with the run)
+        seen: dict[int, tuple[float, float]] = {}  # the last CPU seen of each thread (they end with the run)
 
         def names_of_threads() -> None:
             while not done.is_set():
@@ -166,12 +168,16 @@ def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> tuple[st
     me = threading.get_native_id()
     names[me] = "reader (main thread)"
     per_thread: dict[str, float] = defaultdict(float)
+    runnable: dict[str, float] = defaultdict(float)
     threads1.pop(watcher.native_id or 0, None)
-    for tid, sec in threads1.items():
-        spent = sec - threads0.get(tid, 0.0)
+    for tid, (sec, waited) in threads1.items():
+        on0, wait0 = threads0.get(tid, (0.0, 0.0))
+        spent = sec - on0
         if spent > 0.0005:
             name = names.get(tid) or comms.get(tid, "?")
-            per_thread[name.rsplit("-", 1)[0] if name.startswith("filepipe-loader") else name] += spent
+            name = name.rsplit("-", 1)[0] if name.startswith("filepipe-loader") else name
+            per_thread[name] += spent
+            runnable[name] += waited - wait0
     per_thread["(not sampled: threads' last 10 ms)"] = consumer_cpu - sum(per_thread.values())
     us = 1e6 / n
     lines = [
@@ -198,9 +204,13 @@ def run(s: Any, redis_proc: psutil.Process, pg_proc: psutil.Process) -> tuple[st
         f"| everything else on the machine | {busy - ours:.3f} | | {(busy - ours) / (wall * cores):.2f} |"
     )
     lines.append(f"| idle | {idle:.3f} | | {idle / (wall * cores):.2f} |")
-    lines += ["", "| consumer thread | CPU s | µs per file |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "| consumer thread | CPU s | µs per file | runnable, waiting for a core, s |",
+        "|---|---:|---:|---:|",
+    ]
     for name, sec in sorted(per_thread.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {name} | {sec:.3f} | {sec * us:.1f} |")
+        lines.append(f"| {name} | {sec:.3f} | {sec * us:.1f} | {runnable.get(name, 0.0):.3f} |")
     lines += [
         "",
         "| stage activity (wall, summed over its threads) | seconds | of the run | calls |",
