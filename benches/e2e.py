@@ -183,12 +183,16 @@ class Cpu:
         remote, or behind the latency proxy)."""
         return {"cpu_us": spent} if self.known else {}
 
-    def spent(self, before: tuple[float, float, float], files: int) -> dict[str, float]:
-        """µs of CPU per file since `before`: this process, Redis, PostgreSQL."""
+    def spent(
+        self, before: tuple[float, float, float], files: int, uses: tuple[str, ...] = ("redis", "postgres")
+    ) -> dict[str, float]:
+        """µs of CPU per file since `before`: this process, and the servers the run `uses`
+        (a server's CPU while a run does not use it is other clients')."""
         time.sleep(0.2)  # backends of a closed pool exit and are reaped (their CPU counts then)
         after = self.sample()
         us = [(b - a) * 1e6 / max(1, files) for a, b in zip(before, after, strict=True)]
-        return {"client": us[0], "redis": us[1], "postgres": us[2]}
+        spent = {"client": us[0], "redis": us[1], "postgres": us[2]}
+        return {k: v for k, v in spent.items() if k == "client" or k in uses}
 
 
 # -- the limits: each component alone, on the same entries ------------------------------------
@@ -207,7 +211,7 @@ def limit_redis(s: Settings, cpu: Cpu) -> tuple[float, dict[str, float]]:
         r.xack(s.stream, s.group, *[e[0] for e in entries])
         n += len(entries)
     dt = time.perf_counter() - t0
-    spent = cpu.spent(before, n)
+    spent = cpu.spent(before, n, ("redis",))
     r.close()
     return n / dt, spent
 
@@ -241,7 +245,7 @@ def limit_files(s: Settings) -> tuple[float, dict[str, float], list[tuple[bytes,
         cpu += time.process_time() - c0
         n += len(b)
         bufs.append((_native.encode_copy(b, m, "limit", stream="limit"), len(b)))
-    return n / spent, {"client": cpu * 1e6 / max(1, n), "redis": 0.0, "postgres": 0.0}, bufs
+    return n / spent, {"client": cpu * 1e6 / max(1, n)}, bufs
 
 
 def limit_postgres(
@@ -274,7 +278,7 @@ def limit_postgres(
     dt = time.perf_counter() - t0
     pool.close()
     rows = count_rows(table_settings)
-    spent = cpu.spent(before, rows)
+    spent = cpu.spent(before, rows, ("postgres",))
     cleanup(table_settings)
     return rows / dt, spent
 
@@ -480,8 +484,8 @@ def table(results: list[Result]) -> str:
 
 
 def cpu_table(results: list[Result]) -> str:
-    """CPU per file of each run that was measured: this process (the client), Redis,
-    PostgreSQL."""
+    """CPU per file of each run that was measured: this process (the client), and the
+    Redis and PostgreSQL servers it uses."""
     rows = [r for r in results if "cpu_us" in r.extra]
     if not rows:
         return ""
@@ -491,10 +495,8 @@ def cpu_table(results: list[Result]) -> str:
     ]
     for r in rows:
         c = r.extra["cpu_us"]
-        lines.append(
-            f"| {r.scenario} | {r.name} | {c['client']:.1f} | {c['redis']:.1f} | {c['postgres']:.1f} | "
-            f"{sum(c.values()):.1f} |"
-        )
+        cells = " | ".join(f"{c[k]:.1f}" if k in c else "" for k in ("client", "redis", "postgres"))
+        lines.append(f"| {r.scenario} | {r.name} | {cells} | {sum(c.values()):.1f} |")
     return "\n".join(lines)
 
 
