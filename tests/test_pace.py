@@ -1,12 +1,14 @@
 """Reads paced to the round trip: behind a proxy adding 10 ms each way, the reads grow to
 cover the measured round trip after the first batches instead of doubling from the
-first read's size, and every event is loaded once."""
+first read's size (the second read waits for the first batch to be prepared), and every
+event is loaded once."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -47,6 +49,14 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
         try:
             seed(r, s, tmp_path, EVENTS)
             c = Consumer(s, drain=True, write=None)
+            sizes: list[int] = []
+            submit = c.reader.submit
+
+            def observed(part: Any, entries: list[Any], *, redelivered: bool) -> None:
+                sizes.append(len(entries))
+                submit(part, entries, redelivered=redelivered)
+
+            c.reader.submit = observed  # type: ignore[method-assign]
             stats = c.run()
             with psycopg.connect(pg_uri) as conn:
                 rows = conn.execute(f"SELECT count(*) FROM {s.table}").fetchone()
@@ -61,3 +71,8 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
     assert c.pace.cover >= 0.018 * c.pace.rate * 4 > 0
     # Doubling from 16 entries would take 8 reads (16 + 32 + … + 2048) to read 4000.
     assert stats.batches <= 6, stats.batches
+    # The first read stays within the byte budget whatever the entries' sizes; the second
+    # waits for it to be prepared, and is sized by the round trips at the preparer's rate
+    # (read before, it would be as small, or twice as big).
+    first = s.batch_bytes // s.max_entry_bytes
+    assert sizes[0] == first and sizes[1] > 2 * first, sizes

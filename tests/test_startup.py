@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import pytest
 import redis
 from psycopg import pq
 from tests.conftest import Env
@@ -154,3 +157,47 @@ def test_a_command_line_built_with_only_its_command_reads_as_the_whole_app() -> 
             alone, whole = runner.invoke(one, args), runner.invoke(app, args)
             assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), args
     assert command_line(["--version"]) is app and command_line(["dlq"]) is app and command_line([]) is app
+
+
+def test_an_early_connection_is_open_before_it_is_taken(env: Env) -> None:
+    """`EarlyConnection` opens in its own thread from the moment it is made: it is open on
+    the server before anyone takes it; taking it hands over that connection (and a second
+    take connects anew); what opening it raised is raised by `take`, as `connect` would;
+    closed untaken, it is gone from the server."""
+    import time
+
+    from filepipe.db import EarlyConnection
+
+    name = f"early-{uuid.uuid4().hex[:8]}"
+    settings = env.settings
+    ours = f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}'"
+
+    def opened() -> int:
+        return int(env.sql(ours)[0][0])
+
+    def wait_for(count: int) -> None:
+        for _ in range(500):
+            if opened() == count:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"{opened()} connections named {name}, not {count}")
+
+    early = EarlyConnection(settings, autocommit=True, application_name=name)
+    wait_for(1)  # open before anyone asked for it
+    conn = early.take()
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    again = early.take()
+    wait_for(2)
+    conn.close()
+    again.close()
+    early.close()
+
+    untaken = EarlyConnection(settings, autocommit=True, application_name=name)
+    wait_for(1)
+    untaken.close()
+    wait_for(0)
+
+    nowhere = urlunsplit(urlsplit(env.pg_uri)._replace(path="/no_such_db_here"))
+    refused = EarlyConnection(env.settings_with(pg_uri=nowhere))
+    with pytest.raises(psycopg.OperationalError, match="no_such_db_here"):
+        refused.take()

@@ -37,6 +37,8 @@ WINDOW = 8  # round trips kept per service: the estimate is the least of them (q
 # Below this the doubling reaches the cover within a few batches of as many round trips
 # (a few ms in all), and the reads grow exactly as they would without pacing.
 MIN_ROUND_TRIP_S = 0.001
+# The longest the reader waits for the first batch to be prepared before it reads the next.
+FIRST_WAIT_S = 1.0
 RATE_WEIGHT = 0.3  # of the newest batch in the preparer's rate (an exponential average)
 
 
@@ -51,6 +53,7 @@ class Pace:
         self.rate = 0.0  # entries per second of the preparer's own time
         self.cover = 0  # entries a read needs to cover the round trips (0: not known yet)
         self._told = 0  # the cover last logged
+        self._first = threading.Event()  # the first batch was prepared
 
     # -- measuring ---------------------------------------------------------------------
 
@@ -105,11 +108,24 @@ class Pace:
     def prepared(self, entries: int, seconds: float) -> None:
         """The preparer took `seconds` for a batch of `entries` entries (in its thread,
         after `ReadSize.observe`): the read size is raised to cover the round trips."""
-        if entries <= 0 or seconds <= 0:
-            return
-        rate = entries / seconds
-        self.rate = rate if self.rate == 0 else (1 - RATE_WEIGHT) * self.rate + RATE_WEIGHT * rate
-        self._update()
+        try:
+            if entries <= 0 or seconds <= 0:
+                return
+            rate = entries / seconds
+            self.rate = rate if self.rate == 0 else (1 - RATE_WEIGHT) * self.rate + RATE_WEIGHT * rate
+            self._update()
+        finally:
+            self._first.set()
+
+    def first_prepared(self, timeout: float = FIRST_WAIT_S) -> None:
+        """Waits (at most `timeout`) until the first batch handed over was prepared, at once
+        after that. The first read after a start is small (within the byte budget whatever
+        the entries' sizes); read before it was prepared, the second one would be as small,
+        and each would take a load and an acknowledgement of its own, round trips that a
+        slow network makes long. Sized by what the first showed (the entries' sizes, the
+        preparer's rate), the second read is as big as the round trips call for."""
+        if not self._first.is_set():
+            self._first.wait(timeout)
 
     # -- the read size -------------------------------------------------------------------
 

@@ -266,16 +266,28 @@ class Consumer:
         A service that does not answer is waited for, its reason logged, until a stop (or,
         draining, FILEPIPE_DRAIN_TIMEOUT)."""
         s = self.settings
-        self.files.storage(s.storage_mode)
-        for part in self.parts:
+        # The table check's connection opens meanwhile: on a slow network, its round trips
+        # (TLS, the login) overlap the storage's and Redis's.
+        early = db.EarlyConnection(s, autocommit=True)
+        try:
+            self.files.storage(s.storage_mode)
+            for part in self.parts:
+                self._at_start(
+                    "Redis",
+                    s.redis_url,
+                    self.redis_backoff,
+                    lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
+                    is_transient_redis,
+                )
             self._at_start(
-                "Redis",
-                s.redis_url,
-                self.redis_backoff,
-                lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
-                is_transient_redis,
+                "PostgreSQL",
+                s.pg_uri,
+                self._pg_start_backoff,
+                lambda: self._check_table(early),
+                is_transient_pg,
             )
-        self._at_start("PostgreSQL", s.pg_uri, self._pg_start_backoff, self._check_table, is_transient_pg)
+        finally:
+            early.close()
 
     def _at_start(
         self,
@@ -302,12 +314,12 @@ class Consumer:
                 raise pg_refused(self.settings, e) from e
             raise DatabaseError(f"PostgreSQL at {mask_url(url)}: {error_line(e)}") from e
 
-    def _check_table(self) -> None:
+    def _check_table(self, early: db.EarlyConnection) -> None:
         """Refuses a table that is missing or that this version cannot load (SchemaError: one
-        line naming `filepipe init-db`, exit 2)."""
+        line naming `filepipe init-db`, exit 2). On `early`'s connection (autocommit: the one
+        catalog query is all, no BEGIN and COMMIT round trips)."""
         table = self.settings.table
-        # Autocommit: the one catalog query is all (no BEGIN and COMMIT round trips).
-        with db.connect(self.settings, autocommit=True) as conn:
+        with early.take() as conn:
             layout = db.read_layout(conn, table, compression=False)
         if layout is None:
             raise SchemaError(f"table {table} does not exist: run `filepipe init-db` first")

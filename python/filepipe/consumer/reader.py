@@ -294,6 +294,8 @@ class Reader:
         self.in_hand.add(part.stream, ids)
         if not self._submit_to((part, entries, redelivered, gone), self._give_up_handing_over):
             self.in_hand.landed(part.stream, ids)  # not handed over: pending, delivered again
+        elif self.pace is not None:
+            self.pace.first_prepared()  # the next read is sized by what the first batch showed
 
     def _give_up_handing_over(self) -> bool:
         """Asked while the preparer has no room (the stages downstream wait: an outage, a

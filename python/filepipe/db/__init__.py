@@ -18,6 +18,7 @@ from .columns import COLUMNS, OLD_PRIMARY_KEY, copy_statement, table_ident
 from .connection import (
     NO_PRIVILEGE,
     READ_ONLY,
+    EarlyConnection,
     check_conninfo,
     configure_connection,
     connect,
@@ -35,6 +36,7 @@ __all__ = [
     "NO_PRIVILEGE",
     "OLD_PRIMARY_KEY",
     "READ_ONLY",
+    "EarlyConnection",
     "Layout",
     "Loader",
     "SchemaInfo",

@@ -60,6 +60,62 @@ def connect(settings: Settings, **extra: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(settings.pg_uri, **kwargs)
 
 
+class EarlyConnection:
+    """A connection (`connect(settings, **extra)`) opened in a thread from the moment this is
+    made, for the caller who needs it later: on a slow network its round trips (TLS, the
+    login) overlap the caller's other work. `take()` hands it over, or raises what opening
+    it raised, as `connect` would have; a second `take()` connects anew."""
+
+    def __init__(self, settings: Settings, **extra: Any) -> None:
+        self.settings = settings
+        self.extra = extra
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._closed = False
+        threading.Thread(target=self._open, name="filepipe-connect", daemon=True).start()
+
+    def _open(self) -> None:
+        try:
+            conn = connect(self.settings, **self.extra)
+        except BaseException as e:  # handed to take(), in the caller's thread
+            self._error = e
+        else:
+            with self._lock:
+                if self._closed:  # before it was taken
+                    conn.close()
+                else:
+                    self._conn = conn
+        finally:
+            self._done.set()
+
+    def take(self) -> psycopg.Connection[Any]:
+        """The connection, once it is open (or the error opening it raised); afterwards, a
+        new one."""
+        with self._lock:
+            first = not self._taken and not self._closed
+            self._taken = True
+        if not first:
+            return connect(self.settings, **self.extra)
+        self._done.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert self._conn is not None
+        conn, self._conn = self._conn, None
+        return conn
+
+    def close(self) -> None:
+        """Closes the connection if it was never taken (now, or once it opens)."""
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
 def check_conninfo(settings: Settings) -> None:
     """Raises ConfigError if PG_URI cannot be parsed (a broken percent-escape, an
     unknown option): no connection attempt could ever succeed."""
