@@ -191,25 +191,35 @@ def test_an_unreplayable_dead_letter_does_not_stop_the_others(env: Env, r: Any, 
     assert left == [deleted, wide, b"1-2"] and old not in [d.id for d in dlq.scan(r, s.dead_stream)]
 
 
-@pytest.mark.parametrize("width", [3_000, 20_000])
+@pytest.mark.parametrize(
+    ("width", "reason"), [(3_000, "missing"), (20_000, "missing"), (20_000, "max_deliveries")]
+)
 def test_an_entry_the_raised_caps_admit_is_dead_lettered_whole_and_replayed(
-    env: Env, tmp_path: Path, width: int
+    env: Env, tmp_path: Path, width: int, reason: str
 ) -> None:
     """With FILEPIPE_MAX_ENTRY_FIELDS / FILEPIPE_MAX_ENTRY_BYTES raised, an entry over the
     default caps (3,000 fields and 2.4 MiB; 20,000 fields, past what one Lua call takes) is
-    admitted, names a file that is not there, and is dead-lettered whole: acknowledged,
-    then replayed byte for byte."""
+    admitted, names a file that is not there (or was delivered too often), and is
+    dead-lettered whole: acknowledged, then replayed byte for byte."""
     s = env.settings
     flat = [b"file_id", str(uuid.uuid4()).encode(), b"filename", b"gone.txt", b"key", b"gone.txt"]
     for i in range(width - 3):
         flat += [b"attr_%d" % i, b"%d:" % i + b"x" * (2_400_000 // width)]
     env.redis.execute_command("XADD", s.stream, "*", *flat)
-    stats = env.drain(max_entry_fields=50_000, max_entry_bytes=8 << 20)
+    caps: dict[str, Any] = {"max_entry_fields": 50_000, "max_entry_bytes": 8 << 20}
+    if reason == "max_deliveries":
+        # Delivered to a consumer that went away, claimed by the drain: its second delivery.
+        stream.ensure_group(env.redis, s.stream, s.group)
+        env.redis.xreadgroup(s.group, "gone", {s.stream: ">"})
+        caps |= {"max_deliveries": 1, "claim_idle_ms": 1}
+    stats = env.drain(**caps)
     assert stats.dead_lettered == 1 and env.pending() == 0
     ((_, letter),) = raw_entries(env.redis, s.dead_stream)
     added = dict(zip(letter[2 * width + 2 :: 2], letter[2 * width + 3 :: 2], strict=True))
     assert letter[2 * width : 2 * width + 2] == [b"original_fields", str(width).encode()]
-    assert added[b"reason"] == b"missing" and b"truncated" not in added and b"fields_dropped" not in added
+    assert (
+        added[b"reason"] == reason.encode() and b"truncated" not in added and b"fields_dropped" not in added
+    )
     env.redis.delete(s.stream)
     result = dlq_command(env, tmp_path, "replay")
     assert result.returncode == 0, result.stderr
