@@ -285,9 +285,10 @@ def test_entries_in_hand_stay_claimed_through_an_outage(
     """PostgreSQL down four times CLAIM_IDLE_MS: the entries the consumer holds are claimed
     again while it waits (XCLAIM JUSTID, every half CLAIM_IDLE_MS), so they never look idle
     long enough for another consumer to take them over as a dead consumer's."""
-    site = Site(redis_server, pg_server, tmp_path)
+    # Batches of 20: the drain is still going when PostgreSQL stops.
+    site = Site(redis_server, pg_server, tmp_path, batch_size=20)
     s = site.settings
-    w = site.seed(3000, poison_every=10)
+    w = site.seed(20_000, poison_every=10)
     log = tmp_path / "consumer.log"
     proc = start_consumer(s, "holder", "--drain", log=log)
     try:

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..observe.text import plural
 from .facts import TableFacts, read_table
 from .policies import DAY_HISTORY_HOURS, ident
 
@@ -140,8 +141,9 @@ class TableFigures:
         if peak is None:
             return f"no files in the last {self.history_minutes} minutes ({source})"
         return (
-            f"{files:,} files, {size / 1e6:,.1f} MB in the last {self.history_minutes} minutes; busiest "
-            f"minute {peak[0].astimezone(timezone.utc):%H:%M} UTC with {peak[1]:,} ({source})"
+            f"{files:,} {plural(files, 'file')}, {size / 1e6:,.1f} MB in the last {self.history_minutes} "
+            f"minutes; busiest minute {peak[0].astimezone(timezone.utc):%H:%M} UTC with {peak[1]:,} "
+            f"({source})"
         )
 
     def day_summary(self) -> str | None:
@@ -152,8 +154,8 @@ class TableFigures:
         if peak is None:
             return "no files (from the continuous aggregate)"
         return (
-            f"{files:,} files, {size / 1e6:,.1f} MB; busiest hour {peak[0].astimezone(timezone.utc):%H}:00 "
-            f"UTC with {peak[1]:,} (from the continuous aggregate)"
+            f"{files:,} {plural(files, 'file')}, {size / 1e6:,.1f} MB; busiest hour "
+            f"{peak[0].astimezone(timezone.utc):%H}:00 UTC with {peak[1]:,} (from the continuous aggregate)"
         )
 
     def lines(self) -> list[tuple[str, str, str]]:
