@@ -1,8 +1,12 @@
 """Configuration: command-line options over environment variables over `.env` over defaults.
 
-The environment names are the ones the seed's users already have in their `.env`
-(`REDIS_URL`, `PG_URI`, `CONSUMER_BATCH_SIZE`, ...). Secrets are never printed:
+The environment names are the ones the performance guide's users already have in their
+`.env` (`REDIS_URL`, `PG_URI`, `CONSUMER_BATCH_SIZE`, ...). Secrets are never printed:
 use `mask_url` for a URL shown to a person, `redaction.error_line` for a library's error.
+
+One module, a little over 500 lines, on purpose: `Settings` is the one table of every
+setting (its environment name, option, default, help and bounds beside the field), and the
+loading and checking below read that table; split, a setting's parts would live apart.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Prometheus metrics and the health probes.
     /healthz       the process serves
     /readyz        Redis answers and is not full, PostgreSQL answers and has the table
                    (503 otherwise: `observe.health.ServiceProbe`)
+
+The routes and the guards every one of them passes (the Host check, the login, its rate
+limit) are kept in one module of about 500 lines, so that no route can be added without
+them in view; the upload page's work is in `upload.py`, the readings in `monitor.py`.
 """
 
 from __future__ import annotations
