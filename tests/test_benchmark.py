@@ -139,7 +139,7 @@ def test_slow_database_is_the_bottleneck(slow_pg: Settings) -> None:
     pg = section(text, database_title(bool(report.postgres.timescaledb)))
     assert "⚠ SLOW!" in pg and "⚠ Creating connections is expensive!" in pg
     assert "⚠" not in line(text, "PING (avg)")
-    # The seed's per-file-connection consumer pays that latency per file; filepipe does not.
+    # The guide's per-file-connection consumer pays that latency per file; filepipe does not.
     assert report.model is not None
     assert report.model.old_rate() < report.model.fast_rate() < report.model.rate()
     assert report.exit_code == 0

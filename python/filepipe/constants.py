@@ -13,7 +13,7 @@ STAGING_TABLE = "filepipe_staging"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_PG_URI = "postgresql://localhost:5432/postgres"
 
-# The seed's consumer used 10 and then 50; larger batches amortise every round trip.
+# The guide's consumer used 10 and then 50; larger batches amortise every round trip.
 DEFAULT_BATCH_SIZE = 5000
 # Bytes of stream entries per batch, about. A batch of 5000 typical entries (300-500 bytes:
 # a uuid, a name, a key, a few attributes) is under 2.5 MB, so this never cuts one short

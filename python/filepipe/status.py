@@ -1,4 +1,4 @@
-"""`filepipe status`: the whole pipeline at a glance (the seed's `python status.py`).
+"""`filepipe status`: the whole pipeline at a glance (the guide's `python status.py`).
 
 Redis says what is waiting (stream length, group lag, pending entries, each
 consumer's pending and idle time, dead letters by reason); the consumers' heartbeats

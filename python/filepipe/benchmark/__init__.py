@@ -1,6 +1,6 @@
 """`filepipe benchmark`: where the time goes, and what to do about it.
 
-The seed's `python benchmark.py` measured Redis and the database and said which one
+The guide's `python benchmark.py` measured Redis and the database and said which one
 was the bottleneck. This does the same with more figures (Redis, PostgreSQL, the
 storage, this host's CPU), then models what each consumer design would do with
 them and names the one component that limits throughput, with a fix.

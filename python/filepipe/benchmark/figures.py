@@ -186,7 +186,7 @@ class StorageFigures:
 
     @property
     def sequential_ms(self) -> float:
-        """One file after another, as the seed's consumers read them: one object's
+        """One file after another, as the guide's consumers read them: one object's
         latency on S3; the per-file time on one thread for local files."""
         if self.kind == "s3" and self.one_file:
             return self.one_file.p50

@@ -9,7 +9,7 @@ slowest sets the pace:
     ack stage  = XACK(B)
 
 Every term is "fixed per batch + per entry", so the model also says which batch size, or
-how many consumers, would hide the latency, and what the seed's consumers would do."""
+how many consumers, would hide the latency, and what the guide's consumers would do."""
 
 import math
 from dataclasses import dataclass, replace
@@ -21,7 +21,7 @@ from .figures import HostFigures, PostgresFigures, RedisFigures, StorageFigures
 HIDDEN_SHARE = 0.10
 MAX_SUGGESTED_BATCH = 50_000
 MAX_SUGGESTED_CONSUMERS = 64
-# The seed's consumers, as the performance guide describes them.
+# The guide's consumers, as the performance guide describes them.
 SEED_OLD_BATCH = 10
 SEED_FAST_BATCH = 50
 
@@ -43,7 +43,7 @@ class Model:
     pg_load_per: float
     storage_fixed: float  # per batch
     storage_per: float  # per file, measured a batch at a time
-    storage_single: float  # one file after another (the seed's consumers)
+    storage_single: float  # one file after another (the guide's consumers)
     cpu_per: float  # parse + encode per event
     loaders: int = 1  # batches loaded at once, each on its own pooled connection (FILEPIPE_POOL_SIZE)
 
@@ -90,7 +90,7 @@ class Model:
         return (self.pg_new_connection + fill + rest + 5 * self.redis_rtt) / 1000
 
     def old_consumer_ms(self) -> float:
-        """Per file, the seed's first consumer: a new connection, INSERT and COMMIT per
+        """Per file, the guide's first consumer: a new connection, INSERT and COMMIT per
         file, one XACK per file, XREADGROUP of 10."""
         return (
             self.redis_read_fixed / SEED_OLD_BATCH
@@ -107,7 +107,7 @@ class Model:
         return 1000.0 / self.old_consumer_ms()
 
     def fast_rate(self) -> float:
-        """The seed's fast consumer: pooled connection, `executemany` of 50 (one round
+        """The guide's fast consumer: pooled connection, `executemany` of 50 (one round
         trip per row with psycopg2), one commit and one XACK per batch."""
         b = SEED_FAST_BATCH
         ms = (

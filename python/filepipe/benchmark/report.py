@@ -1,5 +1,5 @@
 """The report: the figures, the model and the verdict of one run, as the human report
-(in the seed's words: "REDIS PERFORMANCE", "DATABASE IS THE BOTTLENECK!") or one JSON
+(in the guide's words: "REDIS PERFORMANCE", "DATABASE IS THE BOTTLENECK!") or one JSON
 document for machines."""
 
 import json
@@ -108,7 +108,7 @@ def _line(label: str, value: str, mark: str = "") -> str:
 
 
 def render(report: Report) -> str:
-    """The human report, in the seed's words."""
+    """The human report, in the guide's words."""
     out: list[str] = []
     s = report.settings
     out.append(f"filepipe benchmark · Redis {mask_url(s.redis_url)} · PostgreSQL {mask_url(s.pg_uri)}")

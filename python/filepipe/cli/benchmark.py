@@ -48,7 +48,7 @@ def benchmark_cmd(
         ),
     ] = None,
 ) -> None:
-    """Measure Redis, PostgreSQL and the storage, and name the bottleneck (the seed's benchmark.py)."""
+    """Measure Redis, PostgreSQL and the storage, and name the bottleneck (the guide's benchmark.py)."""
     from .. import benchmark
 
     progress = None if as_json or not sys.stderr.isatty() else (lambda msg: typer.echo(msg, err=True))
