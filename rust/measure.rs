@@ -371,6 +371,28 @@ mod tests {
     }
 
     #[test]
+    fn measuring_leaves_the_access_time_as_it_was() {
+        let dir = tmp().join("atime");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, b"data").unwrap();
+        let then = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(86_400);
+        let times = std::fs::FileTimes::new().set_accessed(then);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_times(times)
+            .unwrap();
+        let root = Root::open(&dir).unwrap();
+        let m = measure(&root, "f", 100, &mut Vec::new()).unwrap();
+        assert_eq!(m.size, 4);
+        // Older than its modification: a read would have updated it (relatime).
+        assert_eq!(std::fs::metadata(&path).unwrap().accessed().unwrap(), then);
+        std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+    }
+
+    #[test]
     fn pooled_threads_run_a_borrowed_task_and_are_kept() {
         let ran = AtomicUsize::new(0);
         let seen = Mutex::new(Vec::new());

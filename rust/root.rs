@@ -4,13 +4,17 @@
 //! kernel has it (Linux 5.6+): the kernel refuses any resolution, symlinks
 //! included, that leaves the root, with no window for a race. Elsewhere the path is
 //! canonicalised, checked to be under the root, and opened with `O_NOFOLLOW`.
-//! Files are opened non-blocking (a FIFO cannot stall the consumer).
+//! Files are opened non-blocking (a FIFO cannot stall the consumer), and without
+//! updating their access time where the kernel allows it (`O_NOATIME`: the consumer's
+//! owner owns the files, or may act as if it did): a file read for the first time since
+//! it was written would otherwise have its inode written back, for every file.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{FileFailure, Reason};
 
@@ -18,6 +22,8 @@ use crate::error::{FileFailure, Reason};
 pub struct Root {
     dir: OwnedFd,
     canonical: PathBuf,
+    /// The kernel refused `O_NOATIME` here (the files are someone else's): not asked again.
+    atime_kept: AtomicBool,
 }
 
 /// The failure an I/O error on `key` stands for.
@@ -70,7 +76,11 @@ impl Root {
         }
         // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
         let dir = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Root { dir, canonical })
+        Ok(Root {
+            dir,
+            canonical,
+            atime_kept: AtomicBool::new(false),
+        })
     }
 
     /// Opens `key` read-only, confined beneath the root.
@@ -78,12 +88,13 @@ impl Root {
         let c = CString::new(key)
             .map_err(|_| FileFailure::new(Reason::NulByte, "key contains a NUL byte"))?;
         let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
-        let how = OpenHow {
-            flags: flags as u64,
-            mode: 0,
-            resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
-        };
+        let mut noatime = !self.atime_kept.load(Ordering::Relaxed);
         loop {
+            let how = OpenHow {
+                flags: (flags | if noatime { libc::O_NOATIME } else { 0 }) as u64,
+                mode: 0,
+                resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+            };
             // SAFETY: openat2 reads `how` (of the size passed) and the C string; both outlive the call.
             let fd = unsafe {
                 libc::syscall(
@@ -101,6 +112,12 @@ impl Root {
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+                Some(libc::EPERM) if noatime => {
+                    // Not the files' owner: open them as before, and from now on.
+                    self.atime_kept.store(true, Ordering::Relaxed);
+                    noatime = false;
+                    continue;
+                }
                 Some(libc::ENOSYS) | Some(libc::EPERM) => return self.open_checked(key),
                 _ => return Err(errno_failure(err, key)),
             }
