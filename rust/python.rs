@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyIterator, PyList, PyString, PyTuple};
 
 use crate::batch::{self, encode_slots, parse_reply, Batch, Copied, SlotError, Slots};
@@ -209,11 +210,46 @@ impl Measurements {
 /// The entries of one XREADGROUP reply, in the bytes Redis sent: a sequence of
 /// `(id, [name, value, …] | None)` whose items are made only when asked for.
 #[pyclass(frozen, sequence, module = "filepipe._native")]
-pub struct Reply(ReadReply);
+pub struct Reply {
+    reply: ReadReply,
+    /// The ids, and those of entries read without fields, made once (`entry_ids`).
+    ids: PyOnceLock<(Py<PyList>, Py<PyList>)>,
+}
 
 impl Reply {
+    fn new(reply: ReadReply) -> Self {
+        Reply {
+            reply,
+            ids: PyOnceLock::new(),
+        }
+    }
+
+    /// Copies of the lists of ids `entry_ids` gives, made once per reply: the reader and
+    /// the preparer both ask.
+    fn ids<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let (ids, gone) = self.ids.get_or_try_init(py, || -> PyResult<_> {
+            let ids = PyList::empty(py);
+            let gone = PyList::empty(py);
+            let reply = &self.reply;
+            for i in 0..reply.len() {
+                let entry = reply.entry(i);
+                let id = PyBytes::new(py, entry.id);
+                if entry.fields.as_ref().map_or(true, |f| f.is_empty()) {
+                    gone.append(&id)?;
+                }
+                ids.append(id)?;
+            }
+            Ok((ids.unbind(), gone.unbind()))
+        })?;
+        let copy = |list: &Py<PyList>| {
+            let list = list.bind(py);
+            list.get_slice(0, list.len())
+        };
+        Ok((copy(ids), copy(gone)))
+    }
+
     fn item<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyTuple>> {
-        let entry = self.0.entry(index);
+        let entry = self.reply.entry(index);
         let id = PyBytes::new(py, entry.id);
         let fields = match entry.fields {
             None => py.None().into_bound(py),
@@ -233,11 +269,11 @@ impl Reply {
 #[pymethods]
 impl Reply {
     fn __len__(&self) -> usize {
-        self.0.len()
+        self.reply.len()
     }
 
     fn __getitem__<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyTuple>> {
-        let len = self.0.len() as isize;
+        let len = self.reply.len() as isize;
         let i = if index < 0 { index + len } else { index };
         if i < 0 || i >= len {
             return Err(PyIndexError::new_err("reply index out of range"));
@@ -247,7 +283,7 @@ impl Reply {
 
     /// Every entry (made at once: iterating is for the rare paths, such as filtering).
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
-        let items = (0..self.0.len())
+        let items = (0..self.reply.len())
             .map(|i| self.item(py, i))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)?.try_iter()
@@ -256,22 +292,22 @@ impl Reply {
     fn __repr__(&self) -> String {
         format!(
             "<Reply stream={:?} entries={} bytes={}>",
-            String::from_utf8_lossy(self.0.stream()),
-            self.0.len(),
-            self.0.bytes().len()
+            String::from_utf8_lossy(self.reply.stream()),
+            self.reply.len(),
+            self.reply.bytes().len()
         )
     }
 
     /// The stream the entries were read from.
     #[getter]
     fn stream<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.0.stream())
+        PyBytes::new(py, self.reply.stream())
     }
 
     /// The size of the reply, in bytes.
     #[getter]
     fn nbytes(&self) -> usize {
-        self.0.bytes().len()
+        self.reply.bytes().len()
     }
 }
 
@@ -344,7 +380,7 @@ impl ReplyReader {
             py.detach(parse)
         };
         match parsed {
-            Ok(reply) => Ok((Some(Reply(reply)), rest)),
+            Ok(reply) => Ok((Some(Reply::new(reply)), rest)),
             Err(mut all) => {
                 all.extend_from_slice(rest.as_bytes());
                 Ok((None, PyBytes::new(py, &all)))
@@ -462,9 +498,15 @@ fn parse_entries(
         let prefix = id_prefix.to_owned();
         let parse = || {
             let key = panic_key.as_ref().map(|k| k.as_encoded_bytes());
-            EntryBatch(parse_reply(&reply.0, limits, default_storage, &prefix, key))
+            EntryBatch(parse_reply(
+                &reply.reply,
+                limits,
+                default_storage,
+                &prefix,
+                key,
+            ))
         };
-        return Ok(if reply.0.bytes().len() < DETACH_BYTES {
+        return Ok(if reply.reply.bytes().len() < DETACH_BYTES {
             parse()
         } else {
             py.detach(parse)
@@ -518,20 +560,11 @@ fn entry_ids<'py>(
     py: Python<'py>,
     entries: &Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+    if let Ok(reply) = entries.cast::<Reply>() {
+        return reply.get().ids(py);
+    }
     let ids = PyList::empty(py);
     let gone = PyList::empty(py);
-    if let Ok(reply) = entries.cast::<Reply>() {
-        let reply = &reply.get().0;
-        for i in 0..reply.len() {
-            let entry = reply.entry(i);
-            let id = PyBytes::new(py, entry.id);
-            if entry.fields.as_ref().map_or(true, |f| f.is_empty()) {
-                gone.append(&id)?;
-            }
-            ids.append(id)?;
-        }
-        return Ok((ids, gone));
-    }
     for (pos, entry) in entries.try_iter()?.enumerate() {
         let entry = entry?;
         let not_a_pair =
