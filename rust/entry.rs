@@ -225,18 +225,24 @@ pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     } else {
         b
     };
-    let hex: Vec<u8> = match b.len() {
-        32 => b.to_vec(),
+    // The 32 hex digits, in place: 8-4-4-4-12 with hyphens, or 32 in a row.
+    let mut hex = [0u8; 32];
+    match b.len() {
+        32 => hex.copy_from_slice(b),
         36 => {
             if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
                 return None;
             }
-            b.iter().copied().filter(|&c| c != b'-').collect()
+            let mut n = 0;
+            for &c in b.iter().filter(|&&c| c != b'-') {
+                *hex.get_mut(n)? = c;
+                n += 1;
+            }
+            if n != 32 {
+                return None;
+            }
         }
         _ => return None,
-    };
-    if hex.len() != 32 {
-        return None;
     }
     let mut out = [0u8; 16];
     for (i, pair) in hex.chunks_exact(2).enumerate() {
