@@ -176,16 +176,23 @@ def test_a_refusal_waiting_cannot_fix_exits_2_with_the_reason(
     assert took < 30, f"{took:.1f} s: not failed fast"
 
 
-@pytest.mark.parametrize("service", ["Redis", "PostgreSQL"])
+def unreachable(service: str) -> dict[str, str]:
+    """Settings naming a port nothing listens on, for Redis (or a Redis Cluster) or PostgreSQL."""
+    port = free_port()
+    if service == "PostgreSQL":
+        return {"PG_URI": f"postgresql://app:right@127.0.0.1:{port}/appdb"}
+    spoilt = {"REDIS_URL": f"redis://app:right@127.0.0.1:{port}/0"}
+    if service == "Redis Cluster":
+        spoilt |= {"REDIS_CLUSTER": "1", "STREAM_PARTITIONS": "2"}
+    return spoilt
+
+
+@pytest.mark.parametrize("service", ["Redis", "Redis Cluster", "PostgreSQL"])
 def test_an_unreachable_service_is_waited_for_and_a_drain_gives_up(
     service: str, good: dict[str, str], tmp_path: Path
 ) -> None:
-    port = free_port()
-    spoilt = (
-        {"REDIS_URL": f"redis://app:right@127.0.0.1:{port}/0"}
-        if service == "Redis"
-        else {"PG_URI": f"postgresql://app:right@127.0.0.1:{port}/appdb"}
-    )
+    spoilt = unreachable(service)
+    service = service.removesuffix(" Cluster")
     code, out, err, _ = run_drain(good, tmp_path, FILEPIPE_DRAIN_TIMEOUT="2", **spoilt)
     assert code == 1, err
     assert "Traceback" not in err + out
@@ -199,17 +206,13 @@ def test_an_unreachable_service_is_waited_for_and_a_drain_gives_up(
     )
 
 
-@pytest.mark.parametrize("service", ["Redis", "PostgreSQL"])
+@pytest.mark.parametrize("service", ["Redis", "Redis Cluster", "PostgreSQL"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_while_waiting_at_start_says_what_it_waited_for(
     signum: int, service: str, good: dict[str, str], tmp_path: Path
 ) -> None:
-    port = free_port()
-    spoilt = (
-        {"REDIS_URL": f"redis://app:right@127.0.0.1:{port}/0"}
-        if service == "Redis"
-        else {"PG_URI": f"postgresql://app:right@127.0.0.1:{port}/appdb"}
-    )
+    spoilt = unreachable(service)
+    service = service.removesuffix(" Cluster")
     proc = consume(good, tmp_path, **spoilt)
     assert proc.stderr is not None
     seen = ""

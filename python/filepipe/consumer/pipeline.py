@@ -15,7 +15,7 @@ from redis.exceptions import RedisClusterException
 from .. import db, metrics, shutdown, stream
 from .._faults import crash_point
 from ..config import Settings, mask_url
-from ..errors import ConfigError, DatabaseError, SchemaError
+from ..errors import ConfigError, DatabaseError, SchemaError, TransientError
 from ..partitions import partitions
 from ..redaction import error_line
 from ..retention import Housekeeper
@@ -70,7 +70,7 @@ class Consumer:
         self._stop_request = shutdown.install() if install_signals else None
         if self._stop_request is not None:
             self._stop_request.listen(self._on_signal)
-        self.redis = stream.connect(s)
+        self.redis = self._connect_redis()
         # Every loader's connection opens now, in the background, while Redis is set up:
         # on a slow network the first loads would otherwise wait for them one by one.
         self.pool = db.create_pool(s, min_size=s.pool_size)
@@ -214,10 +214,40 @@ class Consumer:
         """Why the events table refuses every row right now ("" when it does not)."""
         return self.load.table_refusal()
 
+    def _connect_redis(self) -> redis.Redis:
+        """The Redis client. redis-py's cluster client must reach a node to be made: a
+        Redis Cluster none of whose nodes answers yet is waited for like a service at the
+        start, until a stop (then `run` returns at once, Stats.abandoned) or, draining,
+        FILEPIPE_DRAIN_TIMEOUT (GaveUp)."""
+        s = self.settings
+        if not s.redis_cluster:
+            return stream.connect(s)
+        backoff = Backoff(
+            "Redis",
+            stop=self.life.stopping,
+            on_retry=metrics.record_retry,
+            give_up_after=s.drain_timeout if self.drain else None,
+        )
+        try:
+            return backoff.call(lambda: stream.connect(s), lambda e: isinstance(e, TransientError))
+        except Abandoned:
+            self.stats.abandoned = (
+                f"stopped while waiting for Redis at the start "
+                f"({backoff.last_message or 'no answer yet'}); nothing was read"
+            )
+            return redis.Redis.from_url(s.redis_url)  # never connected: `run` returns first
+
     def run(self) -> Stats:
         """Consumes until stopped (or drained). Returns the totals. A refusal of Redis's
         that waiting will not fix, at the start or later (a password changed, a user
         disabled, a command the ACL now denies), is a ConfigError with its reason: exit 2."""
+        if self.stats.abandoned:  # stopped while the cluster was waited for: nothing was made
+            self.pool.close()
+            if self._stop_request is not None:
+                self._stop_request.unlisten(self._on_signal)
+                if self._own_signals:
+                    shutdown.uninstall()
+            return self.stats
         try:
             return self._run()
         except (redis.RedisError, RedisClusterException) as e:
