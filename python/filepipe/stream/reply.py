@@ -18,7 +18,12 @@ from typing import Any
 
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError
-from redis.utils import HIREDIS_AVAILABLE, SENTINEL
+from redis.utils import HIREDIS_AVAILABLE
+
+try:
+    from redis.utils import SENTINEL  # no timeout of a read's own
+except ImportError:  # pragma: no cover
+    SENTINEL = object()
 
 from .. import _native
 
@@ -83,20 +88,22 @@ if HIREDIS_AVAILABLE:
             super().on_connect(connection, **kwargs)  # type: ignore[no-untyped-call]
             self._replies = _native.ReplyReader()
 
-        def read_response(
-            self, disable_decoding: bool = False, push_request: bool = False, timeout: Any = SENTINEL
-        ) -> Any:
-            reader, replies, sock = self._reader, self._replies, self._sock
+        def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
+            # push_request and timeout, where redis-py has them: passed on as they came.
+            reader = getattr(self, "_reader", None)
+            sock = getattr(self, "_sock", None)
+            buf = getattr(self, "_buffer", None)
+            replies = self._replies
             if (
                 not getattr(_wanted, "on", False)
-                or timeout is not SENTINEL
+                or kwargs.get("timeout", SENTINEL) is not SENTINEL
                 or reader is None
                 or replies is None
                 or sock is None
+                or buf is None
                 or reader.has_data()  # a reply hiredis has begun (or read ahead)
             ):
-                return super().read_response(disable_decoding, push_request, timeout)
-            buf = self._buffer
+                return super().read_response(disable_decoding, **kwargs)
             try:
                 while True:
                     n = sock.recv_into(buf)
@@ -114,7 +121,7 @@ if HIREDIS_AVAILABLE:
             if rest:
                 reader.feed(rest)  # not an XREADGROUP reply, or what came after it
             if reply is None:
-                return super().read_response(disable_decoding, push_request, timeout)
+                return super().read_response(disable_decoding, **kwargs)
             return reply
 
 else:  # pragma: no cover - hiredis is a dependency
