@@ -1,7 +1,7 @@
 """Reads paced to the round trip: behind a proxy adding 10 ms each way, the reads grow to
 cover the measured round trip after the first batches instead of doubling from the
-first read's size (the second read waits for the first batch to be prepared), and every
-event is loaded once."""
+first read's size (the second read waits for the first batch to be prepared), the loaders and their
+connections double, and every event is loaded once."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from typing import Any
 
 import psycopg
 import redis
+from tests.conftest import Env
 from tests.support.proxy import TcpProxy
 from tests.support.workload import seed
 
 from filepipe.config import load_settings
 from filepipe.consumer import Consumer
+from filepipe.consumer.pace import SLOW_ROUND_TRIP_S
 from filepipe.db import init_db
 
 EVENTS = 4000
@@ -76,3 +78,17 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
     # (read before, it would be as small, or twice as big).
     first = s.batch_bytes // s.max_entry_bytes
     assert sizes[0] == first and sizes[1] > 2 * first, sizes
+    # A COPY waits two round trips: twice the loaders and connections hide them.
+    assert len(c.loading.threads) == 2 * s.pool_size
+    assert c.pool.max_size == 2 * s.pool_size
+
+
+def test_on_a_local_network_the_loaders_stay_as_many_as_the_pool(env: Env) -> None:
+    s = env.settings
+    seed(env.redis, s, env.storage, 500)
+    c = Consumer(s, drain=True, write=None)
+    assert c.run().inserted == 500
+    # (A loaded machine can take a few ms to answer: the loaders follow what was measured.)
+    doubled = c.pace.round_trip("PostgreSQL") >= SLOW_ROUND_TRIP_S
+    loaders = 2 * s.pool_size if doubled else s.pool_size
+    assert len(c.loading.threads) == loaders and c.pool.max_size == loaders

@@ -39,6 +39,9 @@ WINDOW = 8  # round trips kept per service: the estimate is the least of them (q
 MIN_ROUND_TRIP_S = 0.001
 # The longest the reader waits for the first batch to be prepared before it reads the next.
 FIRST_WAIT_S = 1.0
+# A network this slow (a round trip to another zone, region or cloud; a loaded local
+# server answers within a couple of ms) gets twice the loaders (Consumer._double_loaders).
+SLOW_ROUND_TRIP_S = 0.005
 RATE_WEIGHT = 0.3  # of the newest batch in the preparer's rate (an exponential average)
 
 
@@ -65,6 +68,10 @@ class Pace:
                 trips = self._trips[service]
                 return min(trips) if trips else 0.0
             return max((min(t) for t in self._trips.values() if t), default=0.0)
+
+    def slow(self, service: str) -> bool:
+        """Whether the round trip to `service` was measured at SLOW_ROUND_TRIP_S or more."""
+        return self.round_trip(service) >= SLOW_ROUND_TRIP_S
 
     def _due(self, service: str) -> bool:
         last = self._probed_at.get(service)

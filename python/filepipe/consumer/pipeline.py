@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -74,6 +75,8 @@ class Consumer:
         # Every loader's connection opens now, in the background, while Redis is set up:
         # on a slow network the first loads would otherwise wait for them one by one.
         self.pool = db.create_pool(s, min_size=s.pool_size)
+        self._loaders_doubled = False  # on a slow network (_double_loaders)
+        self._grow_lock = threading.Lock()
         # Every stream this consumer reads: the stream, or each of its partitions.
         self.parts = partitions(s)
         self._errors: dict[str, str] = {}
@@ -358,6 +361,24 @@ class Consumer:
             raise SchemaError(problem)
         self.load.loader.layout_checked()  # the first load need not check it again
 
+    def _double_loaders(self) -> None:
+        """On a slow network (a round trip to PostgreSQL of SLOW_ROUND_TRIP_S or more), twice
+        the loaders and pooled connections: a direct COPY waits two round trips for its
+        answers, and while one connection waits another sends. (Twice the batches in flight
+        between the preparer and the acknowledgement, too.)"""
+        with self._grow_lock:
+            if self._loaders_doubled:
+                return
+            self._loaders_doubled = True
+        s = self.settings
+        self.pool.resize(self.pool.min_size, 2 * s.pool_size)
+        self.loading.add_workers(s.pool_size)
+        log.info(
+            "round trip to PostgreSQL %.1f ms: %d loaders and connections (twice FILEPIPE_POOL_SIZE)",
+            self.pace.round_trip("PostgreSQL") * 1000,
+            2 * s.pool_size,
+        )
+
     def _busy(self) -> bool:
         """Whether a batch read is still being prepared, loaded or acknowledged (or its dead
         letters are held back)."""
@@ -386,6 +407,8 @@ class Consumer:
 
     def _load_one(self, p: Prepared) -> None:
         self.pace.probe_pg(self.pool)
+        if not self._loaders_doubled and self.pace.slow("PostgreSQL"):
+            self._double_loaders()
         inserted, row_dead = self.load.load(p)
         crash_point("after_commit")
         # Committed: only the ids and dead letters are needed from here on.

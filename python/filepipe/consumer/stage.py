@@ -136,6 +136,21 @@ class Stage(Generic[T]):
         for t in self.threads:
             t.start()
 
+    def add_workers(self, n: int) -> None:
+        """Starts `n` more workers on the same queue, while the stage runs (not once a stop
+        or its end began)."""
+        with self._lock:
+            if self._ended or not self.life.running:
+                return
+            first = len(self.threads)
+            added = [
+                threading.Thread(target=self._loop, name=f"filepipe-{self.name}-{i}", daemon=True)
+                for i in range(first, first + n)
+            ]
+            self.threads.extend(added)
+            for t in added:
+                t.start()
+
     def alive(self) -> bool:
         return any(t.is_alive() for t in self.threads)
 
