@@ -42,6 +42,8 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
                 "local_storage_dir": str(tmp_path),
                 "consumer_name": f"pace-{tag}",
                 "block_ms": 100,
+                # Small: the reads the round trips call for are bigger.
+                "batch_size": 1000,
             },
             environ={},
             dotenv_path=None,
@@ -71,8 +73,11 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
     assert stats.acked == EVENTS and stats.dead_lettered == 0
     assert c.pace.round_trip("Redis") >= 0.018  # the proxy's 20 ms, measured
     assert c.pace.cover >= 0.018 * c.pace.rate * 4 > 0
-    # Doubling from 16 entries would take 8 reads (16 + 32 + … + 2048) to read 4000.
+    # Doubling from 16 entries would take 8 reads (16 + 32 + … + 1000 + 1000 …) to read 4000.
     assert stats.batches <= 6, stats.batches
+    # Beyond CONSUMER_BATCH_SIZE when the round trips call for more (within the byte budget).
+    if c.pace.cover > s.batch_size:
+        assert max(sizes) > s.batch_size, sizes
     # The first read stays within the byte budget whatever the entries' sizes; the second
     # waits for it to be prepared, and is sized by the round trips at the preparer's rate
     # (read before, it would be as small, or twice as big).

@@ -1,7 +1,9 @@
 """Pacing reads to the round trip: each read asks for enough entries to keep the stages
 busy while a batch waits on Redis and PostgreSQL (bandwidth-delay: the rate the
 consumer can go at, times the round trip, times the round trips a batch makes in a
-row), within CONSUMER_BATCH_SIZE and FILEPIPE_BATCH_BYTES.
+row): beyond CONSUMER_BATCH_SIZE when the round trips call for more, never beyond
+FILEPIPE_BATCH_BYTES (at the sizes of the entries seen last). On a slow network the
+loaders double too (SLOW_ROUND_TRIP_S, `Consumer`).
 
 On a local network (round trips under MIN_ROUND_TRIP_S) `ReadSize` doubles up to its
 cap as before; at 20 ms it is thousands, and the reads get there after the first batch
@@ -137,9 +139,10 @@ class Pace:
     # -- the read size -------------------------------------------------------------------
 
     def _update(self) -> None:
-        """Raises the read size to cover the round trips at the preparer's rate (never
-        above CONSUMER_BATCH_SIZE, nor above what FILEPIPE_BATCH_BYTES allows at the
-        sizes of the entries seen last); `ReadSize` goes on doubling from there."""
+        """Raises the read size to cover the round trips at the preparer's rate (above
+        CONSUMER_BATCH_SIZE if need be, never above what FILEPIPE_BATCH_BYTES allows at
+        the sizes of the entries seen last); `ReadSize` goes on doubling from there, up to
+        CONSUMER_BATCH_SIZE."""
         trip = self.round_trip()
         if trip < MIN_ROUND_TRIP_S or self.rate <= 0:
             return

@@ -76,12 +76,13 @@ def _entries(reply: Any) -> Entries:
 
 
 class ReadSize:
-    """How many entries to ask Redis for at once: at most CONSUMER_BATCH_SIZE, and about
-    FILEPIPE_BATCH_BYTES worth at the sizes of the entries seen last, so that memory
-    follows the bytes in flight, not the count. It starts at FILEPIPE_BATCH_BYTES /
-    FILEPIPE_MAX_ENTRY_BYTES entries (the first read after a start stays within the byte
-    budget even if every entry is as big as allowed), doubles after each batch while the
-    entries are small, and drops at once to what the budget allows when they are big.
+    """How many entries to ask Redis for at once: at most CONSUMER_BATCH_SIZE (more when the
+    round trips call for more, `raise_to`), and about FILEPIPE_BATCH_BYTES worth at the
+    sizes of the entries seen last, so that memory follows the bytes in flight, not the
+    count. It starts at FILEPIPE_BATCH_BYTES / FILEPIPE_MAX_ENTRY_BYTES entries (the first
+    read after a start stays within the byte budget even if every entry is as big as
+    allowed), doubles after each batch while the entries are small, and drops at once to
+    what the budget allows when they are big.
     (A read cannot be cut by bytes: the reads made right after entries turn from small to
     big, before the first big batch is parsed, can exceed the budget; at most three, as
     the reader works up to two batches ahead of the parser.)"""
@@ -100,10 +101,10 @@ class ReadSize:
         self.count = max(1, min(self.limit, fits, self.count * 2))
 
     def raise_to(self, entries: int) -> None:
-        """At least `entries` per read (the round trips to cover, consumer.pace), within
-        the cap and what the budget allows at the sizes seen last (before any entry was
-        seen, the first reads' size)."""
-        self.count = max(self.count, min(self.limit, self.fits, entries))
+        """At least `entries` per read (the round trips to cover, consumer.pace): beyond
+        CONSUMER_BATCH_SIZE if need be, never beyond what the budget allows at the sizes seen
+        last (before any entry was seen, the first reads' size)."""
+        self.count = max(self.count, min(self.fits, entries))
 
 
 def entries_bytes(entries: Iterable[Any]) -> int:
