@@ -134,7 +134,12 @@ class Settings:
         factory=_hash_threads,
     )
     copy_format: str = setting("binary", env="FILEPIPE_COPY_FORMAT", help="COPY format: binary or text")
-    pool_size: int = setting(2, env="FILEPIPE_POOL_SIZE", option=False, help="PostgreSQL connections")
+    pool_size: int = setting(
+        2,
+        env="FILEPIPE_POOL_SIZE",
+        option=False,
+        help="PostgreSQL connections (doubled when a round trip to PostgreSQL takes 5 ms or more)",
+    )
     in_flight: int = setting(
         2, env="FILEPIPE_IN_FLIGHT", option=False, help="Prepared batches waiting to load"
     )
