@@ -83,9 +83,15 @@ def acknowledged(r: redis.Redis, s: Settings) -> int:
 def drain(redis_url: str, pg_uri: str, root: Path, retention: str) -> Drain:
     tag = uuid.uuid4().hex[:8]
     s = load_settings(
-        {"redis_url": redis_url, "pg_uri": pg_uri, "stream": f"fp_ret_{tag}", "table": f"fp_ret_{tag}",
-         "local_storage_dir": str(root)},
-        environ={}, dotenv_path=None,
+        {
+            "redis_url": redis_url,
+            "pg_uri": pg_uri,
+            "stream": f"fp_ret_{tag}",
+            "table": f"fp_ret_{tag}",
+            "local_storage_dir": str(root),
+        },
+        environ={},
+        dotenv_path=None,
     )
     init_db(s, plain=True)
     r = redis.Redis.from_url(redis_url, socket_timeout=30)

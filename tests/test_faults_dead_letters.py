@@ -87,8 +87,14 @@ def test_group_recreated_mid_run_after_a_crash(denv: Env, tmp_path: Path) -> Non
     """A consumer dies with batches committed and not acknowledged, the group is
     recreated by hand, and everything is delivered again."""
     w = seed(denv.redis, denv.settings, denv.storage, 1000, poison_every=5)
-    proc = start_consumer(denv.settings, "dies", "--drain", log=tmp_path / "dies.log",
-                          FILEPIPE_CRASH_AT="after_ack:4", STREAM_RETENTION="all")
+    proc = start_consumer(
+        denv.settings,
+        "dies",
+        "--drain",
+        log=tmp_path / "dies.log",
+        FILEPIPE_CRASH_AT="after_ack:4",
+        STREAM_RETENTION="all",
+    )
     assert proc.wait(60) == -signal.SIGKILL
     written_before = len(denv.dead())
     assert 0 < written_before < len(w.poison)
@@ -132,8 +138,9 @@ def padded(member: bytes) -> bytes:
 def crashed_with_pending(env: Env, tmp_path: Path, w: Workload) -> tuple[set[bytes], set[bytes]]:
     """Runs a consumer that dies after its third commit: returns the entries it left
     pending and the rows committed."""
-    proc = start_consumer(env.settings, "c1", "--drain", log=tmp_path / "c1.log",
-                          FILEPIPE_CRASH_AT="after_commit:3")
+    proc = start_consumer(
+        env.settings, "c1", "--drain", log=tmp_path / "c1.log", FILEPIPE_CRASH_AT="after_commit:3"
+    )
     assert proc.wait(60) == -signal.SIGKILL
     s = env.settings
     pending = {r["message_id"] for r in env.redis.xpending_range(s.stream, s.group, "-", "+", 10_000)}

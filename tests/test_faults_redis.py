@@ -54,8 +54,9 @@ class Site(ServiceSite):
     """A private Redis (through a proxy, maybe), the shared PostgreSQL (a table of its own)
     and a storage root; the service-fault tests' checks (rows, pending, assert_exact)."""
 
-    def __init__(self, server: RedisServer, pg_uri: str, root: Path, *, redis_port: int | None = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self, server: RedisServer, pg_uri: str, root: Path, *, redis_port: int | None = None, **overrides: Any
+    ) -> None:
         # Not ServiceSite.__init__: that one sets up a private PostgreSQL as well.
         tag = uuid.uuid4().hex[:10]
         self.pg_uri = pg_uri
@@ -144,8 +145,11 @@ def break_saving(r: redis.Redis) -> None:
     r.config_set("save", "3600 1")
     shutil.rmtree(d)
     r.bgsave()
-    wait_for(lambda: cast(dict[str, Any], r.info("persistence"))["rdb_last_bgsave_status"] == "err",
-             10, "the snapshot to fail")
+    wait_for(
+        lambda: cast(dict[str, Any], r.info("persistence"))["rdb_last_bgsave_status"] == "err",
+        10,
+        "the snapshot to fail",
+    )
     with pytest.raises(redis.ResponseError, match="MISCONF"):
         r.set("probe", b"1")
 
@@ -155,8 +159,11 @@ def fix_saving(r: redis.Redis) -> None:
     _broken_dirs.append(d)
     r.config_set("dir", d)
     r.bgsave()
-    wait_for(lambda: cast(dict[str, Any], r.info("persistence"))["rdb_last_bgsave_status"] == "ok",
-             10, "the snapshot to succeed")
+    wait_for(
+        lambda: cast(dict[str, Any], r.info("persistence"))["rdb_last_bgsave_status"] == "ok",
+        10,
+        "the snapshot to succeed",
+    )
 
 
 FAULTS = {
@@ -167,8 +174,9 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_redis_refusing_writes_is_waited_out(fault: str, redis_server: RedisServer, pg_uri: str,
-                                             tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_redis_refusing_writes_is_waited_out(
+    fault: str, redis_server: RedisServer, pg_uri: str, tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     """A full Redis meets a consumer (re)starting with entries to read; a replica and a
     failed snapshot meet one in the middle of a drain, batches in hand. (Through a proxy
     that adds 5 ms each way, so that the drain lasts long enough to be interrupted.)"""
@@ -176,8 +184,9 @@ def test_redis_refusing_writes_is_waited_out(fault: str, redis_server: RedisServ
     with TcpProxy(redis_server.port, delay_ms=5 if fault != "full" else 0) as proxy:
         site = Site(redis_server, pg_uri, tmp_path, redis_port=proxy.port, batch_size=20)
         try:
-            w = seed(site.redis, site.settings, site.storage, 2000 if fault == "full" else 4000,
-                     poison_every=10)
+            w = seed(
+                site.redis, site.settings, site.storage, 2000 if fault == "full" else 4000, poison_every=10
+            )
             if fault == "full":
                 stream.ensure_group(site.redis, site.settings.stream, site.settings.group)
                 start(site.redis)
@@ -185,12 +194,18 @@ def test_redis_refusing_writes_is_waited_out(fault: str, redis_server: RedisServ
             if fault == "full":
                 # XACK is allowed on a full Redis: everything that can be loaded is loaded and
                 # acknowledged; only the poison entries stay pending, their dead letters waiting.
-                wait_for(lambda: site.rows() == w.good and site.pending() == len(w.poison), 60,
-                         "every good entry acknowledged while Redis is full")
+                wait_for(
+                    lambda: site.rows() == w.good and site.pending() == len(w.poison),
+                    60,
+                    "every good entry acknowledged while Redis is full",
+                )
                 # The consumer keeps publishing its heartbeat (it overwrites a key of the same
                 # size), naming the refusal and what waits.
-                wait_for(lambda: error_text in str((site.heartbeat() or {}).get("last_error", "")), 15,
-                         "the refusal in the heartbeat")
+                wait_for(
+                    lambda: error_text in str((site.heartbeat() or {}).get("last_error", "")),
+                    15,
+                    "the refusal in the heartbeat",
+                )
                 assert (site.heartbeat() or {}).get("dead_letters_waiting") == len(w.poison)
             else:
                 wait_for(lambda: site.rows() > 0, 30, "first rows")
@@ -217,8 +232,11 @@ def test_redis_refusing_writes_is_waited_out(fault: str, redis_server: RedisServ
             assert_exact(site, w)
             assert stats.dead_lettered == len(w.poison)
             assert stats.acked == len(w.ids) and stats.deleted == 0
-            warnings = [r.getMessage() for r in logs.records
-                        if r.levelno >= logging.WARNING and error_text in r.getMessage()]
+            warnings = [
+                r.getMessage()
+                for r in logs.records
+                if r.levelno >= logging.WARNING and error_text in r.getMessage()
+            ]
             assert len(warnings) == 1, warnings
             assert len(messages(logs, "Redis is back")) == 1
         finally:
@@ -237,8 +255,11 @@ def test_held_dead_letters_of_deleted_entries_are_gone(
         stream.ensure_group(site.redis, site.settings.stream, site.settings.group)
         fill(site.redis)
         c = Draining(site.settings)
-        wait_for(lambda: site.rows() == w.good and site.pending() == len(w.poison), 60,
-                 "every good entry acknowledged while Redis is full")
+        wait_for(
+            lambda: site.rows() == w.good and site.pending() == len(w.poison),
+            60,
+            "every good entry acknowledged while Redis is full",
+        )
         deleted = sorted(w.poison, key=stream.id_key)[::4]
         assert site.redis.xdel(site.settings.stream, *deleted) == len(deleted) == 25
         wait_for(lambda: site.pending() == len(w.poison) - len(deleted), 15, "the deleted entries dropped")
@@ -246,7 +267,8 @@ def test_held_dead_letters_of_deleted_entries_are_gone(
         unfill(site.redis)
         stats = c.finish(60)
         assert {f[b"source_id"]: f[b"reason"].decode() for f in site.dead()} == {
-            i: r for i, r in w.poison.items() if i not in deleted}
+            i: r for i, r in w.poison.items() if i not in deleted
+        }
         assert site.pending() == 0
         assert stats.deleted == len(deleted) and stats.dead_lettered == len(w.poison) - len(deleted)
         assert stats.acked == len(w.ids)

@@ -231,9 +231,23 @@ def test_many_consumers_trim_without_racing(env: Env, tmp_path: Path) -> None:
     s = env.settings_with(partitions=4, batch_size=500)
     w = seed(env.redis, s, env.storage, 20_000)
     done = subprocess.run(
-        [sys.executable, "-m", "filepipe", "consume", "--drain", "-q", "--processes", "4",
-         "--consumer-name", "race"],
-        env=consumer_env(s), capture_output=True, text=True, timeout=180, check=False,
+        [
+            sys.executable,
+            "-m",
+            "filepipe",
+            "consume",
+            "--drain",
+            "-q",
+            "--processes",
+            "4",
+            "--consumer-name",
+            "race",
+        ],
+        env=consumer_env(s),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
         cwd=s.local_storage_dir,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -251,8 +265,10 @@ def test_dead_letters_are_capped_with_a_warning_first(env: Env, caplog: pytest.L
     env.drain(dead_letter_retention="100", max_file_bytes=64 * 1024)
     assert len(env.dead()) == 90
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(f"dead-letter stream {s.dead_stream} holds 90 dead letters, 90% of DEAD_LETTER_RETENTION=100"
-               in m for m in warnings), warnings
+    assert any(
+        f"dead-letter stream {s.dead_stream} holds 90 dead letters, 90% of DEAD_LETTER_RETENTION=100" in m
+        for m in warnings
+    ), warnings
     assert not any("is full: dropped" in m for m in warnings)
     caplog.clear()
     w = seed(env.redis, s, env.storage, 600, poison_every=10)
@@ -270,8 +286,12 @@ def test_dlq_list_shows_what_is_kept_and_the_cap(env: Env) -> None:
     seed(env.redis, s, env.storage, 200, poison_every=10)
     env.drain(dead_letter_retention="100", max_file_bytes=64 * 1024)
     listed = subprocess.run(
-        [sys.executable, "-m", "filepipe", "dlq", "list"], env=consumer_env(s, DEAD_LETTER_RETENTION="100"),
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "filepipe", "dlq", "list"],
+        env=consumer_env(s, DEAD_LETTER_RETENTION="100"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert listed.returncode == 0, listed.stderr
     assert f"DEAD LETTERS in {s.dead_stream}: 20" in listed.stdout
@@ -325,7 +345,11 @@ def test_the_producer_never_trims(env: Env, tmp_path: Path) -> None:
     s = env.settings
     done = subprocess.run(
         [sys.executable, "-m", "filepipe", "produce", str(src)],
-        env=consumer_env(s, STREAM_RETENTION="5"), capture_output=True, text=True, timeout=60, check=False,
+        env=consumer_env(s, STREAM_RETENTION="5"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert env.redis.xlen(s.stream) == 20

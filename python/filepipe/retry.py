@@ -86,8 +86,9 @@ def permanent_redis(e: BaseException) -> bool:
     """Whether Redis refused for a reason that waiting will not fix: a password or user it
     does not know, a command its ACL denies, a TLS handshake that fails, a plain connection
     to a server that speaks only TLS."""
-    if isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError,
-                      TlsMismatch)):
+    if isinstance(
+        e, (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError, TlsMismatch)
+    ):
         return True
     if isinstance(e, redis.ResponseError) and str(e).startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
         return True
@@ -99,8 +100,13 @@ def tls_failed(e: BaseException) -> bool:
     change (a certificate not trusted, a protocol version refused), not a connection cut
     off in the middle of it."""
     cause = e.__cause__ or e.__context__
-    return isinstance(e, redis.ConnectionError) and isinstance(cause, ssl.SSLError) and not isinstance(
-        cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError))
+    return (
+        isinstance(e, redis.ConnectionError)
+        and isinstance(cause, ssl.SSLError)
+        and not isinstance(
+            cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        )
+    )
 
 
 def is_transient_pg(e: BaseException) -> bool:
@@ -172,8 +178,14 @@ class Outage:
     logs the warning, the last to recover logs the recovery, so one outage is one pair of
     lines however many threads wait it out."""
 
-    def __init__(self, service: str, on_error: Callable[[str], None] | None = None, *,
-                 state: str = "unreachable", recovery: str = "is back") -> None:
+    def __init__(
+        self,
+        service: str,
+        on_error: Callable[[str], None] | None = None,
+        *,
+        state: str = "unreachable",
+        recovery: str = "is back",
+    ) -> None:
         """`on_error` hears the error when the outage starts (or its message changes) and ""
         when it ends. `state` and `recovery` word the lines for a wait that is not an outage
         ("PostgreSQL table t refuses rows (…)" … "PostgreSQL table t accepts rows again after
@@ -206,8 +218,13 @@ class Outage:
                 log.warning("%s %s (%s), retrying in %.1f s", self.service, state, message, delay)
             elif message not in self._seen and len(self._seen) < 4:
                 self._seen.add(message)
-                log.info("%s still %s (%s), retrying in %.1f s", self.service,
-                         state.removeprefix("is "), message, delay)
+                log.info(
+                    "%s still %s (%s), retrying in %.1f s",
+                    self.service,
+                    state.removeprefix("is "),
+                    message,
+                    delay,
+                )
             else:
                 log.debug("%s still %s, retrying in %.1f s", self.service, state.removeprefix("is "), delay)
             changed = message != self.last_message
@@ -293,9 +310,11 @@ class Backoff:
         delay = self.record(e)
         down = time.monotonic() - (self.down_since or time.monotonic())
         if self.give_up_after is not None and down >= self.give_up_after:
-            raise GaveUp(f"{self.service} {self.outage.state} ({self.last_message}): gave up after "
-                         f"{down:.0f} s, the longest --drain waits (FILEPIPE_DRAIN_TIMEOUT="
-                         f"{self.give_up_after:g})") from e
+            raise GaveUp(
+                f"{self.service} {self.outage.state} ({self.last_message}): gave up after "
+                f"{down:.0f} s, the longest --drain waits (FILEPIPE_DRAIN_TIMEOUT="
+                f"{self.give_up_after:g})"
+            ) from e
         if self.give_up_after is not None:
             delay = min(delay, self.give_up_after - down)  # the last try comes at the deadline
         if self.stop is not None:

@@ -35,18 +35,34 @@ HELD_MAX_BYTES = 32 * 1024 * 1024
 def log_deleted(part: Partition, ids: list[bytes]) -> None:
     """Tells of entries deleted from the stream while pending."""
     shown = ", ".join(i.decode(errors="replace") for i in ids[:3]) + (" …" if len(ids) > 3 else "")
-    log.warning("%d entr%s of %s deleted from the stream while pending (%s): acknowledged, "
-                "with nothing to load or dead-letter", len(ids), "y" if len(ids) == 1 else "ies",
-                part.stream, shown)
+    log.warning(
+        "%d entr%s of %s deleted from the stream while pending (%s): acknowledged, "
+        "with nothing to load or dead-letter",
+        len(ids),
+        "y" if len(ids) == 1 else "ies",
+        part.stream,
+        shown,
+    )
 
 
 class Ack:
     """The acknowledger's work (one thread), and the dead letters it holds back."""
 
-    def __init__(self, settings: Settings, name: str, r: redis.Redis, parts: list[Partition],
-                 stats: Stats, progress: Progress, in_hand: InHand, housekeeper: Housekeeper,
-                 backoff: Backoff, held_backoff: Backoff, abandon: threading.Event,
-                 beat: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        r: redis.Redis,
+        parts: list[Partition],
+        stats: Stats,
+        progress: Progress,
+        in_hand: InHand,
+        housekeeper: Housekeeper,
+        backoff: Backoff,
+        held_backoff: Backoff,
+        abandon: threading.Event,
+        beat: Callable[[], None],
+    ) -> None:
         self.settings = settings
         self.name = name
         self.redis = r
@@ -84,8 +100,15 @@ class Ack:
         st.deleted += p.deleted
         self._count(result)
         self._hold(part, result)
-        metrics.record_batch(len(p.ids), result.acked, inserted, duplicates, result.written,
-                             time.monotonic() - p.read_at, p.input_bytes)
+        metrics.record_batch(
+            len(p.ids),
+            result.acked,
+            inserted,
+            duplicates,
+            result.written,
+            time.monotonic() - p.read_at,
+            p.input_bytes,
+        )
         metrics.record_deleted(p.deleted)
         self.progress.batch(inserted, result.written, st)
         self.beat()
@@ -125,25 +148,39 @@ class Ack:
         done = AckResult()
         while True:
             try:
-                result = metrics.timed(metrics.ACK_SECONDS, stream.ack, self.redis, part.stream, s.group, ids,
-                                       dead, dead_stream=part.dead_stream, consumer=self.name,
-                                       max_fields=s.max_entry_fields, max_bytes=s.max_entry_bytes)
+                result = metrics.timed(
+                    metrics.ACK_SECONDS,
+                    stream.ack,
+                    self.redis,
+                    part.stream,
+                    s.group,
+                    ids,
+                    dead,
+                    dead_stream=part.dead_stream,
+                    consumer=self.name,
+                    max_fields=s.max_entry_fields,
+                    max_bytes=s.max_entry_bytes,
+                )
                 self.backoff.succeeded()
                 done.add(result)
                 return done
             except Exception as e:
                 if stream.group_missing(e):
                     # Nothing is pending in a group that is gone: the reader recreates it.
-                    log.info("nothing to acknowledge on %s: the group is gone (%s)", part.stream,
-                             error_line(e))
+                    log.info(
+                        "nothing to acknowledge on %s: the group is gone (%s)", part.stream, error_line(e)
+                    )
                     return done
                 if not is_transient_redis(e):
                     raise
                 self.backoff.failed(e)
                 if self.abandon.is_set():
                     raise Abandoned("Redis: gave up acknowledging") from e
-            pending = self.backoff.call(lambda i=ids: self._still_pending(part, i),  # type: ignore[misc]
-                                        is_transient_redis, writes=False)
+            pending = self.backoff.call(
+                lambda i=ids: self._still_pending(part, i),  # type: ignore[misc]
+                is_transient_redis,
+                writes=False,
+            )
             # What is no longer pending, the lost run (or another consumer) has done.
             done.acked += sum(1 for i in ids if i not in pending)
             done.written += [d for d in dead if d.source_id not in pending]

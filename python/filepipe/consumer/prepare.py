@@ -85,14 +85,23 @@ def prepare(
         over = {e[0] for e in entries if deliveries.get(e[0], 0) > s.max_deliveries}
         if over:
             dead += [
-                dead_letter(e, "max_deliveries",
-                            f"delivered {deliveries[e[0]]} times (MAX_DELIVERIES={s.max_deliveries})",
-                            deliveries[e[0]])
-                for e in entries if e[0] in over
+                dead_letter(
+                    e,
+                    "max_deliveries",
+                    f"delivered {deliveries[e[0]]} times (MAX_DELIVERIES={s.max_deliveries})",
+                    deliveries[e[0]],
+                )
+                for e in entries
+                if e[0] in over
             ]
             ok = [e for e in entries if e[0] not in over]
-    batch = _native.parse_entries(ok, s.storage_mode, id_prefix=part.id_prefix,
-                                  max_fields=s.max_entry_fields, max_bytes=s.max_entry_bytes)
+    batch = _native.parse_entries(
+        ok,
+        s.storage_mode,
+        id_prefix=part.id_prefix,
+        max_fields=s.max_entry_fields,
+        max_bytes=s.max_entry_bytes,
+    )
     if observe is not None:
         observe(len(ok), batch.input_bytes)
     for pos, _entry_id, reason, message in batch.rejects:
@@ -122,8 +131,13 @@ def prepare(
 class Files:
     """The storages entries name, and measuring a batch's files in them."""
 
-    def __init__(self, settings: Settings, backoff: Backoff, stopping: Callable[[], bool],
-                 storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backoff: Backoff,
+        stopping: Callable[[], bool],
+        storage: Storage | None = None,
+    ) -> None:
         self.settings = settings
         self.backoff = backoff
         self.stopping = stopping

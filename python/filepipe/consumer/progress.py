@@ -34,9 +34,11 @@ class Stats:
         """The line `filepipe consume` ends with."""
         if self.abandoned:
             return f"Abandoned: {self.abandoned}"
-        return (f"Stopped: {self.inserted} inserted, {self.duplicates} already present, "
-                f"{self.dead_lettered} dead-lettered, {self.deleted} deleted while pending, "
-                f"{self.acked} acknowledged")
+        return (
+            f"Stopped: {self.inserted} inserted, {self.duplicates} already present, "
+            f"{self.dead_lettered} dead-lettered, {self.deleted} deleted while pending, "
+            f"{self.acked} acknowledged"
+        )
 
     def rate(self) -> float:
         """Rows inserted per second since the start (idle time included)."""
