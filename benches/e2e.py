@@ -162,19 +162,7 @@ class Cpu:
 
     def sample(self) -> tuple[float, float, float]:
         def of(p: psutil.Process | None, children: bool) -> float:
-            if p is None:
-                return 0.0
-            t = p.cpu_times()
-            total = t.user + t.system
-            if children:
-                total += t.children_user + t.children_system
-                for ch in p.children(recursive=True):
-                    try:
-                        ct = ch.cpu_times()
-                        total += ct.user + ct.system
-                    except psutil.Error:
-                        pass
-            return total
+            return 0.0 if p is None else cpu_of(p, children=children)
 
         return time.process_time(), of(self.redis, False), of(self.pg, True)
 
@@ -393,6 +381,46 @@ def latency(url_port: int, delay_ms: float) -> Iterator[int]:
         proc.stdout.close()
 
 
+def cpu_of(p: psutil.Process, *, children: bool) -> float:
+    """User + system seconds of `p` (and, with `children`, of its children, live or reaped)."""
+    t = p.cpu_times()
+    total = t.user + t.system
+    if children:
+        total += t.children_user + t.children_system
+        for ch in p.children(recursive=True):
+            try:
+                ct = ch.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                pass
+    return total
+
+
+def bench_urls() -> tuple[str | None, str | None]:
+    """The servers a bench runs against (FILEPIPE_BENCH_*, else the test suite's FILEPIPE_TEST_*)."""
+    return (
+        os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL"),
+        os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI"),
+    )
+
+
+def bench_settings(
+    redis_url: str, pg_uri: str, batch_size: int | None, environ: dict[str, str] | None = None
+) -> tuple[Settings, Path]:
+    """A bench's settings (`environ` over the defaults) and its files' root (FILEPIPE_BENCH_DIR)."""
+    root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
+    root.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {
+        "redis_url": redis_url,
+        "pg_uri": pg_uri,
+        "local_storage_dir": str(root),
+        "block_ms": 100,
+    }
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    return load_settings(overrides, environ=environ or {}, dotenv_path=None), root
+
+
 def port_of(url: str) -> int:
     return urlsplit(url).port or (6379 if url.startswith("redis") else 5432)
 
@@ -523,23 +551,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = ap.parse_args(argv)
 
     with ExitStack() as stack:
-        redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
-        pg_uri = os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI")
+        redis_url, pg_uri = bench_urls()
         if not redis_url:
             redis_url = stack.enter_context(RedisServer()).url
         if not pg_uri:
             pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
-        root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
-        root.mkdir(parents=True, exist_ok=True)
-        overrides: dict[str, Any] = {
-            "redis_url": redis_url,
-            "pg_uri": pg_uri,
-            "local_storage_dir": str(root),
-            "block_ms": 100,
-        }
-        if args.batch_size:
-            overrides["batch_size"] = args.batch_size
-        base = load_settings(overrides, environ={}, dotenv_path=None)
+        base, root = bench_settings(redis_url, pg_uri, args.batch_size)
         keys = make_files(root, args.files)
         print(
             f"filepipe bench: {args.events:,} events, {len(keys):,} files of 1-4 KiB, "

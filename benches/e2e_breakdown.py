@@ -26,11 +26,10 @@ from urllib.parse import urlsplit
 import psutil
 
 from filepipe import stream
-from filepipe.config import load_settings
 from filepipe.consumer import Consumer
 from filepipe.embedded import PostgresServer, RedisServer
 
-from .e2e import cleanup, count_rows, fresh, make_files, port_of, replace
+from .e2e import bench_settings, bench_urls, cleanup, count_rows, cpu_of, fresh, make_files, port_of, replace
 
 
 def listener(port: int) -> psutil.Process:
@@ -39,21 +38,6 @@ def listener(port: int) -> psutil.Process:
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
             return psutil.Process(c.pid)
     raise RuntimeError(f"no process listens on port {port}")
-
-
-def cpu_of(p: psutil.Process, *, children: bool) -> float:
-    """User + system seconds of `p` (and, with `children`, of its children, live or reaped)."""
-    t = p.cpu_times()
-    total = t.user + t.system
-    if children:
-        total += t.children_user + t.children_system
-        for ch in p.children(recursive=True):
-            try:
-                ct = ch.cpu_times()
-                total += ct.user + ct.system
-            except psutil.Error:
-                pass
-    return total
 
 
 comms: dict[int, str] = {}  # thread names as the kernel knows them (the extension's too)
@@ -268,23 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     with ExitStack() as stack:
-        redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
-        pg_uri = os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI")
+        redis_url, pg_uri = bench_urls()
         if args.private or not redis_url:
             redis_url = stack.enter_context(RedisServer()).url
         if args.private or not pg_uri:
             pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
-        root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
-        root.mkdir(parents=True, exist_ok=True)
-        overrides: dict[str, Any] = {
-            "redis_url": redis_url,
-            "pg_uri": pg_uri,
-            "local_storage_dir": str(root),
-            "block_ms": 100,
-        }
-        if args.batch_size:
-            overrides["batch_size"] = args.batch_size
-        base = load_settings(overrides, environ=dict(os.environ), dotenv_path=None)
+        base, root = bench_settings(redis_url, pg_uri, args.batch_size, environ=dict(os.environ))
         keys = make_files(root, args.files)
         redis_proc = listener(port_of(redis_url))
         pg_proc = listener(urlsplit(pg_uri).port or 5432)

@@ -31,10 +31,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from benches.e2e import cleanup, count_rows, fresh, make_files
-from filepipe.config import Settings, load_settings
+from benches.e2e import bench_settings, bench_urls, cleanup, count_rows, fresh, make_files
+from filepipe.config import Settings
 
 
 @dataclass
@@ -399,23 +398,12 @@ def main(argv: list[str] | None = None) -> list[Profile]:
     ap.add_argument("--out", type=Path, default=Path("artifacts"))
     args = ap.parse_args(argv)
 
-    redis_url = os.environ.get("FILEPIPE_BENCH_REDIS_URL") or os.environ.get("FILEPIPE_TEST_REDIS_URL")
-    pg_uri = os.environ.get("FILEPIPE_BENCH_PG_URI") or os.environ.get("FILEPIPE_TEST_PG_URI")
+    redis_url, pg_uri = bench_urls()
     if not redis_url or not pg_uri:
         raise SystemExit(
             "set FILEPIPE_BENCH_REDIS_URL and FILEPIPE_BENCH_PG_URI (or the FILEPIPE_TEST_* ones)"
         )
-    root = Path(os.environ.get("FILEPIPE_BENCH_DIR", "/tmp/filepipe-bench"))
-    root.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {
-        "redis_url": redis_url,
-        "pg_uri": pg_uri,
-        "local_storage_dir": str(root),
-        "block_ms": 100,
-    }
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    base = load_settings(overrides, environ={}, dotenv_path=None)
+    base, root = bench_settings(redis_url, pg_uri, args.batch_size)
     keys = make_files(root, args.files)
     profiles = [
         profile(base, keys, args.events, py, args.strace_events) for py in (args.python or [sys.executable])

@@ -3,7 +3,6 @@ checks and of a drain that finds nothing, and the garbage collector it starts wi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,28 +15,11 @@ import pytest
 import redis
 from psycopg import pq
 from tests.conftest import Env
+from tests.test_cli import cli_env
 
 from filepipe import stream
 from filepipe.db.layout import read_layout
 from filepipe.embedded import RedisServer
-
-
-def command_env(env: Env, **extra: str) -> dict[str, str]:
-    s = env.settings
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("FILEPIPE_", "REDIS", "PG_", "CONSUMER"))
-    }
-    base.update(
-        {
-            "REDIS_URL": s.redis_url,
-            "PG_URI": s.pg_uri,
-            "STREAM_NAME": s.stream,
-            "FILEPIPE_TABLE": s.table,
-            "LOCAL_STORAGE_DIR": str(env.storage),
-        }
-    )
-    base.update(extra)
-    return base
 
 
 def commands_run(r: redis.Redis) -> dict[str, int]:
@@ -55,7 +37,7 @@ def test_an_empty_drain_makes_only_the_round_trips_it_needs(env: Env) -> None:
     with RedisServer() as server:
         done = subprocess.run(
             [sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
-            env=command_env(env, REDIS_URL=server.url),
+            env=cli_env(env, REDIS_URL=server.url),
             capture_output=True,
             text=True,
             timeout=120,
@@ -126,7 +108,7 @@ def test_consume_starts_without_the_collector_and_consumes_with_it(env: Env) -> 
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
-        env=command_env(env),
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=120,
