@@ -42,7 +42,7 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
                 "local_storage_dir": str(tmp_path),
                 "consumer_name": f"pace-{tag}",
                 "block_ms": 100,
-                # Small: the reads the round trips call for are bigger.
+                # Set on purpose, and smaller than the reads the round trips call for: a cap.
                 "batch_size": 1000,
             },
             environ={},
@@ -75,9 +75,8 @@ def test_reads_grow_to_cover_the_round_trip(tmp_path: Path) -> None:
     assert c.pace.cover >= 0.018 * c.pace.rate * 4 > 0
     # Doubling from 16 entries would take 8 reads (16 + 32 + … + 1000 + 1000 …) to read 4000.
     assert stats.batches <= 6, stats.batches
-    # Beyond CONSUMER_BATCH_SIZE when the round trips call for more (within the byte budget).
-    if c.pace.cover > s.batch_size:
-        assert max(sizes) > s.batch_size, sizes
+    # CONSUMER_BATCH_SIZE set on purpose holds, however much the round trips call for.
+    assert c.pace.cover > s.batch_size >= max(sizes), (c.pace.cover, sizes)
     # The first read stays within the byte budget whatever the entries' sizes; the second
     # waits for it to be prepared, and is sized by the round trips at the preparer's rate
     # (read before, it would be as small, or twice as big).
@@ -97,3 +96,21 @@ def test_on_a_local_network_the_loaders_stay_as_many_as_the_pool(env: Env) -> No
     doubled = c.pace.round_trip("PostgreSQL") >= SLOW_ROUND_TRIP_S
     loaders = 2 * s.pool_size if doubled else s.pool_size
     assert len(c.loading.threads) == loaders and c.pool.max_size == loaders
+
+
+def test_reads_go_beyond_the_default_batch_size_only() -> None:
+    """Left at its default, CONSUMER_BATCH_SIZE gives way to what the round trips call for
+    (within FILEPIPE_BATCH_BYTES); set on purpose, it is a cap."""
+    from filepipe.constants import DEFAULT_BATCH_SIZE
+    from filepipe.stream import ReadSize
+
+    default = ReadSize(DEFAULT_BATCH_SIZE, 16 << 20, 1 << 20, beyond=True)
+    default.observe(100, 100 * 200)  # entries of 200 bytes: 16 MiB holds about 84,000
+    default.raise_to(20_000)
+    assert default.count == 20_000
+    default.raise_to(10**6)
+    assert default.count == default.fits < 10**6
+    chosen = ReadSize(1000, 16 << 20, 1 << 20)
+    chosen.observe(100, 100 * 200)
+    chosen.raise_to(20_000)
+    assert chosen.count == 1000

@@ -26,7 +26,7 @@ from tests.support.pgbouncer import PgBouncer, find_pgbouncer
 from tests.support.tls import tls_files, tls_only_args
 from tests.support.workload import Workload, consumer_env, seed, start_consumer
 
-from filepipe import dlq
+from filepipe import dlq, stream
 from filepipe.config import Settings, load_settings
 from filepipe.constants import heartbeat_key
 from filepipe.errors import ConfigError
@@ -140,19 +140,19 @@ def test_partition_settings_and_names() -> None:
 def test_four_processes_drain_200k_events_exactly_once_with_a_worker_killed(
     senv: Env, tmp_path: Path
 ) -> None:
-    s = senv.settings_with(batch_size=1000)
+    # Batches of 200: the run lasts long enough for the kill to land in the middle of it.
+    s = senv.settings_with(batch_size=200)
     w = seed(senv.redis, s, senv.storage, 200_000, poison_every=1000, chunk=5000)
     log = tmp_path / "supervisor.log"
     t0 = time.monotonic()
     proc = supervise(s, 4, "--drain", log=log)
+
     # Kill one worker with SIGKILL once the run is well under way: the supervisor restarts it
     # under the same name, and its entries are read again (or reclaimed by the others).
-    wait_for(
-        lambda: (senv.rows() if (beat(senv.redis, s, "scale-1") or {}).get("batches", 0) > 5 else 0) > 20_000,
-        120,
-        "a fifth of the rows",
-        proc,
-    )
+    def scale_1_holds_entries() -> bool:
+        return any(stream.pending_count(senv.redis, p.stream, s.group, "scale-1") for p in partitions(s))
+
+    wait_for(lambda: senv.rows() > 20_000 and scale_1_holds_entries(), 120, "a tenth of the rows", proc)
     victim = beat(senv.redis, s, "scale-1")
     assert victim is not None
     subprocess.run(["kill", "-9", str(victim["pid"])], check=True)

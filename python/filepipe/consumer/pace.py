@@ -1,8 +1,9 @@
 """Pacing reads to the round trip: each read asks for enough entries to keep the stages
 busy while a batch waits on Redis and PostgreSQL (bandwidth-delay: the rate the
 consumer can go at, times the round trip, times the round trips a batch makes in a
-row): beyond CONSUMER_BATCH_SIZE when the round trips call for more, never beyond
-FILEPIPE_BATCH_BYTES (at the sizes of the entries seen last). On a slow network the
+row): beyond CONSUMER_BATCH_SIZE when the round trips call for more and it was left at
+its default (one set on purpose is a cap), never beyond FILEPIPE_BATCH_BYTES (at the
+sizes of the entries seen last). On a slow network the
 loaders double too (SLOW_ROUND_TRIP_S, `Consumer`).
 
 On a local network (round trips under MIN_ROUND_TRIP_S) `ReadSize` doubles up to its

@@ -16,6 +16,7 @@ from redis.exceptions import RedisClusterException
 from .. import db, metrics, shutdown, stream
 from .._faults import crash_point
 from ..config import Settings, mask_url
+from ..constants import DEFAULT_BATCH_SIZE
 from ..errors import ConfigError, DatabaseError, SchemaError, TransientError
 from ..partitions import partitions
 from ..redaction import error_line
@@ -133,7 +134,11 @@ class Consumer:
             life.abandon,
             beat,
         )
-        read_size = ReadSize(s.batch_size, s.batch_bytes, s.max_entry_bytes)
+        # CONSUMER_BATCH_SIZE set on purpose caps every read; left at its default, the reads
+        # may grow beyond it to cover slow round trips (FILEPIPE_BATCH_BYTES still holds).
+        read_size = ReadSize(
+            s.batch_size, s.batch_bytes, s.max_entry_bytes, beyond=s.batch_size == DEFAULT_BATCH_SIZE
+        )
         self._read_size = read_size
         # Reads grow to cover the round trips to Redis and PostgreSQL, measured as it runs.
         self.pace = Pace(read_size)

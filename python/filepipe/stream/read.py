@@ -77,7 +77,8 @@ def _entries(reply: Any) -> Entries:
 
 class ReadSize:
     """How many entries to ask Redis for at once: at most CONSUMER_BATCH_SIZE (more when the
-    round trips call for more, `raise_to`), and about FILEPIPE_BATCH_BYTES worth at the
+    round trips call for more, `raise_to`, if `beyond`: CONSUMER_BATCH_SIZE left at its
+    default; one set on purpose is a cap), and about FILEPIPE_BATCH_BYTES worth at the
     sizes of the entries seen last, so that memory follows the bytes in flight, not the
     count. It starts at FILEPIPE_BATCH_BYTES / FILEPIPE_MAX_ENTRY_BYTES entries (the first
     read after a start stays within the byte budget even if every entry is as big as
@@ -87,8 +88,11 @@ class ReadSize:
     big, before the first big batch is parsed, can exceed the budget; at most three, as
     the reader works up to two batches ahead of the parser.)"""
 
-    def __init__(self, batch_size: int, batch_bytes: int, max_entry_bytes: int) -> None:
+    def __init__(
+        self, batch_size: int, batch_bytes: int, max_entry_bytes: int, *, beyond: bool = False
+    ) -> None:
         self.limit = batch_size
+        self.beyond = beyond
         self.budget = batch_bytes
         self.count = max(1, min(batch_size, batch_bytes // max(1, max_entry_bytes)))
         self.fits = self.count  # entries the budget allows at the sizes seen last
@@ -102,9 +106,10 @@ class ReadSize:
 
     def raise_to(self, entries: int) -> None:
         """At least `entries` per read (the round trips to cover, consumer.pace): beyond
-        CONSUMER_BATCH_SIZE if need be, never beyond what the budget allows at the sizes seen
-        last (before any entry was seen, the first reads' size)."""
-        self.count = max(self.count, min(self.fits, entries))
+        CONSUMER_BATCH_SIZE if need be and `beyond`, never beyond what the budget allows at
+        the sizes seen last (before any entry was seen, the first reads' size)."""
+        cap = self.fits if self.beyond else min(self.limit, self.fits)
+        self.count = max(self.count, min(cap, entries))
 
 
 def entries_bytes(entries: Iterable[Any]) -> int:
