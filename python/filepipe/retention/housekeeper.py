@@ -134,40 +134,43 @@ class Housekeeper:
                 self.settings.dead_letter_retention,
                 window.describe(),
             )
+        settings = self.settings.dead_letter_retention
         if window.count and not window.keep_all:
-            if result.dead_letters >= c.DEAD_LETTER_WARN_SHARE * window.count:
-                if dead not in self._dead_warned:
-                    self._dead_warned.add(dead)
-                    log.warning(
-                        "dead-letter stream %s holds %d dead letters, %d%% of "
-                        "DEAD_LETTER_RETENTION=%s: the oldest are dropped beyond %d "
-                        "(replay or purge them with `filepipe dlq`)",
-                        dead,
-                        result.dead_letters,
-                        100 * result.dead_letters // window.count,
-                        self.settings.dead_letter_retention,
-                        window.count,
-                    )
-            elif result.dead_letters < c.DEAD_LETTER_WARN_SHARE * window.count / 2:
-                self._dead_warned.discard(dead)
+            n = result.dead_letters
+            self._near_cap(
+                self._dead_warned,
+                dead,
+                n / window.count,
+                lambda: (
+                    f"dead-letter stream {dead} holds {n} dead letters, {100 * n // window.count}% of "
+                    f"DEAD_LETTER_RETENTION={settings}: the oldest are dropped beyond {window.count} "
+                    "(replay or purge them with `filepipe dlq`)"
+                ),
+            )
         age = result.dead_oldest_age_ms
         if window.age_s and not window.keep_all and age is not None:
             share = age / (window.age_s * 1000)
-            if share >= c.DEAD_LETTER_WARN_SHARE:
-                if dead not in self._dead_age_warned:
-                    self._dead_age_warned.add(dead)
-                    log.warning(
-                        "dead-letter stream %s holds dead letters %s old, %d%% of "
-                        "DEAD_LETTER_RETENTION=%s: those older than %s are dropped "
-                        "(replay or purge them with `filepipe dlq`)",
-                        dead,
-                        duration(age / 1000),
-                        int(100 * share),
-                        self.settings.dead_letter_retention,
-                        window.age_text,
-                    )
-            elif share < c.DEAD_LETTER_WARN_SHARE / 2:
-                self._dead_age_warned.discard(dead)
+            self._near_cap(
+                self._dead_age_warned,
+                dead,
+                share,
+                lambda: (
+                    f"dead-letter stream {dead} holds dead letters {duration(age / 1000)} old, "
+                    f"{int(100 * share)}% of DEAD_LETTER_RETENTION={settings}: those older than "
+                    f"{window.age_text} are dropped (replay or purge them with `filepipe dlq`)"
+                ),
+            )
+
+    @staticmethod
+    def _near_cap(warned: set[str], dead: str, share: float, warning: Callable[[], str]) -> None:
+        """Warns once when a dead-letter stream reaches DEAD_LETTER_WARN_SHARE of a cap (its
+        count or its age), and again only after it fell below half that."""
+        if share >= c.DEAD_LETTER_WARN_SHARE:
+            if dead not in warned:
+                warned.add(dead)
+                log.warning("%s", warning())
+        elif share < c.DEAD_LETTER_WARN_SHARE / 2:
+            warned.discard(dead)
 
     def _remove_departed(self, part: Partition) -> None:
         s = self.settings
