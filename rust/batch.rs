@@ -23,6 +23,9 @@ pub struct Batch {
     pub rejects: Vec<(usize, Reject)>,
     /// Bytes of every input entry's id, field names and values.
     pub input_bytes: usize,
+    /// Bytes of the last input entry: what the entries written next are likely to hold
+    /// (the mean of a batch that straddles a turn from small entries to big ones is not).
+    pub last_input_bytes: usize,
 }
 
 /// One input entry, copied into [`Copied::arena`]: its id, then name, value, name,
@@ -48,6 +51,7 @@ pub struct Copied {
     inputs: Vec<Input>,
     /// Ids, field names and values of every input entry, rejected ones included.
     input_bytes: usize,
+    last_input_bytes: usize,
 }
 
 /// Room reserved per entry of a batch whose length is known: what the producer's entries
@@ -62,6 +66,7 @@ impl Copied {
             ends: Vec::with_capacity(entries * (2 * ENTRY_FIELDS_HINT + 1)),
             inputs: Vec::with_capacity(entries),
             input_bytes: 0,
+            last_input_bytes: 0,
         }
     }
 
@@ -79,6 +84,7 @@ impl Copied {
     /// no fields).
     pub fn add_deleted(&mut self, pos: usize, id: &[u8]) {
         self.input_bytes += id.len();
+        self.last_input_bytes = id.len();
         self.inputs.push(Input::Rejected {
             pos,
             reject: Reject::new(id, Reason::MissingField, "was deleted from the stream"),
@@ -103,6 +109,7 @@ impl Copied {
             let mut bytes = 0;
             visit(&mut |n, v| bytes += n.len() + v.len())?;
             self.input_bytes += bytes;
+            self.last_input_bytes = id.len() + bytes;
             self.inputs.push(Input::Rejected { pos, reject });
             return Ok(());
         }
@@ -120,6 +127,7 @@ impl Copied {
             }
         })?;
         self.input_bytes += bytes - id.len();
+        self.last_input_bytes = bytes;
         if let Err(reject) = limits.check_bytes(id, bytes) {
             self.arena.truncate(start);
             self.ends.truncate(ends_mark);
@@ -145,6 +153,7 @@ impl Copied {
     ) -> Batch {
         let mut batch = Batch {
             input_bytes: self.input_bytes,
+            last_input_bytes: self.last_input_bytes,
             ..Batch::default()
         };
         let mut fields: Vec<(&[u8], &[u8])> = Vec::new();
@@ -221,6 +230,7 @@ pub fn parse_reply(
         let entry = reply.entry(pos);
         let id = entry.id;
         batch.input_bytes += id.len();
+        batch.last_input_bytes = id.len();
         let Some(items) = entry.fields else {
             batch.rejects.push((
                 pos,
@@ -239,6 +249,7 @@ pub fn parse_reply(
             }
         }
         batch.input_bytes += bytes - id.len();
+        batch.last_input_bytes = bytes;
         let within = limits
             .check_fields(id, count)
             .and_then(|()| limits.check_bytes(id, bytes));
@@ -495,6 +506,7 @@ mod tests {
         assert_eq!(b.rejects[0].1.reason, Reason::MissingField);
         let one = 15 + 7 + UUID.len() + 8 + 5 + 3 + 1;
         assert_eq!(b.input_bytes, 2 * one + 3);
+        assert_eq!(b.last_input_bytes, 3);
     }
 
     #[test]
@@ -592,6 +604,7 @@ mod tests {
             assert_eq!(read.positions, copied.positions);
             assert_eq!(read.rejects, copied.rejects);
             assert_eq!(read.input_bytes, copied.input_bytes);
+            assert_eq!(read.last_input_bytes, copied.last_input_bytes);
         }
         let b = parse_reply(&reply, Limits::NONE, Storage::Local, "", Some(b"boom"));
         assert_eq!(b.positions, vec![0, 2, 3]);

@@ -73,6 +73,12 @@ impl EntryBatch {
         self.0.input_bytes
     }
 
+    /// The bytes of the last input entry (id, field names and values).
+    #[getter]
+    fn last_input_bytes(&self) -> usize {
+        self.0.last_input_bytes
+    }
+
     /// (storage, key) of each accepted record.
     fn locations(&self) -> Vec<(&'static str, String)> {
         self.0

@@ -45,6 +45,20 @@ def test_read_size_starts_small_grows_and_shrinks() -> None:
     assert ReadSize(batch_size=100, batch_bytes=16 * MIB, max_entry_bytes=1024).count == 100
 
 
+def test_a_batch_that_turns_big_sizes_the_next_read_by_its_last_entry() -> None:
+    size = ReadSize(batch_size=500, batch_bytes=MIB, max_entry_bytes=MIB)
+    for _ in range(10):
+        size.observe(size.count, size.count * 300, 300)
+    assert size.count == 500
+    # 480 small entries, then the first 20 of 16 KiB: the mean (about 950 bytes) would
+    # allow all 500, 8 MiB of what follows.
+    size.observe(500, 480 * 300 + 20 * 16 * 1024, 16 * 1024)
+    assert size.count == 64
+    # One big entry among small ones, not last: the mean sizes the read, which keeps its count.
+    size.observe(500, 499 * 300 + 16 * 1024, 300)
+    assert size.count == 128
+
+
 @pytest.fixture
 def big(pg_uri: str, tmp_path: Path) -> Iterator[tuple[Settings, redis.Redis]]:
     with RedisServer() as server:

@@ -44,6 +44,9 @@ class EntryBatch:
     @property
     def input_bytes(self) -> int:
         """Bytes of the input entries' ids, field names and values, rejected entries included."""
+    @property
+    def last_input_bytes(self) -> int:
+        """Bytes of the last input entry (id, field names and values)."""
     def locations(self) -> list[tuple[str, str]]:
         """(storage, key) of each accepted record."""
     def by_storage(self) -> list[tuple[str, list[int]]]:

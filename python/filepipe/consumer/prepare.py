@@ -71,7 +71,7 @@ def prepare(
     measure: Callable[[_native.EntryBatch], _native.Measurements],
     redelivered: bool,
     gone: list[bytes],
-    observe: Callable[[int, int], None] | None = None,
+    observe: Callable[[int, int, int], None] | None = None,
 ) -> Prepared:
     """Turns the entries read into a COPY buffer and the dead letters of those it
     refuses: delivered more than MAX_DELIVERIES times, invalid, or naming a file that
@@ -103,7 +103,7 @@ def prepare(
         max_bytes=s.max_entry_bytes,
     )
     if observe is not None:
-        observe(len(ok), batch.input_bytes)
+        observe(len(ok), batch.input_bytes, batch.last_input_bytes)
     for pos, _entry_id, reason, message in batch.rejects:
         dead.append(dead_letter(ok[pos], reason, message, deliveries.get(ok[pos][0], 1)))
     measurements = measure(batch)

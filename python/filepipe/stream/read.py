@@ -86,7 +86,8 @@ class ReadSize:
     what the budget allows when they are big.
     (A read cannot be cut by bytes: the reads made right after entries turn from small to
     big, before the first big batch is parsed, can exceed the budget; at most three, as
-    the reader works up to two batches ahead of the parser.)"""
+    the reader works up to two batches ahead of the parser, and the read after the batch
+    that holds the turn is sized by that batch's last entry.)"""
 
     def __init__(
         self, batch_size: int, batch_bytes: int, max_entry_bytes: int, *, beyond: bool = False
@@ -97,11 +98,16 @@ class ReadSize:
         self.count = max(1, min(batch_size, batch_bytes // max(1, max_entry_bytes)))
         self.fits = self.count  # entries the budget allows at the sizes seen last
 
-    def observe(self, entries: int, nbytes: int) -> None:
-        """A batch of `entries` entries held `nbytes` bytes (ids, names and values)."""
+    def observe(self, entries: int, nbytes: int, last: int = 0) -> None:
+        """A batch of `entries` entries held `nbytes` bytes (ids, names and values), its
+        last one `last` bytes. The entries to come are taken to be as big as the batch's
+        mean, or as its last entry where that is bigger: the mean of a batch that
+        straddles a turn from small entries to big ones would allow a full read of big
+        ones."""
         if entries <= 0:
             return
-        self.fits = fits = max(1, int(self.budget * entries / max(1, nbytes)))
+        each = max(nbytes / entries, last, 1)
+        self.fits = fits = max(1, int(self.budget / each))
         self.count = max(1, min(self.limit, fits, self.count * 2))
 
     def raise_to(self, entries: int) -> None:
