@@ -100,6 +100,24 @@ def _worker_label(worker: str) -> str:
     return f"worker {worker}" if worker.isdigit() else worker
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a line is logged, not to the stream it was
+    at set-up (as logging's own last-resort handler does): a thread that logs after
+    `sys.stderr` was replaced and the old one closed (an embedding application's
+    redirection, a test's capture) still reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 _who = _Who()
 _handler: logging.Handler | None = None
 _format = "text"
@@ -113,7 +131,7 @@ def setup_logging(debug: bool, log_format: str = "text") -> None:
     root = logging.getLogger("filepipe")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if _handler is None:
-        _handler = logging.StreamHandler(sys.stderr)
+        _handler = _StderrHandler()
         _handler.addFilter(_who)
         root.addHandler(_handler)
         root.propagate = False
