@@ -122,7 +122,9 @@ def _refusals(pg: PostgresServer, rs: RedisServer) -> dict[str, tuple[dict[str, 
         ),
         "redis command denied": (
             {"REDIS_URL": f"redis://limited:right@127.0.0.1:{r}/0"},
-            "refused: this user has no permissions to run the 'client|setname' command",
+            # (The name is given in the handshake's HELLO, which any user may send: the
+            # first command refused is the consumer's first, creating its group.)
+            "refused: this user has no permissions to run the 'xgroup|create' command",
         ),
         "postgres wrong password": (
             {"PG_URI": f"postgresql://app:wrong@127.0.0.1:{p}/appdb"},

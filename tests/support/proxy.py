@@ -14,8 +14,13 @@ from collections import deque
 class TcpProxy:
     """`TcpProxy(target_port).start()`; then point clients at `proxy.port`."""
 
-    def __init__(self, target_port: int, *, delay_ms: float = 0.0, listen_port: int = 0) -> None:
+    def __init__(
+        self, target_port: int, *, delay_ms: float = 0.0, listen_port: int = 0, record: bool = False
+    ) -> None:
         self.target_port = target_port
+        # With `record`: (time.monotonic(), "up" to the server or "down" to the client, bytes)
+        # of every chunk as it arrives, before its delay.
+        self.chunks: list[tuple[float, str, bytes]] | None = [] if record else None
         self.delay = delay_ms / 1000.0
         self.listen_port = listen_port
         self.port = 0
@@ -107,14 +112,16 @@ class TcpProxy:
         self.connections += 1
         self._conns.update((client_w, server_w))
         await asyncio.gather(
-            self._pump(client_r, server_w), self._pump(server_r, client_w), return_exceptions=True
+            self._pump(client_r, server_w, "up"),
+            self._pump(server_r, client_w, "down"),
+            return_exceptions=True,
         )
         for w in (client_w, server_w):
             self._conns.discard(w)
             with contextlib.suppress(Exception):
                 w.transport.abort()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, way: str) -> None:
         assert self._flowing is not None
         chunks: deque[tuple[float, bytes]] = deque()
         arrived = asyncio.Event()
@@ -127,7 +134,10 @@ class TcpProxy:
                     data = await reader.read(65536)
                     if not data:
                         break
-                    chunks.append((time.monotonic() + self.delay, data))
+                    now = time.monotonic()
+                    if self.chunks is not None:
+                        self.chunks.append((now, way, data))
+                    chunks.append((now + self.delay, data))
                     arrived.set()
             finally:
                 done = True
