@@ -4,15 +4,19 @@ private Redis: a round trip is a write of the client's that follows a reply."""
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
+from benches.e2e import port_of, with_port
+from tests.fixtures.env import Env
+from tests.support.proxy import TcpProxy
 
 from filepipe.config import load_settings
 from filepipe.embedded import RedisServer
 from filepipe.stream import connect
-from tests.support.proxy import TcpProxy
 
 
 def round_trips(proxy: TcpProxy) -> int:
@@ -58,3 +62,34 @@ def test_a_refused_login_in_one_round_trip_is_the_server_s_reason(server: RedisS
     with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
         r.ping()
     r.close()
+
+
+def waves(proxies: list[TcpProxy], rtt: float) -> int:
+    """The round trips a run waited for, all connections together: the client's writes,
+    in time order, split where none went out for most of a round trip."""
+    sent = sorted(at for p in proxies for at, way, _ in p.chunks or [] if way == "up")
+    return 1 + sum(1 for a, b in itertools.pairwise(sent) if b - a > 0.6 * rtt)
+
+
+@pytest.mark.parametrize(("events", "most"), [(0, 10), (300, 17)])
+def test_a_drain_waits_on_few_round_trips(env: Env, events: int, most: int) -> None:
+    """Behind 100 ms each way, the round trips a drain waits for. Empty: PostgreSQL's login
+    (a TLS handshake, on a server with TLS; Redis's handshake, the group, the first
+    heartbeat and the departed consumers' check meanwhile), the table, the reads of
+    pending and of new entries, the look at what is pending, the last trim (with the
+    heartbeat's removal), the goodbyes. With events: the reads growing from a first one
+    the byte budget allows, the claim of idle entries beside one, the COPY, the commit,
+    the acknowledgements."""
+    env.write_file("a.txt", b"a\n")
+    for _ in range(events):
+        env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})
+    s = env.settings
+    delay = 0.1
+    with (
+        TcpProxy(port_of(s.redis_url), delay_ms=delay * 1000, record=True) as rp,
+        TcpProxy(port_of(s.pg_uri), delay_ms=delay * 1000, record=True) as pp,
+    ):
+        stats = env.drain(redis_url=with_port(s.redis_url, rp.port), pg_uri=with_port(s.pg_uri, pp.port))
+        trips = waves([rp, pp], 2 * delay)
+    assert stats.inserted == env.rows() == events
+    assert trips <= most, trips

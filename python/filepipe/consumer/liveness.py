@@ -149,6 +149,7 @@ class Liveness:
         self.dead_letters_waiting = dead_letters_waiting
         self.host = socket.gethostname()
         self._last = 0.0
+        self._aside: threading.Thread | None = None
 
     def beat(self, force: bool = False) -> None:
         self.in_hand.keep()
@@ -156,6 +157,16 @@ class Liveness:
         if not force and now - self._last < HEARTBEAT_INTERVAL_S:
             return
         self._last = now
+        self._write()
+
+    def beat_aside(self) -> None:
+        """A heartbeat now, written from a thread of its own (the caller goes on): the next
+        `beat()` is due HEARTBEAT_INTERVAL_S from now."""
+        self._last = time.monotonic()
+        self._aside = threading.Thread(target=self._write, name="filepipe-heartbeat", daemon=True)
+        self._aside.start()
+
+    def _write(self) -> None:
         st = self.stats
         s = self.settings
         beat = Heartbeat(
@@ -186,6 +197,12 @@ class Liveness:
     def remove(self) -> None:
         with contextlib.suppress(redis.RedisError, RedisClusterException):
             pipe = self.redis.pipeline(transaction=False)
-            for part in self.parts:
-                pipe.delete(heartbeat_key(part.stream, self.name))
+            self.removal(pipe)
             pipe.execute()
+
+    def removal(self, pipe: Any) -> None:
+        """Adds the deletion of the heartbeats to `pipe` (sent by the caller)."""
+        if self._aside is not None:
+            self._aside.join(10)  # (written after their deletion, it would outlive the consumer)
+        for part in self.parts:
+            pipe.delete(heartbeat_key(part.stream, self.name))

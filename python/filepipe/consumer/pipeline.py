@@ -273,7 +273,6 @@ class Consumer:
                 self.acking.start()
                 self.loading.start()
                 self.preparing.start()
-                self.housekeeper.start()
                 self.reader.run()
         except Abandoned:
             pass  # stopped while waiting for a service at the start: nothing was read (Stats.abandoned)
@@ -283,9 +282,10 @@ class Consumer:
                 self.preparing.finish()
                 self.loading.finish()
                 self.acking.finish()
-            self.housekeeper.stop()
+            # The heartbeat goes with the last trim, in one round trip.
+            if not self.housekeeper.stop(also=self.liveness.removal):
+                self.liveness.remove()
             self.progress.flush(self.stats)
-            self.liveness.remove()
             self.pool.close()
             self.redis.close()
             self.files.close()
@@ -317,6 +317,12 @@ class Consumer:
                     lambda p=part: stream.ensure_group(self.redis, p.stream, s.group),  # type: ignore[misc]
                     is_transient_redis,
                 )
+            if not self.life.stopping.is_set():
+                # Redis answers: while the table is checked, the first heartbeat is written
+                # and the housekeeper looks for departed consumers (each on a connection
+                # the reads will find open).
+                self.liveness.beat_aside()
+                self.housekeeper.start()
             self._at_start(
                 "PostgreSQL",
                 s.pg_uri,

@@ -67,6 +67,7 @@ class Reader:
         self.pace = pace
         self._turn = 0  # the partition whose turn it is to be read first
         self._last_claim = 0.0
+        self._read_new_once = False
         self._claim_cursor: dict[int, bytes] = {}
 
     def run(self) -> None:
@@ -103,6 +104,7 @@ class Reader:
             got = self._read_new()
             if got is None:
                 continue
+            self._read_new_once = True
             part, entries = got
             if entries:
                 self.submit(part, entries, redelivered=False)
@@ -232,6 +234,11 @@ class Reader:
         return {r["message_id"]: int(r["times_delivered"]) for r in rows or []}
 
     def _claim_due(self) -> bool:
+        # Not before the first read of new entries: at the start, that read goes first and
+        # the claim follows while its batch is prepared (draining, a last look is taken
+        # before leaving anyway).
+        if not self._read_new_once:
+            return False
         return time.monotonic() - self._last_claim >= self.settings.claim_idle_ms / 2000
 
     def _reclaim_all(self) -> bool:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 from redis.exceptions import RedisClusterException
@@ -56,6 +57,7 @@ class Housekeeper:
         self._error = ""
         self._reported = False  # the error is in the heartbeat's last_error
         self._next_departed = time.monotonic() + min(c.DEPARTED_CHECK_S, settings.claim_idle_ms / 1000)
+        self._departed_checked = False  # in this run, by the thread
         self._dead_warned: set[str] = set()
         self._dead_age_warned: set[str] = set()
 
@@ -69,17 +71,24 @@ class Housekeeper:
         if self._acked >= self.after_entries:
             self._wake.set()
 
-    def stop(self) -> None:
-        """Ends the thread, then makes a last pass (departed consumers included)."""
+    def stop(self, also: Callable[[Any], None] | None = None) -> bool:
+        """Ends the thread, then makes a last pass (departed consumers included), with
+        `also`'s commands in its pipeline (trim.trim). False if it was not running (then
+        neither is made)."""
         if self._thread is None:
-            return
+            return False
         self._stop.set()
         self._wake.set()
         self._thread.join(30)
         self._thread = None
-        self.run_once(lease_ms=0, departed=True)
+        # Departed consumers were looked for when the thread started (unless that failed).
+        self.run_once(lease_ms=0, departed=not self._departed_checked, also=also)
+        return True
 
     def _run(self) -> None:
+        # Departed consumers first, while the consumer starts reading: a short drain's
+        # stop then waits for the last trim only.
+        self._departed_checked = self._remove_all_departed()
         while not self._stop.is_set():
             self._wake.wait(self.interval)
             if self._stop.is_set():
@@ -89,15 +98,21 @@ class Housekeeper:
             # However fast entries are acknowledged, a pass at most every 100 ms.
             self._stop.wait(0.1)
 
-    def run_once(self, *, lease_ms: int = c.TRIM_LEASE_MS, departed: bool = False) -> list[TrimResult]:
-        """One pass over every stream (with `departed`, or when it is time, departed
-        consumers are looked for too); never raises: a failure is logged once."""
+    def run_once(
+        self,
+        *,
+        lease_ms: int = c.TRIM_LEASE_MS,
+        departed: bool | None = None,
+        also: Callable[[Any], None] | None = None,
+    ) -> list[TrimResult]:
+        """One pass over every stream; departed consumers are looked for too with
+        `departed`, or when it is time (None); never raises: a failure is logged once."""
         self._acked = 0
         try:
-            results = trim(self.redis, self.parts, self.settings, self.owner, lease_ms=lease_ms)
+            results = trim(self.redis, self.parts, self.settings, self.owner, lease_ms=lease_ms, also=also)
             for result in results:
                 self._report(result)
-            if departed or time.monotonic() >= self._next_departed:
+            if departed or (departed is None and time.monotonic() >= self._next_departed):
                 self._next_departed = time.monotonic() + c.DEPARTED_CHECK_S
                 for part, result in zip(self.parts, results, strict=True):
                     if result.leased:
@@ -171,6 +186,15 @@ class Housekeeper:
                 log.warning("%s", warning())
         elif share < c.DEAD_LETTER_WARN_SHARE / 2:
             warned.discard(dead)
+
+    def _remove_all_departed(self) -> bool:
+        try:
+            for part in self.parts:
+                self._remove_departed(part)
+        except Exception as e:
+            self._failed(e)
+            return False
+        return True
 
     def _remove_departed(self, part: Partition) -> None:
         s = self.settings

@@ -3,7 +3,7 @@ STREAM_RETENTION keeps), its dead letters capped, in one pipeline of atomic scri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,14 +75,19 @@ def trim(
     owner: str,
     *,
     lease_ms: int = c.TRIM_LEASE_MS,
+    also: Callable[[Any], None] | None = None,
 ) -> list[TrimResult]:
     """Trims every stream of `parts` (and caps its dead letters) in one pipeline, each
-    in one atomic script; `lease_ms=0` trims without taking the lease."""
+    in one atomic script; `lease_ms=0` trims without taking the lease. `also` adds
+    commands of the caller's to the pipeline, sent with the trims (their replies and
+    errors are not looked at)."""
     pipe = r.pipeline(transaction=False)
     for part in parts:
         # (a cluster pipeline has no eval(): the command itself, routed by its keys)
         pipe.execute_command("EVAL", TRIM_SCRIPT, *trim_args(part, settings, owner, lease_ms))  # type: ignore[no-untyped-call]
-    replies = pipe.execute(raise_on_error=False)
+    if also is not None:
+        also(pipe)
+    replies = pipe.execute(raise_on_error=False)[: len(parts)]
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
