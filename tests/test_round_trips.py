@@ -32,10 +32,8 @@ def round_trips(proxy: TcpProxy) -> int:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    with RedisServer() as rs:
-        r = redis.Redis.from_url(rs.url)
-        r.acl_setuser("app", enabled=True, passwords=["+right"], keys=["*"], commands=["+@all"])
-        r.close()
+    """User `app` (password `right`) may do anything."""
+    with RedisServer(extra_args=["--user", "app", "on", ">right", "~*", "&*", "+@all"]) as rs:
         yield rs
 
 
