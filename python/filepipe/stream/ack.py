@@ -67,6 +67,10 @@ def ack(
     dead = list(dead)
     if not ids and not dead:
         return AckResult()
+    if not dead:
+        # Nothing to write: the script would only acknowledge, at more of Redis's time
+        # than a plain XACK takes (about 0.4 µs per entry).
+        return AckResult(acked=int(r.xack(stream, group, *ids)))
     max_fields, max_bytes = max(max_fields, c.DEAD_LETTER_MAX_FIELDS), max(max_bytes, c.DEAD_LETTER_MAX_BYTES)
     keys = (stream, dead_stream, dead_letter_ids_key(stream))
     letters = [
