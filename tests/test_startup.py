@@ -31,9 +31,10 @@ def commands_run(r: redis.Redis) -> dict[str, int]:
 
 
 def test_an_empty_drain_makes_only_the_round_trips_it_needs(env: Env) -> None:
-    """A new connection says HELLO and its name, nothing redis-py would add for itself
-    (CLIENT SETINFO twice, CLIENT MAINT_NOTIFICATIONS); a drain that finds nothing asks
-    once what is pending (the group's and its own, one XPENDING) and claims once."""
+    """A new connection says HELLO with its name in it, nothing redis-py would add for
+    itself (CLIENT SETINFO twice, CLIENT MAINT_NOTIFICATIONS, a CLIENT SETNAME of its own);
+    a drain that finds nothing asks once what is pending (the group's and its own, one
+    XPENDING), and with nothing pending in the group, claims nothing."""
     with RedisServer() as server:
         done = subprocess.run(
             [sys.executable, "-m", "filepipe", "consume", "--drain", "-q"],
@@ -53,9 +54,9 @@ def test_an_empty_drain_makes_only_the_round_trips_it_needs(env: Env) -> None:
     assert "client|setinfo" not in calls, sorted(calls.items())
     assert "client|maint_notifications" not in calls, sorted(calls.items())
     assert refused == {}, refused
-    assert calls["hello"] == calls["client|setname"], calls  # once per connection
+    assert calls["hello"] >= 1 and "client|setname" not in calls, calls
     assert calls["xpending"] == 1, calls
-    assert calls["xautoclaim"] == 1, calls
+    assert "xautoclaim" not in calls, calls
 
 
 def round_trips(conn: psycopg.Connection[Any], fn: Any) -> tuple[Any, int]:
