@@ -5,11 +5,14 @@ PostgreSQL.
     python -m benches.peer                              # 200,000 events, 12 pairs (`make bench`)
     python -m benches.peer --events 20000 --pairs 3     # quicker
 
-The peer is installed once with `cargo install --locked` into FILEPIPE_BENCH_PEER_DIR
-(default ~/.cache/filepipe-bench/peer), with only its Redis source, PostgreSQL sink and
-transforms compiled in; where cargo or crates.io is not to be had, the bench says so in one
-line and exits 0. It runs against throwaway servers unless FILEPIPE_BENCH_REDIS_URL / _PG_URI
-(or the FILEPIPE_TEST_* ones) are set.
+Two pinned releases of the peer: 1.0.1, whose PostgreSQL sink writes with INSERTs, and
+1.15.1, whose sink can COPY but which needs Rust 1.96 (the default toolchain, else another
+rustup toolchain that is new enough). Each is installed once with `cargo install --locked`
+into FILEPIPE_BENCH_PEER_DIR (default ~/.cache/filepipe-bench/peer)/<version>, with only its
+Redis source, PostgreSQL sink and transforms compiled in. A release that cannot be had here
+(no cargo, no crates.io, no Rust new enough) is skipped in one line; with neither, the bench
+exits 0. It runs against throwaway servers unless FILEPIPE_BENCH_REDIS_URL / _PG_URI (or the
+FILEPIPE_TEST_* ones) are set.
 
 filepipe's producer puts N events for existing files into a stream once; each run gets its
 own server-side copy of that stream (same ids, same fields) and its own truncated table.
@@ -50,9 +53,6 @@ from filepipe.embedded import PostgresServer, RedisServer
 from filepipe.producer import Producer
 
 PEER_CRATE = "faucet-cli"
-# The newest release whose rust-version (1.94) the machine's toolchain (1.95) meets; the later
-# ones ask for 1.96 or more. Its PostgreSQL sink has two write modes and no COPY.
-PEER_VERSION = "1.0.1"
 PEER_FEATURES = ("source-redis", "sink-postgres", "transforms")
 PEER_BIN = "faucet"
 
@@ -77,11 +77,16 @@ class Mode:
     does: str
     column_mapping: Any
     transforms: tuple[dict[str, Any], ...] = ()
+    sink: tuple[tuple[str, Any], ...] = ()  # further keys of the sink's config
+
+    @property
+    def columns(self) -> bool:
+        """Into filepipe's columns (else into one jsonb column)."""
+        return bool(self.column_mapping == "auto_map")
 
 
-def modes(s: Settings) -> tuple[Mode, ...]:
-    # auto_map binds one text parameter per column per row, cast to the column's type, in
-    # multi-row INSERTs: the record is flattened and renamed to filepipe's columns first.
+def to_columns(s: Settings) -> tuple[dict[str, Any], ...]:
+    """The transforms that turn a stream entry's record into filepipe's columns."""
     renames = {
         "id": "stream_id",
         "fields__file_id": "file_id",
@@ -92,24 +97,69 @@ def modes(s: Settings) -> tuple[Mode, ...]:
         "fields__uploaded_at": "uploaded_at",
     }
     return (
+        {"type": "flatten", "config": {"separator": "__"}},
+        {"type": "rename_field", "config": {"fields": renames}},
+        {"type": "set", "config": {"values": {"stream": s.stream, "consumer": PEER_CRATE}}},
+    )
+
+
+NOTHING_ELSE = "no file read, no hash, no dedup"
+
+
+def insert_modes(s: Settings) -> tuple[Mode, ...]:
+    # auto_map binds one text parameter per column per row, cast to the column's type.
+    return (
         Mode(
-            "faucet, auto_map (multi-row INSERT)",
+            "faucet 1.0.1, auto_map (multi-row INSERT)",
             f"{PEER_READS}; flattens and renames it to filepipe's columns; multi-row INSERT, "
-            "a bound parameter per column; no file read, no hash, no dedup",
+            f"a bound parameter per column; {NOTHING_ELSE}",
             "auto_map",
-            (
-                {"type": "flatten", "config": {"separator": "__"}},
-                {"type": "rename_field", "config": {"fields": renames}},
-                {"type": "set", "config": {"values": {"stream": s.stream, "consumer": PEER_CRATE}}},
-            ),
+            to_columns(s),
         ),
         Mode(
-            "faucet, jsonb (INSERT … unnest)",
+            "faucet 1.0.1, jsonb (INSERT … unnest)",
             f"{PEER_READS}; one INSERT … SELECT FROM unnest($1::jsonb[]) per batch into one "
-            "jsonb column; no file read, no hash, no dedup",
+            f"jsonb column; {NOTHING_ELSE}",
             {"jsonb": {"column": "data"}},
         ),
     )
+
+
+def copy_modes(s: Settings) -> tuple[Mode, ...]:
+    return (
+        Mode(
+            "faucet 1.15.1, auto_map (COPY)",
+            f"{PEER_READS}; flattens and renames it to filepipe's columns; COPY … FROM STDIN "
+            f"(text) per batch; {NOTHING_ELSE}",
+            "auto_map",
+            to_columns(s),
+            sink=(("write_method", "copy"),),
+        ),
+        Mode(
+            "faucet 1.15.1, jsonb (COPY)",
+            f"{PEER_READS}; COPY … FROM STDIN (text) per batch into one jsonb column; {NOTHING_ELSE}",
+            {"jsonb": {"column": "data"}},
+            sink=(("write_method", "copy"),),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One pinned release of the peer, the Rust it needs (its rust-version) and its modes."""
+
+    version: str
+    rust: tuple[int, int]
+    modes: Callable[[Settings], tuple[Mode, ...]]
+
+
+PEERS = (
+    # The newest release whose rust-version a stable 1.95 meets. Its PostgreSQL sink has two
+    # write modes, both INSERTs.
+    Peer("1.0.1", (1, 94), insert_modes),
+    # The newest release a 1.97 meets (1.16 asks for 1.99): its sink has COPY (`write_method`).
+    Peer("1.15.1", (1, 96), copy_modes),
+)
 
 
 # -- the peer's install ------------------------------------------------------------------------
@@ -120,8 +170,8 @@ def peer_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "filepipe-bench" / "peer"
 
 
-def installed(root: Path) -> bool:
-    """True when the pinned version with these features is in `root` (cargo's own record)."""
+def installed(root: Path, version: str) -> bool:
+    """True when `version` with these features is in `root` (cargo's own record)."""
     record = root / ".crates2.json"
     if not (root / "bin" / PEER_BIN).exists() or not record.exists():
         return False
@@ -130,34 +180,68 @@ def installed(root: Path) -> bool:
     except (OSError, ValueError):
         return False
     return any(
-        key.startswith(f"{PEER_CRATE} {PEER_VERSION} ")
+        key.startswith(f"{PEER_CRATE} {version} ")
         and sorted(v.get("features", [])) == sorted(PEER_FEATURES)
         and v.get("no_default_features")
         for key, v in installs.items()
     )
 
 
-def install_peer(root: Path) -> Path | str:
-    """The peer's binary, installed first if needed; or why it cannot be had."""
-    binary = root / "bin" / PEER_BIN
-    if installed(root):
-        return binary
+def rust_of(cargo: list[str]) -> tuple[int, int] | None:
+    """The (major, minor) of the rustc that `cargo` (with its +toolchain) runs."""
+    rustc = [str(Path(cargo[0]).with_name("rustc")), *cargo[1:], "--version"]
+    try:
+        out = subprocess.run(rustc, capture_output=True, text=True, timeout=30).stdout.split()
+        major, minor = out[1].split(".")[:2]
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
+def cargo_for(rust: tuple[int, int]) -> list[str] | str:
+    """A cargo command (the default toolchain, else another rustup toolchain) whose rustc is
+    at least `rust`; or why there is none."""
     cargo = shutil.which("cargo")
     if cargo is None:
         return "cargo is not installed"
+    candidates = [[cargo]]
+    rustup = shutil.which("rustup")
+    if rustup is not None:
+        listed = subprocess.run([rustup, "toolchain", "list"], capture_output=True, text=True).stdout
+        candidates += [[cargo, f"+{ln.split()[0]}"] for ln in listed.splitlines() if ln.strip()]
+    have = []
+    for c in candidates:
+        v = rust_of(c)
+        if v is not None and v >= rust:
+            return c
+        if v is not None:
+            have.append(f"{v[0]}.{v[1]}")
+    found = ", ".join(dict.fromkeys(have)) or "none that runs"
+    return f"it needs Rust {rust[0]}.{rust[1]} or newer; this machine has {found}"
+
+
+def install_peer(root: Path, peer: Peer) -> Path | str:
+    """The peer's binary, installed first if needed; or why it cannot be had."""
+    root = root / peer.version
+    binary = root / "bin" / PEER_BIN
+    if installed(root, peer.version):
+        return binary
+    cargo = cargo_for(peer.rust)
+    if isinstance(cargo, str):
+        return cargo
     print(
-        f"installing {PEER_CRATE} {PEER_VERSION} into {root} (once; a few minutes)",
+        f"installing {PEER_CRATE} {peer.version} into {root} (once; a few minutes)",
         file=sys.stderr,
         flush=True,
     )
     target = root / "target"
     cmd = [
-        cargo,
+        *cargo,
         "install",
         "--locked",
         PEER_CRATE,
         "--version",
-        PEER_VERSION,
+        peer.version,
         "--no-default-features",
         "--features",
         ",".join(PEER_FEATURES),
@@ -256,6 +340,7 @@ def peer_config(s: Settings, mode: Mode, stream_key: str, table: str) -> dict[st
                 "column_mapping": mode.column_mapping,
                 "batch_size": s.batch_size,
                 "max_connections": s.pool_size,
+                **dict(mode.sink),
             },
         },
     }
@@ -317,21 +402,22 @@ def run_peer(
         c.record(dt, spent)
 
 
-def make_tables(s: Settings, tag: str) -> tuple[str, str, str]:
-    """filepipe's table, the same table for the peer's auto_map (its event time defaults to
-    the insert's time: the peer cannot derive it from the entry id; it has no checksum), and
-    one jsonb column for the jsonb mode."""
-    fp, mapped, jsonb = f"peer_fp_{tag}", f"peer_map_{tag}", f"peer_jsonb_{tag}"
-    init_db(replace(s, table=fp), plain=True)
-    init_db(replace(s, table=mapped), plain=True)
+def make_table(s: Settings, table: str, mode: Mode | None) -> str:
+    """filepipe's table (`mode` None); the same table for a peer's auto_map (its event time
+    defaults to the insert's time: the peer cannot derive it from the entry id; it has no
+    checksum); or one jsonb column."""
     with psycopg.connect(s.pg_uri, autocommit=True) as conn:
-        conn.execute(f"ALTER TABLE {mapped} ALTER COLUMN event_time SET DEFAULT now()")
-        conn.execute(f"ALTER TABLE {mapped} ALTER COLUMN checksum_sha256 DROP NOT NULL")
-        conn.execute(f"CREATE TABLE {jsonb} (data jsonb NOT NULL)")
-    return fp, mapped, jsonb
+        if mode is None or mode.columns:
+            init_db(replace(s, table=table), plain=True)
+        if mode is not None and mode.columns:
+            conn.execute(f"ALTER TABLE {table} ALTER COLUMN event_time SET DEFAULT now()")
+            conn.execute(f"ALTER TABLE {table} ALTER COLUMN checksum_sha256 DROP NOT NULL")
+        elif mode is not None:
+            conn.execute(f"CREATE TABLE {table} (data jsonb NOT NULL)")
+    return table
 
 
-def drop_tables(s: Settings, tables: tuple[str, ...]) -> None:
+def drop_tables(s: Settings, tables: list[str]) -> None:
     with psycopg.connect(s.pg_uri, autocommit=True) as conn:
         for t in tables:
             conn.execute(f"DROP TABLE IF EXISTS {t}")
@@ -394,11 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("artifacts"))
     args = ap.parse_args(argv)
 
-    found = install_peer(peer_root())
-    if isinstance(found, str):
-        print(f"peer bench skipped: {found}")
+    binaries: list[tuple[Peer, Path]] = []
+    for peer in PEERS:
+        found = install_peer(peer_root(), peer)
+        if isinstance(found, str):
+            print(f"peer bench: {PEER_CRATE} {peer.version} skipped: {found}")
+        else:
+            binaries.append((peer, found))
+    if not binaries:
         return 0
-    binary = found
 
     with ExitStack() as stack:
         redis_url, pg_uri = bench_urls()
@@ -413,31 +503,40 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="filepipe-peer-")))
         r = redis.Redis.from_url(redis_url)
         stack.callback(r.close)
-        tables = make_tables(s, tag)
-        stack.callback(drop_tables, s, tables)
         stack.callback(r.delete, s.stream)
+        tables: list[str] = []
+        stack.callback(drop_tables, s, tables)
+        fp = Contestant(FILEPIPE, FILEPIPE_DOES, make_table(s, f"peer_fp_{tag}", None))
+        tables.append(fp.table)
+        peers: list[tuple[Mode, Path, Contestant]] = []
+        for peer, binary in binaries:
+            for mode in peer.modes(s):
+                table = make_table(s, f"peer_{len(tables)}_{tag}", mode)
+                tables.append(table)
+                peers.append((mode, binary, Contestant(mode.name, mode.does, table)))
         produce(s, root, keys, args.events)
+        versions = " and ".join(p.version for p, _ in binaries)
         header = (
-            f"filepipe and {PEER_CRATE} {PEER_VERSION} on {args.events:,} events "
+            f"filepipe and {PEER_CRATE} {versions} on {args.events:,} events "
             f"({len(keys):,} files of 1-4 KiB), batch {s.batch_size}, {args.pairs} pairs, "
             f"{os.cpu_count()} cores"
         )
         print(header, flush=True)
 
         cpu = Cpu.of(s)
-        fp = Contestant(FILEPIPE, FILEPIPE_DOES, tables[0])
-        peers = [(m, Contestant(m.name, m.does, t)) for m, t in zip(modes(s), tables[1:], strict=True)]
         runs: list[Callable[[], None]] = [partial(run_filepipe, s, fp, r, s.stream, cpu, args.events)]
         runs += [
-            partial(run_peer, s, c, mode, binary, r, s.stream, cpu, args.events, workdir) for mode, c in peers
+            partial(run_peer, s, c, mode, binary, r, s.stream, cpu, args.events, workdir)
+            for mode, binary, c in peers
         ]
+        everyone = [fp] + [c for _, _, c in peers]
         for i in range(args.pairs):
             for run in runs if i % 2 == 0 else runs[::-1]:
                 run()
-            done = "; ".join(c.last() for c in [fp] + [c for _, c in peers])
+            done = "; ".join(c.last() for c in everyone)
             print(f"  pair {i + 1}/{args.pairs}: {done}", flush=True)
 
-        text = report([fp] + [c for _, c in peers], args.events, args.pairs, header)
+        text = report(everyone, args.events, args.pairs, header)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peer.md").write_text(text + "\n")
