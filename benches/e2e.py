@@ -404,6 +404,17 @@ def bench_urls() -> tuple[str | None, str | None]:
     )
 
 
+def bench_servers(stack: ExitStack, *, private: bool = False) -> tuple[str, str]:
+    """The servers a bench runs against (`bench_urls`), else (or, `private`, always)
+    throwaway ones that `stack` stops."""
+    redis_url, pg_uri = bench_urls()
+    if private or not redis_url:
+        redis_url = stack.enter_context(RedisServer()).url
+    if private or not pg_uri:
+        pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
+    return redis_url, pg_uri
+
+
 def bench_settings(
     redis_url: str, pg_uri: str, batch_size: int | None, environ: dict[str, str] | None = None
 ) -> tuple[Settings, Path]:
@@ -551,11 +562,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = ap.parse_args(argv)
 
     with ExitStack() as stack:
-        redis_url, pg_uri = bench_urls()
-        if not redis_url:
-            redis_url = stack.enter_context(RedisServer()).url
-        if not pg_uri:
-            pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
+        redis_url, pg_uri = bench_servers(stack)
         base, root = bench_settings(redis_url, pg_uri, args.batch_size)
         keys = make_files(root, args.files)
         print(

@@ -27,9 +27,18 @@ import psutil
 
 from filepipe import stream
 from filepipe.consumer import Consumer
-from filepipe.embedded import PostgresServer, RedisServer
 
-from .e2e import bench_settings, bench_urls, cleanup, count_rows, cpu_of, fresh, make_files, port_of, replace
+from .e2e import (
+    bench_servers,
+    bench_settings,
+    cleanup,
+    count_rows,
+    cpu_of,
+    fresh,
+    make_files,
+    port_of,
+    replace,
+)
 
 
 def listener(port: int) -> psutil.Process:
@@ -252,11 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     with ExitStack() as stack:
-        redis_url, pg_uri = bench_urls()
-        if args.private or not redis_url:
-            redis_url = stack.enter_context(RedisServer()).url
-        if args.private or not pg_uri:
-            pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
+        redis_url, pg_uri = bench_servers(stack, private=args.private)
         base, root = bench_settings(redis_url, pg_uri, args.batch_size, environ=dict(os.environ))
         keys = make_files(root, args.files)
         redis_proc = listener(port_of(redis_url))

@@ -44,12 +44,11 @@ from typing import Any
 import psycopg
 import redis
 
-from benches.e2e import Cpu, bench_settings, bench_urls, count_rows, make_files, replace, timed
+from benches.e2e import Cpu, bench_servers, bench_settings, count_rows, make_files, replace, timed
 from filepipe import stream
 from filepipe.config import Settings
 from filepipe.consumer import Consumer
 from filepipe.db import init_db
-from filepipe.embedded import PostgresServer, RedisServer
 from filepipe.producer import Producer
 
 PEER_CRATE = "faucet-cli"
@@ -491,11 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with ExitStack() as stack:
-        redis_url, pg_uri = bench_urls()
-        if not redis_url:
-            redis_url = stack.enter_context(RedisServer()).url
-        if not pg_uri:
-            pg_uri = stack.enter_context(PostgresServer(durable=True)).uri
+        redis_url, pg_uri = bench_servers(stack)
         base, root = bench_settings(redis_url, pg_uri, args.batch_size)
         keys = make_files(root, args.files)
         tag = uuid.uuid4().hex[:8]
