@@ -83,11 +83,12 @@ test: install test-rust browser pgbouncer timescaledb ## Run the whole test suit
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: install ## Measure: pytest-benchmark groups, the end-to-end table (artifacts/bench-e2e.md), a Rust peer on the same events (artifacts/peer.md), each process's and stage's share (artifacts/e2e-breakdown.txt), where the CPU goes (artifacts/profile.md)
+bench: install ## Measure: pytest-benchmark groups, the end-to-end table (artifacts/bench-e2e.md), a Rust peer on the same events (artifacts/peer.md), a drain behind 20 ms round trips, each process's and stage's share (artifacts/e2e-breakdown.txt), where the CPU goes (artifacts/profile.md)
 	cargo test --release --no-default-features -- --ignored
 	FILEPIPE_BENCH_FULL=1 $(VENV)/bin/pytest benches --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 	$(PY) -m benches.e2e
 	$(PY) -m benches.peer
+	$(PY) -m benches.latency
 	set -o pipefail; mkdir -p artifacts && $(PY) -m benches.e2e_breakdown --private --runs 3 --pool-sizes 1,2 | tee artifacts/e2e-breakdown.txt
 	$(PY) -m benches.profile --events 1000000
 
