@@ -4,6 +4,7 @@ of a backlog of small files (what `make bench` writes to artifacts/profile.md).
     python -m benches.profile                       # 200,000 events
     python -m benches.profile --events 1000000
     python -m benches.profile --python /other/venv/bin/python   # another build, same run
+    python -m benches.profile --python .venv/bin/python --python "FILEPIPE_IO_URING=0 .venv/bin/python"
 
 Three runs of the same drain, each on a fresh stream of --events entries over the
 benches' small files (1-4 KiB), read once before each drain (in the page cache):
@@ -51,18 +52,30 @@ class Drain:
         return self.user_s + self.sys_s
 
 
-def consumer_command(python: str) -> list[str]:
-    return [python, "-m", "filepipe", "consume", "--drain", "-q"]
+def split_build(build: str) -> tuple[dict[str, str], str]:
+    """A build as given to --python: an interpreter, after any NAME=VALUE settings for
+    its runs (`FILEPIPE_IO_URING=0 .venv/bin/python`)."""
+    words = build.split()
+    settings = dict(w.split("=", 1) for w in words[:-1] if "=" in w)
+    return settings, os.path.abspath(words[-1])
+
+
+def consumer_command(build: str) -> list[str]:
+    return [split_build(build)[1], "-m", "filepipe", "consume", "--drain", "-q"]
+
+
+def build_env(s: Settings, build: str) -> dict[str, str]:
+    from tests.support.workload import consumer_env
+
+    return {**consumer_env(s), **split_build(build)[0]}
 
 
 def drain(s: Settings, files: int, python: str, wrap: list[str] | None = None) -> Drain:
     """Runs one drain (under `wrap`, a profiler, if given) and returns its rusage."""
-    from tests.support.workload import consumer_env
-
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [*(wrap or []), *consumer_command(python)],
-        env=consumer_env(s),
+        env=build_env(s, python),
         cwd=s.local_storage_dir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -182,8 +195,6 @@ def thread_names(pid: int, py_spy: str) -> dict[int, str]:
 def profiled(base: Settings, keys: list[str], events: int, python: str, prof: Profile) -> None:
     """One drain under perf (attached after start-up) with its threads named by py-spy:
     the CPU of each stage, by what it does."""
-    from tests.support.workload import consumer_env
-
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if not shutil.which("perf") or not py_spy:
         prof.note.append("perf or py-spy is not installed: no per-stage breakdown")
@@ -204,7 +215,7 @@ def profiled(base: Settings, keys: list[str], events: int, python: str, prof: Pr
         try:
             proc = subprocess.Popen(
                 consumer_command(python),
-                env=consumer_env(s),
+                env=build_env(s, python),
                 cwd=s.local_storage_dir,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -391,7 +402,8 @@ def main(argv: list[str] | None = None) -> list[Profile]:
         "--python",
         action="append",
         default=[],
-        help="interpreter of a build to profile (repeatable; default: this one)",
+        help="interpreter of a build to profile, after any NAME=VALUE settings for its runs "
+        "(repeatable; default: this one)",
     )
     ap.add_argument("--strace-events", type=int, default=20_000, help="events of the strace run (0: skip)")
     ap.add_argument("--batch-size", type=int, default=None)

@@ -1,5 +1,6 @@
 //! Measuring files: size, SHA-256 and a sniffed content type, every read confined
-//! to a storage root ([`Root`]), many files on a few threads, a panic failing only
+//! to a storage root ([`Root`]), many files on a few threads, a chunk of small files
+//! at a time through io_uring where it can be used ([`uring`]), a panic failing only
 //! its file. Files must be regular files.
 
 use std::borrow::Cow;
@@ -15,6 +16,7 @@ use crate::copy::Measured;
 use crate::error::{FileFailure, Reason};
 use crate::root::{errno_failure, Root};
 use crate::sniff::{sniff, SNIFF_BYTES};
+use crate::uring::{self, Outcome};
 
 /// Environment variable naming a key whose measurement (and parsing) panics: fault
 /// injection for the test suite.
@@ -29,7 +31,16 @@ pub fn measure(
     max_bytes: u64,
     buf: &mut Vec<u8>,
 ) -> Result<Measured, FileFailure> {
-    let mut file: File = root.open_beneath(key)?;
+    measure_open(root.open_beneath(key)?, key, max_bytes, buf)
+}
+
+/// Measures a file opened beneath the root.
+fn measure_open(
+    mut file: File,
+    key: &str,
+    max_bytes: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Measured, FileFailure> {
     let size = regular_file_size(&file).map_err(|e| errno_failure(e, key))?;
     let Some(size) = size else {
         return Err(FileFailure::new(
@@ -112,19 +123,28 @@ pub fn hash_reader(
     })
 }
 
-/// Measures one file; a panic (a bug) fails only this file, with reason `internal_error`.
-fn measure_guarded(
-    root: &Root,
+/// The measurement of a file read whole: `data` is all of it.
+fn measure_bytes(data: &[u8]) -> Measured {
+    Measured {
+        size: data.len() as i64,
+        sha256: Sha256::digest(data).into(),
+        content_type: Some(Cow::Borrowed(sniff(&data[..data.len().min(SNIFF_BYTES)]))),
+    }
+}
+
+/// Measures one file with `how`; a panic (a bug) fails only this file, with reason
+/// `internal_error`.
+fn guarded(
     key: &str,
-    max_bytes: u64,
     buf: &mut Vec<u8>,
     panic_key: Option<&str>,
+    how: impl FnOnce(&mut Vec<u8>) -> Result<Measured, FileFailure>,
 ) -> Result<Measured, FileFailure> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if panic_key == Some(key) {
             panic!("test panic requested for this key");
         }
-        measure(root, key, max_bytes, buf)
+        how(&mut *buf)
     }))
     .unwrap_or_else(|_| {
         buf.clear();
@@ -133,6 +153,51 @@ fn measure_guarded(
             format!("internal error while measuring '{key}' (a bug: please report it)"),
         ))
     })
+}
+
+/// A thread's buffers: one for files read the ordinary way, one for a chunk's reads.
+#[derive(Default)]
+struct Buffers {
+    file: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+/// Measures a chunk of keys (at most [`uring::CHUNK`]): through io_uring where it
+/// can be used, each file that is not the plain case the ordinary way.
+fn measure_chunk(
+    root: &Root,
+    keys: &[&str],
+    max_bytes: u64,
+    bufs: &mut Buffers,
+    panic_key: Option<&str>,
+    mut each: impl FnMut(usize, Result<Measured, FileFailure>),
+) {
+    let ordinary = |key: &str, buf: &mut Vec<u8>| {
+        guarded(key, buf, panic_key, |buf| {
+            measure(root, key, max_bytes, buf)
+        })
+    };
+    // The key that is to panic (fault injection) is measured where a panic is caught.
+    let outcomes = match panic_key {
+        Some(p) if keys.contains(&p) => None,
+        _ => uring::read_chunk(root, keys, max_bytes, &mut bufs.chunk),
+    };
+    let Some(outcomes) = outcomes else {
+        for (i, key) in keys.iter().enumerate() {
+            each(i, ordinary(key, &mut bufs.file));
+        }
+        return;
+    };
+    for (i, (key, outcome)) in keys.iter().zip(outcomes).enumerate() {
+        let result = match outcome {
+            Outcome::Read(range) => Ok(measure_bytes(&bufs.chunk[range])),
+            Outcome::Open(file) => guarded(key, &mut bufs.file, panic_key, |buf| {
+                measure_open(file, key, max_bytes, buf)
+            }),
+            Outcome::Ordinary => ordinary(key, &mut bufs.file),
+        };
+        each(i, result);
+    }
 }
 
 /// Measures many files under one root on up to `threads` threads: the calling thread
@@ -146,27 +211,32 @@ pub fn measure_all(
     let panic_key = std::env::var(TEST_PANIC_ENV).ok();
     let panic_key = panic_key.as_deref();
     let threads = threads.clamp(1, 64).min(keys.len().div_ceil(16)).max(1);
+    // Chunks small enough that every thread gets a share of a small batch.
+    let chunk = keys.len().div_ceil(threads).clamp(1, uring::CHUNK);
     if threads == 1 {
-        let mut buf = Vec::new();
-        return keys
-            .iter()
-            .map(|k| measure_guarded(root, k, max_bytes, &mut buf, panic_key))
-            .collect();
+        let mut bufs = Buffers::default();
+        let mut results = Vec::with_capacity(keys.len());
+        for part in keys.chunks(chunk) {
+            measure_chunk(root, part, max_bytes, &mut bufs, panic_key, |_, r| {
+                results.push(r)
+            });
+        }
+        return results;
     }
     let next = AtomicUsize::new(0);
     let collected = Mutex::new(Vec::with_capacity(keys.len()));
     let task = || {
-        let mut buf = Vec::new();
+        let mut bufs = Buffers::default();
         let mut done = Vec::new();
         loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= keys.len() {
+            let start = next.fetch_add(chunk, Ordering::Relaxed);
+            if start >= keys.len() {
                 break;
             }
-            done.push((
-                i,
-                measure_guarded(root, keys[i], max_bytes, &mut buf, panic_key),
-            ));
+            let part = &keys[start..(start + chunk).min(keys.len())];
+            measure_chunk(root, part, max_bytes, &mut bufs, panic_key, |i, r| {
+                done.push((start + i, r))
+            });
         }
         collected
             .lock()

@@ -730,6 +730,13 @@ fn reason_codes() -> Vec<&'static str> {
     Reason::ALL.iter().map(|r| r.as_str()).collect()
 }
 
+/// How local files are read: a chunk at a time through io_uring, or one system call at
+/// a time (and why), or "not yet" before the first batch was measured.
+#[pyfunction]
+fn file_reads() -> &'static str {
+    crate::uring::describe()
+}
+
 #[pymodule]
 #[pyo3(name = "_native")]
 pub fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -747,5 +754,6 @@ pub fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sniff_content_type, m)?)?;
     m.add_function(wrap_pyfunction!(format_timestamp, m)?)?;
     m.add_function(wrap_pyfunction!(reason_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(file_reads, m)?)?;
     Ok(())
 }

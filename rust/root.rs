@@ -56,6 +56,9 @@ struct OpenHow {
 }
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_BENEATH: u64 = 0x08;
+/// Read-only, non-blocking (a FIFO cannot stall the open), closed on exec, never a
+/// controlling terminal.
+const OPEN_FLAGS: i32 = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
 
 impl Root {
     /// Opens the root directory; it must exist.
@@ -83,15 +86,29 @@ impl Root {
         })
     }
 
+    /// The root directory's descriptor (`O_PATH`), for opens relative to it.
+    pub fn dir_fd(&self) -> i32 {
+        self.dir.as_raw_fd()
+    }
+
+    /// The `openat2` flags and resolution that [`Root::open_beneath`] opens with now:
+    /// for another way of making the same call (see [`crate::uring`]).
+    pub fn open_how(&self) -> (u64, u64) {
+        let noatime = !self.atime_kept.load(Ordering::Relaxed);
+        (
+            (OPEN_FLAGS | if noatime { libc::O_NOATIME } else { 0 }) as u64,
+            RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+        )
+    }
+
     /// Opens `key` read-only, confined beneath the root.
     pub fn open_beneath(&self, key: &str) -> Result<File, FileFailure> {
         let c = CString::new(key)
             .map_err(|_| FileFailure::new(Reason::NulByte, "key contains a NUL byte"))?;
-        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
         let mut noatime = !self.atime_kept.load(Ordering::Relaxed);
         loop {
             let how = OpenHow {
-                flags: (flags | if noatime { libc::O_NOATIME } else { 0 }) as u64,
+                flags: (OPEN_FLAGS | if noatime { libc::O_NOATIME } else { 0 }) as u64,
                 mode: 0,
                 resolve: RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
             };
@@ -136,8 +153,7 @@ impl Root {
         }
         let c = CString::new(real.as_os_str().as_bytes())
             .map_err(|_| FileFailure::new(Reason::NulByte, "key contains a NUL byte"))?;
-        let flags =
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW;
+        let flags = OPEN_FLAGS | libc::O_NOFOLLOW;
         // SAFETY: a valid C string; the descriptor is owned by the File.
         let fd = unsafe { libc::open(c.as_ptr(), flags) };
         if fd < 0 {

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import resource
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -373,3 +376,43 @@ def test_produce_locally_then_consume(env: Env, tmp_path: Path) -> None:
     assert env.drain().inserted == len(files)
     rows = env.sql(f"SELECT filename, size_bytes, checksum_sha256 FROM {env.settings.table}")
     assert sorted(rows) == sorted((n, len(d), hashlib.sha256(d).hexdigest()) for n, d in files.items())
+
+
+# -- a chunk at a time through io_uring, or one system call at a time ------------------------
+
+MEASURE_BOTH_WAYS = """
+import json, sys
+from pathlib import Path
+from tests.test_storage_local import ESCAPES, measure
+from filepipe import _native
+
+keys = [*ESCAPES, "ok.txt", "sub/in.txt", "big.bin", "link_in", "link_sub/in.txt"] * 40
+m = measure(Path(sys.argv[1]), *keys)
+got = [(lambda g: g and [g[0], g[1].hex(), g[2]])(m.get(i)) for i in range(len(keys))]
+print(json.dumps({"how": _native.file_reads(), "got": got, "failures": m.failures()}))
+"""
+
+
+def test_io_uring_and_one_system_call_at_a_time_measure_alike(layout: Layout) -> None:
+    """Every file, refusal and message is the same either way (FILEPIPE_IO_URING=0 turns
+    io_uring off), in chunks and on several threads."""
+    runs = {}
+    for setting in ("1", "0"):
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURE_BOTH_WAYS, str(layout.root)],
+            env={**os.environ, "FILEPIPE_IO_URING": setting},
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        runs[setting] = json.loads(done.stdout)
+    on, off = runs["1"], runs["0"]
+    assert off["how"] == "one system call at a time (FILEPIPE_IO_URING=0)"
+    assert on["how"] in (
+        "a chunk at a time through io_uring",
+        "one system call at a time (io_uring is not available here)",
+    )
+    assert on["got"] == off["got"] and on["failures"] == off["failures"]
+    assert sum(g is not None for g in on["got"]) == 5 * 40 and len(on["failures"]) == len(ESCAPES) * 40

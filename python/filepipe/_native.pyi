@@ -162,3 +162,7 @@ def format_timestamp(us: int) -> str:
 
 def reason_codes() -> list[str]:
     """Every reason code the extension can produce."""
+
+def file_reads() -> str:
+    """How local files are read: a chunk at a time through io_uring, or one system call
+    at a time (and why), or "not yet" before the first batch was measured."""

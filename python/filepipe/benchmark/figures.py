@@ -153,6 +153,8 @@ class StorageFigures:
     batch_files: int = 0
     warm_batch_s: float = 0.0
     cold: bool = False
+    # How local files were read (`_native.file_reads()`): io_uring, or one call at a time.
+    reads: str = ""
 
     @property
     def files_per_s(self) -> float:

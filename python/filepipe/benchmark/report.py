@@ -326,7 +326,7 @@ def _render_storage(out: list[str], st: StorageFigures) -> None:
     )
     out.append(_line(label, f"{st.mb_per_s:,.1f} MB/s", f"{detail}{', cold' if st.cold else ''}  {mark}"))
     if st.kind == "local" and st.warm_batch_s > 0:
-        out.append(_line("Local (cached)", f"{st.warm_mb_per_s:,.1f} MB/s"))
+        out.append(_line("Local (cached)", f"{st.warm_mb_per_s:,.1f} MB/s", f"read {st.reads}"))
     if st.one_file:
         label_one = "One file" if st.kind == "local" else "GET latency (p50)"
         out.append(_line(label_one, f"{st.one_file.p50:.2f} ms", f"({st.files} {st.source})"))

@@ -76,6 +76,7 @@ def measure_local(settings: Settings, file_size: int, tag: str) -> StorageFigure
         f.files = count
         keys = [f"{scratch.name}/{i}.bin" for i in range(count)]
         _time_storage(f, storage, keys, settings.max_file_bytes, warm_again=True)
+        f.reads = _native.file_reads()
     except OSError as e:
         f.status, f.error = "error", f"cannot write scratch files in {root}: {e.strerror or e}"
     except FilepipeError as e:
