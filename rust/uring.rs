@@ -148,6 +148,47 @@ pub fn read_chunk(
     })
 }
 
+/// The folders of a chunk that hold two of its files or more, and for each key that
+/// is in one, the folder and the file's name in it.
+struct Folders {
+    folders: Vec<CString>,
+    of_key: Vec<Option<(usize, CString)>>,
+}
+
+impl Folders {
+    fn of(keys: &[&str]) -> Folders {
+        // A name that is not a file's own ("", ".", ".."; no folder) keeps its whole path.
+        fn split(key: &str) -> Option<(&str, &str)> {
+            let (folder, name) = key.rsplit_once('/')?;
+            let plain = !folder.is_empty() && !matches!(name, "" | "." | "..");
+            plain.then_some((folder, name))
+        }
+        let mut counts: std::collections::HashMap<&str, usize> = Default::default();
+        for key in keys {
+            if let Some((folder, _)) = split(key) {
+                *counts.entry(folder).or_default() += 1;
+            }
+        }
+        let mut index: std::collections::HashMap<&str, usize> = Default::default();
+        let mut folders = Vec::new();
+        let of_key = keys
+            .iter()
+            .map(|key| {
+                let (folder, name) = split(key)?;
+                if counts[folder] < 2 {
+                    return None;
+                }
+                let n = *index.entry(folder).or_insert_with(|| {
+                    folders.push(CString::new(folder).unwrap_or_default());
+                    folders.len() - 1
+                });
+                Some((n, CString::new(name).ok()?))
+            })
+            .collect();
+        Folders { folders, of_key }
+    }
+}
+
 impl Ring {
     /// A ring, if io_uring is allowed here and has the operations needed.
     fn new(pid: u32) -> Option<Ring> {
@@ -205,6 +246,38 @@ impl Ring {
         let (flags, resolve) = root.open_how();
         let how = types::OpenHow::new().flags(flags).resolve(resolve);
 
+        // Keys that share a folder are opened from it: its path is walked once for the
+        // chunk, not once a file. The folder is opened beneath the root and each file
+        // beneath the folder, no less confined; what cannot be opened so (a symlink that
+        // climbs out of its folder, staying in the root) is opened the ordinary way.
+        let plan = Folders::of(keys);
+        let folder_how = types::OpenHow::new()
+            .flags((libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64)
+            .resolve(resolve);
+        let mut folder_fds = vec![-1i32; plan.folders.len()];
+        if !plan.folders.is_empty() {
+            {
+                let mut sq = self.ring.submission();
+                for (n, folder) in plan.folders.iter().enumerate() {
+                    let open = opcode::OpenAt2::new(
+                        types::Fd(root.dir_fd()),
+                        folder.as_ptr(),
+                        &folder_how,
+                    )
+                    .build()
+                    .user_data(n as u64);
+                    // SAFETY: the path and `folder_how` outlive the completion, waited for
+                    // below; the ring has room for a chunk.
+                    unsafe { sq.push(&open).expect("room for a chunk's folders") };
+                }
+            }
+            self.complete(plan.folders.len(), |n, res| {
+                if let Some(fd) = folder_fds.get_mut(n as usize) {
+                    *fd = res;
+                }
+            })?;
+        }
+
         // The opens, in one call. A failed one is opened again the ordinary way, which
         // gives its error (and drops O_NOATIME where the files are someone else's).
         let mut fds = vec![-1i32; keys.len()];
@@ -213,7 +286,11 @@ impl Ring {
             let mut sq = self.ring.submission();
             for (i, path) in paths.iter().enumerate() {
                 let Some(path) = path else { continue };
-                let open = opcode::OpenAt2::new(types::Fd(root.dir_fd()), path.as_ptr(), &how)
+                let (dir, name) = match plan.of_key[i] {
+                    Some((n, ref name)) if folder_fds[n] >= 0 => (folder_fds[n], name.as_ptr()),
+                    _ => (root.dir_fd(), path.as_ptr()),
+                };
+                let open = opcode::OpenAt2::new(types::Fd(dir), name, &how)
                     .build()
                     .user_data(i as u64);
                 // SAFETY: the path and `how` outlive the completion, waited for below.
@@ -227,6 +304,10 @@ impl Ring {
                 *fd = res;
             }
         });
+        for &fd in folder_fds.iter().filter(|&&fd| fd >= 0) {
+            // SAFETY: descriptors the ring opened for us, used by no file from here on.
+            unsafe { libc::close(fd) };
+        }
         if let Err(e) = opened {
             for &fd in fds.iter().filter(|&&fd| fd >= 0) {
                 // SAFETY: descriptors the ring opened for us, not handed out.
@@ -356,6 +437,10 @@ mod tests {
         std::fs::write(dir.join("secret"), b"canary").unwrap();
         std::os::unix::fs::symlink(dir.join("secret"), root_path.join("out")).unwrap();
         std::os::unix::fs::symlink("sub/f2", root_path.join("in")).unwrap();
+        // Climbing out of its folder, not out of the root; and out of both.
+        std::os::unix::fs::symlink("../page.html", root_path.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink("../../secret", root_path.join("sub/out")).unwrap();
+        std::os::unix::fs::symlink("sub", root_path.join("sublink")).unwrap();
         let fifo = std::ffi::CString::new(root_path.join("fifo").to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         for k in [
