@@ -45,7 +45,10 @@ def command_packer() -> Any | None:
     without hiredis: redis-py's own, without the pass over every argument it makes in
     Python first (to convert bytearrays, which hiredis refuses): an acknowledgement
     carries thousands of entry ids."""
-    return CommandPacker() if HIREDIS_AVAILABLE else None
+    if not HIREDIS_AVAILABLE:
+        return None
+    packer: Any = CommandPacker  # its __init__ is redis-py's, typed in some versions only
+    return packer()
 
 
 def parser_class() -> type[Any] | None:
