@@ -97,7 +97,6 @@ class Ack:
         st.batches += 1
         st.inserted += inserted
         st.duplicates += duplicates
-        st.deleted += p.deleted
         self._count(result)
         self._hold(part, result)
         metrics.record_batch(
@@ -109,7 +108,6 @@ class Ack:
             time.monotonic() - p.read_at,
             p.input_bytes,
         )
-        metrics.record_deleted(p.deleted)
         self.progress.batch(inserted, result.written, st)
         self.beat()
         # Many held back: wait for Redis to take them before acknowledging more.

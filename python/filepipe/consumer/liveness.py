@@ -55,9 +55,10 @@ class InHand:
                 if in_stream:
                     in_stream.difference_update(ids)
 
-    def holds(self, stream_name: str, entry_id: bytes) -> bool:
+    def snapshot(self, stream_name: str) -> set[bytes]:
+        """A copy of the ids in hand on `stream_name` now."""
         with self._lock:
-            return entry_id in self._entries.get(stream_name, ())
+            return set(self._entries.get(stream_name, ()))
 
     def keep(self, *, force: bool = False) -> None:
         """Every `claim_idle_ms / 2`, claims the entries in hand again (XCLAIM JUSTID: their

@@ -170,7 +170,7 @@ class Consumer:
             life,
             self._prepare_one,
             maxsize=1,
-            drop=lambda raw: self.in_hand.landed(raw[0].stream, [e[0] for e in raw[1]] + raw[3]),
+            drop=lambda raw: self.in_hand.landed(raw[0].stream, [e[0] for e in raw[1]]),
         )
         self.reader = Reader(
             s,
@@ -398,7 +398,7 @@ class Consumer:
     # -- the stages' work ----------------------------------------------------------------
 
     def _prepare_one(self, raw: RawBatch) -> None:
-        part, entries, redelivered, gone = raw
+        part, entries, redelivered = raw
         deliveries = self.reader.deliveries(part, entries) if redelivered and entries else {}
         started = time.perf_counter()
         prepared = prepare(
@@ -409,7 +409,6 @@ class Consumer:
             deliveries=deliveries,
             measure=self.files.measure,
             redelivered=redelivered,
-            gone=gone,
             observe=self._read_size.observe,
         )
         self.pace.prepared(len(entries), time.perf_counter() - started)

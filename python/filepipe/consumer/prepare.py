@@ -46,7 +46,6 @@ class Prepared:
     read_at: float
     part: Partition
     redelivered: bool = False
-    deleted: int = 0  # entries among `ids` deleted from the stream while pending (nothing to load)
     input_bytes: int = 0  # of the entries read (ids, names and values)
 
     def release(self) -> None:
@@ -70,13 +69,12 @@ def prepare(
     deliveries: dict[bytes, int],
     measure: Callable[[_native.EntryBatch], _native.Measurements],
     redelivered: bool,
-    gone: list[bytes],
     observe: Callable[[int, int, int], None] | None = None,
 ) -> Prepared:
     """Turns the entries read into a COPY buffer and the dead letters of those it
     refuses: delivered more than MAX_DELIVERIES times, invalid, or naming a file that
     cannot be loaded. `deliveries` are the times each entry was delivered (redeliveries
-    only); `gone` the ids read without fields (deleted while pending: acknowledged only)."""
+    only)."""
     s = settings
     read_at = time.monotonic()
     dead: list[DeadLetter] = []
@@ -113,7 +111,7 @@ def prepare(
         dead.append(dead_letter(entry, reason, message, deliveries.get(entry[0], 1)))
     buf = _native.encode_copy(batch, measurements, name, s.copy_format == "binary", stream=s.stream)
     return Prepared(
-        ids=_native.entry_ids(entries)[0] + gone,
+        ids=_native.entry_ids(entries)[0],
         batch=batch,
         measurements=measurements,
         entries=ok,
@@ -123,7 +121,6 @@ def prepare(
         read_at=read_at,
         part=part,
         redelivered=redelivered,
-        deleted=len(gone),
         input_bytes=batch.input_bytes,
     )
 

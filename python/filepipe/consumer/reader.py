@@ -25,9 +25,9 @@ from .stage import Lifecycle
 
 log = logging.getLogger("filepipe")
 
-# A batch just read: its stream, its entries, whether they were delivered before, and the
-# ids of those read again without fields (deleted from the stream while pending).
-RawBatch = tuple[Partition, Entries, bool, list[bytes]]
+# A batch just read: its stream, its entries (each with its fields), and whether they were
+# delivered before.
+RawBatch = tuple[Partition, Entries, bool]
 
 
 class Reader:
@@ -257,6 +257,11 @@ class Reader:
         s = self.settings
         key = part.index or 0
         self._last_claim = time.monotonic()
+        # The entries in hand as the claim is sent. Only this thread adds to them, so one
+        # not among them is in no batch of ours, and one among them is its batch's (to load
+        # and to count) even if that batch is acknowledged and let go before the reply
+        # comes back: asked after the reply, such an entry would be taken for nobody's.
+        carried = self.in_hand.snapshot(part.stream)
         reply = self.redis_read(
             lambda: self.redis.xautoclaim(
                 part.stream,
@@ -273,9 +278,10 @@ class Reader:
         deleted = reply[2] if len(reply) > 2 else []
         self._claim_cursor[key] = cursor if cursor not in (b"0-0", "0-0") else b"0-0"
         # Our own entries in flight are already being processed (and counted with their
-        # batch), even if Redis saw them idle long enough to be claimed.
-        entries: list[Entry] = [e for e in claimed if not self.in_hand.holds(part.stream, e[0])]
-        gone = [i for i in deleted if not self.in_hand.holds(part.stream, i)]
+        # batch), even if Redis saw them idle long enough to be claimed, or deleted since
+        # they were read with their fields.
+        entries: list[Entry] = [e for e in claimed if e[0] not in carried]
+        gone = [i for i in deleted if i not in carried]
         if deleted:
             # Entries deleted from the stream while pending: XAUTOCLAIM (Redis 7) has removed
             # them from the group's pending list, which acknowledges them. (Before 7.0 it
@@ -292,17 +298,38 @@ class Reader:
 
     def submit(self, part: Partition, entries: Entries, *, redelivered: bool) -> None:
         """Hands a batch just read to the preparer. An entry read again without its fields
-        (this consumer's history, a claim) was deleted from the stream while pending: there
-        is nothing to load or to dead-letter, it is only acknowledged, and counted."""
+        (this consumer's history, a claim before Redis 7) was deleted from the stream while
+        pending: there is nothing to load or to dead-letter, it is acknowledged here."""
         ids, gone = _native.entry_ids(entries)  # gone: nil fields (or, parsed by redis-py, empty)
         if gone:
+            self._ack_deleted(part, gone)
             entries = [e for e in entries if e[1]]
-            log_deleted(part, gone)
+            if not entries:
+                return
+            deleted = set(gone)
+            ids = [i for i in ids if i not in deleted]
         self.in_hand.add(part.stream, ids)
-        if not self._submit_to((part, entries, redelivered, gone), self._give_up_handing_over):
+        if not self._submit_to((part, entries, redelivered), self._give_up_handing_over):
             self.in_hand.landed(part.stream, ids)  # not handed over: pending, delivered again
         elif self.pace is not None:
             self.pace.first_prepared()  # the next read is sized by what the first batch showed
+
+    def _ack_deleted(self, part: Partition, ids: list[bytes]) -> None:
+        """Acknowledges entries read without their fields, at once: they never join a
+        batch, so no claim of this consumer's (XAUTOCLAIM, or the XCLAIM that keeps the
+        entries in hand) can remove them from the pending list behind a batch's back.
+        Counted as XACK counts them: one another consumer's claim removed first is its to
+        count. After a Redis fault they stay pending, to be met again."""
+        s = self.settings
+        reply = self.redis_read(lambda: self.redis.xack(part.stream, s.group, *ids))
+        if reply is None:
+            return
+        log_deleted(part, ids)
+        acked = int(reply)
+        self.stats.deleted += acked
+        self.stats.acked += acked
+        metrics.record_deleted(acked)
+        metrics.record_acked(acked, [])
 
     def _give_up_handing_over(self) -> bool:
         """Asked while the preparer has no room (the stages downstream wait: an outage, a
