@@ -5,12 +5,15 @@ nothing of its own pending; at the end every event is a row once.
 
 The one moment no program can cover is the interpreter's own start, before the first
 line of filepipe runs: a signal then ends the process as the default action does (the
-test reads the process's caught-signal mask to know which case it is in, and checks
-that such a process had read nothing). The supervisor starts its workers with the
-signals blocked, so none of them is ever in that case."""
+test reads the process's caught-signal mask to know which case it is in, holding the
+process stopped from that read until the signal is sent, and checks that such a process
+had read nothing). The supervisor starts its workers with the signals blocked, so none
+of them is ever in that case."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -44,6 +47,23 @@ def catches_sigterm(pid: int) -> bool:
     return False
 
 
+def hold(pid: int) -> None:
+    """Stops the process (SIGSTOP) and returns once every thread of it is stopped: until
+    SIGCONT, it cannot change what it does with a signal."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            # (A thread that has just ended has no stat left to read.)
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rpartition(")")[2].split()[0])
+        if all(state in "tTZX" for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within 10 s of SIGSTOP")
+
+
 def consume(env: Env, name: str, log: Path, *args: str, **extra: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -57,11 +77,15 @@ def consume(env: Env, name: str, log: Path, *args: str, **extra: str) -> subproc
 
 def stop_at(proc: subprocess.Popen[bytes], moment_ms: float) -> tuple[bool, int, float]:
     """Sends SIGTERM `moment_ms` after the start; returns (whether it had its handler
-    then, the exit code, the seconds the stop took)."""
+    when the signal came, the exit code, the seconds the stop took). The process is held
+    stopped from the read of its mask until the signal is pending: a process that installs
+    its handler between the two would otherwise exit 0 where the mask said it would die."""
     time.sleep(moment_ms / 1000)
+    hold(proc.pid)
     caught = catches_sigterm(proc.pid)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)  # the pending SIGTERM is what it meets first
     try:
         code = proc.wait(30)
     except subprocess.TimeoutExpired:
