@@ -124,6 +124,24 @@ def test_crash_at_each_gap_of_the_batch_cycle(fenv: Env, point: str, tmp_path: P
     assert_exact(fenv, w)
 
 
+def test_a_restart_with_more_pending_than_a_read_loads_each_once(env: Env) -> None:
+    """Restarted with more of its own pending entries than its first read takes, and new
+    ones behind them: that read takes both at once; the new ones it took are read again
+    among the pending ones, and every entry loads once."""
+    s = env.settings
+    env.write_file("a.txt", b"a\n")
+    event = lambda: env.xadd({"file_id": str(uuid.uuid4()), "filename": "a.txt", "key": "a.txt"})  # noqa: E731
+    for _ in range(40):
+        event()
+    stream.ensure_group(env.redis, s.stream, s.group)
+    env.redis.xreadgroup(s.group, "again", {s.stream: ">"}, count=40)
+    assert env.pending() == 40
+    for _ in range(30):
+        event()
+    stats = env.drain(consumer_name="again")
+    assert (stats.inserted, stats.duplicates, env.rows(), env.pending(), env.dead()) == (70, 0, 70, 0, [])
+
+
 @both_tables
 def test_kill_9_between_copy_and_commit(fenv: Env, tmp_path: Path) -> None:
     """Killed while a first delivery's COPY is still open, then while a redelivery's merge

@@ -229,9 +229,12 @@ def test_a_full_redis_is_waited_out_with_nothing_lost(
     proc = start_consumer(s, "mem-3", log=log)
     result: list[Produced] = []
     pr = redis.Redis.from_url(s.redis_url, socket_timeout=10)
+    # The producer holds its second half until Redis is full, so that its XADDs meet the
+    # refusal whatever the consumer's speed.
+    filled = threading.Event()
     producer = threading.Thread(
         target=lambda: result.append(
-            produce(pr, s, 40_000, max_backlog=10_000, poison_every=50, give_up_s=60)
+            produce(pr, s, 40_000, max_backlog=10_000, poison_every=50, give_up_s=60, hold=(20_000, filled))
         ),
         daemon=True,
     )
@@ -240,6 +243,7 @@ def test_a_full_redis_is_waited_out_with_nothing_lost(
         wait_for(lambda: rows(s) >= 5000, 60, "the first rows")
         # A big key takes Redis over maxmemory: XADDs are refused until it is deleted.
         fill(r)
+        filled.set()
         time.sleep(5)
         assert proc.poll() is None, log.read_text()[-3000:]
         r.delete("filler")
@@ -250,6 +254,7 @@ def test_a_full_redis_is_waited_out_with_nothing_lost(
         wait_for(lambda: int(r.xpending(s.stream, s.group)["pending"]) == 0, 30, "nothing pending")
         assert proc.poll() is None, log.read_text()[-3000:]
     finally:
+        filled.set()
         producer.join(120)
         pr.close()
         if proc.poll() is None:

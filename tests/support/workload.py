@@ -157,15 +157,20 @@ def produce_paced(
     files: int = 200,
     give_up_s: float = 15.0,
     chunk: int = 500,
+    hold: tuple[int, threading.Event] | None = None,
 ) -> Produced:
     """XADDs `n` events (pointing at `write_data_files`' files) in pipelined chunks, never
     letting more than `max_backlog` wait: a producer as fast as its consumers. An XADD
     refused for memory is counted and sent again; after `give_up_s` of refusals in a row,
-    returns what it has. Poison kinds are the first nine (they need no special file)."""
+    returns what it has. Poison kinds are the first nine (they need no special file).
+    With `hold` (k, event), waits for the event once k events are sent: a fault set up
+    meanwhile meets the producer with events still to send, however fast the consumer."""
     out = Produced()
     i = 0
     refused_since: float | None = None
     while i < n:
+        if hold is not None and i >= hold[0]:
+            hold[1].wait()
         while backlog(r, settings.stream) > max_backlog:
             time.sleep(0.005)
         batch: list[tuple[dict[str, Any], str | None]] = []

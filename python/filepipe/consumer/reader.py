@@ -79,7 +79,8 @@ class Reader:
         history: dict[int, bytes] = dict.fromkeys(range(len(parts)), b"0")
         while life.running:
             self.beat()
-            if history:
+            starting = len(parts) == 1 and history.get(0) == b"0" and not self._read_new_once
+            if history and not starting:
                 i, after = next(iter(history.items()))
                 t0 = time.perf_counter()
                 entries = self.redis_read(
@@ -97,11 +98,18 @@ class Reader:
                 history[i] = entries[-1][0]
                 self.submit(parts[i], entries, redelivered=True)
                 continue
-            if self.pace is not None:
+            if self.pace is not None and not starting:
                 self.pace.probe_redis(self.redis)  # when no read has timed a round trip for a while
-            if self._claim_due() and self._reclaim_all():
+            if starting:
+                got = self._read_start(history)
+            elif not self._claim_due():
+                got = self._read_new()
+            elif len(parts) == 1:
+                got = self._claim_and_read_new(parts[0])
+            elif self._reclaim_all():
                 continue
-            got = self._read_new()
+            else:
+                got = self._read_new()
             if got is None:
                 continue
             self._read_new_once = True
@@ -131,6 +139,35 @@ class Reader:
                 if self._reclaim_all():
                     continue
                 life.stopping.wait(0.2)
+
+    def _read_start(self, history: dict[int, bytes]) -> tuple[Partition, Entries] | None:
+        """The first reads of one stream, in one round trip: this consumer's own pending
+        entries (left by an earlier run under its name), submitted, and new ones, returned
+        as `_read_new` returns them. When the pending ones filled the read, more may
+        follow: the new ones are left to the reads of pending entries, which come to them
+        (once read, they are pending too), and None is returned, as after a fault."""
+        s = self.settings
+        part = self.parts[0]
+        count = self.read_size.count
+        t0 = time.perf_counter()
+        both = self.redis_read(
+            lambda: stream.read_own_pending_and_new(self.redis, part.stream, s.group, self.name, count)
+        )
+        if both is None:
+            return None
+        own, new = both
+        if not own and self.pace is not None:
+            # About one round trip: the first read of new entries is small (the pace keeps
+            # the least of the round trips it measures).
+            self.pace.record("Redis", time.perf_counter() - t0)
+        if len(own) >= count:
+            history[0] = own[-1][0]
+            self.submit(part, own, redelivered=True)
+            return None
+        history.clear()
+        if own:
+            self.submit(part, own, redelivered=True)
+        return part, new
 
     def _wait_idle(self) -> None:
         """Waits until every batch read has been acknowledged (or held back), keeping the
@@ -255,7 +292,6 @@ class Reader:
         """XAUTOCLAIM: takes over entries idle longer than `claim_idle_ms` (their
         consumer died or stalled). Returns them; the next call continues the scan."""
         s = self.settings
-        key = part.index or 0
         self._last_claim = time.monotonic()
         # The entries in hand as the claim is sent. Only this thread adds to them, so one
         # not among them is in no batch of ours, and one among them is its batch's (to load
@@ -268,12 +304,38 @@ class Reader:
                 s.group,
                 self.name,
                 min_idle_time=s.claim_idle_ms,
-                start_id=self._claim_cursor.get(key, b"0-0"),
+                start_id=self._claim_cursor.get(part.index or 0, b"0-0"),
                 count=self.read_size.count,
             )
         )
-        if reply is None:
-            return []
+        return [] if reply is None else self._claimed(part, reply, carried)
+
+    def _claim_and_read_new(self, part: Partition) -> tuple[Partition, Entries] | None:
+        """A claim (as `_reclaim`, its entries submitted) and a read of new entries, not
+        blocking, in one round trip. Returns what `_read_new` does."""
+        s = self.settings
+        self._last_claim = time.monotonic()
+        start = self._claim_cursor.get(part.index or 0, b"0-0")
+        carried = self.in_hand.snapshot(part.stream)  # (as the claim is sent: see _reclaim)
+        both = self.redis_read(
+            lambda: stream.claim_and_read_new(
+                self.redis, part.stream, s.group, self.name, self.read_size.count, s.claim_idle_ms, start
+            )
+        )
+        if both is None:
+            return None
+        reply, new = both
+        claimed = self._claimed(part, reply, carried)
+        if claimed:
+            self.submit(part, claimed, redelivered=True)
+        return part, new
+
+    def _claimed(self, part: Partition, reply: Any, carried: set[bytes]) -> list[Entry]:
+        """The entries an XAUTOCLAIM reply took over that are not of a batch of ours
+        (`carried`: in hand as the claim was sent); moves the scan's cursor on and counts
+        the entries it found deleted."""
+        s = self.settings
+        key = part.index or 0
         cursor, claimed = reply[0], reply[1]
         deleted = reply[2] if len(reply) > 2 else []
         self._claim_cursor[key] = cursor if cursor not in (b"0-0", "0-0") else b"0-0"

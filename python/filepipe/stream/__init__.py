@@ -38,10 +38,12 @@ from .read import (
     Entry,
     Fields,
     ReadSize,
+    claim_and_read_new,
     entries_bytes,
     fields_dict,
     read_new,
     read_own_pending,
+    read_own_pending_and_new,
     read_pages,
 )
 
@@ -58,6 +60,7 @@ __all__ = [
     "Fields",
     "ReadSize",
     "ack",
+    "claim_and_read_new",
     "connect",
     "dead_letter_fields",
     "ensure_group",
@@ -75,6 +78,7 @@ __all__ = [
     "pending_counts",
     "read_new",
     "read_own_pending",
+    "read_own_pending_and_new",
     "read_pages",
     "reply_text",
     "set_heartbeats",

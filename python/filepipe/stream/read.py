@@ -45,6 +45,53 @@ def read_own_pending(
     return _entries(_xreadgroup(r, stream, group, consumer, after, count, None))
 
 
+def read_own_pending_and_new(
+    r: redis.Redis, stream: str, group: str, consumer: str, count: int
+) -> tuple[Entries, Entries]:
+    """A start's first two reads in one round trip: this consumer's own pending entries
+    from the first (XREADGROUP 0), then never-delivered ones (XREADGROUP `>`, not
+    blocking). The new ones are pending too once read: a caller that reads more of its
+    own pending entries after this reads them again."""
+    if is_cluster(r):
+        own = read_own_pending(r, stream, group, consumer, count)
+        return own, read_new(r, stream, group, consumer, count, 0)
+    with entries_in_place():
+        pipe = r.pipeline(transaction=False)
+        pipe.xreadgroup(group, consumer, {stream: b"0"}, count=count)
+        pipe.xreadgroup(group, consumer, {stream: b">"}, count=count)
+        own, new = _execute(pipe)
+    return _entries(own), _entries(new)
+
+
+def claim_and_read_new(
+    r: redis.Redis, stream: str, group: str, consumer: str, count: int, min_idle_ms: int, start: bytes
+) -> tuple[Any, Entries]:
+    """XAUTOCLAIM of entries idle `min_idle_ms` or more from `start`, and a read of
+    never-delivered ones (XREADGROUP `>`, not blocking), in one round trip. Returns the
+    claim's reply as redis-py gives it, and the new entries."""
+    if is_cluster(r):
+        claimed = r.xautoclaim(
+            stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count
+        )
+        return claimed, read_new(r, stream, group, consumer, count, 0)
+    with entries_in_place():
+        pipe = r.pipeline(transaction=False)
+        pipe.xautoclaim(stream, group, consumer, min_idle_time=min_idle_ms, start_id=start, count=count)
+        pipe.xreadgroup(group, consumer, {stream: b">"}, count=count)
+        claimed, new = _execute(pipe)
+    return claimed, _entries(new)
+
+
+def _execute(pipe: Any) -> list[Any]:
+    """A pipeline's replies; an error is raised as the command alone would have raised it
+    (redis-py's pipeline rewords the first one, which hides a refusal's kind: OOM, MISCONF)."""
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 def _xreadgroup(
     r: redis.Redis, stream: str, group: str, consumer: str, after: bytes, count: int, block_ms: int | None
 ) -> Any:
