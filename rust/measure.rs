@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -41,7 +41,7 @@ fn measure_open(
     max_bytes: u64,
     buf: &mut Vec<u8>,
 ) -> Result<Measured, FileFailure> {
-    let size = regular_file_size(&file).map_err(|e| errno_failure(e, key))?;
+    let size = regular_file_size(file.as_raw_fd()).map_err(|e| errno_failure(e, key))?;
     let Some(size) = size else {
         return Err(FileFailure::new(
             Reason::NotAFile,
@@ -56,10 +56,10 @@ fn measure_open(
 
 /// The size of an open file if it is a regular file (`fstat`: lighter than the
 /// `statx` that `File::metadata` makes).
-fn regular_file_size(file: &File) -> std::io::Result<Option<u64>> {
-    // SAFETY: fstat fills the zeroed struct it is given; the descriptor is open.
+pub(crate) fn regular_file_size(fd: RawFd) -> std::io::Result<Option<u64>> {
+    // SAFETY: fstat fills the zeroed struct it is given; the caller's descriptor is open.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(((st.st_mode & libc::S_IFMT) == libc::S_IFREG).then_some(st.st_size as u64))

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use io_uring::{opcode, squeue::Flags, types, IoUring, Probe};
 
+use crate::measure::regular_file_size;
 use crate::root::Root;
 
 /// Environment variable that turns io_uring off (`0`, `off`, `false`, `no`).
@@ -323,15 +324,10 @@ impl Ring {
             if fd < 0 {
                 continue;
             }
-            // SAFETY: fstat fills the zeroed struct it is given; the descriptor is open.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
-            let size = st.st_size as u64;
-            let small = ok
-                && (st.st_mode & libc::S_IFMT) == libc::S_IFREG
-                && size <= SMALL.min(max_bytes)
-                && end + (size as usize) < BUFFER;
-            if small {
+            // Not a regular file, too big, or fstat failed: the ordinary path says which.
+            let size = regular_file_size(fd).ok().flatten();
+            let small = size.filter(|&n| n <= SMALL.min(max_bytes) && end + (n as usize) < BUFFER);
+            if let Some(size) = small {
                 reads.push((i, fd, end..end + size as usize));
                 // One byte more than the size: a file that grew is not read short.
                 end += size as usize + 1;
